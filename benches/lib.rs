@@ -1,0 +1,1 @@
+//! cmz's benchmarks live in this package's `[[bench]]` targets; see `README.md`.

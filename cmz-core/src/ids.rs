@@ -1,0 +1,200 @@
+//! Validated identifiers.
+//!
+//! Every id is checked once, where it enters the library: 1 to [`MAX_ID_LEN`] characters
+//! of `[A-Za-z0-9_-]`. Past that point an id is known to be safe to put in a key, a log
+//! line or a URL.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The longest id accepted, in bytes.
+pub const MAX_ID_LEN: usize = 128;
+
+fn validate(kind: &'static str, value: &str) -> Result<()> {
+    if value.is_empty() {
+        return Err(Error::validation(kind, format!("{kind} must not be empty")));
+    }
+    if value.len() > MAX_ID_LEN {
+        return Err(Error::validation(
+            kind,
+            format!("{kind} is longer than {MAX_ID_LEN} characters"),
+        ));
+    }
+    if let Some(bad) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+    {
+        return Err(Error::validation(
+            kind,
+            format!("{kind} may only contain letters, digits, '_' and '-' (found {bad:?})"),
+        ));
+    }
+    Ok(())
+}
+
+macro_rules! id_type {
+    ($(#[$meta:meta])* $name:ident, $kind:literal) => {
+        $(#[$meta])*
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            /// Validates `value` and wraps it; a `validation_error` names the field.
+            pub fn new(value: impl Into<String>) -> Result<Self> {
+                let value = value.into();
+                validate($kind, &value)?;
+                Ok(Self(value))
+            }
+
+            /// The id as a string slice.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({:?})", stringify!($name), self.0)
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = Error;
+            fn try_from(value: String) -> Result<Self> {
+                Self::new(value)
+            }
+        }
+
+        impl TryFrom<&str> for $name {
+            type Error = Error;
+            fn try_from(value: &str) -> Result<Self> {
+                Self::new(value)
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = Error;
+            fn from_str(value: &str) -> Result<Self> {
+                Self::new(value)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
+    };
+}
+
+id_type!(
+    /// A user of the platform (`userId` on the wire).
+    UserId,
+    "userId"
+);
+id_type!(
+    /// An animal ambassador, and so the persona that speaks for it (`animalId`).
+    AnimalId,
+    "animalId"
+);
+id_type!(
+    /// A conversation session; it is also the conversation id (`sessionId`).
+    SessionId,
+    "sessionId"
+);
+id_type!(
+    /// One stored message (`messageId`).
+    MessageId,
+    "messageId"
+);
+id_type!(
+    /// A family grouping parents and students (`familyId`).
+    FamilyId,
+    "familyId"
+);
+
+impl SessionId {
+    /// A new session id in the legacy format `conv_{animal}_{user}_{8 hex}`, with random hex.
+    pub fn generate(animal: &AnimalId, user: &UserId) -> Result<Self> {
+        let random: u32 = fastrand::u32(..);
+        Self::with_suffix(animal, user, random)
+    }
+
+    /// A session id in the legacy format with a chosen 32-bit suffix (as 8 hex digits),
+    /// used to derive the same id from the same idempotency key.
+    pub fn with_suffix(animal: &AnimalId, user: &UserId, suffix: u32) -> Result<Self> {
+        Self::new(format!("conv_{animal}_{user}_{suffix:08x}"))
+    }
+}
+
+impl MessageId {
+    /// A new random message id (a UUID v4, as the legacy store wrote).
+    pub fn generate() -> Self {
+        Self(uuid::Uuid::new_v4().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_legacy_shapes() {
+        assert!(UserId::new("user_123-abc").is_ok());
+        assert!(MessageId::new(uuid::Uuid::new_v4().to_string()).is_ok());
+        let id = SessionId::generate(&AnimalId::new("lion").unwrap(), &UserId::new("u1").unwrap())
+            .unwrap();
+        let s = id.as_str();
+        assert!(s.starts_with("conv_lion_u1_"), "{s}");
+        let hex = &s["conv_lion_u1_".len()..];
+        assert_eq!(hex.len(), 8);
+        assert!(hex.chars().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn rejects_bad_ids_with_the_field_named() {
+        for bad in [
+            "",
+            "a b",
+            "x/../y",
+            "ünï",
+            "a\0b",
+            &"x".repeat(MAX_ID_LEN + 1),
+        ] {
+            let err = UserId::new(bad).unwrap_err();
+            assert_eq!(err.code(), "validation_error", "{bad:?}");
+            assert!(matches!(
+                err,
+                Error::Validation {
+                    field: Some("userId"),
+                    ..
+                }
+            ));
+        }
+        assert!(UserId::new("x".repeat(MAX_ID_LEN)).is_ok());
+    }
+
+    #[test]
+    fn serde_validates() {
+        let ok: AnimalId = serde_json::from_str("\"lion\"").unwrap();
+        assert_eq!(ok.as_str(), "lion");
+        assert!(serde_json::from_str::<AnimalId>("\"li on\"").is_err());
+        assert_eq!(serde_json::to_string(&ok).unwrap(), "\"lion\"");
+    }
+}

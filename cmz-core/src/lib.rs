@@ -1,0 +1,36 @@
+#![doc = include_str!("../README.md")]
+
+pub mod access;
+pub mod chat;
+pub mod error;
+pub mod ids;
+pub mod memory;
+pub mod persona;
+pub mod service;
+pub mod store;
+pub mod types;
+
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
+pub use error::{BoxError, Error, Result};
+
+/// The names most programs need, in one import.
+pub mod prelude {
+    pub use crate::access::{AccessPolicy, Action, OwnerOrAdminPolicy, Principal, UserRole};
+    pub use crate::chat::{ChatChunk, ChatCompletion, ChatMessage, ChatModel, ChatRequest};
+    pub use crate::error::{Error, Result};
+    pub use crate::ids::{AnimalId, FamilyId, MessageId, SessionId, UserId};
+    pub use crate::memory::{InMemoryConversationStore, InMemoryPersonaDirectory};
+    pub use crate::persona::PersonaDirectory;
+    pub use crate::service::{
+        ConversationConfig, ConversationService, ModelFailurePolicy, Summary, TurnEvent, TurnReply,
+        TurnRequest, TurnStream,
+    };
+    pub use crate::store::{
+        ConversationStore, Cursor, DeleteReport, DeleteScope, Page, PageRequest, SessionScope,
+    };
+    pub use crate::types::{
+        Message, MessageMetadata, Persona, Role, Session, SessionStatus, Usage,
+    };
+}

@@ -1,0 +1,339 @@
+use std::collections::{HashMap, HashSet};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::error::{Error, Result};
+use crate::ids::{AnimalId, SessionId, UserId};
+use crate::store::{
+    AppendOutcome, ConversationStore, Cursor, DeleteReport, DeleteScope, Page, PageRequest,
+    SessionScope, TurnAppend,
+};
+use crate::types::{Message, Session};
+
+const HISTORY_CURSOR: &str = "mem-history-v1";
+const SESSIONS_CURSOR: &str = "mem-sessions-v1";
+
+/// Sessions and messages held in memory (the embedded default).
+///
+/// One lock guards everything, so every method is atomic; no lock is held across an
+/// `.await`. Windows and appends cost the same whatever the length of the session.
+#[derive(Debug, Default)]
+pub struct InMemoryConversationStore {
+    state: RwLock<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    sessions: HashMap<SessionId, Entry>,
+    by_user: HashMap<UserId, HashSet<SessionId>>,
+    by_animal: HashMap<AnimalId, HashSet<SessionId>>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    session: Session,
+    messages: Vec<Message>,
+    /// turn key → (index of its first message, how many messages)
+    turn_keys: HashMap<String, (usize, usize)>,
+}
+
+impl Entry {
+    fn turn(&self, key: &str) -> Option<Vec<Message>> {
+        let &(start, len) = self.turn_keys.get(key)?;
+        Some(self.messages[start..start + len].to_vec())
+    }
+}
+
+impl InMemoryConversationStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        // A panic while holding the lock cannot leave a half-applied change: every
+        // mutation validates first and then only pushes/inserts.
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn session_not_found(id: &SessionId) -> Error {
+    Error::not_found(format!("session {id}"))
+}
+
+impl State {
+    fn remove(&mut self, id: &SessionId) -> Option<Entry> {
+        let entry = self.sessions.remove(id)?;
+        if let Some(set) = self.by_user.get_mut(&entry.session.user_id) {
+            set.remove(id);
+            if set.is_empty() {
+                self.by_user.remove(&entry.session.user_id);
+            }
+        }
+        if let Some(set) = self.by_animal.get_mut(&entry.session.animal_id) {
+            set.remove(id);
+            if set.is_empty() {
+                self.by_animal.remove(&entry.session.animal_id);
+            }
+        }
+        Some(entry)
+    }
+}
+
+fn scope_tag(scope: &SessionScope) -> String {
+    match scope {
+        SessionScope::User(user) => format!("user:{user}"),
+        SessionScope::Animal(animal) => format!("animal:{animal}"),
+    }
+}
+
+#[async_trait]
+impl ConversationStore for InMemoryConversationStore {
+    async fn create_session(&self, session: &Session) -> Result<()> {
+        let mut state = self.write();
+        if state.sessions.contains_key(&session.id) {
+            return Err(Error::conflict(format!(
+                "session {} already exists",
+                session.id
+            )));
+        }
+        state
+            .by_user
+            .entry(session.user_id.clone())
+            .or_default()
+            .insert(session.id.clone());
+        state
+            .by_animal
+            .entry(session.animal_id.clone())
+            .or_default()
+            .insert(session.id.clone());
+        state.sessions.insert(
+            session.id.clone(),
+            Entry {
+                session: session.clone(),
+                messages: Vec::new(),
+                turn_keys: HashMap::new(),
+            },
+        );
+        Ok(())
+    }
+
+    async fn get_session(&self, id: &SessionId) -> Result<Option<Session>> {
+        Ok(self.read().sessions.get(id).map(|e| e.session.clone()))
+    }
+
+    async fn append_turn(&self, append: TurnAppend) -> Result<AppendOutcome> {
+        if append.messages.is_empty() {
+            return Err(Error::validation(
+                "messages",
+                "an append needs at least one message",
+            ));
+        }
+        for message in &append.messages {
+            message.validate()?;
+        }
+        let mut state = self.write();
+        let entry = state
+            .sessions
+            .get_mut(&append.session_id)
+            .ok_or_else(|| session_not_found(&append.session_id))?;
+        if let Some(key) = &append.turn_key {
+            if let Some(previous) = entry.turn(key) {
+                return Ok(AppendOutcome::Duplicate(previous));
+            }
+        }
+        if entry.session.message_count != append.expected_count {
+            return Err(Error::conflict(format!(
+                "session {} has {} messages, the append expected {}",
+                append.session_id, entry.session.message_count, append.expected_count
+            )));
+        }
+        let start = entry.messages.len();
+        let mut seq = append.expected_count;
+        let mut last_at = entry.session.last_activity;
+        for message in append.messages {
+            seq += 1;
+            last_at = last_at.max(message.created_at);
+            entry
+                .messages
+                .push(message.into_message(append.session_id.clone(), seq));
+        }
+        let stored = entry.messages[start..].to_vec();
+        if let Some(key) = append.turn_key {
+            entry.turn_keys.insert(key, (start, stored.len()));
+        }
+        entry.session.message_count = seq;
+        entry.session.last_activity = last_at;
+        Ok(AppendOutcome::Appended(stored))
+    }
+
+    async fn find_turn(&self, id: &SessionId, turn_key: &str) -> Result<Option<Vec<Message>>> {
+        let state = self.read();
+        let entry = state
+            .sessions
+            .get(id)
+            .ok_or_else(|| session_not_found(id))?;
+        Ok(entry.turn(turn_key))
+    }
+
+    async fn recent_messages(&self, id: &SessionId, limit: usize) -> Result<Vec<Message>> {
+        let state = self.read();
+        let entry = state
+            .sessions
+            .get(id)
+            .ok_or_else(|| session_not_found(id))?;
+        let start = entry.messages.len().saturating_sub(limit);
+        Ok(entry.messages[start..].to_vec())
+    }
+
+    async fn history(&self, id: &SessionId, page: PageRequest) -> Result<Page<Message>> {
+        let after_seq = match &page.cursor {
+            None => 0,
+            Some(cursor) => {
+                let parts = cursor.decode(HISTORY_CURSOR, 2)?;
+                if parts[0] != id.as_str() {
+                    return Err(Error::validation(
+                        "cursor",
+                        "cursor belongs to another session",
+                    ));
+                }
+                parts[1]
+                    .parse::<u64>()
+                    .map_err(|_| Error::validation("cursor", "invalid or expired cursor"))?
+            }
+        };
+        let limit = page.effective_limit();
+        let state = self.read();
+        let entry = state
+            .sessions
+            .get(id)
+            .ok_or_else(|| session_not_found(id))?;
+        // Sequence numbers are 1..=len without gaps, so seq n sits at index n - 1.
+        let start = usize::try_from(after_seq)
+            .unwrap_or(usize::MAX)
+            .min(entry.messages.len());
+        let end = start.saturating_add(limit).min(entry.messages.len());
+        let items = entry.messages[start..end].to_vec();
+        let next = (end < entry.messages.len()).then(|| {
+            let last = items.last().map_or(after_seq, |m| m.seq);
+            Cursor::encode(HISTORY_CURSOR, &[id.as_str(), &last.to_string()])
+        });
+        Ok(Page { items, next })
+    }
+
+    async fn list_sessions(&self, scope: SessionScope, page: PageRequest) -> Result<Page<Session>> {
+        let tag = scope_tag(&scope);
+        let after: Option<(DateTime<Utc>, String)> = match &page.cursor {
+            None => None,
+            Some(cursor) => {
+                let parts = cursor.decode(SESSIONS_CURSOR, 3)?;
+                if parts[0] != tag {
+                    return Err(Error::validation(
+                        "cursor",
+                        "cursor belongs to another listing",
+                    ));
+                }
+                let at = DateTime::parse_from_rfc3339(&parts[1])
+                    .map_err(|_| Error::validation("cursor", "invalid or expired cursor"))?
+                    .with_timezone(&Utc);
+                Some((at, parts[2].clone()))
+            }
+        };
+        let limit = page.effective_limit();
+        let state = self.read();
+        let ids = match &scope {
+            SessionScope::User(user) => state.by_user.get(user),
+            SessionScope::Animal(animal) => state.by_animal.get(animal),
+        };
+        let mut sessions: Vec<&Session> = ids
+            .into_iter()
+            .flatten()
+            .filter_map(|id| state.sessions.get(id).map(|e| &e.session))
+            .filter(|s| match &after {
+                None => true,
+                Some((at, id)) => (s.last_activity, s.id.as_str()) < (*at, id.as_str()),
+            })
+            .collect();
+        sessions.sort_by(|a, b| {
+            (b.last_activity, b.id.as_str()).cmp(&(a.last_activity, a.id.as_str()))
+        });
+        let more = sessions.len() > limit;
+        sessions.truncate(limit);
+        let items: Vec<Session> = sessions.into_iter().cloned().collect();
+        let next = match items.last() {
+            Some(last) if more => Some(Cursor::encode(
+                SESSIONS_CURSOR,
+                &[
+                    &tag,
+                    &last
+                        .last_activity
+                        .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+                    last.id.as_str(),
+                ],
+            )),
+            _ => None,
+        };
+        Ok(Page { items, next })
+    }
+
+    async fn set_summary(&self, id: &SessionId, summary: &str) -> Result<()> {
+        let mut state = self.write();
+        let entry = state
+            .sessions
+            .get_mut(id)
+            .ok_or_else(|| session_not_found(id))?;
+        entry.session.summary = Some(summary.to_owned());
+        Ok(())
+    }
+
+    async fn delete(&self, scope: DeleteScope) -> Result<DeleteReport> {
+        let mut state = self.write();
+        let doomed: Vec<SessionId> = match &scope {
+            DeleteScope::Session(id) => vec![id.clone()],
+            DeleteScope::User(user) => state
+                .by_user
+                .get(user)
+                .map(|set| set.iter().cloned().collect())
+                .unwrap_or_default(),
+            DeleteScope::Animal(animal) => state
+                .by_animal
+                .get(animal)
+                .map(|set| set.iter().cloned().collect())
+                .unwrap_or_default(),
+            DeleteScope::OlderThan(cutoff) => state
+                .sessions
+                .values()
+                .filter(|e| e.session.last_activity < *cutoff)
+                .map(|e| e.session.id.clone())
+                .collect(),
+        };
+        let mut report = DeleteReport::default();
+        for id in doomed {
+            if let Some(entry) = state.remove(&id) {
+                report.sessions += 1;
+                report.messages += entry.messages.len() as u64;
+            }
+        }
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn passes_the_conformance_suite() {
+        crate::testing::run_conversation_store_suite(
+            &InMemoryConversationStore::new(),
+            &Default::default(),
+        )
+        .await;
+    }
+}

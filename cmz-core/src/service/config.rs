@@ -1,0 +1,56 @@
+//! Settings of the turn engine.
+
+use std::time::Duration;
+
+/// What a turn does when the model fails or times out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ModelFailurePolicy {
+    /// Store the user message and an in-character fallback reply marked `fallback`, and
+    /// answer with it (the default: a child always gets an answer).
+    #[default]
+    Fallback,
+    /// Store the user message alone and return the model's error. A retry with the same
+    /// turn key then completes that turn instead of storing the message twice.
+    Error,
+}
+
+/// Settings of [`ConversationService`](super::ConversationService).
+#[derive(Debug, Clone)]
+pub struct ConversationConfig {
+    /// How many earlier turns (user + assistant pairs) the model sees. Default 10.
+    pub context_window: usize,
+    /// The most a request may ask for with its own `context_window`. Default 50.
+    pub max_context_window: usize,
+    /// How long the model may take for a whole reply, and between two streamed chunks.
+    /// Default 30 s.
+    pub model_timeout: Duration,
+    /// What to do when the model fails. Default [`ModelFailurePolicy::Fallback`].
+    pub on_model_failure: ModelFailurePolicy,
+    /// The longest user message accepted, in characters. Default 4,000.
+    pub max_message_chars: usize,
+    /// How often an append is retried after losing a sequence race with another server.
+    /// Default 8.
+    pub max_append_attempts: u32,
+    /// Reply-token limit passed to the model. Default `Some(300)` (the legacy default).
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature passed to the model. Default `None` (the model's own).
+    pub temperature: Option<f32>,
+    /// Streamed deltas buffered for a slow consumer before the model is paused. Default 32.
+    pub stream_buffer: usize,
+}
+
+impl Default for ConversationConfig {
+    fn default() -> Self {
+        Self {
+            context_window: 10,
+            max_context_window: 50,
+            model_timeout: Duration::from_secs(30),
+            on_model_failure: ModelFailurePolicy::Fallback,
+            max_message_chars: 4_000,
+            max_append_attempts: 8,
+            max_tokens: Some(300),
+            temperature: None,
+            stream_buffer: 32,
+        }
+    }
+}

@@ -1,0 +1,1030 @@
+//! The turn engine: everything that happens between a child's message and the stored reply.
+//!
+//! ```
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! use std::sync::Arc;
+//! use cmz_core::prelude::*;
+//! use cmz_core::testing::ScriptedModel;
+//!
+//! let personas = InMemoryPersonaDirectory::with_personas([Persona {
+//!     animal_id: AnimalId::new("lion")?,
+//!     name: "Leo".into(),
+//!     personality: "proud and sleepy".into(),
+//!     facts: vec!["I sleep up to 20 hours a day.".into()],
+//!     guidelines: vec![],
+//! }]);
+//! let service = ConversationService::new(
+//!     Arc::new(InMemoryConversationStore::new()),
+//!     Arc::new(personas),
+//!     Arc::new(ScriptedModel::always("Roar! Hello there!")),
+//! );
+//! let kid = Principal::new(UserId::new("kid1")?, UserRole::Student);
+//! let reply = service.turn(&kid, TurnRequest::new(AnimalId::new("lion")?, "Hi Leo!")).await?;
+//! assert_eq!(reply.reply, "Roar! Hello there!");
+//! assert_eq!(reply.turn, 1);
+//! # Ok::<_, cmz_core::Error>(())
+//! # }).unwrap();
+//! ```
+
+mod config;
+mod locks;
+pub mod prompt;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt as _};
+use tokio::sync::mpsc;
+use tracing::Instrument as _;
+
+pub use config::{ConversationConfig, ModelFailurePolicy};
+use locks::{SessionLease, SessionLocks};
+
+use crate::access::{Action, DynAccessPolicy, OwnerOrAdminPolicy, Principal};
+use crate::chat::{ChatChunk, ChatMessage, ChatRequest, DynChatModel};
+use crate::error::{Error, Result};
+use crate::ids::{AnimalId, SessionId, UserId};
+use crate::persona::DynPersonaDirectory;
+use crate::store::{
+    AppendOutcome, DeleteReport, DeleteScope, DynConversationStore, Page, PageRequest,
+    SessionScope, TurnAppend,
+};
+use crate::types::{Message, NewMessage, Persona, Role, Session, Usage};
+
+/// The longest turn key accepted, in bytes.
+pub const MAX_TURN_KEY_LEN: usize = 128;
+
+/// One message from a user to an animal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TurnRequest {
+    /// The animal spoken to.
+    pub animal_id: AnimalId,
+    /// What the user said.
+    pub message: String,
+    /// The session to continue; `None` starts a new one.
+    pub session_id: Option<SessionId>,
+    /// A client-chosen idempotency key: a retried request with the same key returns the
+    /// stored reply without calling the model again or storing anything twice.
+    pub turn_key: Option<String>,
+    /// How many earlier turns the model sees (overrides the configured default).
+    pub context_window: Option<usize>,
+}
+
+impl TurnRequest {
+    /// A message to `animal_id` in a new session.
+    pub fn new(animal_id: AnimalId, message: impl Into<String>) -> Self {
+        Self {
+            animal_id,
+            message: message.into(),
+            session_id: None,
+            turn_key: None,
+            context_window: None,
+        }
+    }
+
+    /// Continues `session_id`.
+    pub fn in_session(mut self, session_id: SessionId) -> Self {
+        self.session_id = Some(session_id);
+        self
+    }
+
+    /// Sets the idempotency key.
+    pub fn with_turn_key(mut self, key: impl Into<String>) -> Self {
+        self.turn_key = Some(key.into());
+        self
+    }
+
+    /// Sets how many earlier turns the model sees.
+    pub fn with_context_window(mut self, turns: usize) -> Self {
+        self.context_window = Some(turns);
+        self
+    }
+}
+
+/// The outcome of a turn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TurnReply {
+    /// The animal's reply.
+    pub reply: String,
+    /// The session, new or continued.
+    pub session_id: SessionId,
+    /// Whether this turn created the session.
+    pub session_created: bool,
+    /// The turn's ordinal in the session: `ceil(seq of the user message / 2)`, which counts
+    /// turns exactly while every turn stores a reply.
+    pub turn: u64,
+    /// The stored user message.
+    pub user_message: Message,
+    /// The stored reply.
+    pub assistant_message: Message,
+    /// The model's token usage, when it reported any.
+    pub usage: Option<Usage>,
+    /// The reply is the fallback because the model failed.
+    pub fallback: bool,
+    /// This is the stored result of an earlier request with the same turn key.
+    pub replayed: bool,
+}
+
+impl TurnReply {
+    fn new(session_created: bool, user: Message, assistant: Message, replayed: bool) -> Self {
+        Self {
+            reply: assistant.content.clone(),
+            session_id: user.session_id.clone(),
+            session_created,
+            turn: user.seq.div_ceil(2),
+            usage: assistant.metadata.usage(),
+            fallback: assistant.metadata.fallback,
+            user_message: user,
+            assistant_message: assistant,
+            replayed,
+        }
+    }
+}
+
+/// An item of a streamed turn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TurnEvent {
+    /// A piece of the reply, as the model produced it.
+    Delta(String),
+    /// The turn is stored; the last item.
+    Complete(Box<TurnReply>),
+}
+
+/// A streamed turn: deltas, then the stored result.
+///
+/// Dropping it before the end cancels the model call; the partial reply is then stored,
+/// marked `interrupted`, in the background.
+pub struct TurnStream {
+    /// The session, new or continued.
+    pub session_id: SessionId,
+    /// Whether this turn created the session.
+    pub session_created: bool,
+    events: BoxStream<'static, Result<TurnEvent>>,
+}
+
+impl std::fmt::Debug for TurnStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TurnStream")
+            .field("session_id", &self.session_id)
+            .field("session_created", &self.session_created)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Stream for TurnStream {
+    type Item = Result<TurnEvent>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.events.poll_next_unpin(cx)
+    }
+}
+
+/// A stored summary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// The summary text, now also on the session.
+    pub text: String,
+    /// Made without the model, because it was unavailable.
+    pub fallback: bool,
+}
+
+/// Runs turns and serves conversations, enforcing the access policy on every read and write.
+///
+/// Cheap to clone (one `Arc`). Concurrent turns on one session run one after another in
+/// this process (a per-session queue); across processes the store's sequence guard makes
+/// a losing append re-read and retry, so no message is lost or interleaved either way.
+#[derive(Debug, Clone)]
+pub struct ConversationService {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: DynConversationStore,
+    personas: DynPersonaDirectory,
+    model: DynChatModel,
+    policy: DynAccessPolicy,
+    config: ConversationConfig,
+    locks: Arc<SessionLocks>,
+}
+
+/// What a turn's message is, before the model runs.
+#[derive(Debug)]
+enum UserPart {
+    /// Not stored yet.
+    New(NewMessage),
+    /// Stored by an earlier attempt with the same turn key that got no reply.
+    Stored(Message),
+}
+
+/// A turn ready for the model.
+#[derive(Debug)]
+struct Prepared {
+    _lease: SessionLease,
+    session: Session,
+    created: bool,
+    persona: Persona,
+    user: UserPart,
+    prompt: ChatRequest,
+    turn_key: Option<String>,
+}
+
+enum Prepare {
+    Replay(TurnReply),
+    Run(Prepared),
+}
+
+fn span(kind: &'static str, op: &'static str, session: &SessionId) -> tracing::Span {
+    tracing::debug_span!("cmz.backend", kind, op, session = %session)
+}
+
+/// A 32-bit FNV-1a hash (stable across builds) of the parts, for derived session ids.
+fn stable_hash(parts: &[&str]) -> u32 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for byte in part.bytes().chain(std::iter::once(0)) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    (hash ^ (hash >> 32)) as u32
+}
+
+fn reply_key(turn_key: &str) -> String {
+    format!("{turn_key}#reply")
+}
+
+impl ConversationService {
+    /// A service over these backends with the default config and [`OwnerOrAdminPolicy`].
+    pub fn new(
+        store: DynConversationStore,
+        personas: DynPersonaDirectory,
+        model: DynChatModel,
+    ) -> Self {
+        Self::with(
+            store,
+            personas,
+            model,
+            Arc::new(OwnerOrAdminPolicy),
+            ConversationConfig::default(),
+        )
+    }
+
+    /// A service with an explicit access policy and config.
+    pub fn with(
+        store: DynConversationStore,
+        personas: DynPersonaDirectory,
+        model: DynChatModel,
+        policy: DynAccessPolicy,
+        config: ConversationConfig,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                personas,
+                model,
+                policy,
+                config,
+                locks: Arc::default(),
+            }),
+        }
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> &ConversationConfig {
+        &self.inner.config
+    }
+
+    /// The store the service writes to.
+    pub fn store(&self) -> &DynConversationStore {
+        &self.inner.store
+    }
+
+    /// Runs one turn: authorize, load or create the session, build the prompt from the
+    /// persona and the last turns, call the model, store both messages atomically.
+    ///
+    /// Errors: `validation_error` (empty or oversized message, bad turn key, window out of
+    /// range, session of another animal), `not_found` (unknown animal or session),
+    /// `forbidden` (another user's session), `unavailable` (store down: nothing is
+    /// half-written), and the model's own error when the config says
+    /// [`ModelFailurePolicy::Error`] (the user message is then kept).
+    #[tracing::instrument(name = "cmz.turn", skip_all, fields(user = %principal.user_id, animal = %request.animal_id))]
+    pub async fn turn(&self, principal: &Principal, request: TurnRequest) -> Result<TurnReply> {
+        let prepared = match self.prepare(principal, request).await? {
+            Prepare::Replay(reply) => return Ok(reply),
+            Prepare::Run(prepared) => prepared,
+        };
+        let inner = &self.inner;
+        let started = Instant::now();
+        let result = tokio::time::timeout(
+            inner.config.model_timeout,
+            inner.model.complete(prepared.prompt.clone()),
+        )
+        .instrument(span("model", "complete", &prepared.session.id))
+        .await
+        .unwrap_or_else(|_| Err(self.model_timeout()));
+        let latency = started.elapsed();
+        let assistant = match result {
+            Ok(completion) => {
+                let mut message = NewMessage::new(Role::Assistant, completion.content);
+                message.metadata.set_usage(completion.usage);
+                message.metadata.model = completion
+                    .model
+                    .or_else(|| Some(inner.model.name().to_owned()));
+                message.metadata.latency_ms = Some(millis(latency));
+                message
+            }
+            Err(error) => {
+                tracing::warn!(code = error.code(), error = %error, "model call failed");
+                match inner.config.on_model_failure {
+                    ModelFailurePolicy::Fallback => {
+                        self.fallback_message(&prepared.persona, latency)
+                    }
+                    ModelFailurePolicy::Error => {
+                        self.persist(prepared, None).await?;
+                        return Err(error);
+                    }
+                }
+            }
+        };
+        self.persist(prepared, Some(assistant)).await
+    }
+
+    /// Runs one turn, yielding the reply as the model produces it.
+    ///
+    /// Request errors (validation, access, unknown animal or session) come back at once.
+    /// Then the stream yields [`TurnEvent::Delta`]s and ends with [`TurnEvent::Complete`]
+    /// once the turn is stored. Dropping the stream early cancels the model call and stores
+    /// the partial reply marked `interrupted`. Needs a tokio runtime (it spawns the task
+    /// that drives the model).
+    #[tracing::instrument(name = "cmz.stream_turn", skip_all, fields(user = %principal.user_id, animal = %request.animal_id))]
+    pub async fn stream_turn(
+        &self,
+        principal: &Principal,
+        request: TurnRequest,
+    ) -> Result<TurnStream> {
+        match self.prepare(principal, request).await? {
+            Prepare::Replay(reply) => Ok(TurnStream {
+                session_id: reply.session_id.clone(),
+                session_created: false,
+                events: futures::stream::iter([
+                    Ok(TurnEvent::Delta(reply.reply.clone())),
+                    Ok(TurnEvent::Complete(Box::new(reply))),
+                ])
+                .boxed(),
+            }),
+            Prepare::Run(prepared) => {
+                let session_id = prepared.session.id.clone();
+                let session_created = prepared.created;
+                let (tx, rx) = mpsc::channel(self.inner.config.stream_buffer.max(1));
+                let service = self.clone();
+                tokio::spawn(
+                    async move { service.drive_stream(prepared, tx).await }.in_current_span(),
+                );
+                let events = futures::stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|event| (event, rx))
+                })
+                .boxed();
+                Ok(TurnStream {
+                    session_id,
+                    session_created,
+                    events,
+                })
+            }
+        }
+    }
+
+    async fn drive_stream(self, prepared: Prepared, tx: mpsc::Sender<Result<TurnEvent>>) {
+        enum End {
+            Completed(Option<Usage>, Option<String>),
+            Failed(Error),
+            Interrupted,
+        }
+        let inner = &self.inner;
+        let timeout = inner.config.model_timeout;
+        let started = Instant::now();
+        let mut text = String::new();
+        let model_span = span("model", "stream", &prepared.session.id);
+        let opened = tokio::select! {
+            biased;
+            () = tx.closed() => None,
+            opened = tokio::time::timeout(timeout, inner.model.stream(prepared.prompt.clone())).instrument(model_span.clone()) => Some(opened),
+        };
+        let end = match opened {
+            None => End::Interrupted,
+            Some(Err(_)) => End::Failed(self.model_timeout()),
+            Some(Ok(Err(error))) => End::Failed(error),
+            Some(Ok(Ok(mut chunks))) => loop {
+                let next = tokio::select! {
+                    biased;
+                    () = tx.closed() => break End::Interrupted,
+                    next = tokio::time::timeout(timeout, chunks.next()).instrument(model_span.clone()) => next,
+                };
+                match next {
+                    Err(_) => break End::Failed(self.model_timeout()),
+                    Ok(None) => {
+                        break End::Failed(Error::Unavailable {
+                            message: "the model's stream ended before the reply was complete"
+                                .into(),
+                            source: None,
+                        });
+                    }
+                    Ok(Some(Err(error))) => break End::Failed(error),
+                    Ok(Some(Ok(ChatChunk::Done { usage, model }))) => {
+                        break End::Completed(usage, model);
+                    }
+                    Ok(Some(Ok(ChatChunk::Delta(delta)))) => {
+                        if delta.is_empty() {
+                            continue;
+                        }
+                        text.push_str(&delta);
+                        if tx.send(Ok(TurnEvent::Delta(delta))).await.is_err() {
+                            break End::Interrupted;
+                        }
+                    }
+                }
+            },
+        };
+        // The model stream is dropped here (cancelling the call) before anything is stored.
+        let latency = started.elapsed();
+        let mut assistant = NewMessage::new(Role::Assistant, text);
+        assistant.metadata.latency_ms = Some(millis(latency));
+        assistant.metadata.model = Some(inner.model.name().to_owned());
+        let mut error_to_send = None;
+        match end {
+            End::Completed(usage, model) => {
+                assistant.metadata.set_usage(usage);
+                if model.is_some() {
+                    assistant.metadata.model = model;
+                }
+            }
+            End::Interrupted => {
+                tracing::info!("stream consumer went away; storing the partial reply");
+                assistant.metadata.interrupted = true;
+            }
+            End::Failed(error) => {
+                tracing::warn!(code = error.code(), error = %error, "model stream failed");
+                if !assistant.content.is_empty() {
+                    // The child saw part of a reply: keep exactly that, marked as cut short.
+                    assistant.metadata.interrupted = true;
+                    if inner.config.on_model_failure == ModelFailurePolicy::Error {
+                        error_to_send = Some(error);
+                    }
+                } else if inner.config.on_model_failure == ModelFailurePolicy::Fallback {
+                    assistant = self.fallback_message(&prepared.persona, latency);
+                    let _ = tx
+                        .send(Ok(TurnEvent::Delta(assistant.content.clone())))
+                        .await;
+                } else {
+                    if let Err(store_error) = self.persist(prepared, None).await {
+                        tracing::error!(code = store_error.code(), error = %store_error, "storing the user message failed");
+                    }
+                    let _ = tx.send(Err(error)).await;
+                    return;
+                }
+            }
+        }
+        let event = match self.persist(prepared, Some(assistant)).await {
+            Ok(reply) => match error_to_send {
+                Some(error) => Err(error),
+                None => Ok(TurnEvent::Complete(Box::new(reply))),
+            },
+            Err(error) => {
+                tracing::error!(code = error.code(), error = %error, "storing the streamed turn failed");
+                Err(error)
+            }
+        };
+        let _ = tx.send(event).await;
+    }
+
+    fn model_timeout(&self) -> Error {
+        Error::Timeout {
+            what: format!("model {}", self.inner.model.name()),
+            after: self.inner.config.model_timeout,
+        }
+    }
+
+    fn fallback_message(&self, persona: &Persona, latency: Duration) -> NewMessage {
+        let mut message = NewMessage::new(Role::Assistant, prompt::fallback_reply(persona));
+        message.metadata.fallback = true;
+        message.metadata.latency_ms = Some(millis(latency));
+        message
+    }
+
+    fn validate(&self, request: &TurnRequest) -> Result<usize> {
+        let config = &self.inner.config;
+        if request.message.trim().is_empty() {
+            return Err(Error::validation("message", "message must not be empty"));
+        }
+        let chars = request.message.chars().count();
+        if chars > config.max_message_chars {
+            return Err(Error::validation(
+                "message",
+                format!(
+                    "message is {chars} characters; the limit is {}",
+                    config.max_message_chars
+                ),
+            ));
+        }
+        if let Some(key) = &request.turn_key {
+            if key.is_empty()
+                || key.len() > MAX_TURN_KEY_LEN
+                || !key.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(Error::validation(
+                    "turnKey",
+                    format!("turn key must be 1 to {MAX_TURN_KEY_LEN} printable ASCII characters"),
+                ));
+            }
+        }
+        let window = request.context_window.unwrap_or(config.context_window);
+        if window > config.max_context_window {
+            return Err(Error::validation(
+                "contextWindow",
+                format!(
+                    "contextWindow must be at most {}",
+                    config.max_context_window
+                ),
+            ));
+        }
+        Ok(window)
+    }
+
+    async fn prepare(&self, principal: &Principal, request: TurnRequest) -> Result<Prepare> {
+        let inner = &self.inner;
+        let window = self.validate(&request)?;
+        let animal = &request.animal_id;
+        let persona = inner
+            .personas
+            .persona(animal)
+            .instrument(tracing::debug_span!("cmz.backend", kind = "personas", op = "persona", animal = %animal))
+            .await?
+            .ok_or_else(|| Error::not_found(format!("animal {animal}")))?;
+
+        let requested = request.session_id.is_some();
+        let mut id = match (&request.session_id, &request.turn_key) {
+            (Some(id), _) => id.clone(),
+            (None, Some(key)) => SessionId::with_suffix(
+                animal,
+                &principal.user_id,
+                stable_hash(&[principal.user_id.as_str(), animal.as_str(), key]),
+            )?,
+            (None, None) => SessionId::generate(animal, &principal.user_id)?,
+        };
+        let (lease, session, created) = loop {
+            let lease = inner.locks.lock(&id).await;
+            match self.get_session(&id).await? {
+                Some(session) => {
+                    inner
+                        .policy
+                        .authorize(principal, Action::Write, &session.user_id)
+                        .await?;
+                    if &session.animal_id != animal {
+                        return Err(Error::validation(
+                            "animalId",
+                            format!("session {id} is a conversation with another animal"),
+                        ));
+                    }
+                    break (lease, session, false);
+                }
+                None if requested => return Err(Error::not_found(format!("session {id}"))),
+                None => {
+                    inner
+                        .policy
+                        .authorize(principal, Action::Write, &principal.user_id)
+                        .await?;
+                    let session = Session::new(
+                        id.clone(),
+                        principal.user_id.clone(),
+                        animal.clone(),
+                        persona.name.clone(),
+                    );
+                    match inner
+                        .store
+                        .create_session(&session)
+                        .instrument(span("store", "create_session", &id))
+                        .await
+                    {
+                        Ok(()) => break (lease, session, true),
+                        // Another server created it first (same turn key) or a random id
+                        // collided: look again, or pick a new random id.
+                        Err(Error::Conflict { .. }) => {
+                            if request.turn_key.is_none() {
+                                id = SessionId::generate(animal, &principal.user_id)?;
+                            }
+                        }
+                        Err(error) => return Err(error),
+                    }
+                }
+            }
+        };
+
+        let mut user = UserPart::New({
+            let mut message = NewMessage::new(Role::User, request.message);
+            message.metadata.turn_key = request.turn_key.clone();
+            message
+        });
+        if let Some(key) = &request.turn_key {
+            if let Some(found) = self.find_turn(&id, key).await? {
+                match found.as_slice() {
+                    [user_message, assistant, ..] => {
+                        return Ok(Prepare::Replay(TurnReply::new(
+                            false,
+                            user_message.clone(),
+                            assistant.clone(),
+                            true,
+                        )));
+                    }
+                    [user_message] => {
+                        if let Some(reply) = self.find_turn(&id, &reply_key(key)).await? {
+                            if let Some(assistant) = reply.into_iter().next() {
+                                return Ok(Prepare::Replay(TurnReply::new(
+                                    false,
+                                    user_message.clone(),
+                                    assistant,
+                                    true,
+                                )));
+                            }
+                        }
+                        user = UserPart::Stored(user_message.clone());
+                    }
+                    [] => {}
+                }
+            }
+        }
+
+        let mut history = if window == 0 {
+            Vec::new()
+        } else {
+            inner
+                .store
+                .recent_messages(&id, window * 2)
+                .instrument(span("store", "recent_messages", &id))
+                .await?
+        };
+        let content = match &user {
+            UserPart::New(message) => message.content.clone(),
+            UserPart::Stored(message) => {
+                history.retain(|m| m.seq < message.seq);
+                message.content.clone()
+            }
+        };
+        let mut messages = Vec::with_capacity(history.len() + 2);
+        messages.push(ChatMessage::new(
+            Role::System,
+            prompt::system_prompt(&persona),
+        ));
+        messages.extend(
+            history
+                .into_iter()
+                .map(|m| ChatMessage::new(m.role, m.content)),
+        );
+        messages.push(ChatMessage::new(Role::User, content));
+        let prompt = ChatRequest {
+            messages,
+            max_tokens: inner.config.max_tokens,
+            temperature: inner.config.temperature,
+        };
+        Ok(Prepare::Run(Prepared {
+            _lease: lease,
+            session,
+            created,
+            persona,
+            user,
+            prompt,
+            turn_key: request.turn_key,
+        }))
+    }
+
+    /// Stores the turn: the user message (unless an earlier attempt stored it) and the
+    /// reply, in one guarded append, re-reading and retrying when another writer won.
+    async fn persist(
+        &self,
+        prepared: Prepared,
+        assistant: Option<NewMessage>,
+    ) -> Result<TurnReply> {
+        let inner = &self.inner;
+        let Prepared {
+            session,
+            created,
+            user,
+            turn_key,
+            ..
+        } = prepared;
+        let (messages, key, stored_user) = match user {
+            UserPart::New(user) => {
+                let mut messages = vec![user];
+                messages.extend(assistant);
+                (messages, turn_key, None)
+            }
+            UserPart::Stored(user) => match assistant {
+                Some(assistant) => (
+                    vec![assistant],
+                    turn_key.as_deref().map(reply_key),
+                    Some(user),
+                ),
+                None => return Err(Error::internal("nothing to store for a resumed turn")),
+            },
+        };
+        let mut expected = session.message_count;
+        let mut attempt = 0;
+        let stored = loop {
+            attempt += 1;
+            let append = TurnAppend {
+                session_id: session.id.clone(),
+                expected_count: expected,
+                messages: messages.clone(),
+                turn_key: key.clone(),
+            };
+            match inner
+                .store
+                .append_turn(append)
+                .instrument(span("store", "append_turn", &session.id))
+                .await
+            {
+                Ok(AppendOutcome::Appended(stored)) => break stored,
+                Ok(AppendOutcome::Duplicate(stored)) => {
+                    // Another server stored this turn key first; answer with its turn.
+                    return match (stored_user, stored.as_slice()) {
+                        (Some(user), [assistant, ..]) => {
+                            Ok(TurnReply::new(created, user, assistant.clone(), true))
+                        }
+                        (None, [user, assistant, ..]) => Ok(TurnReply::new(
+                            created,
+                            user.clone(),
+                            assistant.clone(),
+                            true,
+                        )),
+                        _ => Err(Error::conflict(
+                            "this turn is being stored by another request; retry it",
+                        )),
+                    };
+                }
+                Err(Error::Conflict { .. }) if attempt < inner.config.max_append_attempts => {
+                    tracing::debug!(attempt, "sequence conflict; re-reading the session");
+                    let backoff = Duration::from_millis(fastrand::u64(1..=5) * u64::from(attempt));
+                    tokio::time::sleep(backoff).await;
+                    expected = self
+                        .get_session(&session.id)
+                        .await?
+                        .ok_or_else(|| Error::not_found(format!("session {}", session.id)))?
+                        .message_count;
+                }
+                Err(error) => return Err(error),
+            }
+        };
+        let mut stored = stored.into_iter();
+        let (user, assistant) = match stored_user {
+            Some(user) => (Some(user), stored.next()),
+            None => (stored.next(), stored.next()),
+        };
+        match (user, assistant) {
+            (Some(user), Some(assistant)) => Ok(TurnReply::new(created, user, assistant, false)),
+            // Only the user message was stored (model error mode); the caller returns the error.
+            (Some(user), None) => Ok(TurnReply::new(created, user.clone(), user, false)),
+            _ => Err(Error::internal(
+                "the store returned fewer messages than were appended",
+            )),
+        }
+    }
+
+    async fn get_session(&self, id: &SessionId) -> Result<Option<Session>> {
+        self.inner
+            .store
+            .get_session(id)
+            .instrument(span("store", "get_session", id))
+            .await
+    }
+
+    async fn find_turn(&self, id: &SessionId, key: &str) -> Result<Option<Vec<Message>>> {
+        self.inner
+            .store
+            .find_turn(id, key)
+            .instrument(span("store", "find_turn", id))
+            .await
+    }
+
+    /// Reads a session the principal may see; `not_found` if it does not exist.
+    async fn readable_session(
+        &self,
+        principal: &Principal,
+        id: &SessionId,
+        action: Action,
+    ) -> Result<Session> {
+        let session = self
+            .get_session(id)
+            .await?
+            .ok_or_else(|| Error::not_found(format!("session {id}")))?;
+        self.inner
+            .policy
+            .authorize(principal, action, &session.user_id)
+            .await?;
+        Ok(session)
+    }
+
+    /// A session's details.
+    #[tracing::instrument(name = "cmz.session", skip_all, fields(user = %principal.user_id, session = %id))]
+    pub async fn session(&self, principal: &Principal, id: &SessionId) -> Result<Session> {
+        self.readable_session(principal, id, Action::Read).await
+    }
+
+    /// A page of a session's messages, oldest first.
+    #[tracing::instrument(name = "cmz.history", skip_all, fields(user = %principal.user_id, session = %id))]
+    pub async fn history(
+        &self,
+        principal: &Principal,
+        id: &SessionId,
+        page: PageRequest,
+    ) -> Result<Page<Message>> {
+        self.readable_session(principal, id, Action::Read).await?;
+        self.inner
+            .store
+            .history(id, page)
+            .instrument(span("store", "history", id))
+            .await
+    }
+
+    /// A page of sessions, newest activity first.
+    ///
+    /// A user's listing needs read access to that user. An animal's listing shows only the
+    /// sessions the principal may read, so a page may hold fewer than `limit` items while
+    /// more pages follow.
+    #[tracing::instrument(name = "cmz.list_sessions", skip_all, fields(user = %principal.user_id))]
+    pub async fn list_sessions(
+        &self,
+        principal: &Principal,
+        scope: SessionScope,
+        page: PageRequest,
+    ) -> Result<Page<Session>> {
+        let inner = &self.inner;
+        if let SessionScope::User(owner) = &scope {
+            inner
+                .policy
+                .authorize(principal, Action::Read, owner)
+                .await?;
+        }
+        let filter_each = matches!(scope, SessionScope::Animal(_));
+        let mut listed = inner
+            .store
+            .list_sessions(scope, page)
+            .instrument(tracing::debug_span!(
+                "cmz.backend",
+                kind = "store",
+                op = "list_sessions"
+            ))
+            .await?;
+        if filter_each {
+            let mut visible = Vec::with_capacity(listed.items.len());
+            for session in listed.items {
+                match inner
+                    .policy
+                    .authorize(principal, Action::Read, &session.user_id)
+                    .await
+                {
+                    Ok(()) => visible.push(session),
+                    Err(Error::Forbidden { .. }) => {}
+                    Err(error) => return Err(error),
+                }
+            }
+            listed.items = visible;
+        }
+        Ok(listed)
+    }
+
+    /// Deletes conversations. One session or one user's sessions need delete access to
+    /// their owner; all of an animal's, or everything older than a date, need an admin-like
+    /// role.
+    #[tracing::instrument(name = "cmz.delete", skip_all, fields(user = %principal.user_id, scope = ?scope))]
+    pub async fn delete(&self, principal: &Principal, scope: DeleteScope) -> Result<DeleteReport> {
+        let inner = &self.inner;
+        match &scope {
+            DeleteScope::Session(id) => {
+                self.readable_session(principal, id, Action::Delete).await?;
+            }
+            DeleteScope::User(owner) => {
+                inner
+                    .policy
+                    .authorize(principal, Action::Delete, owner)
+                    .await?
+            }
+            DeleteScope::Animal(_) | DeleteScope::OlderThan(_) => {
+                if !principal.role.sees_everything() {
+                    return Err(Error::forbidden("bulk deletes need an administrator"));
+                }
+            }
+        }
+        let report = inner
+            .store
+            .delete(scope)
+            .instrument(tracing::debug_span!(
+                "cmz.backend",
+                kind = "store",
+                op = "delete"
+            ))
+            .await?;
+        tracing::info!(
+            sessions = report.sessions,
+            messages = report.messages,
+            "conversations deleted"
+        );
+        Ok(report)
+    }
+
+    /// Writes a summary of a session with the model and stores it on the session; when the
+    /// model is unavailable, stores a deterministic summary instead (marked `fallback`).
+    #[tracing::instrument(name = "cmz.summarize", skip_all, fields(user = %principal.user_id, session = %id))]
+    pub async fn summarize(&self, principal: &Principal, id: &SessionId) -> Result<Summary> {
+        let inner = &self.inner;
+        let session = self.readable_session(principal, id, Action::Read).await?;
+        let recent = inner
+            .store
+            .recent_messages(id, 40)
+            .instrument(span("store", "recent_messages", id))
+            .await?;
+        let mut transcript = String::new();
+        for message in &recent {
+            let who = if message.role == Role::User {
+                "Visitor"
+            } else {
+                session.animal_name.as_str()
+            };
+            transcript.push_str(&format!("{who}: {}\n", message.content));
+        }
+        let request = ChatRequest {
+            messages: vec![
+                ChatMessage::new(Role::System, prompt::summary_instruction(&session)),
+                ChatMessage::new(Role::User, transcript),
+            ],
+            max_tokens: Some(150),
+            temperature: Some(0.2),
+        };
+        let result = if recent.is_empty() {
+            None
+        } else {
+            let called =
+                tokio::time::timeout(inner.config.model_timeout, inner.model.complete(request))
+                    .instrument(span("model", "complete", id))
+                    .await;
+            match called {
+                Ok(Ok(completion)) if !completion.content.trim().is_empty() => {
+                    Some(completion.content)
+                }
+                Ok(Ok(_)) => None,
+                Ok(Err(error)) => {
+                    tracing::warn!(code = error.code(), error = %error, "summary model call failed");
+                    None
+                }
+                Err(_) => {
+                    tracing::warn!("summary model call timed out");
+                    None
+                }
+            }
+        };
+        let summary = match result {
+            Some(text) => Summary {
+                text,
+                fallback: false,
+            },
+            None => {
+                let first = inner
+                    .store
+                    .history(id, PageRequest::first(2))
+                    .instrument(span("store", "history", id))
+                    .await?;
+                Summary {
+                    text: prompt::fallback_summary(&session, &first.items),
+                    fallback: true,
+                }
+            }
+        };
+        inner
+            .store
+            .set_summary(id, &summary.text)
+            .instrument(span("store", "set_summary", id))
+            .await?;
+        Ok(summary)
+    }
+
+    /// The sessions of `owner` (a convenience over [`list_sessions`](Self::list_sessions)).
+    pub async fn sessions_of(
+        &self,
+        principal: &Principal,
+        owner: &UserId,
+        page: PageRequest,
+    ) -> Result<Page<Session>> {
+        self.list_sessions(principal, SessionScope::User(owner.clone()), page)
+            .await
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests;

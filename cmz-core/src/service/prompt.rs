@@ -1,0 +1,111 @@
+//! The persona system prompt, the fallback reply and the fallback summary.
+
+use crate::types::{Message, Persona, Role, Session};
+
+/// The child-safety rules appended to every persona prompt.
+pub const CHILD_SAFETY_GUIDELINES: &[&str] = &[
+    "You are talking with children and families visiting the zoo; keep every reply friendly, age-appropriate and short (at most a few sentences).",
+    "Never ask for or repeat personal information such as full names, addresses, phone numbers, schools or passwords.",
+    "Do not discuss violence in graphic detail, adult topics, or anything frightening; gently steer back to animals and nature.",
+    "If asked about something unsafe or off-topic, say kindly that you would rather talk about animals and suggest asking a parent or a zookeeper.",
+    "Stay in character as the animal, and be honest: if you do not know something, say so.",
+];
+
+/// Builds the system prompt for `persona`: a stable prefix (the same text on every turn of
+/// every session with that animal) so a provider's prompt caching can reuse it.
+pub fn system_prompt(persona: &Persona) -> String {
+    let mut prompt = format!(
+        "You are {name}, an animal ambassador at Cougar Mountain Zoo.\n\nPERSONALITY: {personality}\n",
+        name = persona.name,
+        personality = if persona.personality.is_empty() {
+            "warm, curious and playful"
+        } else {
+            &persona.personality
+        },
+    );
+    if !persona.facts.is_empty() {
+        prompt.push_str("\nKEY FACTS you can share:\n");
+        for fact in &persona.facts {
+            prompt.push_str("- ");
+            prompt.push_str(fact);
+            prompt.push('\n');
+        }
+    }
+    prompt.push_str("\nGUIDELINES:\n");
+    for rule in CHILD_SAFETY_GUIDELINES
+        .iter()
+        .copied()
+        .chain(persona.guidelines.iter().map(String::as_str))
+    {
+        prompt.push_str("- ");
+        prompt.push_str(rule);
+        prompt.push('\n');
+    }
+    prompt
+}
+
+/// The in-character reply used when the model fails or times out.
+pub fn fallback_reply(persona: &Persona) -> String {
+    format!(
+        "{} here! I'm having a little trouble hearing you right now. Could you ask me that again in a moment?",
+        persona.name
+    )
+}
+
+/// The prompt asking the model to summarize a conversation.
+pub fn summary_instruction(session: &Session) -> String {
+    format!(
+        "Summarize this conversation between a young zoo visitor and {} in two or three short sentences for a parent. Do not include personal information.",
+        session.animal_name
+    )
+}
+
+/// A summary made without the model: counts, dates and the first question.
+pub fn fallback_summary(session: &Session, first_messages: &[Message]) -> String {
+    let mut summary = format!(
+        "Conversation with {} ({} messages, {} to {}).",
+        session.animal_name,
+        session.message_count,
+        session.started_at.format("%Y-%m-%d %H:%M UTC"),
+        session.last_activity.format("%Y-%m-%d %H:%M UTC"),
+    );
+    if let Some(first) = first_messages.iter().find(|m| m.role == Role::User) {
+        let question: String = first.content.chars().take(120).collect();
+        let ellipsis = if first.content.chars().count() > 120 {
+            "…"
+        } else {
+            ""
+        };
+        summary.push_str(&format!(" It began with: \"{question}{ellipsis}\""));
+    }
+    summary
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::AnimalId;
+
+    #[test]
+    fn prompt_has_persona_facts_and_safety() {
+        let persona = Persona {
+            animal_id: AnimalId::new("cougar").unwrap(),
+            name: "Cora".into(),
+            personality: "sleepy but proud".into(),
+            facts: vec!["I can jump 6 metres high.".into()],
+            guidelines: vec!["Mention the keeper talk at 2pm.".into()],
+        };
+        let prompt = system_prompt(&persona);
+        assert!(prompt.starts_with("You are Cora"));
+        assert!(prompt.contains("PERSONALITY: sleepy but proud"));
+        assert!(prompt.contains("- I can jump 6 metres high."));
+        assert!(prompt.contains("personal information"));
+        assert!(
+            prompt
+                .trim_end()
+                .ends_with("Mention the keeper talk at 2pm.")
+        );
+        assert_eq!(prompt, system_prompt(&persona), "stable prefix");
+        assert!(fallback_reply(&persona).starts_with("Cora here!"));
+    }
+}

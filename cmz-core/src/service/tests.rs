@@ -1,0 +1,948 @@
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt as _;
+
+use super::*;
+use crate::access::UserRole;
+use crate::memory::{InMemoryConversationStore, InMemoryPersonaDirectory};
+use crate::store::{ConversationStore, Cursor};
+use crate::testing::{Failure, ScriptedModel, Step};
+
+fn lion() -> AnimalId {
+    AnimalId::new("lion").unwrap()
+}
+
+fn personas() -> Arc<InMemoryPersonaDirectory> {
+    Arc::new(InMemoryPersonaDirectory::with_personas([
+        Persona {
+            animal_id: lion(),
+            name: "Leo".into(),
+            personality: "proud".into(),
+            facts: vec!["Lions sleep 20 hours a day.".into()],
+            guidelines: vec![],
+        },
+        Persona {
+            animal_id: AnimalId::new("tiger").unwrap(),
+            name: "Tara".into(),
+            personality: "stripy".into(),
+            facts: vec![],
+            guidelines: vec![],
+        },
+    ]))
+}
+
+struct Fixture {
+    service: ConversationService,
+    model: ScriptedModel,
+    store: Arc<InMemoryConversationStore>,
+}
+
+fn fixture_with(model: ScriptedModel, config: ConversationConfig) -> Fixture {
+    let store = Arc::new(InMemoryConversationStore::new());
+    let service = ConversationService::with(
+        store.clone(),
+        personas(),
+        Arc::new(model.clone()),
+        Arc::new(OwnerOrAdminPolicy),
+        config,
+    );
+    Fixture {
+        service,
+        model,
+        store,
+    }
+}
+
+fn fixture() -> Fixture {
+    fixture_with(ScriptedModel::echo(), ConversationConfig::default())
+}
+
+fn kid(name: &str) -> Principal {
+    Principal::new(UserId::new(name).unwrap(), UserRole::Student)
+}
+
+fn admin() -> Principal {
+    Principal::new(UserId::new("admin1").unwrap(), UserRole::Admin)
+}
+
+async fn all_messages(f: &Fixture, id: &SessionId) -> Vec<Message> {
+    f.store
+        .history(id, PageRequest::first(1000))
+        .await
+        .unwrap()
+        .items
+}
+
+#[tokio::test]
+async fn a_turn_stores_both_messages_with_usage_and_latency() {
+    let f = fixture();
+    let reply = f
+        .service
+        .turn(&kid("k1"), TurnRequest::new(lion(), "Hi Leo"))
+        .await
+        .unwrap();
+    assert_eq!(reply.reply, "echo: Hi Leo");
+    assert!(reply.session_created);
+    assert_eq!(reply.turn, 1);
+    assert!(!reply.fallback && !reply.replayed);
+    assert_eq!(reply.usage.unwrap().total(), 15);
+    assert!(reply.session_id.as_str().starts_with("conv_lion_k1_"));
+    let stored = all_messages(&f, &reply.session_id).await;
+    assert_eq!(stored.len(), 2);
+    assert_eq!(stored[0].content, "Hi Leo");
+    assert_eq!(stored[1], reply.assistant_message);
+    assert_eq!(stored[1].metadata.tokens_prompt, Some(10));
+    assert_eq!(stored[1].metadata.model.as_deref(), Some("scripted"));
+    assert!(stored[1].metadata.latency_ms.is_some());
+    let session = f
+        .service
+        .session(&kid("k1"), &reply.session_id)
+        .await
+        .unwrap();
+    assert_eq!(
+        (session.message_count, session.animal_name.as_str()),
+        (2, "Leo")
+    );
+}
+
+#[tokio::test]
+async fn the_model_sees_persona_prompt_and_the_last_window_of_turns() {
+    let config = ConversationConfig {
+        context_window: 2,
+        ..Default::default()
+    };
+    let f = fixture_with(ScriptedModel::echo(), config);
+    let me = kid("k1");
+    let first = f
+        .service
+        .turn(&me, TurnRequest::new(lion(), "m1"))
+        .await
+        .unwrap();
+    for i in 2..=4 {
+        f.service
+            .turn(
+                &me,
+                TurnRequest::new(lion(), format!("m{i}")).in_session(first.session_id.clone()),
+            )
+            .await
+            .unwrap();
+    }
+    let prompt = f.model.last_request().unwrap();
+    let texts: Vec<(Role, &str)> = prompt
+        .messages
+        .iter()
+        .map(|m| (m.role, m.content.as_str()))
+        .collect();
+    assert_eq!(texts[0].0, Role::System);
+    assert!(
+        texts[0].1.starts_with("You are Leo") && texts[0].1.contains("Lions sleep 20 hours a day.")
+    );
+    assert_eq!(
+        &texts[1..],
+        &[
+            (Role::User, "m2"),
+            (Role::Assistant, "echo: m2"),
+            (Role::User, "m3"),
+            (Role::Assistant, "echo: m3"),
+            (Role::User, "m4")
+        ],
+        "the last 2 turns, oldest first, then the new message"
+    );
+    assert_eq!(prompt.max_tokens, Some(300));
+    // A request can ask for a different window, within bounds.
+    f.service
+        .turn(
+            &me,
+            TurnRequest::new(lion(), "m5")
+                .in_session(first.session_id.clone())
+                .with_context_window(0),
+        )
+        .await
+        .unwrap();
+    assert_eq!(f.model.last_request().unwrap().messages.len(), 2);
+    let err = f
+        .service
+        .turn(
+            &me,
+            TurnRequest::new(lion(), "m6")
+                .in_session(first.session_id.clone())
+                .with_context_window(51),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "validation_error");
+}
+
+#[tokio::test]
+async fn bad_input_gets_the_right_error_code() {
+    let f = fixture();
+    let me = kid("k1");
+    let cases: Vec<(TurnRequest, &str)> = vec![
+        (TurnRequest::new(lion(), ""), "validation_error"),
+        (TurnRequest::new(lion(), "   \n\t"), "validation_error"),
+        (
+            TurnRequest::new(lion(), "x".repeat(4001)),
+            "validation_error",
+        ),
+        (
+            TurnRequest::new(lion(), "hi").with_turn_key(""),
+            "validation_error",
+        ),
+        (
+            TurnRequest::new(lion(), "hi").with_turn_key("has space"),
+            "validation_error",
+        ),
+        (
+            TurnRequest::new(lion(), "hi").with_turn_key("k".repeat(129)),
+            "validation_error",
+        ),
+        (
+            TurnRequest::new(AnimalId::new("dragon").unwrap(), "hi"),
+            "not_found",
+        ),
+        (
+            TurnRequest::new(lion(), "hi")
+                .in_session(SessionId::new("conv_lion_k1_deadbeef").unwrap()),
+            "not_found",
+        ),
+    ];
+    for (request, code) in cases {
+        let err = f.service.turn(&me, request.clone()).await.unwrap_err();
+        assert_eq!(err.code(), code, "{request:?}");
+    }
+    // 4,000 characters of multi-byte text is within the limit (characters, not bytes).
+    assert!(
+        f.service
+            .turn(&me, TurnRequest::new(lion(), "🦁".repeat(4000)))
+            .await
+            .is_ok()
+    );
+    assert_eq!(f.model.calls(), 1, "invalid requests never reach the model");
+
+    let mine = f
+        .service
+        .turn(&me, TurnRequest::new(lion(), "hi"))
+        .await
+        .unwrap();
+    let other = kid("k2");
+    let err = f
+        .service
+        .turn(
+            &other,
+            TurnRequest::new(lion(), "hijack").in_session(mine.session_id.clone()),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "forbidden");
+    assert_eq!(
+        f.service
+            .history(&other, &mine.session_id, PageRequest::first(10))
+            .await
+            .unwrap_err()
+            .code(),
+        "forbidden"
+    );
+    assert_eq!(
+        f.service
+            .session(&other, &mine.session_id)
+            .await
+            .unwrap_err()
+            .code(),
+        "forbidden"
+    );
+    assert_eq!(
+        f.service
+            .summarize(&other, &mine.session_id)
+            .await
+            .unwrap_err()
+            .code(),
+        "forbidden"
+    );
+    let err = f
+        .service
+        .turn(
+            &me,
+            TurnRequest::new(AnimalId::new("tiger").unwrap(), "hi")
+                .in_session(mine.session_id.clone()),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "validation_error");
+    assert_eq!(
+        all_messages(&f, &mine.session_id).await.len(),
+        2,
+        "rejected turns store nothing"
+    );
+    let err = f
+        .service
+        .history(
+            &me,
+            &mine.session_id,
+            PageRequest::after(10, Cursor::from_client("forged")),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "validation_error");
+}
+
+#[tokio::test]
+async fn a_failing_model_leaves_the_user_message_and_a_fallback_reply() {
+    let f = fixture();
+    f.model.push(Step::Fail(Failure::Unavailable));
+    let reply = f
+        .service
+        .turn(&kid("k1"), TurnRequest::new(lion(), "Are you there?"))
+        .await
+        .unwrap();
+    assert!(reply.fallback);
+    assert!(reply.reply.starts_with("Leo here!"), "{}", reply.reply);
+    assert!(reply.usage.is_none(), "no usage is invented");
+    let stored = all_messages(&f, &reply.session_id).await;
+    assert_eq!(stored.len(), 2);
+    assert_eq!(stored[0].content, "Are you there?");
+    assert!(stored[1].metadata.fallback);
+    // The next turn works again.
+    let next = f
+        .service
+        .turn(
+            &kid("k1"),
+            TurnRequest::new(lion(), "Now?").in_session(reply.session_id.clone()),
+        )
+        .await
+        .unwrap();
+    assert!(!next.fallback);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_model_that_hangs_times_out_into_the_fallback() {
+    let config = ConversationConfig {
+        model_timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let f = fixture_with(ScriptedModel::echo(), config);
+    f.model.push(Step::Fail(Failure::Hang));
+    let reply = f
+        .service
+        .turn(&kid("k1"), TurnRequest::new(lion(), "Hello?"))
+        .await
+        .unwrap();
+    assert!(reply.fallback);
+    assert!(reply.assistant_message.metadata.latency_ms.unwrap() >= 5000);
+}
+
+#[tokio::test]
+async fn error_mode_keeps_the_user_message_and_a_retry_completes_the_same_turn() {
+    let config = ConversationConfig {
+        on_model_failure: ModelFailurePolicy::Error,
+        ..Default::default()
+    };
+    let f = fixture_with(ScriptedModel::echo(), config);
+    let me = kid("k1");
+    let first = f
+        .service
+        .turn(&me, TurnRequest::new(lion(), "one"))
+        .await
+        .unwrap();
+    f.model.push(Step::Fail(Failure::RateLimited));
+    let request = TurnRequest::new(lion(), "two")
+        .in_session(first.session_id.clone())
+        .with_turn_key("t-2");
+    let err = f.service.turn(&me, request.clone()).await.unwrap_err();
+    assert_eq!(err.code(), "rate_limit_exceeded");
+    let stored = all_messages(&f, &first.session_id).await;
+    assert_eq!(stored.len(), 3, "the user message is kept");
+    assert_eq!(stored[2].content, "two");
+
+    let retried = f.service.turn(&me, request.clone()).await.unwrap();
+    assert_eq!(retried.reply, "echo: two");
+    assert_eq!(retried.user_message.seq, 3);
+    assert_eq!(retried.assistant_message.seq, 4);
+    let prompt = f.model.last_request().unwrap();
+    assert_eq!(
+        prompt
+            .messages
+            .iter()
+            .filter(|m| m.content == "two")
+            .count(),
+        1,
+        "the message is not sent twice"
+    );
+    let calls = f.model.calls();
+    let again = f.service.turn(&me, request).await.unwrap();
+    assert!(again.replayed);
+    assert_eq!(again.assistant_message, retried.assistant_message);
+    assert_eq!(f.model.calls(), calls);
+    assert_eq!(
+        all_messages(&f, &first.session_id).await.len(),
+        4,
+        "nothing stored twice"
+    );
+}
+
+#[tokio::test]
+async fn a_retried_turn_key_does_not_call_the_model_twice() {
+    let f = fixture();
+    let me = kid("k1");
+    // Without a session id: the key also finds the session the first attempt created.
+    let request = TurnRequest::new(lion(), "Hi!").with_turn_key("req-123");
+    let first = f.service.turn(&me, request.clone()).await.unwrap();
+    let second = f.service.turn(&me, request.clone()).await.unwrap();
+    assert_eq!(f.model.calls(), 1);
+    assert!(second.replayed && !first.replayed);
+    assert_eq!(second.session_id, first.session_id);
+    assert_eq!(second.assistant_message, first.assistant_message);
+    // With the session id.
+    let keyed = TurnRequest::new(lion(), "Again")
+        .in_session(first.session_id.clone())
+        .with_turn_key("req-124");
+    let a = f.service.turn(&me, keyed.clone()).await.unwrap();
+    let b = f.service.turn(&me, keyed).await.unwrap();
+    assert_eq!(a.assistant_message, b.assistant_message);
+    assert_eq!(f.model.calls(), 2);
+    assert_eq!(all_messages(&f, &first.session_id).await.len(), 4);
+    // The same key from another user is another turn in another session.
+    let theirs = f.service.turn(&kid("k2"), request).await.unwrap();
+    assert_ne!(theirs.session_id, first.session_id);
+    assert!(!theirs.replayed);
+}
+
+async fn assert_ordered_pairs(f: &Fixture, id: &SessionId, turns: usize) {
+    let stored = all_messages(f, id).await;
+    assert_eq!(stored.len(), turns * 2);
+    let mut seen = std::collections::HashSet::new();
+    for (i, pair) in stored.chunks(2).enumerate() {
+        assert_eq!(
+            (pair[0].seq, pair[1].seq),
+            (2 * i as u64 + 1, 2 * i as u64 + 2)
+        );
+        assert_eq!((pair[0].role, pair[1].role), (Role::User, Role::Assistant));
+        assert_eq!(
+            pair[1].content,
+            format!("echo: {}", pair[0].content),
+            "pairs stay together"
+        );
+        assert!(seen.insert(pair[0].content.clone()), "no turn stored twice");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixty_four_concurrent_turns_leave_128_ordered_messages() {
+    let f = fixture();
+    let me = kid("k1");
+    let first = f
+        .service
+        .turn(&me, TurnRequest::new(lion(), "start"))
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..63)
+        .map(|i| {
+            let service = f.service.clone();
+            let me = me.clone();
+            let id = first.session_id.clone();
+            tokio::spawn(async move {
+                service
+                    .turn(
+                        &me,
+                        TurnRequest::new(lion(), format!("msg {i}")).in_session(id),
+                    )
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut turns: Vec<u64> = Vec::new();
+    for task in tasks {
+        turns.push(task.await.unwrap().turn);
+    }
+    turns.sort_unstable();
+    assert_eq!(turns, (2..=64).collect::<Vec<u64>>());
+    assert_ordered_pairs(&f, &first.session_id, 64).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_servers_on_one_store_never_lose_a_turn() {
+    // Separate services share only the store, as two processes would: the sequence guard
+    // and the append retry keep every turn.
+    let f = fixture();
+    let other_server = ConversationService::with(
+        f.store.clone(),
+        personas(),
+        Arc::new(ScriptedModel::echo()),
+        Arc::new(OwnerOrAdminPolicy),
+        ConversationConfig {
+            max_append_attempts: 64,
+            ..Default::default()
+        },
+    );
+    let me = kid("k1");
+    let first = f
+        .service
+        .turn(&me, TurnRequest::new(lion(), "start"))
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..31)
+        .map(|i| {
+            let service = if i % 2 == 0 {
+                f.service.clone()
+            } else {
+                other_server.clone()
+            };
+            let me = me.clone();
+            let id = first.session_id.clone();
+            tokio::spawn(async move {
+                service
+                    .turn(
+                        &me,
+                        TurnRequest::new(lion(), format!("m{i}")).in_session(id),
+                    )
+                    .await
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    assert_ordered_pairs(&f, &first.session_id, 32).await;
+}
+
+#[tokio::test]
+async fn a_streamed_turn_yields_deltas_and_stores_the_reply() {
+    let f = fixture();
+    let me = kid("k1");
+    let mut stream = f
+        .service
+        .stream_turn(&me, TurnRequest::new(lion(), "tell me a story"))
+        .await
+        .unwrap();
+    assert!(stream.session_created);
+    let mut deltas = Vec::new();
+    let mut complete = None;
+    while let Some(event) = stream.next().await {
+        match event.unwrap() {
+            TurnEvent::Delta(d) => deltas.push(d),
+            TurnEvent::Complete(reply) => complete = Some(reply),
+        }
+    }
+    let reply = complete.expect("a complete event");
+    assert!(deltas.len() > 1, "{deltas:?}");
+    assert_eq!(deltas.concat(), "echo: tell me a story");
+    assert_eq!(reply.reply, deltas.concat());
+    assert_eq!(reply.usage.unwrap().completion_tokens, 5);
+    let stored = all_messages(&f, &stream.session_id).await;
+    assert_eq!(stored.len(), 2);
+    assert!(!stored[1].metadata.interrupted);
+}
+
+async fn wait_for_messages(f: &Fixture, id: &SessionId, n: usize) -> Vec<Message> {
+    for _ in 0..500 {
+        let stored = all_messages(f, id).await;
+        if stored.len() >= n {
+            return stored;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the turn was not stored");
+}
+
+#[tokio::test]
+async fn a_stream_dropped_midway_stores_an_interrupted_reply_and_cancels_the_model() {
+    let f = fixture_with(
+        ScriptedModel::always("one two three four five six seven eight")
+            .with_chunk_delay(Duration::from_millis(20)),
+        ConversationConfig::default(),
+    );
+    let me = kid("k1");
+    let mut stream = f
+        .service
+        .stream_turn(&me, TurnRequest::new(lion(), "go"))
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    for _ in 0..2 {
+        match stream.next().await.unwrap().unwrap() {
+            TurnEvent::Delta(d) => seen.push_str(&d),
+            TurnEvent::Complete(_) => panic!("too early"),
+        }
+    }
+    let id = stream.session_id.clone();
+    drop(stream);
+    let stored = wait_for_messages(&f, &id, 2).await;
+    assert_eq!(stored[0].content, "go");
+    assert!(stored[1].metadata.interrupted);
+    assert!(
+        stored[1].content.starts_with(&seen),
+        "{:?} vs {seen:?}",
+        stored[1].content
+    );
+    assert!(stored[1].content.len() < "one two three four five six seven eight".len());
+    assert_eq!(
+        f.model.streams_dropped_early(),
+        1,
+        "the model stream was cancelled"
+    );
+    // The session takes the next turn normally.
+    let next = f
+        .service
+        .turn(&me, TurnRequest::new(lion(), "again").in_session(id))
+        .await
+        .unwrap();
+    assert_eq!(next.turn, 2);
+}
+
+#[tokio::test]
+async fn a_stream_whose_model_fails_still_stores_the_turn() {
+    let f = fixture();
+    let me = kid("k1");
+    // Fails before any text: the fallback reply is streamed and stored.
+    f.model.push(Step::Fail(Failure::Unavailable));
+    let events: Vec<_> = f
+        .service
+        .stream_turn(&me, TurnRequest::new(lion(), "a"))
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    let Some(Ok(TurnEvent::Complete(reply))) = events.last() else {
+        panic!("{events:?}")
+    };
+    assert!(reply.fallback);
+    assert!(matches!(&events[0], Ok(TurnEvent::Delta(d)) if d.starts_with("Leo here!")));
+    // Fails after two chunks: the partial reply is kept, marked interrupted.
+    f.model.push(Step::Fail(Failure::CutAfter(2)));
+    let events: Vec<_> = f
+        .service
+        .stream_turn(
+            &me,
+            TurnRequest::new(lion(), "b").in_session(reply.session_id.clone()),
+        )
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    let Some(Ok(TurnEvent::Complete(cut))) = events.last() else {
+        panic!("{events:?}")
+    };
+    assert!(cut.assistant_message.metadata.interrupted);
+    assert_eq!(cut.reply, "I was ");
+    assert_eq!(all_messages(&f, &reply.session_id).await.len(), 4);
+}
+
+#[tokio::test]
+async fn a_retried_stream_replays_the_stored_reply() {
+    let f = fixture();
+    let me = kid("k1");
+    let request = TurnRequest::new(lion(), "hello").with_turn_key("s-1");
+    let first: Vec<_> = f
+        .service
+        .stream_turn(&me, request.clone())
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    let second: Vec<_> = f
+        .service
+        .stream_turn(&me, request)
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    assert_eq!(f.model.calls(), 1);
+    let (Some(Ok(TurnEvent::Complete(a))), Some(Ok(TurnEvent::Complete(b)))) =
+        (first.last(), second.last())
+    else {
+        panic!()
+    };
+    assert_eq!(a.assistant_message, b.assistant_message);
+    assert!(b.replayed);
+}
+
+/// A store whose appends fail, as a store whose backend is down would.
+#[derive(Debug, Default)]
+struct BrokenAppends {
+    inner: InMemoryConversationStore,
+    broken: AtomicBool,
+}
+
+#[async_trait]
+impl ConversationStore for BrokenAppends {
+    async fn create_session(&self, session: &Session) -> Result<()> {
+        self.inner.create_session(session).await
+    }
+    async fn get_session(&self, id: &SessionId) -> Result<Option<Session>> {
+        self.inner.get_session(id).await
+    }
+    async fn append_turn(&self, append: TurnAppend) -> Result<AppendOutcome> {
+        if self.broken.load(Ordering::SeqCst) {
+            let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset");
+            return Err(Error::unavailable("store: append_turn", io));
+        }
+        self.inner.append_turn(append).await
+    }
+    async fn find_turn(&self, id: &SessionId, key: &str) -> Result<Option<Vec<Message>>> {
+        self.inner.find_turn(id, key).await
+    }
+    async fn recent_messages(&self, id: &SessionId, limit: usize) -> Result<Vec<Message>> {
+        self.inner.recent_messages(id, limit).await
+    }
+    async fn history(&self, id: &SessionId, page: PageRequest) -> Result<Page<Message>> {
+        self.inner.history(id, page).await
+    }
+    async fn list_sessions(&self, scope: SessionScope, page: PageRequest) -> Result<Page<Session>> {
+        self.inner.list_sessions(scope, page).await
+    }
+    async fn set_summary(&self, id: &SessionId, summary: &str) -> Result<()> {
+        self.inner.set_summary(id, summary).await
+    }
+    async fn delete(&self, scope: DeleteScope) -> Result<DeleteReport> {
+        self.inner.delete(scope).await
+    }
+}
+
+#[tokio::test]
+async fn a_store_failure_is_unavailable_and_writes_nothing() {
+    let store = Arc::new(BrokenAppends::default());
+    let model = ScriptedModel::echo();
+    let service = ConversationService::new(store.clone(), personas(), Arc::new(model.clone()));
+    let me = kid("k1");
+    let first = service
+        .turn(&me, TurnRequest::new(lion(), "one"))
+        .await
+        .unwrap();
+    store.broken.store(true, Ordering::SeqCst);
+    let err = service
+        .turn(
+            &me,
+            TurnRequest::new(lion(), "two").in_session(first.session_id.clone()),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "unavailable");
+    assert!(
+        std::error::Error::source(&err).is_some(),
+        "the backend error is kept"
+    );
+    let mut stream = service
+        .stream_turn(
+            &me,
+            TurnRequest::new(lion(), "three").in_session(first.session_id.clone()),
+        )
+        .await
+        .unwrap();
+    let mut last = None;
+    while let Some(event) = stream.next().await {
+        last = Some(event);
+    }
+    assert_eq!(last.unwrap().unwrap_err().code(), "unavailable");
+    let stored = store
+        .inner
+        .history(&first.session_id, PageRequest::first(100))
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(stored.len(), 2, "no half-written turn");
+    store.broken.store(false, Ordering::SeqCst);
+    let ok = service
+        .turn(
+            &me,
+            TurnRequest::new(lion(), "four").in_session(first.session_id.clone()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ok.turn, 2);
+}
+
+#[tokio::test]
+async fn reads_listing_and_deletes_follow_the_policy() {
+    let f = fixture();
+    let (a, b) = (kid("ka"), kid("kb"));
+    let sa = f
+        .service
+        .turn(&a, TurnRequest::new(lion(), "a1"))
+        .await
+        .unwrap()
+        .session_id;
+    let sb = f
+        .service
+        .turn(&b, TurnRequest::new(lion(), "b1"))
+        .await
+        .unwrap()
+        .session_id;
+    f.service
+        .turn(&a, TurnRequest::new(AnimalId::new("tiger").unwrap(), "a2"))
+        .await
+        .unwrap();
+
+    // Admins read everything; users their own.
+    assert_eq!(
+        f.service
+            .history(&admin(), &sa, PageRequest::first(10))
+            .await
+            .unwrap()
+            .items
+            .len(),
+        2
+    );
+    let mine = f
+        .service
+        .sessions_of(&a, &a.user_id, PageRequest::first(10))
+        .await
+        .unwrap();
+    assert_eq!(mine.items.len(), 2);
+    assert_eq!(
+        f.service
+            .sessions_of(&b, &a.user_id, PageRequest::first(10))
+            .await
+            .unwrap_err()
+            .code(),
+        "forbidden"
+    );
+    let lions = f
+        .service
+        .list_sessions(&a, SessionScope::Animal(lion()), PageRequest::first(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        lions.items.iter().map(|s| &s.id).collect::<Vec<_>>(),
+        vec![&sa],
+        "only readable sessions"
+    );
+    let all_lions = f
+        .service
+        .list_sessions(
+            &admin(),
+            SessionScope::Animal(lion()),
+            PageRequest::first(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(all_lions.items.len(), 2);
+    // Admins may not speak for a child.
+    let err = f
+        .service
+        .turn(
+            &admin(),
+            TurnRequest::new(lion(), "x").in_session(sa.clone()),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "forbidden");
+
+    // Deletes.
+    assert_eq!(
+        f.service
+            .delete(&b, DeleteScope::Session(sa.clone()))
+            .await
+            .unwrap_err()
+            .code(),
+        "forbidden"
+    );
+    assert_eq!(
+        f.service
+            .delete(&a, DeleteScope::Animal(lion()))
+            .await
+            .unwrap_err()
+            .code(),
+        "forbidden"
+    );
+    assert_eq!(
+        f.service
+            .delete(&a, DeleteScope::OlderThan(chrono::Utc::now()))
+            .await
+            .unwrap_err()
+            .code(),
+        "forbidden"
+    );
+    let report = f
+        .service
+        .delete(&a, DeleteScope::Session(sa.clone()))
+        .await
+        .unwrap();
+    assert_eq!((report.sessions, report.messages), (1, 2));
+    assert_eq!(
+        f.service.session(&a, &sa).await.unwrap_err().code(),
+        "not_found"
+    );
+    assert_eq!(
+        f.service
+            .delete(&a, DeleteScope::Session(sa))
+            .await
+            .unwrap_err()
+            .code(),
+        "not_found"
+    );
+    let report = f
+        .service
+        .delete(&admin(), DeleteScope::User(b.user_id.clone()))
+        .await
+        .unwrap();
+    assert_eq!(report.sessions, 1);
+    assert_eq!(
+        f.service.session(&b, &sb).await.unwrap_err().code(),
+        "not_found"
+    );
+}
+
+#[tokio::test]
+async fn summaries_come_from_the_model_or_a_deterministic_fallback() {
+    let f = fixture();
+    let me = kid("k1");
+    let id = f
+        .service
+        .turn(&me, TurnRequest::new(lion(), "What do lions eat?"))
+        .await
+        .unwrap()
+        .session_id;
+    f.model
+        .push(Step::Reply("The child asked Leo about food.".into()));
+    let summary = f.service.summarize(&me, &id).await.unwrap();
+    assert_eq!(
+        summary,
+        Summary {
+            text: "The child asked Leo about food.".into(),
+            fallback: false
+        }
+    );
+    let prompt = f.model.last_request().unwrap();
+    assert!(
+        prompt.messages[1]
+            .content
+            .contains("Visitor: What do lions eat?")
+    );
+    assert!(
+        prompt.messages[1]
+            .content
+            .contains("Leo: echo: What do lions eat?")
+    );
+    assert_eq!(
+        f.service
+            .session(&me, &id)
+            .await
+            .unwrap()
+            .summary
+            .as_deref(),
+        Some("The child asked Leo about food.")
+    );
+
+    f.model.push(Step::Fail(Failure::Unavailable));
+    let fallback = f.service.summarize(&me, &id).await.unwrap();
+    assert!(fallback.fallback);
+    assert!(
+        fallback
+            .text
+            .starts_with("Conversation with Leo (2 messages"),
+        "{}",
+        fallback.text
+    );
+    assert!(
+        fallback
+            .text
+            .contains("It began with: \"What do lions eat?\"")
+    );
+    assert_eq!(
+        f.service.session(&me, &id).await.unwrap().summary,
+        Some(fallback.text)
+    );
+}

@@ -1,0 +1,225 @@
+//! The conversation store: sessions and their messages.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+
+use crate::error::{Error, Result};
+use crate::ids::{AnimalId, SessionId, UserId};
+use crate::types::{Message, NewMessage, Session};
+
+/// The largest page a store returns; larger `limit`s are clamped to it.
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+/// An opaque position in a listing, handed back to continue where a page ended.
+///
+/// Callers treat it as an opaque string. A cursor a store did not make (edited, truncated,
+/// from another listing) is rejected with `validation_error`; it never widens what a caller
+/// may read.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Cursor(String);
+
+impl Cursor {
+    /// Wraps a cursor string received from a client (validated by the store that reads it).
+    pub fn from_client(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The string to hand to clients.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Encodes backend-specific position `parts` under a `kind` tag. For store implementers.
+    pub fn encode(kind: &str, parts: &[&str]) -> Self {
+        let mut raw = String::from(kind);
+        for part in parts {
+            raw.push('\n');
+            raw.push_str(part);
+        }
+        Self(URL_SAFE_NO_PAD.encode(raw))
+    }
+
+    /// Decodes a cursor made by [`Cursor::encode`] with the same `kind` and `n` parts.
+    /// For store implementers; anything else is a `validation_error`.
+    pub fn decode(&self, kind: &str, n: usize) -> Result<Vec<String>> {
+        let invalid = || Error::validation("cursor", "invalid or expired cursor");
+        let bytes = URL_SAFE_NO_PAD.decode(&self.0).map_err(|_| invalid())?;
+        let raw = String::from_utf8(bytes).map_err(|_| invalid())?;
+        let mut parts = raw.split('\n');
+        if parts.next() != Some(kind) {
+            return Err(invalid());
+        }
+        let parts: Vec<String> = parts.map(str::to_owned).collect();
+        if parts.len() != n {
+            return Err(invalid());
+        }
+        Ok(parts)
+    }
+}
+
+impl Debug for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Cursor({})", self.0)
+    }
+}
+
+/// Which page of a listing to read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageRequest {
+    /// At most this many items (1 to [`MAX_PAGE_SIZE`]; larger values are clamped).
+    pub limit: usize,
+    /// Where the previous page ended; `None` for the first page.
+    pub cursor: Option<Cursor>,
+}
+
+impl PageRequest {
+    /// The first page of at most `limit` items.
+    pub fn first(limit: usize) -> Self {
+        Self {
+            limit,
+            cursor: None,
+        }
+    }
+
+    /// The page after `cursor`.
+    pub fn after(limit: usize, cursor: Cursor) -> Self {
+        Self {
+            limit,
+            cursor: Some(cursor),
+        }
+    }
+
+    /// The limit clamped to `1..=MAX_PAGE_SIZE`.
+    pub fn effective_limit(&self) -> usize {
+        self.limit.clamp(1, MAX_PAGE_SIZE)
+    }
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page<T> {
+    /// The items, in the listing's order.
+    pub items: Vec<T>,
+    /// Where to continue; `None` when this was the last page.
+    pub next: Option<Cursor>,
+}
+
+/// Whose sessions to list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionScope {
+    /// Sessions of one user.
+    User(UserId),
+    /// Sessions with one animal.
+    Animal(AnimalId),
+}
+
+/// What to delete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeleteScope {
+    /// One session and its messages.
+    Session(SessionId),
+    /// Every session of a user.
+    User(UserId),
+    /// Every session with an animal.
+    Animal(AnimalId),
+    /// Every session whose last activity is strictly before this instant.
+    OlderThan(DateTime<Utc>),
+}
+
+/// What a delete removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeleteReport {
+    /// Sessions removed.
+    pub sessions: u64,
+    /// Messages removed.
+    pub messages: u64,
+}
+
+/// One atomic append: the messages of a turn, guarded by the sequence they expect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TurnAppend {
+    /// The session appended to.
+    pub session_id: SessionId,
+    /// The session's `message_count` the writer saw; the append fails with `conflict` if
+    /// another append happened since.
+    pub expected_count: u64,
+    /// One or two messages (user, then assistant) stored as `expected_count + 1, + 2`.
+    pub messages: Vec<NewMessage>,
+    /// The client's idempotency key for this turn, recorded with it.
+    pub turn_key: Option<String>,
+}
+
+/// What an append did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// The messages were stored; here they are with their sequence numbers.
+    Appended(Vec<Message>),
+    /// The turn key was already recorded: nothing was written; here is the earlier turn.
+    Duplicate(Vec<Message>),
+}
+
+/// Stores sessions and their messages.
+///
+/// # Contract
+/// Every implementation guarantees, and `cmz_core::testing` checks:
+/// - **Sessions**: `create_session` stores a new session and fails with `conflict` if the id
+///   exists; `get_session` returns `None` for an unknown id.
+/// - **Atomic, guarded appends**: `append_turn` stores all of its messages or none. It
+///   succeeds only if the session's `message_count` equals `expected_count`; otherwise it
+///   fails with `conflict` and writes nothing. Messages get consecutive sequence numbers
+///   from `expected_count + 1`; `message_count` and `last_activity` are updated in the same
+///   atomic step. An unknown session is `not_found`; content over
+///   [`MAX_CONTENT_BYTES`](crate::types::MAX_CONTENT_BYTES) or a system message is
+///   `validation_error` and writes nothing.
+/// - **Idempotency**: an append whose `turn_key` is already recorded for the session writes
+///   nothing and returns [`AppendOutcome::Duplicate`] with the messages of the first append,
+///   whatever its `expected_count`. `find_turn` returns them too.
+/// - **Windows**: `recent_messages(id, n)` returns the last `n` messages, oldest first, at a
+///   cost that does not grow with the length of the session.
+/// - **History**: `history` pages through all messages oldest first. A cursor stays valid
+///   while messages are appended (appends show up on later pages, nothing is repeated or
+///   skipped). Malformed or foreign cursors are `validation_error`.
+/// - **Listing**: `list_sessions` returns the scope's sessions newest `last_activity` first
+///   (ties broken by id, descending), paged with cursors as above.
+/// - **Deletes**: a deleted session and its messages are gone for every method; deleting
+///   nothing is not an error (an empty report).
+/// - **Errors**: a backend failure is `unavailable` (or `timeout`) with the backend's error
+///   as its source; never a panic, never a half-written turn.
+/// - Every method may be called concurrently from many tasks.
+#[async_trait]
+pub trait ConversationStore: Debug + Send + Sync + 'static {
+    /// Stores a new session (usually with `message_count` 0).
+    async fn create_session(&self, session: &Session) -> Result<()>;
+
+    /// Reads a session.
+    async fn get_session(&self, id: &SessionId) -> Result<Option<Session>>;
+
+    /// Appends a turn's messages atomically under the sequence guard.
+    async fn append_turn(&self, append: TurnAppend) -> Result<AppendOutcome>;
+
+    /// The messages recorded for `turn_key` in a session, if any.
+    async fn find_turn(&self, id: &SessionId, turn_key: &str) -> Result<Option<Vec<Message>>>;
+
+    /// The last `limit` messages of a session, oldest first.
+    async fn recent_messages(&self, id: &SessionId, limit: usize) -> Result<Vec<Message>>;
+
+    /// A page of a session's messages, oldest first.
+    async fn history(&self, id: &SessionId, page: PageRequest) -> Result<Page<Message>>;
+
+    /// A page of sessions, newest activity first.
+    async fn list_sessions(&self, scope: SessionScope, page: PageRequest) -> Result<Page<Session>>;
+
+    /// Sets (or replaces) a session's summary; `not_found` for an unknown session.
+    async fn set_summary(&self, id: &SessionId, summary: &str) -> Result<()>;
+
+    /// Deletes sessions and their messages.
+    async fn delete(&self, scope: DeleteScope) -> Result<DeleteReport>;
+}
+
+/// A shared, type-erased conversation store.
+pub type DynConversationStore = Arc<dyn ConversationStore>;

@@ -1,0 +1,778 @@
+//! The conformance suite every [`ConversationStore`] runs against itself.
+//!
+//! Each check makes its own random user, animal and session ids, so the checks can share
+//! one store (and one database) with each other and with other tests. They panic with a
+//! message naming the broken rule of the contract.
+
+use std::collections::HashSet;
+
+use chrono::{Duration as ChronoDuration, TimeZone as _, Utc};
+
+use crate::error::Error;
+use crate::ids::{AnimalId, SessionId, UserId};
+use crate::store::{
+    AppendOutcome, ConversationStore, Cursor, DeleteScope, PageRequest, SessionScope, TurnAppend,
+};
+use crate::types::{MAX_CONTENT_BYTES, Message, NewMessage, Role, Session};
+
+/// Knobs for backends that need them.
+#[derive(Debug, Clone)]
+pub struct SuiteOptions {
+    /// Messages written in the long-session check (the contract is checked at 10,000).
+    pub long_session_messages: usize,
+    /// Writers racing in the concurrent-append check.
+    pub concurrent_writers: usize,
+}
+
+impl Default for SuiteOptions {
+    fn default() -> Self {
+        Self {
+            long_session_messages: 10_000,
+            concurrent_writers: 32,
+        }
+    }
+}
+
+/// Runs every check of the suite, in order.
+pub async fn run_conversation_store_suite(store: &dyn ConversationStore, options: &SuiteOptions) {
+    check_sessions(store).await;
+    check_append_and_window(store).await;
+    check_sequence_conflict(store).await;
+    check_append_is_atomic(store).await;
+    check_turn_keys(store).await;
+    check_history_paging(store).await;
+    check_bad_cursors(store).await;
+    check_listing(store).await;
+    check_summary(store).await;
+    check_deletes(store).await;
+    check_unicode_and_large_messages(store).await;
+    check_concurrent_appends(store, options.concurrent_writers).await;
+    check_long_session(store, options.long_session_messages).await;
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}{:016x}", fastrand::u64(..))
+}
+
+/// A fresh random user id.
+pub fn random_user() -> UserId {
+    UserId::new(unique("u")).expect("valid id")
+}
+
+/// A fresh random animal id.
+pub fn random_animal() -> AnimalId {
+    AnimalId::new(unique("a")).expect("valid id")
+}
+
+async fn new_session(store: &dyn ConversationStore, user: &UserId, animal: &AnimalId) -> Session {
+    let id = SessionId::generate(animal, user).expect("valid id");
+    let session = Session::new(id, user.clone(), animal.clone(), "Test Animal");
+    store
+        .create_session(&session)
+        .await
+        .expect("create_session");
+    session
+}
+
+fn turn(session: &SessionId, expected: u64, texts: &[&str]) -> TurnAppend {
+    TurnAppend {
+        session_id: session.clone(),
+        expected_count: expected,
+        messages: texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                NewMessage::new(
+                    if i % 2 == 0 {
+                        Role::User
+                    } else {
+                        Role::Assistant
+                    },
+                    *t,
+                )
+            })
+            .collect(),
+        turn_key: None,
+    }
+}
+
+fn appended(outcome: AppendOutcome) -> Vec<Message> {
+    match outcome {
+        AppendOutcome::Appended(m) => m,
+        AppendOutcome::Duplicate(_) => {
+            panic!("contract: an append without a turn key is never a duplicate")
+        }
+    }
+}
+
+async fn fill(store: &dyn ConversationStore, session: &SessionId, turns: usize) {
+    let start = store
+        .get_session(session)
+        .await
+        .unwrap()
+        .unwrap()
+        .message_count;
+    for i in 0..turns as u64 {
+        let q = format!("question {}", start / 2 + i);
+        let a = format!("answer {}", start / 2 + i);
+        store
+            .append_turn(turn(session, start + 2 * i, &[&q, &a]))
+            .await
+            .expect("append_turn");
+    }
+}
+
+fn assert_code<T: std::fmt::Debug>(result: crate::Result<T>, code: &str, rule: &str) {
+    match result {
+        Err(e) => assert_eq!(e.code(), code, "contract: {rule}: got {e:?}"),
+        Ok(v) => panic!("contract: {rule}: expected {code}, got Ok({v:?})"),
+    }
+}
+
+/// Create, read, duplicate create, unknown id.
+pub async fn check_sessions(store: &dyn ConversationStore) {
+    let (user, animal) = (random_user(), random_animal());
+    let session = new_session(store, &user, &animal).await;
+    let read = store
+        .get_session(&session.id)
+        .await
+        .unwrap()
+        .expect("created session is readable");
+    assert_eq!(read.id, session.id);
+    assert_eq!(read.user_id, user);
+    assert_eq!(read.animal_id, animal);
+    assert_eq!(read.animal_name, "Test Animal");
+    assert_eq!(read.message_count, 0);
+    assert_code(
+        store.create_session(&session).await,
+        "conflict",
+        "creating an existing session",
+    );
+    let unknown = SessionId::generate(&animal, &user).unwrap();
+    assert!(
+        store.get_session(&unknown).await.unwrap().is_none(),
+        "contract: unknown session is None"
+    );
+}
+
+/// Appends number messages from 1, update the session, and windows are the last n.
+pub async fn check_append_and_window(store: &dyn ConversationStore) {
+    let session = new_session(store, &random_user(), &random_animal()).await;
+    let first = appended(
+        store
+            .append_turn(turn(&session.id, 0, &["hi", "hello!"]))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(first.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(first[0].role, Role::User);
+    assert_eq!(first[1].role, Role::Assistant);
+    assert_eq!(first[1].content, "hello!");
+    let one = appended(
+        store
+            .append_turn(turn(&session.id, 2, &["only the question"]))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        one[0].seq, 3,
+        "contract: a one-message append takes the next seq"
+    );
+    fill(store, &session.id, 5).await;
+    let read = store.get_session(&session.id).await.unwrap().unwrap();
+    assert_eq!(read.message_count, 13);
+    assert!(
+        read.last_activity >= session.last_activity,
+        "contract: last_activity moves forward"
+    );
+
+    let window = store.recent_messages(&session.id, 4).await.unwrap();
+    assert_eq!(
+        window.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![10, 11, 12, 13],
+        "contract: window is the last n, oldest first"
+    );
+    let all = store.recent_messages(&session.id, 100).await.unwrap();
+    assert_eq!(all.len(), 13);
+    assert!(all.windows(2).all(|w| w[0].seq + 1 == w[1].seq));
+    assert_eq!(all[0].content, "hi");
+    assert!(
+        store
+            .recent_messages(&session.id, 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let unknown = SessionId::generate(&random_animal(), &random_user()).unwrap();
+    assert_code(
+        store.append_turn(turn(&unknown, 0, &["x"])).await,
+        "not_found",
+        "append to an unknown session",
+    );
+    assert_code(
+        store.recent_messages(&unknown, 5).await,
+        "not_found",
+        "window of an unknown session",
+    );
+}
+
+/// A stale `expected_count` is `conflict` and writes nothing.
+pub async fn check_sequence_conflict(store: &dyn ConversationStore) {
+    let session = new_session(store, &random_user(), &random_animal()).await;
+    fill(store, &session.id, 2).await;
+    for stale in [0, 2, 5] {
+        assert_code(
+            store
+                .append_turn(turn(&session.id, stale, &["late", "reply"]))
+                .await,
+            "conflict",
+            "stale expected_count",
+        );
+    }
+    let read = store.get_session(&session.id).await.unwrap().unwrap();
+    assert_eq!(
+        read.message_count, 4,
+        "contract: a conflicting append writes nothing"
+    );
+    assert_eq!(
+        store.recent_messages(&session.id, 10).await.unwrap().len(),
+        4
+    );
+}
+
+/// An append with one invalid message writes none of them.
+pub async fn check_append_is_atomic(store: &dyn ConversationStore) {
+    let session = new_session(store, &random_user(), &random_animal()).await;
+    let too_big = "x".repeat(MAX_CONTENT_BYTES + 1);
+    assert_code(
+        store
+            .append_turn(turn(&session.id, 0, &["fine", &too_big]))
+            .await,
+        "validation_error",
+        "oversized message",
+    );
+    let mut system = turn(&session.id, 0, &["fine"]);
+    system
+        .messages
+        .push(NewMessage::new(Role::System, "you are a lion"));
+    assert_code(
+        store.append_turn(system).await,
+        "validation_error",
+        "system message",
+    );
+    let empty = TurnAppend {
+        messages: vec![],
+        ..turn(&session.id, 0, &[])
+    };
+    assert_code(
+        store.append_turn(empty).await,
+        "validation_error",
+        "empty append",
+    );
+    let read = store.get_session(&session.id).await.unwrap().unwrap();
+    assert_eq!(
+        read.message_count, 0,
+        "contract: a rejected append writes nothing"
+    );
+    assert!(
+        store
+            .recent_messages(&session.id, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// A turn key already recorded returns the first turn and writes nothing.
+pub async fn check_turn_keys(store: &dyn ConversationStore) {
+    let session = new_session(store, &random_user(), &random_animal()).await;
+    let mut keyed = turn(&session.id, 0, &["q", "a"]);
+    keyed.turn_key = Some("key-1".into());
+    let first = appended(store.append_turn(keyed.clone()).await.unwrap());
+    assert_eq!(
+        store.find_turn(&session.id, "key-1").await.unwrap(),
+        Some(first.clone())
+    );
+    assert_eq!(store.find_turn(&session.id, "key-2").await.unwrap(), None);
+    fill(store, &session.id, 1).await;
+    // Same key, whatever expected_count (stale or current): a duplicate.
+    for expected in [0, 4] {
+        let mut again = turn(&session.id, expected, &["q", "a different answer"]);
+        again.turn_key = Some("key-1".into());
+        match store.append_turn(again).await.unwrap() {
+            AppendOutcome::Duplicate(messages) => assert_eq!(
+                messages, first,
+                "contract: duplicate returns the first turn"
+            ),
+            AppendOutcome::Appended(_) => {
+                panic!("contract: a recorded turn key never appends twice")
+            }
+        }
+    }
+    assert_eq!(
+        store
+            .get_session(&session.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .message_count,
+        4
+    );
+    let mut other = turn(&session.id, 4, &["q2", "a2"]);
+    other.turn_key = Some("key-2".into());
+    let second = appended(store.append_turn(other).await.unwrap());
+    assert_eq!(second[0].seq, 5);
+    // Keys are per session.
+    let elsewhere = new_session(store, &random_user(), &random_animal()).await;
+    let mut same_key = turn(&elsewhere.id, 0, &["q", "a"]);
+    same_key.turn_key = Some("key-1".into());
+    assert!(
+        matches!(
+            store.append_turn(same_key).await.unwrap(),
+            AppendOutcome::Appended(_)
+        ),
+        "contract: turn keys are per session"
+    );
+}
+
+/// History pages oldest first; cursors survive appends; limits clamp.
+pub async fn check_history_paging(store: &dyn ConversationStore) {
+    let session = new_session(store, &random_user(), &random_animal()).await;
+    fill(store, &session.id, 12).await; // 24 messages
+    let mut seen = Vec::new();
+    let mut page = store
+        .history(&session.id, PageRequest::first(10))
+        .await
+        .unwrap();
+    assert_eq!(page.items.len(), 10);
+    seen.extend(page.items.iter().map(|m| m.seq));
+    // Append while paging: the new messages show up at the end, nothing repeats or is skipped.
+    fill(store, &session.id, 3).await; // 30 messages
+    while let Some(cursor) = page.next.clone() {
+        page = store
+            .history(&session.id, PageRequest::after(10, cursor))
+            .await
+            .unwrap();
+        seen.extend(page.items.iter().map(|m| m.seq));
+        assert!(seen.len() <= 30, "contract: paging terminates");
+    }
+    assert_eq!(
+        seen,
+        (1..=30).collect::<Vec<u64>>(),
+        "contract: history pages are complete and ordered"
+    );
+    let exact = store
+        .history(&session.id, PageRequest::first(30))
+        .await
+        .unwrap();
+    assert_eq!(exact.items.len(), 30);
+    assert!(
+        exact.next.is_none(),
+        "contract: no cursor after the last page"
+    );
+    let clamped = store
+        .history(&session.id, PageRequest::first(0))
+        .await
+        .unwrap();
+    assert_eq!(clamped.items.len(), 1, "contract: limit 0 is clamped to 1");
+    let empty = new_session(store, &random_user(), &random_animal()).await;
+    let none = store
+        .history(&empty.id, PageRequest::first(10))
+        .await
+        .unwrap();
+    assert!(none.items.is_empty() && none.next.is_none());
+    let unknown = SessionId::generate(&random_animal(), &random_user()).unwrap();
+    assert_code(
+        store.history(&unknown, PageRequest::first(10)).await,
+        "not_found",
+        "history of an unknown session",
+    );
+}
+
+/// Cursors a store did not make for this listing are `validation_error`.
+pub async fn check_bad_cursors(store: &dyn ConversationStore) {
+    let (user, animal) = (random_user(), random_animal());
+    let a = new_session(store, &user, &animal).await;
+    let b = new_session(store, &user, &animal).await;
+    fill(store, &a.id, 3).await;
+    fill(store, &b.id, 3).await;
+    let cursor_a = store
+        .history(&a.id, PageRequest::first(2))
+        .await
+        .unwrap()
+        .next
+        .expect("more pages");
+    assert_code(
+        store
+            .history(&b.id, PageRequest::after(2, cursor_a.clone()))
+            .await,
+        "validation_error",
+        "history cursor of another session",
+    );
+    let s = cursor_a.as_str();
+    let tampered = format!(
+        "{}{}",
+        &s[..s.len() - 1],
+        if s.ends_with('A') { 'B' } else { 'A' }
+    );
+    for bad in ["", "garbage", "!!!", &s[..s.len() / 2], &tampered] {
+        let result = store
+            .history(&a.id, PageRequest::after(2, Cursor::from_client(bad)))
+            .await;
+        if let Ok(page) = &result {
+            // A tampered cursor may only decode to a position in the same session.
+            assert!(
+                page.items.iter().all(|m| m.session_id == a.id),
+                "contract: a cursor never reads another session"
+            );
+            continue;
+        }
+        assert_code(result, "validation_error", "malformed history cursor");
+    }
+    let list_cursor = store
+        .list_sessions(SessionScope::User(user.clone()), PageRequest::first(1))
+        .await
+        .unwrap()
+        .next
+        .expect("two sessions, page of one");
+    assert_code(
+        store
+            .history(&a.id, PageRequest::after(2, list_cursor.clone()))
+            .await,
+        "validation_error",
+        "listing cursor used for history",
+    );
+    assert_code(
+        store
+            .list_sessions(
+                SessionScope::Animal(animal),
+                PageRequest::after(1, list_cursor),
+            )
+            .await,
+        "validation_error",
+        "user-listing cursor used for an animal listing",
+    );
+    assert_code(
+        store
+            .list_sessions(
+                SessionScope::User(user),
+                PageRequest::after(1, Cursor::from_client("nope")),
+            )
+            .await,
+        "validation_error",
+        "malformed listing cursor",
+    );
+}
+
+/// Sessions list newest activity first, by user and by animal, paged.
+pub async fn check_listing(store: &dyn ConversationStore) {
+    let (user, other_user) = (random_user(), random_user());
+    let (lion, tiger) = (random_animal(), random_animal());
+    let mut sessions = Vec::new();
+    for i in 0..7 {
+        let animal = if i % 2 == 0 { &lion } else { &tiger };
+        let s = new_session(store, &user, animal).await;
+        fill(store, &s.id, 1).await;
+        sessions.push(s.id);
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    let foreign = new_session(store, &other_user, &lion).await;
+    // Touch the oldest so it becomes the newest.
+    fill(store, &sessions[0], 1).await;
+    let mut expected: Vec<SessionId> = sessions[1..].iter().rev().cloned().collect();
+    expected.insert(0, sessions[0].clone());
+
+    let mut listed = Vec::new();
+    let mut page = store
+        .list_sessions(SessionScope::User(user.clone()), PageRequest::first(3))
+        .await
+        .unwrap();
+    loop {
+        assert!(page.items.len() <= 3);
+        listed.extend(page.items.iter().map(|s| s.id.clone()));
+        match page.next.clone() {
+            Some(c) => {
+                page = store
+                    .list_sessions(SessionScope::User(user.clone()), PageRequest::after(3, c))
+                    .await
+                    .unwrap()
+            }
+            None => break,
+        }
+    }
+    assert_eq!(
+        listed, expected,
+        "contract: a user's sessions, newest activity first, all pages"
+    );
+    let newest = store
+        .list_sessions(SessionScope::User(user.clone()), PageRequest::first(1))
+        .await
+        .unwrap();
+    assert_eq!(newest.items[0].message_count, 4);
+
+    let lions = store
+        .list_sessions(SessionScope::Animal(lion.clone()), PageRequest::first(100))
+        .await
+        .unwrap();
+    let lion_ids: Vec<SessionId> = lions.items.iter().map(|s| s.id.clone()).collect();
+    assert_eq!(
+        lion_ids.len(),
+        5,
+        "contract: 4 of the user's + 1 foreign lion session"
+    );
+    assert!(lion_ids.contains(&foreign.id));
+    assert!(lions.items.iter().all(|s| s.animal_id == lion));
+    assert!(
+        lions
+            .items
+            .windows(2)
+            .all(|w| (w[0].last_activity, &w[0].id) >= (w[1].last_activity, &w[1].id)),
+        "contract: newest first"
+    );
+    let nobody = store
+        .list_sessions(SessionScope::User(random_user()), PageRequest::first(10))
+        .await
+        .unwrap();
+    assert!(nobody.items.is_empty() && nobody.next.is_none());
+}
+
+/// Summaries are stored on the session.
+pub async fn check_summary(store: &dyn ConversationStore) {
+    let session = new_session(store, &random_user(), &random_animal()).await;
+    store
+        .set_summary(&session.id, "We talked about manes.")
+        .await
+        .unwrap();
+    store
+        .set_summary(&session.id, "We talked about manes and naps.")
+        .await
+        .unwrap();
+    let read = store.get_session(&session.id).await.unwrap().unwrap();
+    assert_eq!(
+        read.summary.as_deref(),
+        Some("We talked about manes and naps.")
+    );
+    let unknown = SessionId::generate(&random_animal(), &random_user()).unwrap();
+    assert_code(
+        store.set_summary(&unknown, "x").await,
+        "not_found",
+        "summary of an unknown session",
+    );
+}
+
+/// Deletes by session, user, animal and age remove sessions and messages everywhere.
+pub async fn check_deletes(store: &dyn ConversationStore) {
+    let (user, other) = (random_user(), random_user());
+    let (lion, tiger) = (random_animal(), random_animal());
+    let a = new_session(store, &user, &lion).await;
+    let b = new_session(store, &user, &tiger).await;
+    let c = new_session(store, &other, &lion).await;
+    let d = new_session(store, &other, &tiger).await;
+    for s in [&a, &b, &c, &d] {
+        fill(store, &s.id, 2).await;
+    }
+    let report = store
+        .delete(DeleteScope::Session(a.id.clone()))
+        .await
+        .unwrap();
+    assert_eq!((report.sessions, report.messages), (1, 4));
+    assert!(store.get_session(&a.id).await.unwrap().is_none());
+    assert_code(
+        store.history(&a.id, PageRequest::first(10)).await,
+        "not_found",
+        "history of a deleted session",
+    );
+    assert!(
+        store.find_turn(&a.id, "k").await.is_err()
+            || store.find_turn(&a.id, "k").await.unwrap().is_none()
+    );
+    let again = store
+        .delete(DeleteScope::Session(a.id.clone()))
+        .await
+        .unwrap();
+    assert_eq!(
+        again.sessions, 0,
+        "contract: deleting nothing is an empty report"
+    );
+
+    let report = store.delete(DeleteScope::User(user.clone())).await.unwrap();
+    assert_eq!((report.sessions, report.messages), (1, 4));
+    assert!(
+        store
+            .list_sessions(SessionScope::User(user.clone()), PageRequest::first(10))
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .list_sessions(SessionScope::Animal(tiger.clone()), PageRequest::first(10))
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+
+    let report = store
+        .delete(DeleteScope::Animal(lion.clone()))
+        .await
+        .unwrap();
+    assert_eq!(report.sessions, 1);
+    assert!(store.get_session(&c.id).await.unwrap().is_none());
+    assert!(store.get_session(&d.id).await.unwrap().is_some());
+
+    // Age: a session last active long ago goes, a current one stays.
+    let old_user = random_user();
+    let mut old = Session::new(
+        SessionId::generate(&tiger, &old_user).unwrap(),
+        old_user.clone(),
+        tiger.clone(),
+        "Old",
+    );
+    let long_ago = Utc.with_ymd_and_hms(2001, 1, 1, 0, 0, 0).unwrap();
+    old.started_at = long_ago;
+    old.last_activity = long_ago;
+    store.create_session(&old).await.unwrap();
+    let mut msg = NewMessage::new(Role::User, "from 2001");
+    msg.created_at = long_ago;
+    store
+        .append_turn(TurnAppend {
+            session_id: old.id.clone(),
+            expected_count: 0,
+            messages: vec![msg],
+            turn_key: None,
+        })
+        .await
+        .unwrap();
+    let report = store
+        .delete(DeleteScope::OlderThan(long_ago + ChronoDuration::days(1)))
+        .await
+        .unwrap();
+    assert!(report.sessions >= 1 && report.messages >= 1);
+    assert!(
+        store.get_session(&old.id).await.unwrap().is_none(),
+        "contract: older-than deletes old sessions"
+    );
+    assert!(
+        store.get_session(&d.id).await.unwrap().is_some(),
+        "contract: older-than keeps recent sessions"
+    );
+}
+
+/// Content round-trips byte for byte, up to the size limit.
+pub async fn check_unicode_and_large_messages(store: &dyn ConversationStore) {
+    let session = new_session(store, &random_user(), &random_animal()).await;
+    let tricky =
+        "Hi 🦁! Ça va? 你好 — e\u{301} \"quotes\" \\ back\nslash\ttab \u{200d}👨‍👩‍👧 null\u{0}end";
+    // 4-byte characters up to exactly the limit.
+    let big = "🐯".repeat(MAX_CONTENT_BYTES / 4);
+    assert_eq!(big.len(), MAX_CONTENT_BYTES);
+    appended(
+        store
+            .append_turn(turn(&session.id, 0, &[tricky, &big]))
+            .await
+            .expect("a message at the size limit is stored"),
+    );
+    let back = store.recent_messages(&session.id, 2).await.unwrap();
+    assert_eq!(
+        back[0].content, tricky,
+        "contract: content round-trips exactly"
+    );
+    assert_eq!(back[1].content.len(), big.len());
+    assert!(
+        back[1].content == big,
+        "contract: a large message round-trips exactly"
+    );
+    let over = format!("{big}x");
+    assert_code(
+        store.append_turn(turn(&session.id, 2, &[&over])).await,
+        "validation_error",
+        "one byte over the limit",
+    );
+}
+
+/// Many writers racing on one session: every turn lands once, in order, pairs adjacent.
+pub async fn check_concurrent_appends(store: &dyn ConversationStore, writers: usize) {
+    let session = new_session(store, &random_user(), &random_animal()).await;
+    let tasks = (0..writers).map(|w| {
+        let id = session.id.clone();
+        async move {
+            let mut conflicts = 0u32;
+            loop {
+                let count = store.get_session(&id).await.unwrap().unwrap().message_count;
+                tokio::task::yield_now().await; // let the others read the same count
+                let q = format!("q{w}");
+                let a = format!("a{w}");
+                match store.append_turn(turn(&id, count, &[&q, &a])).await {
+                    Ok(_) => return conflicts,
+                    Err(Error::Conflict { .. }) => {
+                        conflicts += 1;
+                        assert!(conflicts < 10_000, "no progress");
+                        tokio::time::sleep(std::time::Duration::from_micros(fastrand::u64(0..500)))
+                            .await;
+                    }
+                    Err(e) => {
+                        panic!("contract: concurrent appends fail only with conflict, got {e:?}")
+                    }
+                }
+            }
+        }
+    });
+    futures::future::join_all(tasks).await;
+    let all = store
+        .history(&session.id, PageRequest::first(1000))
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(all.len(), writers * 2, "contract: no append lost");
+    let mut writers_seen = HashSet::new();
+    for (i, pair) in all.chunks(2).enumerate() {
+        assert_eq!(pair[0].seq, 2 * i as u64 + 1);
+        assert_eq!(pair[1].seq, 2 * i as u64 + 2);
+        let w = pair[0].content.trim_start_matches('q');
+        assert_eq!(
+            pair[1].content,
+            format!("a{w}"),
+            "contract: a turn's messages stay adjacent"
+        );
+        assert!(
+            writers_seen.insert(w.to_owned()),
+            "contract: no turn stored twice"
+        );
+    }
+}
+
+/// A long session: windows stay right and history pages through all of it.
+pub async fn check_long_session(store: &dyn ConversationStore, messages: usize) {
+    let session = new_session(store, &random_user(), &random_animal()).await;
+    fill(store, &session.id, messages / 2).await;
+    let total = (messages / 2 * 2) as u64;
+    let window = store.recent_messages(&session.id, 20).await.unwrap();
+    assert_eq!(window.len(), 20.min(total as usize));
+    assert_eq!(window.last().map(|m| m.seq), Some(total));
+    assert_eq!(window[0].seq, total + 1 - window.len() as u64);
+    let mut next = None;
+    let mut expected_seq = 1;
+    loop {
+        let request = match next.take() {
+            None => PageRequest::first(1000),
+            Some(c) => PageRequest::after(1000, c),
+        };
+        let page = store.history(&session.id, request).await.unwrap();
+        for m in &page.items {
+            assert_eq!(
+                m.seq, expected_seq,
+                "contract: long history is ordered without gaps"
+            );
+            expected_seq += 1;
+        }
+        match page.next {
+            Some(c) => next = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(expected_seq - 1, total);
+}
