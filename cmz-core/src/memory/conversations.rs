@@ -12,6 +12,8 @@ use crate::store::{
 };
 use crate::types::{Message, Session};
 
+use super::log::MessageLog;
+
 const HISTORY_CURSOR: &str = "mem-history-v1";
 const SESSIONS_CURSOR: &str = "mem-sessions-v1";
 
@@ -34,7 +36,7 @@ struct State {
 #[derive(Debug)]
 struct Entry {
     session: Session,
-    messages: Vec<Message>,
+    messages: MessageLog,
     /// turn key → (index of its first message, how many messages)
     turn_keys: HashMap<String, (usize, usize)>,
 }
@@ -42,7 +44,7 @@ struct Entry {
 impl Entry {
     fn turn(&self, key: &str) -> Option<Vec<Message>> {
         let &(start, len) = self.turn_keys.get(key)?;
-        Some(self.messages[start..start + len].to_vec())
+        Some(self.messages.range(start, start + len))
     }
 }
 
@@ -117,7 +119,7 @@ impl ConversationStore for InMemoryConversationStore {
             session.id.clone(),
             Entry {
                 session: session.clone(),
-                messages: Vec::new(),
+                messages: MessageLog::default(),
                 turn_keys: HashMap::new(),
             },
         );
@@ -164,7 +166,7 @@ impl ConversationStore for InMemoryConversationStore {
                 .messages
                 .push(message.into_message(append.session_id.clone(), seq));
         }
-        let stored = entry.messages[start..].to_vec();
+        let stored = entry.messages.range(start, usize::MAX);
         if let Some(key) = append.turn_key {
             entry.turn_keys.insert(key, (start, stored.len()));
         }
@@ -189,7 +191,7 @@ impl ConversationStore for InMemoryConversationStore {
             .get(id)
             .ok_or_else(|| session_not_found(id))?;
         let start = entry.messages.len().saturating_sub(limit);
-        Ok(entry.messages[start..].to_vec())
+        Ok(entry.messages.range(start, usize::MAX))
     }
 
     async fn history(&self, id: &SessionId, page: PageRequest) -> Result<Page<Message>> {
@@ -219,7 +221,7 @@ impl ConversationStore for InMemoryConversationStore {
             .unwrap_or(usize::MAX)
             .min(entry.messages.len());
         let end = start.saturating_add(limit).min(entry.messages.len());
-        let items = entry.messages[start..end].to_vec();
+        let items = entry.messages.range(start, end);
         let next = (end < entry.messages.len()).then(|| {
             let last = items.last().map_or(after_seq, |m| m.seq);
             Cursor::encode(HISTORY_CURSOR, &[id.as_str(), &last.to_string()])

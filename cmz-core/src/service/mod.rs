@@ -315,7 +315,7 @@ impl ConversationService {
     /// [`ModelFailurePolicy::Error`] (the user message is then kept).
     #[tracing::instrument(name = "cmz.turn", skip_all, fields(user = %principal.user_id, animal = %request.animal_id))]
     pub async fn turn(&self, principal: &Principal, request: TurnRequest) -> Result<TurnReply> {
-        let prepared = match self.prepare(principal, request).await? {
+        let mut prepared = match self.prepare(principal, request).await? {
             Prepare::Replay(reply) => return Ok(reply),
             Prepare::Run(prepared) => prepared,
         };
@@ -323,7 +323,7 @@ impl ConversationService {
         let started = Instant::now();
         let result = tokio::time::timeout(
             inner.config.model_timeout,
-            inner.model.complete(prepared.prompt.clone()),
+            inner.model.complete(std::mem::take(&mut prepared.prompt)),
         )
         .instrument(span("model", "complete", &prepared.session.id))
         .await
@@ -399,7 +399,7 @@ impl ConversationService {
         }
     }
 
-    async fn drive_stream(self, prepared: Prepared, tx: mpsc::Sender<Result<TurnEvent>>) {
+    async fn drive_stream(self, mut prepared: Prepared, tx: mpsc::Sender<Result<TurnEvent>>) {
         enum End {
             Completed(Option<Usage>, Option<String>),
             Failed(Error),
@@ -413,7 +413,7 @@ impl ConversationService {
         let opened = tokio::select! {
             biased;
             () = tx.closed() => None,
-            opened = tokio::time::timeout(timeout, inner.model.stream(prepared.prompt.clone())).instrument(model_span.clone()) => Some(opened),
+            opened = tokio::time::timeout(timeout, inner.model.stream(std::mem::take(&mut prepared.prompt))).instrument(model_span.clone()) => Some(opened),
         };
         let end = match opened {
             None => End::Interrupted,

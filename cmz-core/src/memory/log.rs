@@ -1,0 +1,70 @@
+//! An append-only list of messages stored in fixed-size blocks.
+
+use crate::types::Message;
+
+const BLOCK: usize = 256;
+
+/// Messages in blocks of [`BLOCK`]: an append never moves earlier messages, so its cost
+/// does not depend on how long the session already is (a plain `Vec` would copy the whole
+/// history each time it doubles).
+#[derive(Debug, Default)]
+pub(super) struct MessageLog {
+    blocks: Vec<Vec<Message>>,
+    len: usize,
+}
+
+impl MessageLog {
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(super) fn push(&mut self, message: Message) {
+        match self.blocks.last_mut() {
+            Some(block) if block.len() < BLOCK => block.push(message),
+            _ => {
+                let mut block = Vec::with_capacity(BLOCK);
+                block.push(message);
+                self.blocks.push(block);
+            }
+        }
+        self.len += 1;
+    }
+
+    /// Clones of the messages at indexes `start..end` (clamped to the log).
+    pub(super) fn range(&self, start: usize, end: usize) -> Vec<Message> {
+        let end = end.min(self.len);
+        let mut out = Vec::with_capacity(end.saturating_sub(start));
+        let mut index = start;
+        while index < end {
+            let block = &self.blocks[index / BLOCK];
+            let offset = index % BLOCK;
+            let take = (BLOCK - offset).min(end - index);
+            out.extend_from_slice(&block[offset..offset + take]);
+            index += take;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::SessionId;
+    use crate::types::{NewMessage, Role};
+
+    #[test]
+    fn ranges_cross_blocks() {
+        let id = SessionId::new("s").unwrap();
+        let mut log = MessageLog::default();
+        for seq in 1..=1000u64 {
+            log.push(NewMessage::new(Role::User, seq.to_string()).into_message(id.clone(), seq));
+        }
+        assert_eq!(log.len(), 1000);
+        let seqs = |v: Vec<Message>| v.into_iter().map(|m| m.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(log.range(250, 260)), (251..=260).collect::<Vec<_>>());
+        assert_eq!(seqs(log.range(0, 1000)), (1..=1000).collect::<Vec<_>>());
+        assert_eq!(seqs(log.range(990, 5000)), (991..=1000).collect::<Vec<_>>());
+        assert!(log.range(1000, 1000).is_empty());
+        assert!(log.range(2000, 3000).is_empty());
+    }
+}
