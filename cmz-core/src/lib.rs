@@ -21,7 +21,9 @@ pub mod prelude {
     pub use crate::chat::{ChatChunk, ChatCompletion, ChatMessage, ChatModel, ChatRequest};
     pub use crate::error::{Error, Result};
     pub use crate::ids::{AnimalId, FamilyId, MessageId, SessionId, UserId};
-    pub use crate::memory::{InMemoryConversationStore, InMemoryPersonaDirectory};
+    pub use crate::memory::{
+        InMemoryConversationStore, InMemoryPersonaDirectory, OfflinePersonaModel,
+    };
     pub use crate::persona::PersonaDirectory;
     pub use crate::service::{
         ConversationConfig, ConversationService, ModelFailurePolicy, Summary, TurnEvent, TurnReply,

@@ -346,7 +346,7 @@ impl ConversationService {
                         self.fallback_message(&prepared.persona, latency)
                     }
                     ModelFailurePolicy::Error => {
-                        self.persist(prepared, None).await?;
+                        self.keep_user_message(prepared).await?;
                         return Err(error);
                     }
                 }
@@ -368,6 +368,9 @@ impl ConversationService {
         principal: &Principal,
         request: TurnRequest,
     ) -> Result<TurnStream> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::internal("stream_turn needs a tokio runtime"));
+        }
         match self.prepare(principal, request).await? {
             Prepare::Replay(reply) => Ok(TurnStream {
                 session_id: reply.session_id.clone(),
@@ -481,7 +484,7 @@ impl ConversationService {
                         .send(Ok(TurnEvent::Delta(assistant.content.clone())))
                         .await;
                 } else {
-                    if let Err(store_error) = self.persist(prepared, None).await {
+                    if let Err(store_error) = self.keep_user_message(prepared).await {
                         tracing::error!(code = store_error.code(), error = %store_error, "storing the user message failed");
                     }
                     let _ = tx.send(Err(error)).await;
@@ -699,6 +702,15 @@ impl ConversationService {
             prompt,
             turn_key: request.turn_key,
         }))
+    }
+
+    /// Stores the user message alone (unless an earlier attempt already did), so a failed
+    /// turn loses nothing the user said.
+    async fn keep_user_message(&self, prepared: Prepared) -> Result<()> {
+        match prepared.user {
+            UserPart::Stored(_) => Ok(()),
+            UserPart::New(_) => self.persist(prepared, None).await.map(drop),
+        }
     }
 
     /// Stores the turn: the user message (unless an earlier attempt stored it) and the

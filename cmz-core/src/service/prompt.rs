@@ -44,6 +44,29 @@ pub fn system_prompt(persona: &Persona) -> String {
     prompt
 }
 
+/// The name and facts of the persona a [`system_prompt`] was built from, read back from
+/// the prompt text; `None` for any other prompt. Kept beside the builder so the two change
+/// together.
+pub fn parse_system_prompt(prompt: &str) -> Option<(String, Vec<String>)> {
+    let rest = prompt.strip_prefix("You are ")?;
+    let name = rest.split(", an animal ambassador").next()?.trim();
+    if name.is_empty() || name.len() == rest.len() {
+        return None;
+    }
+    let facts = prompt
+        .split("\nKEY FACTS you can share:\n")
+        .nth(1)
+        .map(|section| {
+            section
+                .lines()
+                .map_while(|line| line.strip_prefix("- "))
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    Some((name.to_owned(), facts))
+}
+
 /// The in-character reply used when the model fails or times out.
 pub fn fallback_reply(persona: &Persona) -> String {
     format!(
@@ -107,5 +130,17 @@ mod tests {
         );
         assert_eq!(prompt, system_prompt(&persona), "stable prefix");
         assert!(fallback_reply(&persona).starts_with("Cora here!"));
+        let (name, facts) = parse_system_prompt(&prompt).unwrap();
+        assert_eq!(name, "Cora");
+        assert_eq!(facts, persona.facts);
+        let bare = Persona {
+            facts: vec![],
+            ..persona
+        };
+        assert_eq!(
+            parse_system_prompt(&system_prompt(&bare)).unwrap().1,
+            Vec::<String>::new()
+        );
+        assert!(parse_system_prompt("Summarize this").is_none());
     }
 }

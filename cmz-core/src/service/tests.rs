@@ -356,6 +356,12 @@ async fn error_mode_keeps_the_user_message_and_a_retry_completes_the_same_turn()
     assert_eq!(stored.len(), 3, "the user message is kept");
     assert_eq!(stored[2].content, "two");
 
+    // The model fails again on the retry: the same error, and still one user message.
+    f.model.push(Step::Fail(Failure::Unavailable));
+    let err = f.service.turn(&me, request.clone()).await.unwrap_err();
+    assert_eq!(err.code(), "unavailable");
+    assert_eq!(all_messages(&f, &first.session_id).await.len(), 3);
+
     let retried = f.service.turn(&me, request.clone()).await.unwrap();
     assert_eq!(retried.reply, "echo: two");
     assert_eq!(retried.user_message.seq, 3);
@@ -945,4 +951,79 @@ async fn summaries_come_from_the_model_or_a_deterministic_fallback() {
         f.service.session(&me, &id).await.unwrap().summary,
         Some(fallback.text)
     );
+}
+
+#[tokio::test]
+async fn streams_in_error_mode_keep_the_user_message_and_end_with_the_error() {
+    let config = ConversationConfig {
+        on_model_failure: ModelFailurePolicy::Error,
+        ..Default::default()
+    };
+    let f = fixture_with(ScriptedModel::echo(), config);
+    let me = kid("k1");
+    f.model.push(Step::Fail(Failure::Unavailable));
+    let events: Vec<_> = f
+        .service
+        .stream_turn(&me, TurnRequest::new(lion(), "hello?").with_turn_key("e-1"))
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].as_ref().unwrap_err().code(), "unavailable");
+    let session =
+        SessionId::with_suffix(&lion(), &me.user_id, stable_hash(&["k1", "lion", "e-1"])).unwrap();
+    let stored = all_messages(&f, &session).await;
+    assert_eq!(
+        stored
+            .iter()
+            .map(|m| m.content.as_str())
+            .collect::<Vec<_>>(),
+        vec!["hello?"]
+    );
+    // The retry completes the turn.
+    let events: Vec<_> = f
+        .service
+        .stream_turn(&me, TurnRequest::new(lion(), "hello?").with_turn_key("e-1"))
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    let Some(Ok(TurnEvent::Complete(reply))) = events.last() else {
+        panic!("{events:?}")
+    };
+    assert_eq!(
+        (reply.user_message.seq, reply.assistant_message.seq),
+        (1, 2)
+    );
+    assert_eq!(all_messages(&f, &session).await.len(), 2);
+}
+
+#[tokio::test]
+async fn a_stream_dropped_before_any_text_still_stores_the_turn() {
+    let f = fixture_with(
+        ScriptedModel::echo().with_chunk_delay(Duration::from_millis(50)),
+        ConversationConfig::default(),
+    );
+    let stream = f
+        .service
+        .stream_turn(&kid("k1"), TurnRequest::new(lion(), "bye"))
+        .await
+        .unwrap();
+    let id = stream.session_id.clone();
+    drop(stream);
+    let stored = wait_for_messages(&f, &id, 2).await;
+    assert_eq!(stored[0].content, "bye");
+    assert!(stored[1].metadata.interrupted);
+    assert_eq!(stored[1].content, "");
+}
+
+#[test]
+fn stream_turn_without_a_runtime_is_an_error_not_a_panic() {
+    let f = fixture();
+    let result = futures::executor::block_on(
+        f.service
+            .stream_turn(&kid("k1"), TurnRequest::new(lion(), "hi")),
+    );
+    assert_eq!(result.unwrap_err().code(), "internal_error");
 }

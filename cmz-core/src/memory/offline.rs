@@ -1,0 +1,203 @@
+use async_trait::async_trait;
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
+
+use crate::chat::{ChatChunk, ChatCompletion, ChatModel, ChatRequest};
+use crate::error::{Error, Result};
+use crate::service::prompt::parse_system_prompt;
+use crate::types::Role;
+
+/// A chat model that needs no network and no LLM: it answers in character with the
+/// persona's own facts, picking the fact that best matches the question.
+///
+/// Made for demos and local development, and labelled as such: its model name is
+/// `offline-persona`, and it reports no token usage (it uses none). It only understands
+/// persona prompts built by the turn engine; anything else (a summary request, say) is
+/// `unavailable`, so callers fall back as they would for a model that is down.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OfflinePersonaModel;
+
+impl OfflinePersonaModel {
+    /// The model name recorded on its replies.
+    pub const NAME: &'static str = "offline-persona";
+
+    /// A new offline model.
+    pub fn new() -> Self {
+        Self
+    }
+
+    fn reply(request: &ChatRequest) -> Result<String> {
+        let (name, facts) = request
+            .messages
+            .first()
+            .filter(|m| m.role == Role::System)
+            .and_then(|m| parse_system_prompt(&m.content))
+            .ok_or_else(|| Error::Unavailable {
+                message: "the offline persona model only answers persona conversations".into(),
+                source: None,
+            })?;
+        let question = request
+            .messages
+            .iter()
+            .rev()
+            .find(|m| m.role == Role::User)
+            .map_or("", |m| m.content.as_str());
+        let turn = request
+            .messages
+            .iter()
+            .filter(|m| m.role == Role::User)
+            .count();
+        let greeting = if request.messages.iter().any(|m| m.role == Role::Assistant) {
+            String::new()
+        } else {
+            format!("Hi, I'm {name}! ")
+        };
+        let Some(fact) = best_fact(&facts, question, turn) else {
+            return Ok(format!(
+                "{greeting}I love meeting visitors. Ask me anything about my life here at the zoo!"
+            ));
+        };
+        Ok(format!(
+            "{greeting}{fact} What else would you like to know?"
+        ))
+    }
+}
+
+fn words(text: &str) -> impl Iterator<Item = String> + '_ {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| w.chars().count() >= 4)
+        .map(str::to_lowercase)
+}
+
+/// The fact sharing the most words with the question; with no overlap, a different fact
+/// each turn.
+fn best_fact<'a>(facts: &'a [String], question: &str, turn: usize) -> Option<&'a str> {
+    if facts.is_empty() {
+        return None;
+    }
+    let asked: Vec<String> = words(question).collect();
+    let scored = facts
+        .iter()
+        .enumerate()
+        .map(|(i, fact)| (words(fact).filter(|w| asked.contains(w)).count(), i))
+        .max_by_key(|&(score, i)| (score, std::cmp::Reverse(i)));
+    let index = match scored {
+        Some((score, i)) if score > 0 => i,
+        _ => turn.saturating_sub(1) % facts.len(),
+    };
+    Some(facts[index].as_str())
+}
+
+#[async_trait]
+impl ChatModel for OfflinePersonaModel {
+    async fn complete(&self, request: ChatRequest) -> Result<ChatCompletion> {
+        Ok(ChatCompletion {
+            content: Self::reply(&request)?,
+            usage: None,
+            model: Some(Self::NAME.to_owned()),
+        })
+    }
+
+    async fn stream(&self, request: ChatRequest) -> Result<BoxStream<'static, Result<ChatChunk>>> {
+        let reply = Self::reply(&request)?;
+        let mut chunks: Vec<Result<ChatChunk>> = reply
+            .split_inclusive(' ')
+            .map(|word| Ok(ChatChunk::Delta(word.to_owned())))
+            .collect();
+        chunks.push(Ok(ChatChunk::Done {
+            usage: None,
+            model: Some(Self::NAME.to_owned()),
+        }));
+        Ok(futures::stream::iter(chunks).boxed())
+    }
+
+    fn name(&self) -> &str {
+        Self::NAME
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::access::{Principal, UserRole};
+    use crate::ids::{AnimalId, UserId};
+    use crate::memory::{InMemoryConversationStore, InMemoryPersonaDirectory};
+    use crate::service::{ConversationService, TurnEvent, TurnRequest};
+    use crate::types::Persona;
+
+    #[tokio::test]
+    async fn answers_in_character_from_the_persona_facts() {
+        let otter = AnimalId::new("otter").unwrap();
+        let personas = InMemoryPersonaDirectory::with_personas([Persona {
+            animal_id: otter.clone(),
+            name: "Ollie".into(),
+            personality: "playful".into(),
+            facts: vec![
+                "I hold hands with my friends while I sleep.".into(),
+                "I crack open clams with a rock.".into(),
+            ],
+            guidelines: vec![],
+        }]);
+        let service = ConversationService::new(
+            Arc::new(InMemoryConversationStore::new()),
+            Arc::new(personas),
+            Arc::new(OfflinePersonaModel),
+        );
+        let me = Principal::new(UserId::new("k").unwrap(), UserRole::Student);
+        let first = service
+            .turn(
+                &me,
+                TurnRequest::new(otter.clone(), "How do you open clams?"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            first.reply,
+            "Hi, I'm Ollie! I crack open clams with a rock. What else would you like to know?"
+        );
+        assert_eq!(
+            first.assistant_message.metadata.model.as_deref(),
+            Some("offline-persona")
+        );
+        assert!(first.usage.is_none(), "no invented usage");
+        let mut stream = service
+            .stream_turn(
+                &me,
+                TurnRequest::new(otter, "Where do you sleep?").in_session(first.session_id.clone()),
+            )
+            .await
+            .unwrap();
+        let mut deltas = 0;
+        let mut last = None;
+        while let Some(event) = stream.next().await {
+            match event.unwrap() {
+                TurnEvent::Delta(_) => deltas += 1,
+                TurnEvent::Complete(reply) => last = Some(reply),
+            }
+        }
+        let second = last.unwrap();
+        assert!(deltas > 3);
+        assert_eq!(
+            second.reply,
+            "I hold hands with my friends while I sleep. What else would you like to know?"
+        );
+        // Summaries fall back to the deterministic one.
+        assert!(
+            service
+                .summarize(&me, &first.session_id)
+                .await
+                .unwrap()
+                .fallback
+        );
+    }
+
+    #[test]
+    fn without_overlap_facts_rotate() {
+        let facts = vec!["one fact".to_owned(), "two fact".to_owned()];
+        assert_eq!(best_fact(&facts, "hello", 1), Some("one fact"));
+        assert_eq!(best_fact(&facts, "hello", 2), Some("two fact"));
+        assert_eq!(best_fact(&[], "hello", 2), None);
+    }
+}
