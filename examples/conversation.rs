@@ -22,11 +22,13 @@ async fn main() -> Result<()> {
         ],
         guidelines: vec![],
     }]);
-    let model = ScriptedModel::always("(this reply is replaced below)");
+    // Scripted replies stand in for an LLM, in order: three turns, then the summary.
+    let model = ScriptedModel::echo();
     for reply in [
         "Hi there! I'm Ollie! I love sliding down muddy banks. What's your name?",
         "Nice to meet you! Did you know otters hold hands while they sleep?",
         "My fur is super thick: about a million hairs in a space the size of a stamp!",
+        "Sam met Ollie the otter and learned how otters sleep and why their fur is so thick.",
     ] {
         model.push(cmz_core::testing::Step::Reply(reply.into()));
     }

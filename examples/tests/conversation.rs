@@ -29,5 +29,8 @@ fn conversation_example_prints_history_and_usage() {
         stdout.contains("Usage: 30 prompt + 15 completion = 45 tokens over 6 messages"),
         "{stdout}"
     );
-    assert!(stdout.contains("Summary: "), "{stdout}");
+    assert!(
+        stdout.contains("Summary: Sam met Ollie the otter"),
+        "{stdout}"
+    );
 }
