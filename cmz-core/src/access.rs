@@ -111,6 +111,17 @@ pub enum Action {
 pub trait AccessPolicy: Debug + Send + Sync + 'static {
     /// Whether `principal` may perform `action` on data owned by `owner`.
     async fn authorize(&self, principal: &Principal, action: Action, owner: &UserId) -> Result<()>;
+
+    /// Whether `principal` may perform `action` across every user's conversations at once
+    /// (delete everything with an animal, or older than a date). The default allows
+    /// admin-like roles only.
+    async fn authorize_all(&self, principal: &Principal, _action: Action) -> Result<()> {
+        if principal.role.sees_everything() {
+            Ok(())
+        } else {
+            Err(Error::forbidden("this needs an administrator"))
+        }
+    }
 }
 
 /// A shared, type-erased access policy.

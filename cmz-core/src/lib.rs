@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod access;
+pub mod auth;
 pub mod chat;
 pub mod error;
 pub mod ids;

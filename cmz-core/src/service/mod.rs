@@ -925,9 +925,10 @@ impl ConversationService {
                     .await?
             }
             DeleteScope::Animal(_) | DeleteScope::OlderThan(_) => {
-                if !principal.role.sees_everything() {
-                    return Err(Error::forbidden("bulk deletes need an administrator"));
-                }
+                inner
+                    .policy
+                    .authorize_all(principal, Action::Delete)
+                    .await?;
             }
         }
         let report = inner

@@ -1,0 +1,744 @@
+//! Authentication and authorization: access tokens, passwords, login throttling, refresh
+//! rotation, logout, development users, and the platform's access policy.
+//!
+//! ```
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! use cmz_core::auth::{AuthService, AuthSettings, AuthStores};
+//!
+//! // Development settings: the embedded dev users and a random per-process secret.
+//! let auth = AuthService::new(AuthSettings::development(), AuthStores::in_memory()).await?;
+//! let login = auth.login("admin@cmz.org", "admin123", Some("127.0.0.1")).await?;
+//! let principal = auth.authenticate(&login.token).await?;
+//! assert_eq!(principal.user_id.as_str(), "user_admin");
+//! let rotated = auth.refresh(&login.refresh_token).await?;
+//! auth.logout(&rotated.token).await?;
+//! assert_eq!(auth.authenticate(&rotated.token).await.unwrap_err().code(), "unauthorized");
+//! # Ok::<_, cmz_core::Error>(())
+//! # }).unwrap();
+//! ```
+
+mod audit;
+mod dev;
+mod memory;
+mod model;
+mod password;
+mod policy;
+mod stores;
+mod tokens;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::Utc;
+use serde::Serialize;
+use sha2::{Digest as _, Sha256};
+use tracing::Instrument as _;
+
+pub use audit::{
+    AuditEvent, AuditKind, AuditOutcome, AuditSink, DynAuditSink, InMemoryAuditSink,
+    TracingAuditSink,
+};
+pub use dev::{DevDirectory, DevUser, EMBEDDED_DEV_USERS};
+pub use memory::{
+    InMemoryFamilyDirectory, InMemoryRateLimitStore, InMemoryRevocationStore, InMemoryUserStore,
+};
+pub use model::{Family, RefreshRecord, RefreshState, User, UserType, normalize_email};
+pub use password::{
+    LEGACY_PBKDF2_ITERATIONS, MAX_PASSWORD_BYTES, PasswordCheck, PasswordHasher, legacy_hash,
+};
+pub use policy::PlatformPolicy;
+pub use stores::{
+    DynFamilyDirectory, DynRateLimitStore, DynRevocationStore, DynUserStore, FamilyDirectory,
+    RateCount, RateLimitStore, RevocationStore, UserStore,
+};
+pub use tokens::{
+    AccessClaims, DEFAULT_ISSUER, IssuedToken, MAX_LEEWAY, MAX_TOKEN_BYTES, MIN_SECRET_BYTES,
+    TokenAlgorithm, TokenCodec, TokenKeys, TokenRejection,
+};
+
+use crate::access::{Principal, UserRole};
+use crate::error::{Error, Result};
+use crate::ids::UserId;
+
+/// Limits on failed logins, per account and per client (an IP address or API key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoginLimits {
+    /// Failed logins allowed per account in a window. Default 5.
+    pub per_account: u32,
+    /// Failed logins allowed per client key in a window. Default 30.
+    pub per_client: u32,
+    /// The window. Default 15 minutes.
+    pub window: Duration,
+}
+
+impl Default for LoginLimits {
+    fn default() -> Self {
+        Self {
+            per_account: 5,
+            per_client: 30,
+            window: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+/// Auth settings, usually from the legacy environment variables.
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    /// Signing and verification keys.
+    pub keys: TokenKeys,
+    /// Access-token lifetime (`TOKEN_EXPIRATION_SECONDS`, default 86,400).
+    pub access_ttl: Duration,
+    /// Refresh-token lifetime (`CMZ_REFRESH_TOKEN_SECONDS`, default 30 days).
+    pub refresh_ttl: Duration,
+    /// Clock leeway for `exp`/`nbf` (`CMZ_JWT_LEEWAY_SECONDS`, default 30, at most 300).
+    pub leeway: Duration,
+    /// Whether `register` works (`CMZ_ALLOW_REGISTRATION`, default off).
+    pub registration: bool,
+    /// Development users to seed (`CMZ_DEV_USERS`); `None` in production.
+    pub dev_users: Option<DevDirectory>,
+    /// Failed-login limits.
+    pub login_limits: LoginLimits,
+    /// Password hashing parameters.
+    pub hasher: PasswordHasher,
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N]> {
+    let mut bytes = [0u8; N];
+    getrandom::getrandom(&mut bytes).map_err(|e| {
+        Error::unavailable("system randomness", std::io::Error::other(e.to_string()))
+    })?;
+    Ok(bytes)
+}
+
+fn seconds_var(
+    lookup: &dyn Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: u64,
+) -> Result<Duration> {
+    match lookup(name) {
+        None => Ok(Duration::from_secs(default)),
+        Some(value) => value
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|s| *s > 0)
+            .map(Duration::from_secs)
+            .ok_or_else(|| {
+                Error::validation(
+                    name,
+                    format!("{name} must be a positive number of seconds, got {value:?}"),
+                )
+            }),
+    }
+}
+
+fn flag_var(lookup: &dyn Fn(&str) -> Option<String>, name: &'static str) -> Result<bool> {
+    match lookup(name).as_deref().map(str::trim) {
+        None | Some("") | Some("0") | Some("false") | Some("off") | Some("no") => Ok(false),
+        Some("1") | Some("true") | Some("on") | Some("yes") => Ok(true),
+        Some(other) => Err(Error::validation(
+            name,
+            format!("{name} must be true or false, got {other:?}"),
+        )),
+    }
+}
+
+impl AuthSettings {
+    /// Development settings: the embedded dev users, registration on, and a random secret
+    /// for this process (tokens do not survive a restart).
+    pub fn development() -> Self {
+        let secret = random_bytes::<32>().expect("system randomness");
+        Self {
+            keys: TokenKeys::hs256(&secret).expect("32-byte secret"),
+            access_ttl: Duration::from_secs(86_400),
+            refresh_ttl: Duration::from_secs(30 * 86_400),
+            leeway: Duration::from_secs(30),
+            registration: true,
+            dev_users: Some(DevDirectory::embedded()),
+            login_limits: LoginLimits::default(),
+            hasher: PasswordHasher::owasp(),
+        }
+    }
+
+    /// Production settings from a shared secret, with nothing seeded.
+    pub fn with_secret(secret: &[u8]) -> Result<Self> {
+        Ok(Self {
+            keys: TokenKeys::hs256(secret)?,
+            dev_users: None,
+            registration: false,
+            ..Self::development()
+        })
+    }
+
+    /// Settings from the process environment; see [`AuthSettings::from_lookup`].
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(&|name| std::env::var(name).ok())
+    }
+
+    /// Settings from environment-style variables read through `lookup`:
+    ///
+    /// - `JWT_ALGORITHM` (HS256, EdDSA, RS256, ES256; default HS256).
+    /// - `JWT_SECRET`: the HS256 secret, at least 32 bytes. Required in production with
+    ///   HS256; with an asymmetric algorithm it is still accepted for verification, so
+    ///   tokens signed by the legacy services keep working during the move.
+    /// - `JWT_PRIVATE_KEY_FILE`, `JWT_PUBLIC_KEY_FILE`, `JWT_KEY_ID`: the asymmetric key.
+    /// - `TOKEN_EXPIRATION_SECONDS`, `CMZ_REFRESH_TOKEN_SECONDS`, `CMZ_JWT_LEEWAY_SECONDS`.
+    /// - `CMZ_ALLOW_REGISTRATION` (true/false).
+    /// - `CMZ_DEV_USERS`: `embedded` or a JSON file; development mode. Without it, a
+    ///   missing or short `JWT_SECRET` is an error, not a silent default.
+    pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self> {
+        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        let dev_users = get("CMZ_DEV_USERS")
+            .map(|source| DevDirectory::load(&source))
+            .transpose()?;
+        let algorithm: TokenAlgorithm =
+            get("JWT_ALGORITHM").as_deref().unwrap_or("HS256").parse()?;
+        let secret = get("JWT_SECRET");
+        let keys = match algorithm {
+            TokenAlgorithm::Hs256 => match (&secret, &dev_users) {
+                (Some(secret), _) => TokenKeys::hs256(secret.as_bytes())?,
+                (None, Some(_)) => TokenKeys::hs256(&random_bytes::<32>()?)?,
+                (None, None) => {
+                    return Err(Error::validation(
+                        "JWT_SECRET",
+                        format!(
+                            "JWT_SECRET must be set (at least {MIN_SECRET_BYTES} bytes); set CMZ_DEV_USERS=embedded for development"
+                        ),
+                    ));
+                }
+            },
+            asymmetric => {
+                let read = |name: &'static str| -> Result<Vec<u8>> {
+                    let path = get(name).ok_or_else(|| {
+                        Error::validation(
+                            name,
+                            format!("{name} must be set for JWT_ALGORITHM={asymmetric:?}"),
+                        )
+                    })?;
+                    std::fs::read(&path).map_err(|e| {
+                        Error::validation(name, format!("cannot read {name} {path:?}: {e}"))
+                    })
+                };
+                let kid = get("JWT_KEY_ID").unwrap_or_else(|| "cmz-1".to_owned());
+                let keys = TokenKeys::asymmetric(
+                    asymmetric,
+                    &kid,
+                    &read("JWT_PRIVATE_KEY_FILE")?,
+                    &read("JWT_PUBLIC_KEY_FILE")?,
+                )?;
+                match &secret {
+                    Some(secret) => keys.with_secret(secret.as_bytes())?,
+                    None => keys,
+                }
+            }
+        };
+        let leeway = seconds_var(&get, "CMZ_JWT_LEEWAY_SECONDS", 30)?;
+        if leeway > MAX_LEEWAY {
+            return Err(Error::validation(
+                "CMZ_JWT_LEEWAY_SECONDS",
+                "CMZ_JWT_LEEWAY_SECONDS is at most 300",
+            ));
+        }
+        Ok(Self {
+            keys,
+            access_ttl: seconds_var(&get, "TOKEN_EXPIRATION_SECONDS", 86_400)?,
+            refresh_ttl: seconds_var(&get, "CMZ_REFRESH_TOKEN_SECONDS", 30 * 86_400)?,
+            leeway,
+            registration: flag_var(&get, "CMZ_ALLOW_REGISTRATION")?,
+            dev_users,
+            login_limits: LoginLimits::default(),
+            hasher: PasswordHasher::owasp(),
+        })
+    }
+}
+
+/// The stores auth uses.
+#[derive(Debug, Clone)]
+pub struct AuthStores {
+    /// Users.
+    pub users: DynUserStore,
+    /// Families.
+    pub families: DynFamilyDirectory,
+    /// Refresh tokens and revocations.
+    pub revocations: DynRevocationStore,
+    /// Login-throttle counters.
+    pub limits: DynRateLimitStore,
+    /// Audit events.
+    pub audit: DynAuditSink,
+}
+
+impl AuthStores {
+    /// In-memory stores, auditing to `tracing`.
+    pub fn in_memory() -> Self {
+        Self {
+            users: Arc::new(InMemoryUserStore::new()),
+            families: Arc::new(InMemoryFamilyDirectory::new()),
+            revocations: Arc::new(InMemoryRevocationStore::new()),
+            limits: Arc::new(InMemoryRateLimitStore::new()),
+            audit: Arc::new(TracingAuditSink),
+        }
+    }
+}
+
+/// A user as clients see it (no password hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PublicUser {
+    /// The user id.
+    pub user_id: UserId,
+    /// Email.
+    pub email: String,
+    /// Display name.
+    pub display_name: String,
+    /// Role.
+    pub role: UserRole,
+    /// Place in a family.
+    pub user_type: UserType,
+    /// Family.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub family_id: Option<crate::ids::FamilyId>,
+}
+
+impl From<&User> for PublicUser {
+    fn from(user: &User) -> Self {
+        Self {
+            user_id: user.user_id.clone(),
+            email: user.email.clone(),
+            display_name: user.display_name.clone(),
+            role: user.role,
+            user_type: user.user_type,
+            family_id: user.family_id.clone(),
+        }
+    }
+}
+
+/// A successful login or refresh (the legacy `AuthResponse` plus `refreshToken`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoginResponse {
+    /// The access token (a JWT).
+    pub token: String,
+    /// The refresh token: opaque, single use.
+    pub refresh_token: String,
+    /// Seconds until the access token expires.
+    pub expires_in: u64,
+    /// Who logged in.
+    pub user: PublicUser,
+}
+
+/// Logins, tokens and the access policy.
+#[derive(Debug, Clone)]
+pub struct AuthService {
+    inner: Arc<AuthInner>,
+}
+
+#[derive(Debug)]
+struct AuthInner {
+    stores: AuthStores,
+    codec: TokenCodec,
+    hasher: PasswordHasher,
+    refresh_ttl: Duration,
+    registration: bool,
+    limits: LoginLimits,
+    /// Verified against when the account does not exist, so a login takes as long either way.
+    dummy_hash: String,
+}
+
+fn invalid_credentials() -> Error {
+    Error::Unauthorized {
+        message: "Invalid email or password".into(),
+    }
+}
+
+fn hash_refresh(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+fn span(op: &'static str) -> tracing::Span {
+    tracing::debug_span!("cmz.backend", kind = "auth", op)
+}
+
+impl AuthService {
+    /// Builds the service; seeds the development users when the settings have them.
+    pub async fn new(settings: AuthSettings, stores: AuthStores) -> Result<Self> {
+        let codec =
+            TokenCodec::new(settings.keys, settings.access_ttl).with_leeway(settings.leeway)?;
+        let dummy_hash = settings.hasher.hash("not a real password").await?;
+        if let Some(dev) = &settings.dev_users {
+            dev.seed(&*stores.users, &*stores.families, &settings.hasher)
+                .await?;
+        }
+        Ok(Self {
+            inner: Arc::new(AuthInner {
+                stores,
+                codec,
+                hasher: settings.hasher,
+                refresh_ttl: settings.refresh_ttl,
+                registration: settings.registration,
+                limits: settings.login_limits,
+                dummy_hash,
+            }),
+        })
+    }
+
+    /// The token codec (to issue or verify tokens directly).
+    pub fn codec(&self) -> &TokenCodec {
+        &self.inner.codec
+    }
+
+    /// The password hasher.
+    pub fn hasher(&self) -> &PasswordHasher {
+        &self.inner.hasher
+    }
+
+    /// The stores.
+    pub fn stores(&self) -> &AuthStores {
+        &self.inner.stores
+    }
+
+    /// The platform access policy over this service's families and audit sink, for
+    /// [`ConversationService`](crate::service::ConversationService).
+    pub fn policy(&self) -> PlatformPolicy {
+        PlatformPolicy::new(
+            self.inner.stores.families.clone(),
+            self.inner.stores.audit.clone(),
+        )
+    }
+
+    async fn audit(
+        &self,
+        kind: AuditKind,
+        outcome: AuditOutcome,
+        actor: Option<&UserId>,
+        reason: &str,
+    ) {
+        let mut event = AuditEvent::new(kind, outcome, reason);
+        event.actor = actor.cloned();
+        self.inner.stores.audit.record(event).await;
+    }
+
+    async fn throttle_check(&self, keys: &[(String, u32)]) -> Result<()> {
+        let window = self.inner.limits.window;
+        for (key, max) in keys {
+            let count = self
+                .inner
+                .stores
+                .limits
+                .peek(key, window)
+                .instrument(span("rate_peek"))
+                .await?;
+            if count.count >= *max {
+                let retry = (count.resets_at - Utc::now())
+                    .to_std()
+                    .unwrap_or(Duration::from_secs(1));
+                return Err(Error::RateLimited {
+                    message: format!(
+                        "Too many failed logins; try again in {} seconds",
+                        retry.as_secs().max(1)
+                    ),
+                    retry_after: Some(retry),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Logs in with email and password. `client` (an IP address or API key) gets its own
+    /// failed-login limit besides the account's.
+    ///
+    /// Errors: `unauthorized` for a wrong email or password (the same message for both),
+    /// `rate_limit_exceeded` with a retry time after too many failures.
+    #[tracing::instrument(name = "cmz.login", skip_all)]
+    pub async fn login(
+        &self,
+        email: &str,
+        password: &str,
+        client: Option<&str>,
+    ) -> Result<LoginResponse> {
+        let inner = &self.inner;
+        let email = normalize_email(email).map_err(|_| invalid_credentials())?;
+        let mut keys = vec![(format!("login:account:{email}"), inner.limits.per_account)];
+        if let Some(client) = client {
+            keys.push((format!("login:client:{client}"), inner.limits.per_client));
+        }
+        self.throttle_check(&keys).await?;
+        let user = inner
+            .stores
+            .users
+            .find_by_email(&email)
+            .instrument(span("find_by_email"))
+            .await?;
+        let stored = user
+            .as_ref()
+            .filter(|u| !u.soft_delete)
+            .and_then(|u| u.password_hash.clone())
+            .unwrap_or_else(|| inner.dummy_hash.clone());
+        let check = inner.hasher.verify(password, &stored).await?;
+        let (user, needs_rehash) = match (user, check) {
+            (Some(user), PasswordCheck::Valid { needs_rehash })
+                if !user.soft_delete && user.password_hash.is_some() =>
+            {
+                (user, needs_rehash)
+            }
+            (user, _) => {
+                for (key, _) in &keys {
+                    inner
+                        .stores
+                        .limits
+                        .hit(key, inner.limits.window)
+                        .instrument(span("rate_hit"))
+                        .await?;
+                }
+                self.audit(
+                    AuditKind::LoginFailed,
+                    AuditOutcome::Denied,
+                    user.as_ref().map(|u| &u.user_id),
+                    "wrong email or password",
+                )
+                .await;
+                return Err(invalid_credentials());
+            }
+        };
+        inner
+            .stores
+            .limits
+            .reset(&keys[0].0)
+            .instrument(span("rate_reset"))
+            .await?;
+        if needs_rehash {
+            // Upgrade legacy PBKDF2 (or weaker argon2) hashes while we have the password.
+            match inner.hasher.hash(password).await {
+                Ok(hash) => {
+                    if let Err(e) = inner
+                        .stores
+                        .users
+                        .set_password_hash(&user.user_id, &hash)
+                        .instrument(span("set_password_hash"))
+                        .await
+                    {
+                        tracing::warn!(code = e.code(), error = %e, "password hash upgrade failed; will retry at next login");
+                    } else {
+                        tracing::info!(user = %user.user_id, "password hash upgraded to argon2id");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "password rehash failed"),
+            }
+        }
+        self.issue_pair(&user, None).await
+    }
+
+    async fn issue_pair(&self, user: &User, family: Option<String>) -> Result<LoginResponse> {
+        let inner = &self.inner;
+        let family = match family {
+            Some(family) => family,
+            None => hex::encode(random_bytes::<16>()?),
+        };
+        let access = inner.codec.issue(user, Some(&family))?;
+        let refresh_token = format!("cmzr_{}", URL_SAFE_NO_PAD.encode(random_bytes::<32>()?));
+        let now = Utc::now();
+        let record = RefreshRecord {
+            token_hash: hash_refresh(&refresh_token),
+            family_id: family,
+            user_id: user.user_id.clone(),
+            issued_at: now,
+            expires_at: now
+                + chrono::TimeDelta::from_std(inner.refresh_ttl)
+                    .unwrap_or(chrono::TimeDelta::days(30)),
+        };
+        inner
+            .stores
+            .revocations
+            .insert_refresh(&record)
+            .instrument(span("insert_refresh"))
+            .await?;
+        Ok(LoginResponse {
+            token: access.token,
+            refresh_token,
+            expires_in: inner.codec.ttl().as_secs(),
+            user: PublicUser::from(user),
+        })
+    }
+
+    /// Exchanges a refresh token for a new access token and a new refresh token (the old
+    /// one stops working). Presenting a refresh token a second time revokes its whole
+    /// family, including access tokens issued from it: someone has a copy.
+    #[tracing::instrument(name = "cmz.refresh", skip_all)]
+    pub async fn refresh(&self, refresh_token: &str) -> Result<LoginResponse> {
+        let inner = &self.inner;
+        let rejected = || Error::Unauthorized {
+            message: "Invalid or expired refresh token".into(),
+        };
+        if refresh_token.len() > 256 || !refresh_token.starts_with("cmzr_") {
+            return Err(rejected());
+        }
+        let state = inner
+            .stores
+            .revocations
+            .consume_refresh(&hash_refresh(refresh_token))
+            .instrument(span("consume_refresh"))
+            .await?;
+        let record = match state {
+            RefreshState::Unknown => return Err(rejected()),
+            RefreshState::Reused(record) => {
+                let until = record.expires_at.max(
+                    Utc::now()
+                        + chrono::TimeDelta::from_std(inner.codec.ttl())
+                            .unwrap_or(chrono::TimeDelta::days(1)),
+                );
+                inner
+                    .stores
+                    .revocations
+                    .revoke_family(&record.family_id, until)
+                    .instrument(span("revoke_family"))
+                    .await?;
+                self.audit(
+                    AuditKind::RefreshReuse,
+                    AuditOutcome::Denied,
+                    Some(&record.user_id),
+                    "rotated refresh token presented again; family revoked",
+                )
+                .await;
+                return Err(rejected());
+            }
+            RefreshState::Fresh(record) => record,
+        };
+        if record.expires_at <= Utc::now()
+            || inner
+                .stores
+                .revocations
+                .is_revoked(None, Some(&record.family_id))
+                .instrument(span("is_revoked"))
+                .await?
+        {
+            return Err(rejected());
+        }
+        let user = inner
+            .stores
+            .users
+            .get_user(&record.user_id)
+            .instrument(span("get_user"))
+            .await?
+            .filter(|u| !u.soft_delete)
+            .ok_or_else(rejected)?;
+        self.issue_pair(&user, Some(record.family_id)).await
+    }
+
+    /// Verifies an access token (signature, claims, revocation) and returns the caller.
+    pub async fn authenticate(&self, access_token: &str) -> Result<Principal> {
+        self.verify(access_token)
+            .await
+            .map(|(principal, _)| principal)
+    }
+
+    /// Verifies an access token and returns the caller and the token's claims.
+    pub async fn verify(&self, access_token: &str) -> Result<(Principal, AccessClaims)> {
+        let claims = self.inner.codec.verify(access_token)?;
+        let principal = claims.principal().map_err(TokenRejection::into_error)?;
+        if (claims.jti.is_some() || claims.sid.is_some())
+            && self
+                .inner
+                .stores
+                .revocations
+                .is_revoked(claims.jti.as_deref(), claims.sid.as_deref())
+                .instrument(span("is_revoked"))
+                .await?
+        {
+            return Err(TokenRejection::Revoked.into_error());
+        }
+        Ok((principal, claims))
+    }
+
+    /// Logs out: revokes this access token (by `jti`) and its refresh family until they
+    /// expire. Tokens without those claims (minted by the legacy services) cannot be
+    /// revoked and simply expire.
+    #[tracing::instrument(name = "cmz.logout", skip_all)]
+    pub async fn logout(&self, access_token: &str) -> Result<()> {
+        let (principal, claims) = self.verify(access_token).await?;
+        let revocations = &self.inner.stores.revocations;
+        let until = chrono::DateTime::from_timestamp(claims.exp, 0).unwrap_or_else(Utc::now)
+            + chrono::TimeDelta::seconds(MAX_LEEWAY.as_secs() as i64);
+        if let Some(jti) = &claims.jti {
+            revocations
+                .revoke_token_id(jti, until)
+                .instrument(span("revoke_token_id"))
+                .await?;
+        }
+        if let Some(family) = &claims.sid {
+            let refresh_until = until.max(
+                Utc::now()
+                    + chrono::TimeDelta::from_std(self.inner.refresh_ttl)
+                        .unwrap_or(chrono::TimeDelta::days(30)),
+            );
+            revocations
+                .revoke_family(family, refresh_until)
+                .instrument(span("revoke_family"))
+                .await?;
+        }
+        self.audit(
+            AuditKind::Logout,
+            AuditOutcome::Allowed,
+            Some(&principal.user_id),
+            "logout",
+        )
+        .await;
+        Ok(())
+    }
+
+    /// Registers a new user (role `visitor`) and logs them in, when registration is on.
+    ///
+    /// Errors: `forbidden` when registration is off, `validation_error` for a bad email or
+    /// a password under 8 characters, `conflict` when the email is taken.
+    #[tracing::instrument(name = "cmz.register", skip_all)]
+    pub async fn register(
+        &self,
+        email: &str,
+        password: &str,
+        display_name: &str,
+    ) -> Result<LoginResponse> {
+        let inner = &self.inner;
+        if !inner.registration {
+            return Err(Error::forbidden("registration is disabled"));
+        }
+        let email = normalize_email(email)?;
+        if password.chars().count() < 8 {
+            return Err(Error::validation(
+                "password",
+                "password must be at least 8 characters",
+            ));
+        }
+        if display_name.chars().count() > 100 {
+            return Err(Error::validation(
+                "displayName",
+                "display name is at most 100 characters",
+            ));
+        }
+        let user = User {
+            user_id: UserId::new(format!("user_{}", hex::encode(random_bytes::<8>()?)))?,
+            email,
+            display_name: display_name.trim().to_owned(),
+            role: UserRole::Visitor,
+            user_type: UserType::None,
+            family_id: None,
+            password_hash: Some(inner.hasher.hash(password).await?),
+            soft_delete: false,
+        };
+        inner
+            .stores
+            .users
+            .create_user(&user)
+            .instrument(span("create_user"))
+            .await
+            .map_err(|e| match e {
+                Error::Conflict { .. } => {
+                    Error::conflict("an account with this email already exists")
+                }
+                other => other,
+            })?;
+        self.issue_pair(&user, None).await
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,264 @@
+//! Password hashing: argon2id for new hashes; the legacy PBKDF2 format verified and
+//! flagged for upgrade.
+
+use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use sha2::Sha256;
+use subtle::ConstantTimeEq as _;
+
+use crate::error::{Error, Result};
+
+/// Iterations of the legacy PBKDF2-HMAC-SHA256 format.
+pub const LEGACY_PBKDF2_ITERATIONS: u32 = 100_000;
+
+/// The longest password accepted, in bytes (hashing cost must stay bounded).
+pub const MAX_PASSWORD_BYTES: usize = 1024;
+
+/// The outcome of a password check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PasswordCheck {
+    /// Wrong password (or an unreadable hash).
+    Invalid,
+    /// Right password.
+    Valid {
+        /// The stored hash is legacy or weaker than the current parameters: store a new one.
+        needs_rehash: bool,
+    },
+}
+
+/// Hashes and verifies passwords. Hashing runs on tokio's blocking pool, off the async
+/// executor.
+#[derive(Debug, Clone)]
+pub struct PasswordHasher {
+    params: Params,
+}
+
+impl Default for PasswordHasher {
+    fn default() -> Self {
+        Self::owasp()
+    }
+}
+
+impl PasswordHasher {
+    /// argon2id with OWASP's recommended minimum: 19 MiB of memory, 2 iterations,
+    /// 1 lane.
+    pub fn owasp() -> Self {
+        Self::new(19 * 1024, 2, 1).expect("valid argon2 parameters")
+    }
+
+    /// argon2id with explicit parameters (memory in KiB).
+    pub fn new(memory_kib: u32, iterations: u32, lanes: u32) -> Result<Self> {
+        let params = Params::new(memory_kib, iterations, lanes, None)
+            .map_err(|e| Error::validation("argon2", format!("invalid argon2 parameters: {e}")))?;
+        Ok(Self { params })
+    }
+
+    /// The parameters in force: (memory KiB, iterations, lanes).
+    pub fn parameters(&self) -> (u32, u32, u32) {
+        (
+            self.params.m_cost(),
+            self.params.t_cost(),
+            self.params.p_cost(),
+        )
+    }
+
+    fn argon2(&self) -> Argon2<'static> {
+        Argon2::new(Algorithm::Argon2id, Version::V0x13, self.params.clone())
+    }
+
+    /// A new argon2id PHC hash of `password`, computed right here (blocking).
+    pub fn hash_blocking(&self, password: &str) -> Result<String> {
+        check_length(password)?;
+        let mut salt = [0u8; 16];
+        getrandom::getrandom(&mut salt).map_err(|e| {
+            Error::unavailable("system randomness", std::io::Error::other(e.to_string()))
+        })?;
+        let salt =
+            SaltString::encode_b64(&salt).map_err(|e| Error::internal(format!("salt: {e}")))?;
+        self.argon2()
+            .hash_password(password.as_bytes(), &salt)
+            .map(|hash| hash.to_string())
+            .map_err(|e| Error::internal(format!("argon2 hashing failed: {e}")))
+    }
+
+    /// Checks `password` against a stored hash, computed right here (blocking).
+    pub fn verify_blocking(&self, password: &str, stored: &str) -> PasswordCheck {
+        if password.len() > MAX_PASSWORD_BYTES {
+            return PasswordCheck::Invalid;
+        }
+        if let Some((salt, hash)) = parse_legacy(stored) {
+            let computed = legacy_digest(password, salt);
+            return if bool::from(computed.as_slice().ct_eq(&hash)) {
+                PasswordCheck::Valid { needs_rehash: true }
+            } else {
+                PasswordCheck::Invalid
+            };
+        }
+        let Ok(parsed) = PasswordHash::new(stored) else {
+            tracing::warn!("stored password hash is in an unknown format");
+            return PasswordCheck::Invalid;
+        };
+        // The verifier compares in constant time and uses the hash's own parameters.
+        if self
+            .argon2()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_err()
+        {
+            return PasswordCheck::Invalid;
+        }
+        let current = parsed.algorithm.as_str() == "argon2id"
+            && Params::try_from(&parsed).is_ok_and(|p| {
+                p.m_cost() >= self.params.m_cost()
+                    && p.t_cost() >= self.params.t_cost()
+                    && p.p_cost() >= self.params.p_cost()
+            });
+        PasswordCheck::Valid {
+            needs_rehash: !current,
+        }
+    }
+
+    /// [`hash_blocking`](Self::hash_blocking) on the blocking pool.
+    pub async fn hash(&self, password: &str) -> Result<String> {
+        let hasher = self.clone();
+        let password = password.to_owned();
+        off_executor(move || hasher.hash_blocking(&password)).await?
+    }
+
+    /// [`verify_blocking`](Self::verify_blocking) on the blocking pool.
+    pub async fn verify(&self, password: &str, stored: &str) -> Result<PasswordCheck> {
+        let hasher = self.clone();
+        let (password, stored) = (password.to_owned(), stored.to_owned());
+        off_executor(move || hasher.verify_blocking(&password, &stored)).await
+    }
+}
+
+fn check_length(password: &str) -> Result<()> {
+    if password.len() > MAX_PASSWORD_BYTES {
+        return Err(Error::validation(
+            "password",
+            format!("password is longer than {MAX_PASSWORD_BYTES} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+async fn off_executor<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Ok(work());
+    }
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::Internal {
+            message: "password hashing task failed".into(),
+            source: Some(Box::new(e)),
+        })
+}
+
+fn parse_legacy(stored: &str) -> Option<(&str, Vec<u8>)> {
+    let (salt, hash) = stored.split_once(':')?;
+    let is_hex = |s: &str| s.bytes().all(|b| b.is_ascii_hexdigit());
+    if salt.len() != 32 || hash.len() != 64 || !is_hex(salt) || !is_hex(hash) {
+        return None;
+    }
+    Some((salt, hex::decode(hash).ok()?))
+}
+
+fn legacy_digest(password: &str, salt_hex: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    // The legacy code used the salt's hex *string* as the salt bytes.
+    pbkdf2::pbkdf2_hmac::<Sha256>(
+        password.as_bytes(),
+        salt_hex.as_bytes(),
+        LEGACY_PBKDF2_ITERATIONS,
+        &mut out,
+    );
+    out
+}
+
+/// A hash in the legacy format `<salt hex>:<PBKDF2 hex>`, as the Python stack wrote them.
+/// For migrations and tests; new hashes should be argon2id.
+pub fn legacy_hash(password: &str, salt_hex: &str) -> Result<String> {
+    if salt_hex.len() != 32 || !salt_hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Error::validation(
+            "salt",
+            "the legacy salt is 32 hex characters",
+        ));
+    }
+    Ok(format!(
+        "{salt_hex}:{}",
+        hex::encode(legacy_digest(password, salt_hex))
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fast() -> PasswordHasher {
+        PasswordHasher::new(1024, 1, 1).unwrap()
+    }
+
+    #[test]
+    fn argon2id_round_trip() {
+        let hasher = fast();
+        let hash = hasher.hash_blocking("correct horse").unwrap();
+        assert!(hash.starts_with("$argon2id$v=19$m=1024,t=1,p=1$"), "{hash}");
+        assert_eq!(
+            hasher.verify_blocking("correct horse", &hash),
+            PasswordCheck::Valid {
+                needs_rehash: false
+            }
+        );
+        assert_eq!(
+            hasher.verify_blocking("wrong horse", &hash),
+            PasswordCheck::Invalid
+        );
+        assert_ne!(
+            hash,
+            hasher.hash_blocking("correct horse").unwrap(),
+            "salted"
+        );
+        // Stronger parameters now: the old hash still verifies, and asks to be redone.
+        let stronger = PasswordHasher::new(2048, 2, 1).unwrap();
+        assert_eq!(
+            stronger.verify_blocking("correct horse", &hash),
+            PasswordCheck::Valid { needs_rehash: true }
+        );
+    }
+
+    #[test]
+    fn legacy_pbkdf2_matches_the_python_format() {
+        // Known answer from Python: hashlib.pbkdf2_hmac('sha256', b'admin123',
+        //     b'00112233445566778899aabbccddeeff', 100000).hex()
+        let python = "00112233445566778899aabbccddeeff:407588de40042df09900a60a6f663282d6e036dcf07ee7b62672157e4d210fde";
+        assert_eq!(
+            legacy_hash("admin123", "00112233445566778899aabbccddeeff").unwrap(),
+            python
+        );
+        let hasher = fast();
+        assert_eq!(
+            hasher.verify_blocking("admin123", python),
+            PasswordCheck::Valid { needs_rehash: true }
+        );
+        assert_eq!(
+            hasher.verify_blocking("admin124", python),
+            PasswordCheck::Invalid
+        );
+        assert_eq!(
+            hasher.verify_blocking("admin123", "zz:yy"),
+            PasswordCheck::Invalid
+        );
+        assert_eq!(
+            hasher.verify_blocking("admin123", ""),
+            PasswordCheck::Invalid
+        );
+        assert_eq!(
+            hasher.verify_blocking(&"x".repeat(2000), python),
+            PasswordCheck::Invalid
+        );
+        assert_eq!(
+            fast().hash_blocking(&"x".repeat(2000)).unwrap_err().code(),
+            "validation_error"
+        );
+    }
+}

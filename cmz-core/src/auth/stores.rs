@@ -1,0 +1,105 @@
+//! The stores auth needs: users, families, revocations and rate-limit counters.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use super::model::{Family, RefreshRecord, RefreshState, User};
+use crate::error::Result;
+use crate::ids::{FamilyId, UserId};
+
+/// Users and their credentials.
+///
+/// # Contract
+/// - `create_user` fails with `conflict` if the id or the (lowercased) email is taken.
+/// - `find_by_email` matches the lowercased email exactly; unknown is `None`.
+/// - `set_password_hash` on an unknown user is `not_found`.
+/// - Backend failures are `unavailable`; every method may be called concurrently.
+#[async_trait]
+pub trait UserStore: Debug + Send + Sync + 'static {
+    /// Reads a user.
+    async fn get_user(&self, id: &UserId) -> Result<Option<User>>;
+    /// Finds a user by lowercased email.
+    async fn find_by_email(&self, email: &str) -> Result<Option<User>>;
+    /// Stores a new user.
+    async fn create_user(&self, user: &User) -> Result<()>;
+    /// Replaces a user's password hash (used to upgrade legacy hashes).
+    async fn set_password_hash(&self, id: &UserId, hash: &str) -> Result<()>;
+}
+
+/// Families, for the parent-sees-students rule.
+///
+/// # Contract
+/// - `families_of` returns every family in which the user is a parent or a student.
+/// - `put_family` creates or replaces a family.
+/// - Backend failures are `unavailable`; every method may be called concurrently.
+#[async_trait]
+pub trait FamilyDirectory: Debug + Send + Sync + 'static {
+    /// Reads a family.
+    async fn get_family(&self, id: &FamilyId) -> Result<Option<Family>>;
+    /// The families a user belongs to.
+    async fn families_of(&self, user: &UserId) -> Result<Vec<Family>>;
+    /// Creates or replaces a family.
+    async fn put_family(&self, family: &Family) -> Result<()>;
+}
+
+/// Refresh tokens and revocations.
+///
+/// # Contract
+/// - `consume_refresh` is atomic: of many concurrent calls with one hash, exactly one sees
+///   [`RefreshState::Fresh`]; the others see [`RefreshState::Reused`].
+/// - `revoke_family` / `revoke_token_id` hold at least until `until`; after that the entry
+///   may be forgotten. `is_revoked` is true if either id given is revoked.
+/// - Backend failures are `unavailable`; every method may be called concurrently.
+#[async_trait]
+pub trait RevocationStore: Debug + Send + Sync + 'static {
+    /// Stores a new refresh token record.
+    async fn insert_refresh(&self, record: &RefreshRecord) -> Result<()>;
+    /// Marks a refresh token used and says what it was before.
+    async fn consume_refresh(&self, token_hash: &str) -> Result<RefreshState>;
+    /// Revokes every token of a refresh family.
+    async fn revoke_family(&self, family_id: &str, until: DateTime<Utc>) -> Result<()>;
+    /// Revokes one access token by its `jti`.
+    async fn revoke_token_id(&self, token_id: &str, until: DateTime<Utc>) -> Result<()>;
+    /// Whether the access token id or the refresh family is revoked.
+    async fn is_revoked(&self, token_id: Option<&str>, family_id: Option<&str>) -> Result<bool>;
+}
+
+/// A fixed-window counter's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateCount {
+    /// Hits in the current window.
+    pub count: u32,
+    /// When the current window ends.
+    pub resets_at: DateTime<Utc>,
+}
+
+/// Shared counters for rate limits, so a limit holds across server instances.
+///
+/// # Contract
+/// - `hit` adds one to `key`'s counter in the current fixed window of length `window`
+///   (a new window starts at the first hit after the previous one ended) and returns the
+///   count after it; concurrent hits are all counted.
+/// - `peek` reads without counting; a key never hit (or whose window ended) has count 0.
+/// - `reset` clears a key.
+#[async_trait]
+pub trait RateLimitStore: Debug + Send + Sync + 'static {
+    /// Counts a hit.
+    async fn hit(&self, key: &str, window: Duration) -> Result<RateCount>;
+    /// Reads a counter.
+    async fn peek(&self, key: &str, window: Duration) -> Result<RateCount>;
+    /// Clears a counter.
+    async fn reset(&self, key: &str) -> Result<()>;
+}
+
+/// A shared, type-erased user store.
+pub type DynUserStore = Arc<dyn UserStore>;
+/// A shared, type-erased family directory.
+pub type DynFamilyDirectory = Arc<dyn FamilyDirectory>;
+/// A shared, type-erased revocation store.
+pub type DynRevocationStore = Arc<dyn RevocationStore>;
+/// A shared, type-erased rate-limit store.
+pub type DynRateLimitStore = Arc<dyn RateLimitStore>;

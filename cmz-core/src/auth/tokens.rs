@@ -1,0 +1,526 @@
+//! Access tokens: JWTs with the legacy claim set, HS256 by default, asymmetric keys with
+//! `kid` for rotation, and a verifier that pins what it accepts.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use chrono::Utc;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use super::model::User;
+use crate::access::{Principal, UserRole};
+use crate::error::{Error, Result};
+use crate::ids::{FamilyId, UserId};
+
+/// The legacy issuer claim.
+pub const DEFAULT_ISSUER: &str = "cmz-api";
+/// The shortest HS256 secret accepted, in bytes.
+pub const MIN_SECRET_BYTES: usize = 32;
+/// Tokens longer than this are rejected before any parsing.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+/// The largest clock leeway allowed.
+pub const MAX_LEEWAY: Duration = Duration::from_secs(300);
+
+/// A signature algorithm cmz signs or accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TokenAlgorithm {
+    /// HMAC-SHA256 with a shared secret (the legacy default; Python services can verify).
+    Hs256,
+    /// Ed25519 (recommended for new deployments).
+    EdDsa,
+    /// RSA PKCS#1 v1.5 with SHA-256.
+    Rs256,
+    /// ECDSA P-256 with SHA-256.
+    Es256,
+}
+
+impl TokenAlgorithm {
+    fn jwt(self) -> Algorithm {
+        match self {
+            TokenAlgorithm::Hs256 => Algorithm::HS256,
+            TokenAlgorithm::EdDsa => Algorithm::EdDSA,
+            TokenAlgorithm::Rs256 => Algorithm::RS256,
+            TokenAlgorithm::Es256 => Algorithm::ES256,
+        }
+    }
+}
+
+impl std::str::FromStr for TokenAlgorithm {
+    type Err = Error;
+    fn from_str(value: &str) -> Result<Self> {
+        match value.to_ascii_uppercase().as_str() {
+            "HS256" => Ok(TokenAlgorithm::Hs256),
+            "EDDSA" => Ok(TokenAlgorithm::EdDsa),
+            "RS256" => Ok(TokenAlgorithm::Rs256),
+            "ES256" => Ok(TokenAlgorithm::Es256),
+            _ => Err(Error::validation(
+                "JWT_ALGORITHM",
+                format!("unsupported JWT algorithm {value:?} (HS256, EdDSA, RS256 or ES256)"),
+            )),
+        }
+    }
+}
+
+/// The claims of a cmz access token: the legacy set plus `jti`, `sid` and `familyId`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AccessClaims {
+    /// The user id (legacy snake_case claim).
+    pub user_id: String,
+    /// The user id again (legacy camelCase claim).
+    #[serde(rename = "userId", default, skip_serializing_if = "Option::is_none")]
+    pub user_id_camel: Option<String>,
+    /// The user's email.
+    #[serde(default)]
+    pub email: String,
+    /// The user's role.
+    pub role: String,
+    /// Same as role in the legacy tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_type: Option<String>,
+    /// Expiry, seconds since the epoch.
+    #[serde(deserialize_with = "seconds")]
+    pub exp: i64,
+    /// Issued at, seconds since the epoch.
+    #[serde(default, deserialize_with = "seconds")]
+    pub iat: i64,
+    /// Not valid before, seconds since the epoch.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "optional_seconds"
+    )]
+    pub nbf: Option<i64>,
+    /// Issuer (`cmz-api`).
+    pub iss: String,
+    /// Subject: the user id.
+    pub sub: String,
+    /// Token id, for logout revocation (absent in legacy tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    /// Refresh family the token was issued from (absent in legacy tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<String>,
+    /// The user's family, if any.
+    #[serde(rename = "familyId", default, skip_serializing_if = "Option::is_none")]
+    pub family_id: Option<String>,
+    /// Any other claims (legacy tokens carry extra user fields).
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+fn seconds<'de, D: Deserializer<'de>>(deserializer: D) -> std::result::Result<i64, D::Error> {
+    let value = serde_json::Number::deserialize(deserializer)?;
+    value
+        .as_i64()
+        .or_else(|| value.as_f64().filter(|f| f.is_finite()).map(|f| f as i64))
+        .ok_or_else(|| serde::de::Error::custom("a time claim must be a number of seconds"))
+}
+
+fn optional_seconds<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<Option<i64>, D::Error> {
+    seconds(deserializer).map(Some)
+}
+
+impl AccessClaims {
+    /// The verified caller these claims describe.
+    pub fn principal(&self) -> std::result::Result<Principal, TokenRejection> {
+        if self.user_id != self.sub
+            || self
+                .user_id_camel
+                .as_ref()
+                .is_some_and(|id| id != &self.sub)
+        {
+            return Err(TokenRejection::InconsistentClaims);
+        }
+        let user_id =
+            UserId::new(self.sub.as_str()).map_err(|_| TokenRejection::InconsistentClaims)?;
+        let role: UserRole = self.role.parse().map_err(|_| TokenRejection::UnknownRole)?;
+        Ok(Principal {
+            user_id,
+            role,
+            family_id: self
+                .family_id
+                .as_deref()
+                .and_then(|f| FamilyId::new(f).ok()),
+        })
+    }
+}
+
+/// Why a token was rejected. Logged, never sent to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TokenRejection {
+    /// Longer than [`MAX_TOKEN_BYTES`].
+    Oversized,
+    /// Not three base64url parts with a JSON header (includes `alg: none`).
+    Malformed,
+    /// The header's algorithm is not one this verifier was configured with.
+    AlgorithmNotAllowed,
+    /// No configured key has the header's `kid` (or several could match without one).
+    UnknownKey,
+    /// The signature does not verify.
+    BadSignature,
+    /// Past `exp` (plus leeway).
+    Expired,
+    /// Before `nbf` (minus leeway).
+    NotYetValid,
+    /// `iss` is not the configured issuer.
+    WrongIssuer,
+    /// A required claim is missing or has the wrong type.
+    MissingClaim,
+    /// `sub`, `user_id` and `userId` disagree, or the id is invalid.
+    InconsistentClaims,
+    /// The role is not a known one.
+    UnknownRole,
+    /// Revoked by logout or refresh-token theft detection.
+    Revoked,
+}
+
+impl TokenRejection {
+    /// A short reason for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenRejection::Oversized => "oversized token",
+            TokenRejection::Malformed => "malformed token",
+            TokenRejection::AlgorithmNotAllowed => "algorithm not allowed",
+            TokenRejection::UnknownKey => "unknown key id",
+            TokenRejection::BadSignature => "bad signature",
+            TokenRejection::Expired => "expired",
+            TokenRejection::NotYetValid => "not yet valid",
+            TokenRejection::WrongIssuer => "wrong issuer",
+            TokenRejection::MissingClaim => "missing or invalid claim",
+            TokenRejection::InconsistentClaims => "inconsistent subject claims",
+            TokenRejection::UnknownRole => "unknown role",
+            TokenRejection::Revoked => "revoked",
+        }
+    }
+
+    /// The error sent to the client: the same for every reason.
+    pub fn into_error(self) -> Error {
+        tracing::warn!(reason = self.as_str(), "access token rejected");
+        Error::Unauthorized {
+            message: "Invalid or expired token".into(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct VerificationKey {
+    algorithm: TokenAlgorithm,
+    kid: Option<String>,
+    key: DecodingKey,
+}
+
+/// Signing and verification keys.
+///
+/// One key signs; any number verify, so keys rotate without logging everyone out: add the
+/// new key as the signer, keep the old public key as a verification key until the last
+/// token it signed has expired.
+#[derive(Clone)]
+pub struct TokenKeys {
+    algorithm: TokenAlgorithm,
+    kid: Option<String>,
+    signing: EncodingKey,
+    verifying: Vec<VerificationKey>,
+}
+
+impl std::fmt::Debug for TokenKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenKeys")
+            .field("algorithm", &self.algorithm)
+            .field("kid", &self.kid)
+            .field(
+                "verification_keys",
+                &self
+                    .verifying
+                    .iter()
+                    .map(|k| (k.algorithm, k.kid.clone()))
+                    .collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+fn ensure_crypto_provider() {
+    // jsonwebtoken picks its provider from its features; installing it explicitly keeps
+    // that true even if another crate in the build enables a second backend.
+    let _ = jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER.install_default();
+}
+
+fn key_error(what: &str, error: jsonwebtoken::errors::Error) -> Error {
+    Error::Validation {
+        message: format!("invalid {what}: {error}"),
+        field: Some("jwtKey"),
+    }
+}
+
+impl TokenKeys {
+    /// HS256 with a shared secret of at least [`MIN_SECRET_BYTES`] bytes (no `kid`, as the
+    /// legacy tokens).
+    pub fn hs256(secret: &[u8]) -> Result<Self> {
+        ensure_crypto_provider();
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err(Error::validation(
+                "JWT_SECRET",
+                format!("JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes"),
+            ));
+        }
+        Ok(Self {
+            algorithm: TokenAlgorithm::Hs256,
+            kid: None,
+            signing: EncodingKey::from_secret(secret),
+            verifying: vec![VerificationKey {
+                algorithm: TokenAlgorithm::Hs256,
+                kid: None,
+                key: DecodingKey::from_secret(secret),
+            }],
+        })
+    }
+
+    /// An asymmetric signing key (PEM: PKCS#8 private key, SPKI public key) named `kid`.
+    pub fn asymmetric(
+        algorithm: TokenAlgorithm,
+        kid: &str,
+        private_pem: &[u8],
+        public_pem: &[u8],
+    ) -> Result<Self> {
+        ensure_crypto_provider();
+        let signing = match algorithm {
+            TokenAlgorithm::EdDsa => EncodingKey::from_ed_pem(private_pem),
+            TokenAlgorithm::Rs256 => EncodingKey::from_rsa_pem(private_pem),
+            TokenAlgorithm::Es256 => EncodingKey::from_ec_pem(private_pem),
+            TokenAlgorithm::Hs256 => {
+                return Err(Error::validation(
+                    "JWT_ALGORITHM",
+                    "HS256 uses TokenKeys::hs256",
+                ));
+            }
+        }
+        .map_err(|e| key_error("private key", e))?;
+        Self {
+            algorithm,
+            kid: Some(kid.to_owned()),
+            signing,
+            verifying: Vec::new(),
+        }
+        .with_public_key(algorithm, kid, public_pem)
+    }
+
+    /// Also accepts tokens signed with this public key (PEM) and `kid`.
+    pub fn with_public_key(
+        mut self,
+        algorithm: TokenAlgorithm,
+        kid: &str,
+        public_pem: &[u8],
+    ) -> Result<Self> {
+        let key = match algorithm {
+            TokenAlgorithm::EdDsa => DecodingKey::from_ed_pem(public_pem),
+            TokenAlgorithm::Rs256 => DecodingKey::from_rsa_pem(public_pem),
+            TokenAlgorithm::Es256 => DecodingKey::from_ec_pem(public_pem),
+            TokenAlgorithm::Hs256 => {
+                return Err(Error::validation(
+                    "JWT_ALGORITHM",
+                    "HS256 keys are secrets: use with_secret",
+                ));
+            }
+        }
+        .map_err(|e| key_error("public key", e))?;
+        if self.verifying.iter().any(|k| k.kid.as_deref() == Some(kid)) {
+            return Err(Error::validation(
+                "jwtKey",
+                format!("two verification keys named {kid:?}"),
+            ));
+        }
+        self.verifying.push(VerificationKey {
+            algorithm,
+            kid: Some(kid.to_owned()),
+            key,
+        });
+        Ok(self)
+    }
+
+    /// Also accepts HS256 tokens signed with this secret (for example the legacy
+    /// `JWT_SECRET` while moving to asymmetric keys).
+    pub fn with_secret(mut self, secret: &[u8]) -> Result<Self> {
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err(Error::validation(
+                "JWT_SECRET",
+                format!("JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes"),
+            ));
+        }
+        self.verifying.push(VerificationKey {
+            algorithm: TokenAlgorithm::Hs256,
+            kid: None,
+            key: DecodingKey::from_secret(secret),
+        });
+        Ok(self)
+    }
+
+    fn find(
+        &self,
+        algorithm: Algorithm,
+        kid: Option<&str>,
+    ) -> std::result::Result<&VerificationKey, TokenRejection> {
+        let mut candidates = self
+            .verifying
+            .iter()
+            .filter(|k| k.algorithm.jwt() == algorithm);
+        let found = match kid {
+            Some(kid) => candidates.find(|k| k.kid.as_deref() == Some(kid)),
+            None => {
+                let first = candidates.next();
+                if candidates.next().is_some() {
+                    return Err(TokenRejection::UnknownKey);
+                }
+                first
+            }
+        };
+        found.ok_or(TokenRejection::UnknownKey)
+    }
+}
+
+/// Issues and verifies access tokens.
+#[derive(Debug, Clone)]
+pub struct TokenCodec {
+    keys: TokenKeys,
+    issuer: String,
+    ttl: Duration,
+    leeway: Duration,
+    allowed: HashSet<TokenAlgorithm>,
+}
+
+/// A freshly issued access token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IssuedToken {
+    /// The compact JWT.
+    pub token: String,
+    /// Its claims.
+    pub claims: AccessClaims,
+}
+
+fn random_id() -> Result<String> {
+    let mut bytes = [0u8; 16];
+    getrandom::getrandom(&mut bytes).map_err(|e| {
+        Error::unavailable("system randomness", std::io::Error::other(e.to_string()))
+    })?;
+    Ok(hex::encode(bytes))
+}
+
+impl TokenCodec {
+    /// A codec issuing tokens valid for `ttl`, with the legacy issuer and 30 s of leeway.
+    pub fn new(keys: TokenKeys, ttl: Duration) -> Self {
+        let allowed = keys.verifying.iter().map(|k| k.algorithm).collect();
+        Self {
+            keys,
+            issuer: DEFAULT_ISSUER.to_owned(),
+            ttl,
+            leeway: Duration::from_secs(30),
+            allowed,
+        }
+    }
+
+    /// Sets the clock leeway for `exp` and `nbf` (at most [`MAX_LEEWAY`]).
+    pub fn with_leeway(mut self, leeway: Duration) -> Result<Self> {
+        if leeway > MAX_LEEWAY {
+            return Err(Error::validation(
+                "leeway",
+                format!("clock leeway is at most {MAX_LEEWAY:?}"),
+            ));
+        }
+        self.leeway = leeway;
+        Ok(self)
+    }
+
+    /// Sets the issuer written and required (default `cmz-api`).
+    pub fn with_issuer(mut self, issuer: impl Into<String>) -> Self {
+        self.issuer = issuer.into();
+        self
+    }
+
+    /// How long issued tokens live.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Issues a token for `user`, in refresh family `family` if any.
+    pub fn issue(&self, user: &User, family: Option<&str>) -> Result<IssuedToken> {
+        let now = Utc::now().timestamp();
+        let role = user.role.as_str().to_owned();
+        let claims = AccessClaims {
+            user_id: user.user_id.to_string(),
+            user_id_camel: Some(user.user_id.to_string()),
+            email: user.email.clone(),
+            role: role.clone(),
+            user_type: Some(role),
+            exp: now + i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX / 2),
+            iat: now,
+            nbf: None,
+            iss: self.issuer.clone(),
+            sub: user.user_id.to_string(),
+            jti: Some(random_id()?),
+            sid: family.map(str::to_owned),
+            family_id: user.family_id.as_ref().map(ToString::to_string),
+            extra: serde_json::Map::new(),
+        };
+        let token = self.sign(&claims)?;
+        Ok(IssuedToken { token, claims })
+    }
+
+    /// Signs arbitrary claims with the signing key (for compatibility helpers and tests).
+    pub fn sign(&self, claims: &AccessClaims) -> Result<String> {
+        let mut header = Header::new(self.keys.algorithm.jwt());
+        header.kid = self.keys.kid.clone();
+        jsonwebtoken::encode(&header, claims, &self.keys.signing).map_err(|e| Error::Internal {
+            message: "signing the access token failed".into(),
+            source: Some(Box::new(e)),
+        })
+    }
+
+    /// Verifies a token's signature and claims (not revocation), saying why it failed.
+    pub fn verify_detailed(
+        &self,
+        token: &str,
+    ) -> std::result::Result<AccessClaims, TokenRejection> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TokenRejection::Oversized);
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenRejection::Malformed)?;
+        if !self.allowed.iter().any(|a| a.jwt() == header.alg) {
+            return Err(TokenRejection::AlgorithmNotAllowed);
+        }
+        let key = self.keys.find(header.alg, header.kid.as_deref())?;
+        let mut validation = Validation::new(header.alg);
+        validation.leeway = self.leeway.as_secs();
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.validate_aud = false;
+        validation.set_issuer(&[self.issuer.as_str()]);
+        validation.set_required_spec_claims(&["exp", "iss", "sub"]);
+        let data = jsonwebtoken::decode::<AccessClaims>(token, &key.key, &validation).map_err(
+            |e| match e.kind() {
+                ErrorKind::InvalidSignature => TokenRejection::BadSignature,
+                ErrorKind::ExpiredSignature => TokenRejection::Expired,
+                ErrorKind::ImmatureSignature => TokenRejection::NotYetValid,
+                ErrorKind::InvalidIssuer => TokenRejection::WrongIssuer,
+                ErrorKind::MissingRequiredClaim(_) | ErrorKind::Json(_) => {
+                    TokenRejection::MissingClaim
+                }
+                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                    TokenRejection::AlgorithmNotAllowed
+                }
+                _ => TokenRejection::Malformed,
+            },
+        )?;
+        Ok(data.claims)
+    }
+
+    /// Verifies a token's signature and claims; any failure is `unauthorized` (the reason
+    /// is logged).
+    pub fn verify(&self, token: &str) -> Result<AccessClaims> {
+        self.verify_detailed(token)
+            .map_err(TokenRejection::into_error)
+    }
+}
