@@ -1133,3 +1133,14 @@ async fn the_conversation_service_enforces_the_platform_policy() {
         vec![AuditOutcome::Denied, AuditOutcome::Allowed]
     );
 }
+
+#[tokio::test]
+async fn the_in_memory_auth_stores_pass_the_conformance_suite() {
+    crate::testing::run_auth_store_suite(
+        &InMemoryUserStore::new(),
+        &InMemoryFamilyDirectory::new(),
+        &InMemoryRevocationStore::new(),
+        &InMemoryRateLimitStore::new(),
+    )
+    .await;
+}

@@ -390,6 +390,8 @@ pub struct TokenCodec {
     ttl: Duration,
     leeway: Duration,
     allowed: HashSet<TokenAlgorithm>,
+    /// One prepared `Validation` per accepted algorithm (building one allocates).
+    validations: Vec<(Algorithm, Validation)>,
 }
 
 /// A freshly issued access token.
@@ -413,13 +415,33 @@ impl TokenCodec {
     /// A codec issuing tokens valid for `ttl`, with the legacy issuer and 30 s of leeway.
     pub fn new(keys: TokenKeys, ttl: Duration) -> Self {
         let allowed = keys.verifying.iter().map(|k| k.algorithm).collect();
-        Self {
+        let mut codec = Self {
             keys,
             issuer: DEFAULT_ISSUER.to_owned(),
             ttl,
             leeway: Duration::from_secs(30),
             allowed,
-        }
+            validations: Vec::new(),
+        };
+        codec.prepare_validations();
+        codec
+    }
+
+    fn prepare_validations(&mut self) {
+        self.validations = self
+            .allowed
+            .iter()
+            .map(|algorithm| {
+                let mut validation = Validation::new(algorithm.jwt());
+                validation.leeway = self.leeway.as_secs();
+                validation.validate_exp = true;
+                validation.validate_nbf = true;
+                validation.validate_aud = false;
+                validation.set_issuer(&[self.issuer.as_str()]);
+                validation.set_required_spec_claims(&["exp", "iss", "sub"]);
+                (algorithm.jwt(), validation)
+            })
+            .collect();
     }
 
     /// Sets the clock leeway for `exp` and `nbf` (at most [`MAX_LEEWAY`]).
@@ -431,12 +453,14 @@ impl TokenCodec {
             ));
         }
         self.leeway = leeway;
+        self.prepare_validations();
         Ok(self)
     }
 
     /// Sets the issuer written and required (default `cmz-api`).
     pub fn with_issuer(mut self, issuer: impl Into<String>) -> Self {
         self.issuer = issuer.into();
+        self.prepare_validations();
         self
     }
 
@@ -488,18 +512,11 @@ impl TokenCodec {
             return Err(TokenRejection::Oversized);
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenRejection::Malformed)?;
-        if !self.allowed.iter().any(|a| a.jwt() == header.alg) {
+        let Some((_, validation)) = self.validations.iter().find(|(alg, _)| *alg == header.alg) else {
             return Err(TokenRejection::AlgorithmNotAllowed);
-        }
+        };
         let key = self.keys.find(header.alg, header.kid.as_deref())?;
-        let mut validation = Validation::new(header.alg);
-        validation.leeway = self.leeway.as_secs();
-        validation.validate_exp = true;
-        validation.validate_nbf = true;
-        validation.validate_aud = false;
-        validation.set_issuer(&[self.issuer.as_str()]);
-        validation.set_required_spec_claims(&["exp", "iss", "sub"]);
-        let data = jsonwebtoken::decode::<AccessClaims>(token, &key.key, &validation).map_err(
+        let data = jsonwebtoken::decode::<AccessClaims>(token, &key.key, validation).map_err(
             |e| match e.kind() {
                 ErrorKind::InvalidSignature => TokenRejection::BadSignature,
                 ErrorKind::ExpiredSignature => TokenRejection::Expired,

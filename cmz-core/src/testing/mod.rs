@@ -14,8 +14,10 @@
 //! # });
 //! ```
 
+mod auth_suite;
 mod scripted;
 mod store_suite;
 
 pub use scripted::{Failure, ScriptedModel, Step};
+pub use auth_suite::*;
 pub use store_suite::*;
