@@ -7,7 +7,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cmz_core::access::UserRole;
-use cmz_core::auth::{AuthService, AuthSettings, AuthStores, PasswordHasher, TokenCodec, TokenKeys, User, UserType};
+use cmz_core::auth::{
+    AuthService, AuthSettings, AuthStores, PasswordHasher, TokenCodec, TokenKeys, User, UserType,
+};
 use cmz_core::ids::UserId;
 use criterion::{Criterion, black_box};
 
@@ -42,9 +44,15 @@ for _ in range(5):
 print(statistics.median(rates))
 "#
     );
-    let output = Command::new("python3").args(["-c", &script]).output().ok()?;
+    let output = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .ok()?;
     if !output.status.success() {
-        eprintln!("PyJWT run failed: {}", String::from_utf8_lossy(&output.stderr));
+        eprintln!(
+            "PyJWT run failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         return None;
     }
     String::from_utf8(output.stdout).ok()?.trim().parse().ok()
@@ -68,18 +76,33 @@ fn cmz_ops_per_sec(codec: &TokenCodec, token: &str) -> f64 {
 
 fn main() {
     let mut criterion = Criterion::default().configure_from_args();
-    let codec = TokenCodec::new(TokenKeys::hs256(SECRET.as_bytes()).expect("secret"), Duration::from_secs(3600));
+    let codec = TokenCodec::new(
+        TokenKeys::hs256(SECRET.as_bytes()).expect("secret"),
+        Duration::from_secs(3600),
+    );
     let token = codec.issue(&user(), Some("family")).expect("token").token;
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let settings = AuthSettings::with_secret(SECRET.as_bytes()).expect("settings");
-    let auth = rt.block_on(AuthService::new(settings, AuthStores::in_memory())).expect("auth");
+    let auth = rt
+        .block_on(AuthService::new(settings, AuthStores::in_memory()))
+        .expect("auth");
 
     let mut group = criterion.benchmark_group("auth");
-    group.sample_size(20).measurement_time(Duration::from_secs(3));
-    group.bench_function("verify_hs256_signature_and_claims", |b| b.iter(|| codec.verify(black_box(&token)).expect("valid")));
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(3));
+    group.bench_function("verify_hs256_signature_and_claims", |b| {
+        b.iter(|| codec.verify(black_box(&token)).expect("valid"))
+    });
     group.bench_function("authenticate_with_revocation_check", |b| {
-        b.iter(|| rt.block_on(auth.authenticate(black_box(&token))).expect("valid"))
+        b.iter(|| {
+            rt.block_on(auth.authenticate(black_box(&token)))
+                .expect("valid")
+        })
     });
     group.finish();
 
@@ -105,19 +128,28 @@ fn main() {
         })
         .collect();
     times.sort_by(f64::total_cmp);
-    println!("\nargon2id password check at m={m} KiB, t={t}, p={p} (OWASP minimum): median {:.1} ms", times[3]);
+    println!(
+        "\nargon2id password check at m={m} KiB, t={t}, p={p} (OWASP minimum): median {:.1} ms",
+        times[3]
+    );
 
     let mut dev = AuthSettings::development();
     dev.keys = TokenKeys::hs256(SECRET.as_bytes()).expect("secret");
-    let auth = rt.block_on(AuthService::new(dev, AuthStores::in_memory())).expect("auth");
+    let auth = rt
+        .block_on(AuthService::new(dev, AuthStores::in_memory()))
+        .expect("auth");
     let mut logins: Vec<f64> = (0..7)
         .map(|i| {
             let start = Instant::now();
-            rt.block_on(auth.login("admin@cmz.org", "admin123", Some(&format!("10.0.0.{i}")))).expect("login");
+            rt.block_on(auth.login("admin@cmz.org", "admin123", Some(&format!("10.0.0.{i}"))))
+                .expect("login");
             start.elapsed().as_secs_f64() * 1e3
         })
         .collect();
     logins.sort_by(f64::total_cmp);
-    println!("full login (lookup, argon2id check, access + refresh token): median {:.1} ms", logins[3]);
+    println!(
+        "full login (lookup, argon2id check, access + refresh token): median {:.1} ms",
+        logins[3]
+    );
     criterion.final_summary();
 }

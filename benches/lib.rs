@@ -99,6 +99,11 @@ impl ConversationStore for LegacyDocumentStore {
     }
 
     async fn append_turn(&self, append: TurnAppend) -> Result<AppendOutcome> {
+        if let Some(session) = &append.new_session {
+            if self.load(&session.id)?.is_none() {
+                self.create_session(session).await?;
+            }
+        }
         let mut document = self.require(&append.session_id)?;
         if let Some(&(start, len)) = append
             .turn_key
@@ -259,6 +264,7 @@ pub async fn service_with_history(
             expected_count: 0,
             messages,
             turn_key: None,
+            new_session: None,
         };
         store.append_turn(append).await.expect("prefill");
     }

@@ -93,9 +93,9 @@ impl Principal {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Action {
-    /// Read history, sessions, session details.
+    /// Read history, sessions, session details; summarize (derived from what is read).
     Read,
-    /// Take a turn, summarize.
+    /// Take a turn.
     Write,
     /// Delete conversations.
     Delete,

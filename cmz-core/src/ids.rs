@@ -13,14 +13,18 @@ use crate::error::{Error, Result};
 /// The longest id accepted, in bytes.
 pub const MAX_ID_LEN: usize = 128;
 
-fn validate(kind: &'static str, value: &str) -> Result<()> {
+/// The longest session id accepted: room for `conv_{animal}_{user}_{8 hex}` with the
+/// longest animal and user ids.
+pub const MAX_SESSION_ID_LEN: usize = 2 * MAX_ID_LEN + 16;
+
+fn validate(kind: &'static str, value: &str, max: usize) -> Result<()> {
     if value.is_empty() {
         return Err(Error::validation(kind, format!("{kind} must not be empty")));
     }
-    if value.len() > MAX_ID_LEN {
+    if value.len() > max {
         return Err(Error::validation(
             kind,
-            format!("{kind} is longer than {MAX_ID_LEN} characters"),
+            format!("{kind} is longer than {max} characters"),
         ));
     }
     if let Some(bad) = value
@@ -37,6 +41,9 @@ fn validate(kind: &'static str, value: &str) -> Result<()> {
 
 macro_rules! id_type {
     ($(#[$meta:meta])* $name:ident, $kind:literal) => {
+        id_type!($(#[$meta])* $name, $kind, MAX_ID_LEN);
+    };
+    ($(#[$meta:meta])* $name:ident, $kind:literal, $max:expr) => {
         $(#[$meta])*
         #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
@@ -46,7 +53,7 @@ macro_rules! id_type {
             /// Validates `value` and wraps it; a `validation_error` names the field.
             pub fn new(value: impl Into<String>) -> Result<Self> {
                 let value = value.into();
-                validate($kind, &value)?;
+                validate($kind, &value, $max)?;
                 Ok(Self(value))
             }
 
@@ -116,7 +123,8 @@ id_type!(
 id_type!(
     /// A conversation session; it is also the conversation id (`sessionId`).
     SessionId,
-    "sessionId"
+    "sessionId",
+    MAX_SESSION_ID_LEN
 );
 id_type!(
     /// One stored message (`messageId`).
@@ -196,6 +204,14 @@ mod tests {
             ));
         }
         assert!(UserId::new("x".repeat(MAX_ID_LEN)).is_ok());
+    }
+
+    #[test]
+    fn the_longest_ids_make_a_valid_session_id() {
+        let animal = AnimalId::new("a".repeat(MAX_ID_LEN)).unwrap();
+        let user = UserId::new("u".repeat(MAX_ID_LEN)).unwrap();
+        assert!(SessionId::generate(&animal, &user).is_ok());
+        assert!(SessionId::new("s".repeat(MAX_SESSION_ID_LEN + 1)).is_err());
     }
 
     #[test]

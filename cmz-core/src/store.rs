@@ -152,6 +152,9 @@ pub struct TurnAppend {
     pub messages: Vec<NewMessage>,
     /// The client's idempotency key for this turn, recorded with it.
     pub turn_key: Option<String>,
+    /// Creates the session in the same atomic step (its `message_count` must be 0 and
+    /// `expected_count` 0), so a session never exists without its first message.
+    pub new_session: Option<Session>,
 }
 
 /// What an append did.
@@ -176,6 +179,9 @@ pub enum AppendOutcome {
 ///   atomic step. An unknown session is `not_found`; content over
 ///   [`MAX_CONTENT_BYTES`](crate::types::MAX_CONTENT_BYTES) or a system message is
 ///   `validation_error` and writes nothing.
+/// - **Creation with the first turn**: with `new_session` set, the session and the
+///   messages are stored together or not at all; if the session already exists the append
+///   fails with `conflict` (or is a duplicate, below).
 /// - **Idempotency**: an append whose `turn_key` is already recorded for the session writes
 ///   nothing and returns [`AppendOutcome::Duplicate`] with the messages of the first append,
 ///   whatever its `expected_count`. `find_turn` returns them too.
@@ -185,7 +191,9 @@ pub enum AppendOutcome {
 ///   while messages are appended (appends show up on later pages, nothing is repeated or
 ///   skipped). Malformed or foreign cursors are `validation_error`.
 /// - **Listing**: `list_sessions` returns the scope's sessions newest `last_activity` first
-///   (ties broken by id, descending), paged with cursors as above.
+///   (ties broken by id, descending). A cursor is a position in that order: later pages
+///   never repeat a session, but a session that gets a turn while a client pages moves to
+///   the top and is not seen again until a fresh listing.
 /// - **Deletes**: a deleted session and its messages are gone for every method; deleting
 ///   nothing is not an error (an empty report).
 /// - **Errors**: a backend failure is `unavailable` (or `timeout`) with the backend's error

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use cmz_core::access::UserRole;
 use cmz_core::auth::{
-    AuthService, AuthSettings, AuthStores, PasswordCheck, PasswordHasher, TokenAlgorithm, TokenCodec, TokenKeys, TokenRejection, User,
-    UserType,
+    AuthService, AuthSettings, AuthStores, PasswordCheck, PasswordHasher, TokenAlgorithm,
+    TokenCodec, TokenKeys, TokenRejection, User, UserType,
 };
 use cmz_core::ids::UserId;
 
@@ -29,7 +29,12 @@ fn python(script: &str, input: &str) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
     let output = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -74,7 +79,9 @@ async fn auth() -> AuthService {
         hasher: PasswordHasher::new(1024, 1, 1).unwrap(),
         ..AuthSettings::with_secret(SECRET.as_bytes()).unwrap()
     };
-    AuthService::new(settings, AuthStores::in_memory()).await.unwrap()
+    AuthService::new(settings, AuthStores::in_memory())
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -82,8 +89,14 @@ async fn a_pyjwt_token_with_the_legacy_claims_verifies_in_cmz() {
     let auth = auth().await;
     let token = mint("HS256", SECRET, "user_parent_1", "parent", None);
     let (principal, claims) = auth.verify(&token).await.expect("PyJWT token verifies");
-    assert_eq!((principal.user_id.as_str(), principal.role), ("user_parent_1", UserRole::Parent));
-    assert_eq!(claims.extra["displayName"], "From Python", "extra legacy fields survive");
+    assert_eq!(
+        (principal.user_id.as_str(), principal.role),
+        ("user_parent_1", UserRole::Parent)
+    );
+    assert_eq!(
+        claims.extra["displayName"], "From Python",
+        "extra legacy fields survive"
+    );
     assert!(claims.jti.is_none());
 }
 
@@ -101,9 +114,20 @@ async fn a_cmz_token_decodes_in_pyjwt() {
         soft_delete: false,
     };
     let token = auth.codec().issue(&user, Some("fam")).unwrap().token;
-    let out = python(PYJWT_DECODE, &serde_json::json!({"token": token, "key": SECRET, "alg": "HS256"}).to_string());
+    let out = python(
+        PYJWT_DECODE,
+        &serde_json::json!({"token": token, "key": SECRET, "alg": "HS256"}).to_string(),
+    );
     let claims: serde_json::Value = serde_json::from_str(&out).unwrap();
-    for (name, value) in [("user_id", "user_student_1"), ("userId", "user_student_1"), ("sub", "user_student_1"), ("role", "student"), ("user_type", "student"), ("email", "s1@cmz.org"), ("iss", "cmz-api")] {
+    for (name, value) in [
+        ("user_id", "user_student_1"),
+        ("userId", "user_student_1"),
+        ("sub", "user_student_1"),
+        ("role", "student"),
+        ("user_type", "student"),
+        ("email", "s1@cmz.org"),
+        ("iss", "cmz-api"),
+    ] {
         assert_eq!(claims[name], value, "{name}");
     }
 }
@@ -112,8 +136,17 @@ async fn a_cmz_token_decodes_in_pyjwt() {
 async fn forged_pyjwt_tokens_are_rejected() {
     let auth = auth().await;
     let codec = auth.codec();
-    let other_secret = mint("HS256", "some-other-secret-some-other-secret-000", "user_x", "admin", None);
-    assert_eq!(codec.verify_detailed(&other_secret).unwrap_err(), TokenRejection::BadSignature);
+    let other_secret = mint(
+        "HS256",
+        "some-other-secret-some-other-secret-000",
+        "user_x",
+        "admin",
+        None,
+    );
+    assert_eq!(
+        codec.verify_detailed(&other_secret).unwrap_err(),
+        TokenRejection::BadSignature
+    );
     let none = python(
         r#"
 import jwt, time
@@ -121,7 +154,10 @@ print(jwt.encode({"user_id": "x", "sub": "x", "role": "admin", "iss": "cmz-api",
 "#,
         "",
     );
-    assert_eq!(codec.verify_detailed(&none).unwrap_err(), TokenRejection::Malformed);
+    assert_eq!(
+        codec.verify_detailed(&none).unwrap_err(),
+        TokenRejection::Malformed
+    );
     let hs512 = python(
         &format!(
             r#"
@@ -131,9 +167,15 @@ print(jwt.encode({{"user_id": "x", "sub": "x", "role": "admin", "iss": "cmz-api"
         ),
         "",
     );
-    assert_eq!(codec.verify_detailed(&hs512).unwrap_err(), TokenRejection::AlgorithmNotAllowed);
+    assert_eq!(
+        codec.verify_detailed(&hs512).unwrap_err(),
+        TokenRejection::AlgorithmNotAllowed
+    );
     for token in [&other_secret, &none, &hs512] {
-        assert_eq!(auth.authenticate(token).await.unwrap_err().code(), "unauthorized");
+        assert_eq!(
+            auth.authenticate(token).await.unwrap_err().code(),
+            "unauthorized"
+        );
     }
 }
 
@@ -149,10 +191,25 @@ fn eddsa_tokens_cross_both_ways() {
         .unwrap(),
         Duration::from_secs(600),
     );
-    let from_python = mint("EdDSA", &testdata("ed25519-a.key"), "user_1", "student", Some("ed-a"));
+    let from_python = mint(
+        "EdDSA",
+        &testdata("ed25519-a.key"),
+        "user_1",
+        "student",
+        Some("ed-a"),
+    );
     assert_eq!(codec.verify(&from_python).unwrap().sub, "user_1");
-    let wrong_key = mint("EdDSA", &testdata("ed25519-b.key"), "user_1", "admin", Some("ed-a"));
-    assert_eq!(codec.verify_detailed(&wrong_key).unwrap_err(), TokenRejection::BadSignature);
+    let wrong_key = mint(
+        "EdDSA",
+        &testdata("ed25519-b.key"),
+        "user_1",
+        "admin",
+        Some("ed-a"),
+    );
+    assert_eq!(
+        codec.verify_detailed(&wrong_key).unwrap_err(),
+        TokenRejection::BadSignature
+    );
 
     let user = User {
         user_id: UserId::new("user_2").unwrap(),
@@ -165,8 +222,15 @@ fn eddsa_tokens_cross_both_ways() {
         soft_delete: false,
     };
     let ours = codec.issue(&user, None).unwrap().token;
-    let out = python(PYJWT_DECODE, &serde_json::json!({"token": ours, "key": testdata("ed25519-a.pub"), "alg": "EdDSA"}).to_string());
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["sub"], "user_2");
+    let out = python(
+        PYJWT_DECODE,
+        &serde_json::json!({"token": ours, "key": testdata("ed25519-a.pub"), "alg": "EdDSA"})
+            .to_string(),
+    );
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["sub"],
+        "user_2"
+    );
 }
 
 #[test]
@@ -180,6 +244,12 @@ print(salt + ":" + hashlib.pbkdf2_hmac("sha256", "zoo-pässword".encode(), salt.
         "",
     );
     let hasher = PasswordHasher::new(1024, 1, 1).unwrap();
-    assert_eq!(hasher.verify_blocking("zoo-pässword", &stored), PasswordCheck::Valid { needs_rehash: true });
-    assert_eq!(hasher.verify_blocking("zoo-password", &stored), PasswordCheck::Invalid);
+    assert_eq!(
+        hasher.verify_blocking("zoo-pässword", &stored),
+        PasswordCheck::Valid { needs_rehash: true }
+    );
+    assert_eq!(
+        hasher.verify_blocking("zoo-password", &stored),
+        PasswordCheck::Invalid
+    );
 }

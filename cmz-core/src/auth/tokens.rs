@@ -512,7 +512,8 @@ impl TokenCodec {
             return Err(TokenRejection::Oversized);
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenRejection::Malformed)?;
-        let Some((_, validation)) = self.validations.iter().find(|(alg, _)| *alg == header.alg) else {
+        let Some((_, validation)) = self.validations.iter().find(|(alg, _)| *alg == header.alg)
+        else {
             return Err(TokenRejection::AlgorithmNotAllowed);
         };
         let key = self.keys.find(header.alg, header.kid.as_deref())?;

@@ -70,6 +70,25 @@ fn session_not_found(id: &SessionId) -> Error {
 }
 
 impl State {
+    fn insert(&mut self, session: Session) {
+        self.by_user
+            .entry(session.user_id.clone())
+            .or_default()
+            .insert(session.id.clone());
+        self.by_animal
+            .entry(session.animal_id.clone())
+            .or_default()
+            .insert(session.id.clone());
+        self.sessions.insert(
+            session.id.clone(),
+            Entry {
+                session,
+                messages: MessageLog::default(),
+                turn_keys: HashMap::new(),
+            },
+        );
+    }
+
     fn remove(&mut self, id: &SessionId) -> Option<Entry> {
         let entry = self.sessions.remove(id)?;
         if let Some(set) = self.by_user.get_mut(&entry.session.user_id) {
@@ -105,24 +124,7 @@ impl ConversationStore for InMemoryConversationStore {
                 session.id
             )));
         }
-        state
-            .by_user
-            .entry(session.user_id.clone())
-            .or_default()
-            .insert(session.id.clone());
-        state
-            .by_animal
-            .entry(session.animal_id.clone())
-            .or_default()
-            .insert(session.id.clone());
-        state.sessions.insert(
-            session.id.clone(),
-            Entry {
-                session: session.clone(),
-                messages: MessageLog::default(),
-                turn_keys: HashMap::new(),
-            },
-        );
+        state.insert(session.clone());
         Ok(())
     }
 
@@ -141,6 +143,31 @@ impl ConversationStore for InMemoryConversationStore {
             message.validate()?;
         }
         let mut state = self.write();
+        if let Some(session) = &append.new_session {
+            if session.id != append.session_id
+                || append.expected_count != 0
+                || session.message_count != 0
+            {
+                return Err(Error::validation(
+                    "session",
+                    "a new session starts empty, with the append's id",
+                ));
+            }
+            match state.sessions.get(&session.id) {
+                None => state.insert(session.clone()),
+                Some(existing) => {
+                    if let Some(previous) =
+                        append.turn_key.as_deref().and_then(|k| existing.turn(k))
+                    {
+                        return Ok(AppendOutcome::Duplicate(previous));
+                    }
+                    return Err(Error::conflict(format!(
+                        "session {} already exists",
+                        session.id
+                    )));
+                }
+            }
+        }
         let entry = state
             .sessions
             .get_mut(&append.session_id)

@@ -46,15 +46,14 @@ impl SessionLocks {
 
 impl Drop for SessionLease {
     fn drop(&mut self) {
-        let Some(guard) = self.guard.take() else {
-            return;
-        };
-        let mutex = Arc::clone(OwnedMutexGuard::mutex(&guard));
-        drop(guard);
+        // Release first, then look: if only the map still holds the mutex, nobody holds or
+        // waits for it (waiters clone it under the map lock), so the entry can go.
+        drop(self.guard.take());
         let mut locks = self.locks.locks.lock().unwrap_or_else(|p| p.into_inner());
-        // Only the map and `mutex` hold it: nobody waits, so the entry can go. Waiters clone
-        // under the map lock, which we hold, so none can appear in between.
-        if Arc::strong_count(&mutex) == 2 {
+        if locks
+            .get(&self.id)
+            .is_some_and(|m| Arc::strong_count(m) == 1)
+        {
             locks.remove(&self.id);
         }
     }

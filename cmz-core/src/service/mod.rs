@@ -52,7 +52,7 @@ use crate::store::{
     AppendOutcome, DeleteReport, DeleteScope, DynConversationStore, Page, PageRequest,
     SessionScope, TurnAppend,
 };
-use crate::types::{Message, NewMessage, Persona, Role, Session, Usage};
+use crate::types::{MAX_CONTENT_BYTES, Message, NewMessage, Persona, Role, Session, Usage};
 
 /// The longest turn key accepted, in bytes.
 pub const MAX_TURN_KEY_LEN: usize = 128;
@@ -124,6 +124,9 @@ pub struct TurnReply {
     pub usage: Option<Usage>,
     /// The reply is the fallback because the model failed.
     pub fallback: bool,
+    /// The reply was cut short (the model failed mid-stream, the client went away, or it
+    /// reached the size limit).
+    pub interrupted: bool,
     /// This is the stored result of an earlier request with the same turn key.
     pub replayed: bool,
 }
@@ -137,6 +140,7 @@ impl TurnReply {
             turn: user.seq.div_ceil(2),
             usage: assistant.metadata.usage(),
             fallback: assistant.metadata.fallback,
+            interrupted: assistant.metadata.interrupted,
             user_message: user,
             assistant_message: assistant,
             replayed,
@@ -315,10 +319,23 @@ impl ConversationService {
     /// [`ModelFailurePolicy::Error`] (the user message is then kept).
     #[tracing::instrument(name = "cmz.turn", skip_all, fields(user = %principal.user_id, animal = %request.animal_id))]
     pub async fn turn(&self, principal: &Principal, request: TurnRequest) -> Result<TurnReply> {
-        let mut prepared = match self.prepare(principal, request).await? {
+        require_runtime()?;
+        let prepared = match self.prepare(principal, request).await? {
             Prepare::Replay(reply) => return Ok(reply),
             Prepare::Run(prepared) => prepared,
         };
+        // The model call and the write run in their own task: a caller that goes away
+        // (a closed HTTP connection) does not cancel them, so the accepted message is kept.
+        let service = self.clone();
+        tokio::spawn(async move { service.run_turn(prepared).await }.in_current_span())
+            .await
+            .map_err(|e| Error::Internal {
+                message: "the turn task failed".into(),
+                source: Some(Box::new(e)),
+            })?
+    }
+
+    async fn run_turn(self, mut prepared: Prepared) -> Result<TurnReply> {
         let inner = &self.inner;
         let started = Instant::now();
         let result = tokio::time::timeout(
@@ -327,11 +344,22 @@ impl ConversationService {
         )
         .instrument(span("model", "complete", &prepared.session.id))
         .await
-        .unwrap_or_else(|_| Err(self.model_timeout()));
+        .unwrap_or_else(|_| Err(self.model_timeout()))
+        .and_then(|completion| {
+            if completion.content.trim().is_empty() {
+                Err(Error::Unavailable {
+                    message: format!("model {} returned an empty reply", inner.model.name()),
+                    source: None,
+                })
+            } else {
+                Ok(completion)
+            }
+        });
         let latency = started.elapsed();
         let assistant = match result {
             Ok(completion) => {
                 let mut message = NewMessage::new(Role::Assistant, completion.content);
+                message.metadata.interrupted = truncate_to_limit(&mut message.content);
                 message.metadata.set_usage(completion.usage);
                 message.metadata.model = completion
                     .model
@@ -368,9 +396,7 @@ impl ConversationService {
         principal: &Principal,
         request: TurnRequest,
     ) -> Result<TurnStream> {
-        if tokio::runtime::Handle::try_current().is_err() {
-            return Err(Error::internal("stream_turn needs a tokio runtime"));
-        }
+        require_runtime()?;
         match self.prepare(principal, request).await? {
             Prepare::Replay(reply) => Ok(TurnStream {
                 session_id: reply.session_id.clone(),
@@ -445,8 +471,29 @@ impl ConversationService {
                         if delta.is_empty() {
                             continue;
                         }
+                        let mut delta = delta;
+                        let room = MAX_CONTENT_BYTES.saturating_sub(text.len());
+                        let full = delta.len() >= room;
+                        if full {
+                            let mut cut = room;
+                            while !delta.is_char_boundary(cut) {
+                                cut -= 1;
+                            }
+                            delta.truncate(cut);
+                        }
                         text.push_str(&delta);
-                        if tx.send(Ok(TurnEvent::Delta(delta))).await.is_err() {
+                        // A consumer that stops reading for as long as the model may take
+                        // counts as gone, so it cannot hold the session's queue forever.
+                        let sent =
+                            tokio::time::timeout(timeout, tx.send(Ok(TurnEvent::Delta(delta))))
+                                .await;
+                        if !matches!(sent, Ok(Ok(()))) {
+                            break End::Interrupted;
+                        }
+                        if full {
+                            tracing::warn!(
+                                "model reply reached the stored-message size limit; cut"
+                            );
                             break End::Interrupted;
                         }
                     }
@@ -458,7 +505,15 @@ impl ConversationService {
         let mut assistant = NewMessage::new(Role::Assistant, text);
         assistant.metadata.latency_ms = Some(millis(latency));
         assistant.metadata.model = Some(inner.model.name().to_owned());
-        let mut error_to_send = None;
+        let end = match end {
+            End::Completed(..) if assistant.content.trim().is_empty() => {
+                End::Failed(Error::Unavailable {
+                    message: format!("model {} returned an empty reply", inner.model.name()),
+                    source: None,
+                })
+            }
+            other => other,
+        };
         match end {
             End::Completed(usage, model) => {
                 assistant.metadata.set_usage(usage);
@@ -472,31 +527,31 @@ impl ConversationService {
             }
             End::Failed(error) => {
                 tracing::warn!(code = error.code(), error = %error, "model stream failed");
-                if !assistant.content.is_empty() {
+                match inner.config.on_model_failure {
                     // The child saw part of a reply: keep exactly that, marked as cut short.
-                    assistant.metadata.interrupted = true;
-                    if inner.config.on_model_failure == ModelFailurePolicy::Error {
-                        error_to_send = Some(error);
+                    ModelFailurePolicy::Fallback if !assistant.content.is_empty() => {
+                        assistant.metadata.interrupted = true;
                     }
-                } else if inner.config.on_model_failure == ModelFailurePolicy::Fallback {
-                    assistant = self.fallback_message(&prepared.persona, latency);
-                    let _ = tx
-                        .send(Ok(TurnEvent::Delta(assistant.content.clone())))
-                        .await;
-                } else {
-                    if let Err(store_error) = self.keep_user_message(prepared).await {
-                        tracing::error!(code = store_error.code(), error = %store_error, "storing the user message failed");
+                    ModelFailurePolicy::Fallback => {
+                        assistant = self.fallback_message(&prepared.persona, latency);
+                        let _ = tx
+                            .send(Ok(TurnEvent::Delta(assistant.content.clone())))
+                            .await;
                     }
-                    let _ = tx.send(Err(error)).await;
-                    return;
+                    // Keep the user message only, so a retry with the turn key completes
+                    // the turn instead of replaying a broken reply.
+                    ModelFailurePolicy::Error => {
+                        if let Err(store_error) = self.keep_user_message(prepared).await {
+                            tracing::error!(code = store_error.code(), error = %store_error, "storing the user message failed");
+                        }
+                        let _ = tx.send(Err(error)).await;
+                        return;
+                    }
                 }
             }
         }
         let event = match self.persist(prepared, Some(assistant)).await {
-            Ok(reply) => match error_to_send {
-                Some(error) => Err(error),
-                None => Ok(TurnEvent::Complete(Box::new(reply))),
-            },
+            Ok(reply) => Ok(TurnEvent::Complete(Box::new(reply))),
             Err(error) => {
                 tracing::error!(code = error.code(), error = %error, "storing the streamed turn failed");
                 Err(error)
@@ -537,11 +592,15 @@ impl ConversationService {
         if let Some(key) = &request.turn_key {
             if key.is_empty()
                 || key.len() > MAX_TURN_KEY_LEN
-                || !key.bytes().all(|b| b.is_ascii_graphic())
+                || !key
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
             {
                 return Err(Error::validation(
                     "turnKey",
-                    format!("turn key must be 1 to {MAX_TURN_KEY_LEN} printable ASCII characters"),
+                    format!(
+                        "turn key must be 1 to {MAX_TURN_KEY_LEN} characters of A-Z, a-z, 0-9, '-', '_', '.' and ':'"
+                    ),
                 ));
             }
         }
@@ -572,6 +631,8 @@ impl ConversationService {
         let requested = request.session_id.is_some();
         let mut id = match (&request.session_id, &request.turn_key) {
             (Some(id), _) => id.clone(),
+            // The same key finds the same session again, so a retried first turn does not
+            // start a second session.
             (None, Some(key)) => SessionId::with_suffix(
                 animal,
                 &principal.user_id,
@@ -579,10 +640,12 @@ impl ConversationService {
             )?,
             (None, None) => SessionId::generate(animal, &principal.user_id)?,
         };
+        let mut attempts = 0;
         let (lease, session, created) = loop {
-            let lease = inner.locks.lock(&id).await;
+            attempts += 1;
+            let lease = self.lock_session(&id).await?;
             match self.get_session(&id).await? {
-                Some(session) => {
+                Some(session) if requested || request.turn_key.is_some() => {
                     inner
                         .policy
                         .authorize(principal, Action::Write, &session.user_id)
@@ -595,34 +658,24 @@ impl ConversationService {
                     }
                     break (lease, session, false);
                 }
+                // A new random id that is already taken: draw another.
+                Some(_) if attempts < 4 => id = SessionId::generate(animal, &principal.user_id)?,
+                Some(_) => return Err(Error::internal("could not draw an unused session id")),
                 None if requested => return Err(Error::not_found(format!("session {id}"))),
                 None => {
                     inner
                         .policy
                         .authorize(principal, Action::Write, &principal.user_id)
                         .await?;
+                    // Stored together with the first message, so a failed first turn
+                    // leaves no empty session behind.
                     let session = Session::new(
                         id.clone(),
                         principal.user_id.clone(),
                         animal.clone(),
                         persona.name.clone(),
                     );
-                    match inner
-                        .store
-                        .create_session(&session)
-                        .instrument(span("store", "create_session", &id))
-                        .await
-                    {
-                        Ok(()) => break (lease, session, true),
-                        // Another server created it first (same turn key) or a random id
-                        // collided: look again, or pick a new random id.
-                        Err(Error::Conflict { .. }) => {
-                            if request.turn_key.is_none() {
-                                id = SessionId::generate(animal, &principal.user_id)?;
-                            }
-                        }
-                        Err(error) => return Err(error),
-                    }
+                    break (lease, session, true);
                 }
             }
         };
@@ -632,7 +685,7 @@ impl ConversationService {
             message.metadata.turn_key = request.turn_key.clone();
             message
         });
-        if let Some(key) = &request.turn_key {
+        if let (Some(key), false) = (&request.turn_key, created) {
             if let Some(found) = self.find_turn(&id, key).await? {
                 match found.as_slice() {
                     [user_message, assistant, ..] => {
@@ -661,7 +714,7 @@ impl ConversationService {
             }
         }
 
-        let mut history = if window == 0 {
+        let mut history = if window == 0 || created {
             Vec::new()
         } else {
             inner
@@ -682,9 +735,12 @@ impl ConversationService {
             Role::System,
             prompt::system_prompt(&persona),
         ));
+        // Empty replies (a stream dropped before any text) carry nothing for the model,
+        // and some providers reject empty assistant messages.
         messages.extend(
             history
                 .into_iter()
+                .filter(|m| !m.content.trim().is_empty())
                 .map(|m| ChatMessage::new(m.role, m.content)),
         );
         messages.push(ChatMessage::new(Role::User, content));
@@ -744,6 +800,7 @@ impl ConversationService {
             },
         };
         let mut expected = session.message_count;
+        let mut new_session = created.then(|| session.clone());
         let mut attempt = 0;
         let stored = loop {
             attempt += 1;
@@ -752,6 +809,7 @@ impl ConversationService {
                 expected_count: expected,
                 messages: messages.clone(),
                 turn_key: key.clone(),
+                new_session: new_session.clone(),
             };
             match inner
                 .store
@@ -781,11 +839,15 @@ impl ConversationService {
                     tracing::debug!(attempt, "sequence conflict; re-reading the session");
                     let backoff = Duration::from_millis(fastrand::u64(1..=5) * u64::from(attempt));
                     tokio::time::sleep(backoff).await;
-                    expected = self
-                        .get_session(&session.id)
-                        .await?
-                        .ok_or_else(|| Error::not_found(format!("session {}", session.id)))?
-                        .message_count;
+                    // The session may have been created (or deleted) meanwhile.
+                    match self.get_session(&session.id).await? {
+                        Some(current) => {
+                            expected = current.message_count;
+                            new_session = None;
+                        }
+                        None if new_session.is_some() => {}
+                        None => return Err(Error::not_found(format!("session {}", session.id))),
+                    }
                 }
                 Err(error) => return Err(error),
             }
@@ -803,6 +865,19 @@ impl ConversationService {
                 "the store returned fewer messages than were appended",
             )),
         }
+    }
+
+    /// Waits for the session's in-process queue, bounded so a stuck turn cannot block the
+    /// session forever.
+    async fn lock_session(&self, id: &SessionId) -> Result<SessionLease> {
+        let limit = self.inner.config.model_timeout.saturating_mul(2) + Duration::from_secs(5);
+        tokio::time::timeout(limit, self.inner.locks.lock(id))
+            .await
+            .map_err(|_| {
+                Error::conflict(format!(
+                    "another turn in session {id} is still running; retry later"
+                ))
+            })
     }
 
     async fn get_session(&self, id: &SessionId) -> Result<Option<Session>> {
@@ -863,9 +938,9 @@ impl ConversationService {
 
     /// A page of sessions, newest activity first.
     ///
-    /// A user's listing needs read access to that user. An animal's listing shows only the
-    /// sessions the principal may read, so a page may hold fewer than `limit` items while
-    /// more pages follow.
+    /// A user's listing needs read access to that user; an animal's listing spans all users
+    /// and needs [`AccessPolicy::authorize_all`](crate::access::AccessPolicy::authorize_all)
+    /// (administrators).
     #[tracing::instrument(name = "cmz.list_sessions", skip_all, fields(user = %principal.user_id))]
     pub async fn list_sessions(
         &self,
@@ -874,14 +949,17 @@ impl ConversationService {
         page: PageRequest,
     ) -> Result<Page<Session>> {
         let inner = &self.inner;
-        if let SessionScope::User(owner) = &scope {
-            inner
-                .policy
-                .authorize(principal, Action::Read, owner)
-                .await?;
+        match &scope {
+            SessionScope::User(owner) => {
+                inner
+                    .policy
+                    .authorize(principal, Action::Read, owner)
+                    .await?
+            }
+            // An animal's listing spans every user: only roles that may read everyone's.
+            SessionScope::Animal(_) => inner.policy.authorize_all(principal, Action::Read).await?,
         }
-        let filter_each = matches!(scope, SessionScope::Animal(_));
-        let mut listed = inner
+        let listed = inner
             .store
             .list_sessions(scope, page)
             .instrument(tracing::debug_span!(
@@ -890,21 +968,6 @@ impl ConversationService {
                 op = "list_sessions"
             ))
             .await?;
-        if filter_each {
-            let mut visible = Vec::with_capacity(listed.items.len());
-            for session in listed.items {
-                match inner
-                    .policy
-                    .authorize(principal, Action::Read, &session.user_id)
-                    .await
-                {
-                    Ok(()) => visible.push(session),
-                    Err(Error::Forbidden { .. }) => {}
-                    Err(error) => return Err(error),
-                }
-            }
-            listed.items = visible;
-        }
         Ok(listed)
     }
 
@@ -1033,6 +1096,25 @@ impl ConversationService {
         self.list_sessions(principal, SessionScope::User(owner.clone()), page)
             .await
     }
+}
+
+fn require_runtime() -> Result<()> {
+    tokio::runtime::Handle::try_current()
+        .map(drop)
+        .map_err(|_| Error::internal("cmz turns need a tokio runtime"))
+}
+
+/// Cuts `text` to the stored-message limit at a character boundary; true if it was cut.
+fn truncate_to_limit(text: &mut String) -> bool {
+    if text.len() <= MAX_CONTENT_BYTES {
+        return false;
+    }
+    let mut cut = MAX_CONTENT_BYTES;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text.truncate(cut);
+    true
 }
 
 fn millis(duration: Duration) -> u64 {

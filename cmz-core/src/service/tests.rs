@@ -10,6 +10,7 @@ use crate::access::UserRole;
 use crate::memory::{InMemoryConversationStore, InMemoryPersonaDirectory};
 use crate::store::{ConversationStore, Cursor};
 use crate::testing::{Failure, ScriptedModel, Step};
+use crate::types::MAX_CONTENT_BYTES;
 
 fn lion() -> AnimalId {
     AnimalId::new("lion").unwrap()
@@ -193,6 +194,10 @@ async fn bad_input_gets_the_right_error_code() {
         ),
         (
             TurnRequest::new(lion(), "hi").with_turn_key("has space"),
+            "validation_error",
+        ),
+        (
+            TurnRequest::new(lion(), "hi").with_turn_key("k#reply"),
             "validation_error",
         ),
         (
@@ -544,7 +549,12 @@ async fn a_streamed_turn_yields_deltas_and_stores_the_reply() {
 
 async fn wait_for_messages(f: &Fixture, id: &SessionId, n: usize) -> Vec<Message> {
     for _ in 0..500 {
-        let stored = all_messages(f, id).await;
+        // The session itself appears with its first turn.
+        let stored = match f.store.history(id, PageRequest::first(1000)).await {
+            Ok(page) => page.items,
+            Err(Error::NotFound { .. }) => Vec::new(),
+            Err(e) => panic!("{e:?}"),
+        };
         if stored.len() >= n {
             return stored;
         }
@@ -805,16 +815,13 @@ async fn reads_listing_and_deletes_follow_the_policy() {
             .code(),
         "forbidden"
     );
-    let lions = f
+    // An animal's listing spans every user: administrators only.
+    let err = f
         .service
         .list_sessions(&a, SessionScope::Animal(lion()), PageRequest::first(10))
         .await
-        .unwrap();
-    assert_eq!(
-        lions.items.iter().map(|s| &s.id).collect::<Vec<_>>(),
-        vec![&sa],
-        "only readable sessions"
-    );
+        .unwrap_err();
+    assert_eq!(err.code(), "forbidden");
     let all_lions = f
         .service
         .list_sessions(
@@ -1026,4 +1033,168 @@ fn stream_turn_without_a_runtime_is_an_error_not_a_panic() {
             .stream_turn(&kid("k1"), TurnRequest::new(lion(), "hi")),
     );
     assert_eq!(result.unwrap_err().code(), "internal_error");
+}
+
+#[tokio::test]
+async fn a_caller_that_goes_away_mid_turn_loses_nothing() {
+    let f = fixture_with(
+        ScriptedModel::echo().with_chunk_delay(Duration::from_millis(100)),
+        ConversationConfig::default(),
+    );
+    let me = kid("k1");
+    let request = TurnRequest::new(lion(), "are you there?").with_turn_key("gone-1");
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(10),
+        f.service.turn(&me, request.clone()),
+    )
+    .await;
+    assert!(cancelled.is_err(), "the caller gave up first");
+    let id = SessionId::with_suffix(&lion(), &me.user_id, stable_hash(&["k1", "lion", "gone-1"]))
+        .unwrap();
+    let stored = wait_for_messages(&f, &id, 2).await;
+    assert_eq!(stored[0].content, "are you there?");
+    assert_eq!(stored[1].content, "echo: are you there?");
+    // The client's retry gets the stored reply.
+    let retried = f.service.turn(&me, request).await.unwrap();
+    assert!(retried.replayed);
+    assert_eq!(f.model.calls(), 1);
+}
+
+#[tokio::test]
+async fn empty_and_oversized_model_replies_are_handled() {
+    let f = fixture();
+    let me = kid("k1");
+    f.model.push(Step::Reply("  ".into()));
+    let empty = f
+        .service
+        .turn(&me, TurnRequest::new(lion(), "hello"))
+        .await
+        .unwrap();
+    assert!(empty.fallback, "an empty reply counts as a model failure");
+    f.model
+        .push(Step::Reply("🦁".repeat(MAX_CONTENT_BYTES / 4 + 10)));
+    let huge = f
+        .service
+        .turn(
+            &me,
+            TurnRequest::new(lion(), "tell me everything").in_session(empty.session_id.clone()),
+        )
+        .await
+        .unwrap();
+    assert!(huge.interrupted && !huge.fallback);
+    assert!(huge.reply.len() <= MAX_CONTENT_BYTES && huge.reply.len() > MAX_CONTENT_BYTES - 4);
+    assert_eq!(
+        all_messages(&f, &empty.session_id).await.len(),
+        4,
+        "the turn is kept, cut to the limit"
+    );
+    // Streamed, too.
+    f.model
+        .push(Step::Reply(format!("{} ", "word".repeat(1000)).repeat(100)));
+    let events: Vec<_> = f
+        .service
+        .stream_turn(
+            &me,
+            TurnRequest::new(lion(), "more").in_session(empty.session_id.clone()),
+        )
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    let Some(Ok(TurnEvent::Complete(reply))) = events.last() else {
+        panic!("no complete event")
+    };
+    assert!(reply.interrupted && reply.reply.len() <= MAX_CONTENT_BYTES);
+}
+
+#[tokio::test]
+async fn a_failed_first_turn_leaves_no_empty_session() {
+    let store = Arc::new(BrokenAppends::default());
+    store.broken.store(true, Ordering::SeqCst);
+    let service =
+        ConversationService::new(store.clone(), personas(), Arc::new(ScriptedModel::echo()));
+    let me = kid("k1");
+    let err = service
+        .turn(&me, TurnRequest::new(lion(), "hi"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "unavailable");
+    let sessions = store
+        .list_sessions(
+            SessionScope::User(me.user_id.clone()),
+            PageRequest::first(10),
+        )
+        .await
+        .unwrap();
+    assert!(sessions.items.is_empty(), "{sessions:?}");
+}
+
+#[tokio::test]
+async fn a_consumer_that_stops_reading_does_not_block_the_session() {
+    let config = ConversationConfig {
+        model_timeout: Duration::from_millis(200),
+        stream_buffer: 1,
+        ..Default::default()
+    };
+    let f = fixture_with(ScriptedModel::echo(), config);
+    let me = kid("k1");
+    let first = f
+        .service
+        .turn(&me, TurnRequest::new(lion(), "start"))
+        .await
+        .unwrap();
+    let long = "w ".repeat(50);
+    let stalled = f
+        .service
+        .stream_turn(
+            &me,
+            TurnRequest::new(lion(), long).in_session(first.session_id.clone()),
+        )
+        .await
+        .unwrap();
+    // Never read: after the model timeout the turn is stored as interrupted and the
+    // session takes the next turn.
+    let next = tokio::time::timeout(
+        Duration::from_secs(5),
+        f.service.turn(
+            &me,
+            TurnRequest::new(lion(), "next").in_session(first.session_id.clone()),
+        ),
+    )
+    .await
+    .expect("the session is not blocked")
+    .unwrap();
+    assert_eq!(next.turn, 3);
+    let stored = all_messages(&f, &first.session_id).await;
+    assert!(stored[3].metadata.interrupted);
+    drop(stalled);
+}
+
+#[tokio::test]
+async fn error_mode_streams_cut_midway_keep_only_the_user_message_for_the_retry() {
+    let config = ConversationConfig {
+        on_model_failure: ModelFailurePolicy::Error,
+        ..Default::default()
+    };
+    let f = fixture_with(ScriptedModel::echo(), config);
+    let me = kid("k1");
+    f.model.push(Step::Fail(Failure::CutAfter(2)));
+    let request = TurnRequest::new(lion(), "story?").with_turn_key("cut-1");
+    let events: Vec<_> = f
+        .service
+        .stream_turn(&me, request.clone())
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    assert_eq!(
+        events.last().unwrap().as_ref().unwrap_err().code(),
+        "unavailable"
+    );
+    let id = SessionId::with_suffix(&lion(), &me.user_id, stable_hash(&["k1", "lion", "cut-1"]))
+        .unwrap();
+    assert_eq!(all_messages(&f, &id).await.len(), 1);
+    let retried = f.service.turn(&me, request).await.unwrap();
+    assert_eq!(retried.reply, "echo: story?");
+    assert_eq!(all_messages(&f, &id).await.len(), 2);
 }

@@ -6,7 +6,8 @@ use chrono::{TimeDelta, Utc};
 
 use crate::access::UserRole;
 use crate::auth::{
-    Family, FamilyDirectory, RateLimitStore, RefreshRecord, RefreshState, RevocationStore, User, UserStore, UserType,
+    Family, FamilyDirectory, RateLimitStore, RefreshRecord, RefreshState, RevocationStore, User,
+    UserStore, UserType,
 };
 use crate::ids::{FamilyId, UserId};
 
@@ -47,20 +48,63 @@ fn new_user() -> User {
 pub async fn check_user_store(store: &dyn UserStore) {
     let user = new_user();
     store.create_user(&user).await.expect("create_user");
-    assert_eq!(store.get_user(&user.user_id).await.unwrap().as_ref(), Some(&user), "contract: users round-trip");
-    assert_eq!(store.find_by_email(&user.email).await.unwrap().as_ref(), Some(&user));
-    assert!(store.find_by_email(&format!("x{}", user.email)).await.unwrap().is_none());
-    assert!(store.get_user(&random_user()).await.unwrap().is_none());
-    let same_id = User { email: format!("other-{}", user.email), ..user.clone() };
-    assert_eq!(store.create_user(&same_id).await.unwrap_err().code(), "conflict", "contract: ids are unique");
-    let same_email = User { user_id: random_user(), ..user.clone() };
-    assert_eq!(store.create_user(&same_email).await.unwrap_err().code(), "conflict", "contract: emails are unique");
-    store.set_password_hash(&user.user_id, "00112233445566778899aabbccddeeff:00").await.unwrap();
     assert_eq!(
-        store.get_user(&user.user_id).await.unwrap().unwrap().password_hash.as_deref(),
+        store.get_user(&user.user_id).await.unwrap().as_ref(),
+        Some(&user),
+        "contract: users round-trip"
+    );
+    assert_eq!(
+        store.find_by_email(&user.email).await.unwrap().as_ref(),
+        Some(&user)
+    );
+    assert!(
+        store
+            .find_by_email(&format!("x{}", user.email))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(store.get_user(&random_user()).await.unwrap().is_none());
+    let same_id = User {
+        email: format!("other-{}", user.email),
+        ..user.clone()
+    };
+    assert_eq!(
+        store.create_user(&same_id).await.unwrap_err().code(),
+        "conflict",
+        "contract: ids are unique"
+    );
+    let same_email = User {
+        user_id: random_user(),
+        ..user.clone()
+    };
+    assert_eq!(
+        store.create_user(&same_email).await.unwrap_err().code(),
+        "conflict",
+        "contract: emails are unique"
+    );
+    store
+        .set_password_hash(&user.user_id, "00112233445566778899aabbccddeeff:00")
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .get_user(&user.user_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .password_hash
+            .as_deref(),
         Some("00112233445566778899aabbccddeeff:00")
     );
-    assert_eq!(store.set_password_hash(&random_user(), "x").await.unwrap_err().code(), "not_found");
+    assert_eq!(
+        store
+            .set_password_hash(&random_user(), "x")
+            .await
+            .unwrap_err()
+            .code(),
+        "not_found"
+    );
 }
 
 /// Families: put, get, membership lookups.
@@ -74,16 +118,39 @@ pub async fn check_family_directory(directory: &dyn FamilyDirectory) {
         soft_delete: false,
     };
     directory.put_family(&family).await.unwrap();
-    assert_eq!(directory.get_family(&family.family_id).await.unwrap().as_ref(), Some(&family));
+    assert_eq!(
+        directory
+            .get_family(&family.family_id)
+            .await
+            .unwrap()
+            .as_ref(),
+        Some(&family)
+    );
     for member in [&parent, &a, &b] {
         let found = directory.families_of(member).await.unwrap();
-        assert_eq!(found.iter().map(|f| &f.family_id).collect::<Vec<_>>(), vec![&family.family_id], "contract: families_of finds parents and students");
+        assert_eq!(
+            found.iter().map(|f| &f.family_id).collect::<Vec<_>>(),
+            vec![&family.family_id],
+            "contract: families_of finds parents and students"
+        );
     }
     assert!(directory.families_of(&outsider).await.unwrap().is_empty());
-    let changed = Family { students: vec![a.clone()], ..family.clone() };
+    let changed = Family {
+        students: vec![a.clone()],
+        ..family.clone()
+    };
     directory.put_family(&changed).await.unwrap();
-    assert!(directory.families_of(&b).await.unwrap().is_empty(), "contract: put_family replaces");
-    assert!(directory.get_family(&FamilyId::new(unique("nofam")).unwrap()).await.unwrap().is_none());
+    assert!(
+        directory.families_of(&b).await.unwrap().is_empty(),
+        "contract: put_family replaces"
+    );
+    assert!(
+        directory
+            .get_family(&FamilyId::new(unique("nofam")).unwrap())
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 /// Refresh records are consumed exactly once; revocations hold until their time.
@@ -97,13 +164,29 @@ pub async fn check_revocation_store(store: &dyn RevocationStore) {
         expires_at: now + TimeDelta::days(1),
     };
     store.insert_refresh(&record).await.unwrap();
-    assert_eq!(store.insert_refresh(&record).await.unwrap_err().code(), "conflict");
-    assert_eq!(store.consume_refresh("no-such-hash").await.unwrap(), RefreshState::Unknown);
+    assert_eq!(
+        store.insert_refresh(&record).await.unwrap_err().code(),
+        "conflict"
+    );
+    assert_eq!(
+        store.consume_refresh("no-such-hash").await.unwrap(),
+        RefreshState::Unknown
+    );
     let consumers = (0..16).map(|_| store.consume_refresh(&record.token_hash));
     let outcomes = futures::future::join_all(consumers).await;
-    let fresh = outcomes.iter().filter(|o| matches!(o, Ok(RefreshState::Fresh(_)))).count();
-    let reused = outcomes.iter().filter(|o| matches!(o, Ok(RefreshState::Reused(_)))).count();
-    assert_eq!((fresh, reused), (1, 15), "contract: exactly one consumer sees the token fresh");
+    let fresh = outcomes
+        .iter()
+        .filter(|o| matches!(o, Ok(RefreshState::Fresh(_))))
+        .count();
+    let reused = outcomes
+        .iter()
+        .filter(|o| matches!(o, Ok(RefreshState::Reused(_))))
+        .count();
+    assert_eq!(
+        (fresh, reused),
+        (1, 15),
+        "contract: exactly one consumer sees the token fresh"
+    );
     match &outcomes[0] {
         Ok(RefreshState::Fresh(r)) | Ok(RefreshState::Reused(r)) => assert_eq!(r, &record),
         other => panic!("{other:?}"),
@@ -111,18 +194,41 @@ pub async fn check_revocation_store(store: &dyn RevocationStore) {
 
     let (jti, family) = (unique("jti"), unique("fam"));
     assert!(!store.is_revoked(Some(&jti), Some(&family)).await.unwrap());
-    store.revoke_token_id(&jti, now + TimeDelta::hours(1)).await.unwrap();
+    store
+        .revoke_token_id(&jti, now + TimeDelta::hours(1))
+        .await
+        .unwrap();
     assert!(store.is_revoked(Some(&jti), None).await.unwrap());
     assert!(store.is_revoked(Some(&jti), Some(&family)).await.unwrap());
     assert!(!store.is_revoked(None, Some(&family)).await.unwrap());
-    store.revoke_family(&family, now + TimeDelta::hours(1)).await.unwrap();
+    store
+        .revoke_family(&family, now + TimeDelta::hours(1))
+        .await
+        .unwrap();
     assert!(store.is_revoked(None, Some(&family)).await.unwrap());
-    assert!(!store.is_revoked(Some(&unique("jti")), Some(&unique("fam"))).await.unwrap());
+    assert!(
+        !store
+            .is_revoked(Some(&unique("jti")), Some(&unique("fam")))
+            .await
+            .unwrap()
+    );
     assert!(!store.is_revoked(None, None).await.unwrap());
     let (old_jti, old_family) = (unique("jti"), unique("fam"));
-    store.revoke_token_id(&old_jti, now - TimeDelta::seconds(1)).await.unwrap();
-    store.revoke_family(&old_family, now - TimeDelta::seconds(1)).await.unwrap();
-    assert!(!store.is_revoked(Some(&old_jti), Some(&old_family)).await.unwrap(), "contract: revocations end at their time");
+    store
+        .revoke_token_id(&old_jti, now - TimeDelta::seconds(1))
+        .await
+        .unwrap();
+    store
+        .revoke_family(&old_family, now - TimeDelta::seconds(1))
+        .await
+        .unwrap();
+    assert!(
+        !store
+            .is_revoked(Some(&old_jti), Some(&old_family))
+            .await
+            .unwrap(),
+        "contract: revocations end at their time"
+    );
 }
 
 /// Counters count every hit, reset, and start a new window when one ends.
@@ -133,18 +239,40 @@ pub async fn check_rate_limit_store(store: &dyn RateLimitStore) {
     let hits = futures::future::join_all((0..10).map(|_| store.hit(&key, window))).await;
     let mut counts: Vec<u32> = hits.into_iter().map(|h| h.unwrap().count).collect();
     counts.sort_unstable();
-    assert_eq!(counts, (1..=10).collect::<Vec<u32>>(), "contract: concurrent hits are all counted");
+    assert_eq!(
+        counts,
+        (1..=10).collect::<Vec<u32>>(),
+        "contract: concurrent hits are all counted"
+    );
     let peeked = store.peek(&key, window).await.unwrap();
     assert_eq!(peeked.count, 10);
-    assert!(peeked.resets_at > Utc::now() && peeked.resets_at <= Utc::now() + TimeDelta::seconds(61));
+    assert!(
+        peeked.resets_at > Utc::now() && peeked.resets_at <= Utc::now() + TimeDelta::seconds(61)
+    );
     store.reset(&key).await.unwrap();
     assert_eq!(store.peek(&key, window).await.unwrap().count, 0);
     let short = unique("rate:");
     store.hit(&short, Duration::from_millis(200)).await.unwrap();
     store.hit(&short, Duration::from_millis(200)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert_eq!(store.peek(&short, Duration::from_millis(200)).await.unwrap().count, 0, "contract: windows end");
-    assert_eq!(store.hit(&short, Duration::from_millis(200)).await.unwrap().count, 1, "contract: a new window starts at 1");
+    assert_eq!(
+        store
+            .peek(&short, Duration::from_millis(200))
+            .await
+            .unwrap()
+            .count,
+        0,
+        "contract: windows end"
+    );
+    assert_eq!(
+        store
+            .hit(&short, Duration::from_millis(200))
+            .await
+            .unwrap()
+            .count,
+        1,
+        "contract: a new window starts at 1"
+    );
     let other = UserId::new(unique("u")).unwrap();
     assert_eq!(store.peek(other.as_str(), window).await.unwrap().count, 0);
 }

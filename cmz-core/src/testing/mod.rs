@@ -18,6 +18,6 @@ mod auth_suite;
 mod scripted;
 mod store_suite;
 
-pub use scripted::{Failure, ScriptedModel, Step};
 pub use auth_suite::*;
+pub use scripted::{Failure, ScriptedModel, Step};
 pub use store_suite::*;

@@ -242,18 +242,25 @@ impl ChatModel for ScriptedModel {
                     tokio::time::sleep(delay).await;
                 }
                 match chunks.next() {
-                    Some((i, _)) if fail_after.is_some_and(|n| i >= n) => Some((
-                        Err(failure_error(Failure::Unavailable)),
-                        (chunks, watch, true),
-                    )),
+                    Some((i, _)) if fail_after.is_some_and(|n| i >= n) => {
+                        watch.finished = true;
+                        Some((
+                            Err(failure_error(Failure::Unavailable)),
+                            (chunks, watch, true),
+                        ))
+                    }
                     Some((_, text)) => Some((Ok(ChatChunk::Delta(text)), (chunks, watch, false))),
-                    None => Some((
-                        Ok(ChatChunk::Done {
-                            usage,
-                            model: Some(model),
-                        }),
-                        (chunks, watch, true),
-                    )),
+                    None => {
+                        // Done is the last item: a consumer that stops here did not cancel.
+                        watch.finished = true;
+                        Some((
+                            Ok(ChatChunk::Done {
+                                usage,
+                                model: Some(model),
+                            }),
+                            (chunks, watch, true),
+                        ))
+                    }
                 }
             }
         });

@@ -38,11 +38,13 @@ pub async fn run_conversation_store_suite(store: &dyn ConversationStore, options
     check_sessions(store).await;
     check_append_and_window(store).await;
     check_sequence_conflict(store).await;
+    check_append_creates_session(store).await;
     check_append_is_atomic(store).await;
     check_turn_keys(store).await;
     check_history_paging(store).await;
     check_bad_cursors(store).await;
     check_listing(store).await;
+    check_listing_ties_and_age_boundary(store).await;
     check_summary(store).await;
     check_deletes(store).await;
     check_unicode_and_large_messages(store).await;
@@ -93,6 +95,7 @@ fn turn(session: &SessionId, expected: u64, texts: &[&str]) -> TurnAppend {
             })
             .collect(),
         turn_key: None,
+        new_session: None,
     }
 }
 
@@ -214,6 +217,77 @@ pub async fn check_append_and_window(store: &dyn ConversationStore) {
         store.recent_messages(&unknown, 5).await,
         "not_found",
         "window of an unknown session",
+    );
+}
+
+/// An append with `new_session` stores the session and its first messages together.
+pub async fn check_append_creates_session(store: &dyn ConversationStore) {
+    let (user, animal) = (random_user(), random_animal());
+    let session = Session::new(
+        SessionId::generate(&animal, &user).unwrap(),
+        user.clone(),
+        animal.clone(),
+        "Test Animal",
+    );
+    // A rejected first append creates nothing.
+    let mut bad = turn(
+        &session.id,
+        0,
+        &["fine", &"x".repeat(MAX_CONTENT_BYTES + 1)],
+    );
+    bad.new_session = Some(session.clone());
+    assert_code(
+        store.append_turn(bad).await,
+        "validation_error",
+        "oversized first message",
+    );
+    assert!(
+        store.get_session(&session.id).await.unwrap().is_none(),
+        "contract: a rejected first append creates no session"
+    );
+
+    let mut first = turn(&session.id, 0, &["hello", "hi!"]);
+    first.new_session = Some(session.clone());
+    first.turn_key = Some("first".into());
+    let stored = appended(store.append_turn(first.clone()).await.unwrap());
+    assert_eq!(stored.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2]);
+    let read = store
+        .get_session(&session.id)
+        .await
+        .unwrap()
+        .expect("created with its first turn");
+    assert_eq!(
+        (read.message_count, &read.user_id, &read.animal_id),
+        (2, &user, &animal)
+    );
+    let listed = store
+        .list_sessions(SessionScope::User(user.clone()), PageRequest::first(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        listed.items.len(),
+        1,
+        "contract: a session created by an append is listed"
+    );
+    // The same first turn again is a duplicate; another first turn is a conflict.
+    assert!(
+        matches!(store.append_turn(first).await.unwrap(), AppendOutcome::Duplicate(m) if m == stored)
+    );
+    let mut other = turn(&session.id, 0, &["again"]);
+    other.new_session = Some(session.clone());
+    assert_code(
+        store.append_turn(other).await,
+        "conflict",
+        "creating an existing session by append",
+    );
+    assert_eq!(
+        store
+            .get_session(&session.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .message_count,
+        2
     );
 }
 
@@ -420,7 +494,7 @@ pub async fn check_bad_cursors(store: &dyn ConversationStore) {
         let result = store
             .history(&a.id, PageRequest::after(2, Cursor::from_client(bad)))
             .await;
-        if let Ok(page) = &result {
+        if let (Ok(page), true) = (&result, bad == tampered) {
             // A tampered cursor may only decode to a position in the same session.
             assert!(
                 page.items.iter().all(|m| m.session_id == a.id),
@@ -537,6 +611,59 @@ pub async fn check_listing(store: &dyn ConversationStore) {
     assert!(nobody.items.is_empty() && nobody.next.is_none());
 }
 
+/// Equal activity times list by id, descending; an age cut-off is strict.
+pub async fn check_listing_ties_and_age_boundary(store: &dyn ConversationStore) {
+    let (user, animal) = (random_user(), random_animal());
+    let at = Utc.with_ymd_and_hms(2003, 3, 3, 3, 3, 3).unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let mut session = Session::new(
+            SessionId::generate(&animal, &user).unwrap(),
+            user.clone(),
+            animal.clone(),
+            "Tie",
+        );
+        session.started_at = at;
+        session.last_activity = at;
+        store.create_session(&session).await.unwrap();
+        ids.push(session.id);
+    }
+    ids.sort();
+    ids.reverse();
+    let mut listed = Vec::new();
+    let mut page = store
+        .list_sessions(SessionScope::User(user.clone()), PageRequest::first(2))
+        .await
+        .unwrap();
+    loop {
+        listed.extend(page.items.iter().map(|s| s.id.clone()));
+        match page.next.clone() {
+            Some(c) => {
+                page = store
+                    .list_sessions(SessionScope::User(user.clone()), PageRequest::after(2, c))
+                    .await
+                    .unwrap()
+            }
+            None => break,
+        }
+    }
+    assert_eq!(
+        listed, ids,
+        "contract: ties broken by id, descending, across pages"
+    );
+    let report = store.delete(DeleteScope::OlderThan(at)).await.unwrap();
+    assert!(
+        store.get_session(&ids[0]).await.unwrap().is_some(),
+        "contract: older-than is strict (last activity == cut-off stays)"
+    );
+    let _ = report;
+    store
+        .delete(DeleteScope::OlderThan(at + ChronoDuration::seconds(1)))
+        .await
+        .unwrap();
+    assert!(store.get_session(&ids[0]).await.unwrap().is_none());
+}
+
 /// Summaries are stored on the session.
 pub async fn check_summary(store: &dyn ConversationStore) {
     let session = new_session(store, &random_user(), &random_animal()).await;
@@ -569,9 +696,13 @@ pub async fn check_deletes(store: &dyn ConversationStore) {
     let b = new_session(store, &user, &tiger).await;
     let c = new_session(store, &other, &lion).await;
     let d = new_session(store, &other, &tiger).await;
-    for s in [&a, &b, &c, &d] {
+    for s in [&b, &c, &d] {
         fill(store, &s.id, 2).await;
     }
+    fill(store, &a.id, 1).await;
+    let mut keyed = turn(&a.id, 2, &["keyed q", "keyed a"]);
+    keyed.turn_key = Some("k-a".into());
+    appended(store.append_turn(keyed).await.unwrap());
     let report = store
         .delete(DeleteScope::Session(a.id.clone()))
         .await
@@ -584,9 +715,45 @@ pub async fn check_deletes(store: &dyn ConversationStore) {
         "history of a deleted session",
     );
     assert!(
-        store.find_turn(&a.id, "k").await.is_err()
-            || store.find_turn(&a.id, "k").await.unwrap().is_none()
+        matches!(
+            store.find_turn(&a.id, "k-a").await,
+            Err(Error::NotFound { .. }) | Ok(None)
+        ),
+        "contract: a deleted session's turn keys are gone"
     );
+    // The same id used again starts from nothing: no old messages or turn keys come back.
+    store
+        .create_session(&a)
+        .await
+        .expect("re-create a deleted session id");
+    assert_eq!(
+        store
+            .get_session(&a.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .message_count,
+        0
+    );
+    assert!(
+        store
+            .history(&a.id, PageRequest::first(10))
+            .await
+            .unwrap()
+            .items
+            .is_empty(),
+        "contract: no resurrected messages"
+    );
+    assert!(store.recent_messages(&a.id, 10).await.unwrap().is_empty());
+    assert_eq!(
+        store.find_turn(&a.id, "k-a").await.unwrap(),
+        None,
+        "contract: no resurrected turn keys"
+    );
+    store
+        .delete(DeleteScope::Session(a.id.clone()))
+        .await
+        .unwrap();
     let again = store
         .delete(DeleteScope::Session(a.id.clone()))
         .await
@@ -644,6 +811,7 @@ pub async fn check_deletes(store: &dyn ConversationStore) {
             expected_count: 0,
             messages: vec![msg],
             turn_key: None,
+            new_session: None,
         })
         .await
         .unwrap();
@@ -721,7 +889,13 @@ pub async fn check_concurrent_appends(store: &dyn ConversationStore, writers: us
             }
         }
     });
-    futures::future::join_all(tasks).await;
+    let conflicts: u32 = futures::future::join_all(tasks).await.into_iter().sum();
+    if writers > 1 {
+        assert!(
+            conflicts > 0,
+            "the writers were meant to race: the check itself is broken"
+        );
+    }
     let all = store
         .history(&session.id, PageRequest::first(1000))
         .await
