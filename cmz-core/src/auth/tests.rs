@@ -177,7 +177,7 @@ fn every_bad_token_is_rejected_for_its_own_reason_with_one_message() {
         now + 60
     ));
     let signature = {
-        use pbkdf2::hmac::{Hmac, Mac as _};
+        use hmac::{Hmac, Mac as _};
         let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SECRET).unwrap();
         mac.update(format!("{header}.{body}").as_bytes());
         URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
@@ -187,6 +187,33 @@ fn every_bad_token_is_rejected_for_its_own_reason_with_one_message() {
         TokenRejection::MissingClaim,
         "no sub",
     ));
+
+    // A header with a critical extension nobody understands.
+    let crit_header = b64(r#"{"alg":"HS256","typ":"JWT","crit":["exp"]}"#);
+    let crit_sig = {
+        use hmac::{Hmac, Mac as _};
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SECRET).unwrap();
+        mac.update(format!("{crit_header}.{payload}").as_bytes());
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    };
+    let crit = format!("{crit_header}.{payload}.{crit_sig}");
+    assert_eq!(
+        codec.verify_detailed(&crit).unwrap_err(),
+        TokenRejection::Malformed
+    );
+
+    // The HS256 fast path and the general (jsonwebtoken) path agree on every case.
+    for (token, reason, name) in &cases {
+        if *reason == TokenRejection::Oversized {
+            continue;
+        }
+        let general = codec.verify_general(token).and_then(|c| c.principal());
+        assert_eq!(general.unwrap_err(), *reason, "general path: {name}");
+    }
+    assert_eq!(
+        codec.verify_general(&good).unwrap(),
+        codec.verify_detailed(&good).unwrap()
+    );
 
     for (token, reason, name) in cases {
         let outcome = codec.verify_detailed(&token).and_then(|c| c.principal());

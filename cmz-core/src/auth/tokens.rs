@@ -4,10 +4,14 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::Utc;
+use hmac::{Hmac, Mac as _};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Deserializer, Serialize};
+use sha2::Sha256;
 
 use super::model::User;
 use crate::access::{Principal, UserRole};
@@ -212,6 +216,12 @@ struct VerificationKey {
     algorithm: TokenAlgorithm,
     kid: Option<String>,
     key: DecodingKey,
+    /// For HS256: the MAC already keyed, cloned per verification (the fast path).
+    hmac: Option<Hmac<Sha256>>,
+}
+
+fn keyed_hmac(secret: &[u8]) -> Option<Hmac<Sha256>> {
+    Hmac::<Sha256>::new_from_slice(secret).ok()
 }
 
 /// Signing and verification keys.
@@ -276,6 +286,7 @@ impl TokenKeys {
                 algorithm: TokenAlgorithm::Hs256,
                 kid: None,
                 key: DecodingKey::from_secret(secret),
+                hmac: keyed_hmac(secret),
             }],
         })
     }
@@ -338,6 +349,7 @@ impl TokenKeys {
             algorithm,
             kid: Some(kid.to_owned()),
             key,
+            hmac: None,
         });
         Ok(self)
     }
@@ -355,6 +367,7 @@ impl TokenKeys {
             algorithm: TokenAlgorithm::Hs256,
             kid: None,
             key: DecodingKey::from_secret(secret),
+            hmac: keyed_hmac(secret),
         });
         Ok(self)
     }
@@ -503,6 +516,79 @@ impl TokenCodec {
         })
     }
 
+    /// HS256, the common case, verified in one pass: the header and the claims are each
+    /// decoded once, the MAC comes pre-keyed, and the claims are checked here with the same
+    /// rules as the general path (exact `alg`, signature first, then `exp`/`nbf` with
+    /// leeway and `iss`). `None` when the token is not HS256 (the general path decides).
+    fn verify_hs256(
+        &self,
+        token: &str,
+    ) -> Option<std::result::Result<AccessClaims, TokenRejection>> {
+        #[derive(Deserialize)]
+        struct HeaderFields {
+            alg: String,
+            #[serde(default)]
+            kid: Option<String>,
+            #[serde(default)]
+            crit: Option<serde_json::Value>,
+        }
+        let mut parts = token.split('.');
+        let (Some(header_b64), Some(payload_b64), Some(signature_b64), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Some(Err(TokenRejection::Malformed));
+        };
+        let header: HeaderFields = match URL_SAFE_NO_PAD
+            .decode(header_b64)
+            .ok()
+            .and_then(|h| serde_json::from_slice(&h).ok())
+        {
+            Some(header) => header,
+            None => return Some(Err(TokenRejection::Malformed)),
+        };
+        if header.alg != "HS256" {
+            return None;
+        }
+        let check = || {
+            if header.crit.is_some() {
+                // No critical header extensions are understood, so none may be required.
+                return Err(TokenRejection::Malformed);
+            }
+            if !self.allowed.contains(&TokenAlgorithm::Hs256) {
+                return Err(TokenRejection::AlgorithmNotAllowed);
+            }
+            let key = self.keys.find(Algorithm::HS256, header.kid.as_deref())?;
+            let mut mac = key.hmac.clone().ok_or(TokenRejection::UnknownKey)?;
+            let signature = URL_SAFE_NO_PAD
+                .decode(signature_b64)
+                .map_err(|_| TokenRejection::Malformed)?;
+            mac.update(header_b64.as_bytes());
+            mac.update(b".");
+            mac.update(payload_b64.as_bytes());
+            // Constant-time comparison.
+            mac.verify_slice(&signature)
+                .map_err(|_| TokenRejection::BadSignature)?;
+            let payload = URL_SAFE_NO_PAD
+                .decode(payload_b64)
+                .map_err(|_| TokenRejection::Malformed)?;
+            let claims: AccessClaims =
+                serde_json::from_slice(&payload).map_err(|_| TokenRejection::MissingClaim)?;
+            let now = Utc::now().timestamp();
+            let leeway = i64::try_from(self.leeway.as_secs()).unwrap_or(0);
+            if claims.exp < now - leeway {
+                return Err(TokenRejection::Expired);
+            }
+            if claims.nbf.is_some_and(|nbf| nbf > now + leeway) {
+                return Err(TokenRejection::NotYetValid);
+            }
+            if claims.iss != self.issuer {
+                return Err(TokenRejection::WrongIssuer);
+            }
+            Ok(claims)
+        };
+        Some(check())
+    }
+
     /// Verifies a token's signature and claims (not revocation), saying why it failed.
     pub fn verify_detailed(
         &self,
@@ -511,6 +597,17 @@ impl TokenCodec {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenRejection::Oversized);
         }
+        if let Some(outcome) = self.verify_hs256(token) {
+            return outcome;
+        }
+        self.verify_general(token)
+    }
+
+    /// Every algorithm, through jsonwebtoken.
+    pub(super) fn verify_general(
+        &self,
+        token: &str,
+    ) -> std::result::Result<AccessClaims, TokenRejection> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenRejection::Malformed)?;
         let Some((_, validation)) = self.validations.iter().find(|(alg, _)| *alg == header.alg)
         else {
