@@ -324,10 +324,15 @@ impl ConversationService {
             Prepare::Replay(reply) => return Ok(reply),
             Prepare::Run(prepared) => prepared,
         };
-        // The model call and the write run in their own task: a caller that goes away
-        // (a closed HTTP connection) does not cancel them, so the accepted message is kept.
-        let service = self.clone();
-        tokio::spawn(async move { service.run_turn(prepared).await }.in_current_span())
+        // The model call and the write must not be cancelled by a caller that goes away
+        // (a closed HTTP connection): that would lose the accepted message. A turn that
+        // finishes at its first poll (an in-process model and store) is done at once;
+        // anything that waits moves, already started, into its own task.
+        let mut turn = Box::pin(self.clone().run_turn(prepared));
+        if let std::task::Poll::Ready(result) = futures::poll!(turn.as_mut()) {
+            return result;
+        }
+        tokio::spawn(turn.in_current_span())
             .await
             .map_err(|e| Error::Internal {
                 message: "the turn task failed".into(),
