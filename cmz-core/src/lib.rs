@@ -6,6 +6,7 @@ pub mod chat;
 pub mod error;
 pub mod ids;
 pub mod memory;
+pub mod moderation;
 pub mod persona;
 pub mod service;
 pub mod store;

@@ -80,6 +80,9 @@ pub struct MessageMetadata {
     /// The reply was cut short because the client went away mid-stream.
     #[serde(default, skip_serializing_if = "is_false")]
     pub interrupted: bool,
+    /// The reply is a refusal because the moderator flagged the user's message.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub moderated: bool,
     /// The client's idempotency key for the turn this message belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub turn_key: Option<String>,

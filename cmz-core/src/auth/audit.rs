@@ -23,6 +23,8 @@ pub enum AuditKind {
     RefreshReuse,
     /// A logout.
     Logout,
+    /// The moderator flagged a user's message; it did not reach the model.
+    ContentFlagged,
 }
 
 /// Whether it was allowed.

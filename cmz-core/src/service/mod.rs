@@ -44,9 +44,11 @@ pub use config::{ConversationConfig, ModelFailurePolicy};
 use locks::{SessionLease, SessionLocks};
 
 use crate::access::{Action, DynAccessPolicy, OwnerOrAdminPolicy, Principal};
+use crate::auth::{AuditEvent, AuditKind, AuditOutcome, DynAuditSink};
 use crate::chat::{ChatChunk, ChatMessage, ChatRequest, DynChatModel};
 use crate::error::{Error, Result};
 use crate::ids::{AnimalId, SessionId, UserId};
+use crate::moderation::DynModerator;
 use crate::persona::DynPersonaDirectory;
 use crate::store::{
     AppendOutcome, DeleteReport, DeleteScope, DynConversationStore, Page, PageRequest,
@@ -215,6 +217,8 @@ struct Inner {
     policy: DynAccessPolicy,
     config: ConversationConfig,
     locks: Arc<SessionLocks>,
+    moderator: Option<DynModerator>,
+    audit: Option<DynAuditSink>,
 }
 
 /// What a turn's message is, before the model runs.
@@ -295,6 +299,29 @@ impl ConversationService {
                 policy,
                 config,
                 locks: Arc::default(),
+                moderator: None,
+                audit: None,
+            }),
+        }
+    }
+
+    /// Checks every user message with `moderator` before the model sees it. A flagged
+    /// message gets a kind, in-character refusal (stored, marked `moderated`) instead of a
+    /// model call, and an audit event in `audit`. When the check itself fails, the turn
+    /// goes as if the model had failed (fallback or error): no unchecked message reaches
+    /// the model.
+    pub fn with_moderation(self, moderator: DynModerator, audit: DynAuditSink) -> Self {
+        let inner = &self.inner;
+        Self {
+            inner: Arc::new(Inner {
+                store: inner.store.clone(),
+                personas: inner.personas.clone(),
+                model: inner.model.clone(),
+                policy: inner.policy.clone(),
+                config: inner.config.clone(),
+                locks: inner.locks.clone(),
+                moderator: Some(moderator),
+                audit: Some(audit),
             }),
         }
     }
@@ -343,6 +370,23 @@ impl ConversationService {
     async fn run_turn(self, mut prepared: Prepared) -> Result<TurnReply> {
         let inner = &self.inner;
         let started = Instant::now();
+        match self.moderate(&prepared).await {
+            Ok(None) => {}
+            Ok(Some(refusal)) => return self.persist(prepared, Some(refusal)).await,
+            Err(error) => {
+                tracing::warn!(code = error.code(), error = %error, "moderation failed");
+                return match inner.config.on_model_failure {
+                    ModelFailurePolicy::Fallback => {
+                        let fallback = self.fallback_message(&prepared.persona, started.elapsed());
+                        self.persist(prepared, Some(fallback)).await
+                    }
+                    ModelFailurePolicy::Error => {
+                        self.keep_user_message(prepared).await?;
+                        Err(error)
+                    }
+                };
+            }
+        }
         let result = tokio::time::timeout(
             inner.config.model_timeout,
             inner.model.complete(std::mem::take(&mut prepared.prompt)),
@@ -444,10 +488,27 @@ impl ConversationService {
         let started = Instant::now();
         let mut text = String::new();
         let model_span = span("model", "stream", &prepared.session.id);
-        let opened = tokio::select! {
-            biased;
-            () = tx.closed() => None,
-            opened = tokio::time::timeout(timeout, inner.model.stream(std::mem::take(&mut prepared.prompt))).instrument(model_span.clone()) => Some(opened),
+        let moderation_failure = match self.moderate(&prepared).await {
+            Ok(None) => None,
+            Ok(Some(refusal)) => {
+                let _ = tx.send(Ok(TurnEvent::Delta(refusal.content.clone()))).await;
+                let event = self
+                    .persist(prepared, Some(refusal))
+                    .await
+                    .map(|reply| TurnEvent::Complete(Box::new(reply)));
+                let _ = tx.send(event).await;
+                return;
+            }
+            Err(error) => Some(error),
+        };
+        let opened = match moderation_failure {
+            // Treated like a model that failed before its first chunk.
+            Some(error) => Some(Ok(Err(error))),
+            None => tokio::select! {
+                biased;
+                () = tx.closed() => None,
+                opened = tokio::time::timeout(timeout, inner.model.stream(std::mem::take(&mut prepared.prompt))).instrument(model_span.clone()) => Some(opened),
+            },
         };
         let end = match opened {
             None => End::Interrupted,
@@ -563,6 +624,46 @@ impl ConversationService {
             }
         };
         let _ = tx.send(event).await;
+    }
+
+    /// Runs the moderator, if any, on the turn's user message: `Ok(Some(refusal))` when it
+    /// is flagged, `Ok(None)` when it may go to the model.
+    async fn moderate(&self, prepared: &Prepared) -> Result<Option<NewMessage>> {
+        let Some(moderator) = &self.inner.moderator else {
+            return Ok(None);
+        };
+        let text = match &prepared.user {
+            UserPart::New(message) => &message.content,
+            UserPart::Stored(message) => &message.content,
+        };
+        let verdict = tokio::time::timeout(self.inner.config.model_timeout, moderator.check(text))
+            .instrument(span("moderator", "check", &prepared.session.id))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::Timeout {
+                    what: "moderation".into(),
+                    after: self.inner.config.model_timeout,
+                })
+            })?;
+        if !verdict.flagged {
+            return Ok(None);
+        }
+        if let Some(audit) = &self.inner.audit {
+            let mut event = AuditEvent::new(
+                AuditKind::ContentFlagged,
+                AuditOutcome::Denied,
+                format!("message flagged: {}", verdict.categories.join(", ")),
+            );
+            event.actor = Some(prepared.session.user_id.clone());
+            event.subject = Some(prepared.session.user_id.clone());
+            audit.record(event).await;
+        }
+        let mut refusal = NewMessage::new(
+            Role::Assistant,
+            prompt::moderation_refusal(&prepared.persona),
+        );
+        refusal.metadata.moderated = true;
+        Ok(Some(refusal))
     }
 
     fn model_timeout(&self) -> Error {

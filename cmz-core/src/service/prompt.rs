@@ -75,6 +75,14 @@ pub fn fallback_reply(persona: &Persona) -> String {
     )
 }
 
+/// The in-character reply to a message the moderator flagged.
+pub fn moderation_refusal(persona: &Persona) -> String {
+    format!(
+        "{} here! That's not something I can talk about. Let's talk about animals instead: what would you like to know about me?",
+        persona.name
+    )
+}
+
 /// The prompt asking the model to summarize a conversation.
 pub fn summary_instruction(session: &Session) -> String {
     format!(

@@ -1198,3 +1198,92 @@ async fn error_mode_streams_cut_midway_keep_only_the_user_message_for_the_retry(
     assert_eq!(retried.reply, "echo: story?");
     assert_eq!(all_messages(&f, &id).await.len(), 2);
 }
+
+#[derive(Debug)]
+struct WordModerator {
+    broken: bool,
+}
+
+#[async_trait]
+impl crate::moderation::Moderator for WordModerator {
+    async fn check(&self, text: &str) -> Result<crate::moderation::ModerationVerdict> {
+        if self.broken {
+            return Err(Error::Unavailable {
+                message: "moderation down".into(),
+                source: None,
+            });
+        }
+        Ok(crate::moderation::ModerationVerdict {
+            flagged: text.contains("BAD"),
+            categories: vec!["harassment".into()],
+        })
+    }
+}
+
+#[tokio::test]
+async fn flagged_messages_get_a_refusal_without_a_model_call_and_are_audited() {
+    use crate::auth::{AuditKind, InMemoryAuditSink};
+    let f = fixture();
+    let audit = Arc::new(InMemoryAuditSink::new());
+    let service = f
+        .service
+        .clone()
+        .with_moderation(Arc::new(WordModerator { broken: false }), audit.clone());
+    let me = kid("k1");
+    let ok = service
+        .turn(&me, TurnRequest::new(lion(), "hello"))
+        .await
+        .unwrap();
+    assert_eq!(f.model.calls(), 1);
+    let refused = service
+        .turn(
+            &me,
+            TurnRequest::new(lion(), "something BAD").in_session(ok.session_id.clone()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        f.model.calls(),
+        1,
+        "the flagged message never reached the model"
+    );
+    assert!(
+        refused
+            .reply
+            .starts_with("Leo here! That's not something I can talk about")
+    );
+    assert!(refused.assistant_message.metadata.moderated);
+    let events = audit.events();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].kind, AuditKind::ContentFlagged);
+    assert_eq!(events[0].actor.as_ref(), Some(&me.user_id));
+    // Streamed turns are moderated too.
+    let streamed: Vec<_> = service
+        .stream_turn(
+            &me,
+            TurnRequest::new(lion(), "BAD again").in_session(ok.session_id.clone()),
+        )
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    let Some(Ok(TurnEvent::Complete(reply))) = streamed.last() else {
+        panic!("{streamed:?}")
+    };
+    assert!(reply.assistant_message.metadata.moderated);
+    assert_eq!(f.model.calls(), 1);
+    // A moderator that is down never lets the message through unchecked.
+    let broken = f
+        .service
+        .clone()
+        .with_moderation(Arc::new(WordModerator { broken: true }), audit.clone());
+    let fallback = broken
+        .turn(
+            &me,
+            TurnRequest::new(lion(), "hi").in_session(ok.session_id.clone()),
+        )
+        .await
+        .unwrap();
+    assert!(fallback.fallback);
+    assert_eq!(f.model.calls(), 1);
+}
