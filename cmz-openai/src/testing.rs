@@ -241,6 +241,10 @@ impl FakeOpenAi {
             .await
             .expect("bind a loopback port");
         let address = listener.local_addr().expect("local address");
+        // Each SSE frame goes out when written, as from a real streaming server.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
             let _ = axum::serve(listener, app)
