@@ -96,6 +96,12 @@ impl FamilyDirectory for InMemoryFamilyDirectory {
         lock(&self.families).insert(family.family_id.clone(), family.clone());
         Ok(())
     }
+
+    async fn list_families(&self) -> Result<Vec<Family>> {
+        let mut all: Vec<Family> = lock(&self.families).values().cloned().collect();
+        all.sort_by(|a, b| a.family_id.cmp(&b.family_id));
+        Ok(all)
+    }
 }
 
 #[derive(Debug)]

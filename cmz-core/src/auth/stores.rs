@@ -44,6 +44,8 @@ pub trait FamilyDirectory: Debug + Send + Sync + 'static {
     async fn families_of(&self, user: &UserId) -> Result<Vec<Family>>;
     /// Creates or replaces a family.
     async fn put_family(&self, family: &Family) -> Result<()>;
+    /// Every family, ordered by id (an administrator's listing; backends may scan).
+    async fn list_families(&self) -> Result<Vec<Family>>;
 }
 
 /// Refresh tokens and revocations.

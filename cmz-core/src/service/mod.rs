@@ -60,7 +60,7 @@ use crate::types::{MAX_CONTENT_BYTES, Message, NewMessage, Persona, Role, Sessio
 pub const MAX_TURN_KEY_LEN: usize = 128;
 
 /// One message from a user to an animal.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TurnRequest {
     /// The animal spoken to.
     pub animal_id: AnimalId,
@@ -73,6 +73,10 @@ pub struct TurnRequest {
     pub turn_key: Option<String>,
     /// How many earlier turns the model sees (overrides the configured default).
     pub context_window: Option<usize>,
+    /// Reply-token limit for this turn (overrides the configured default).
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature for this turn (overrides the configured default).
+    pub temperature: Option<f32>,
 }
 
 impl TurnRequest {
@@ -84,6 +88,8 @@ impl TurnRequest {
             session_id: None,
             turn_key: None,
             context_window: None,
+            max_tokens: None,
+            temperature: None,
         }
     }
 
@@ -852,8 +858,8 @@ impl ConversationService {
         messages.push(ChatMessage::new(Role::User, content));
         let prompt = ChatRequest {
             messages,
-            max_tokens: inner.config.max_tokens,
-            temperature: inner.config.temperature,
+            max_tokens: request.max_tokens.or(inner.config.max_tokens),
+            temperature: request.temperature.or(inner.config.temperature),
         };
         Ok(Prepare::Run(Prepared {
             _lease: lease,

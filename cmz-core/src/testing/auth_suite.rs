@@ -135,6 +135,15 @@ pub async fn check_family_directory(directory: &dyn FamilyDirectory) {
         );
     }
     assert!(directory.families_of(&outsider).await.unwrap().is_empty());
+    let all = directory.list_families().await.unwrap();
+    assert!(
+        all.iter().any(|f| f.family_id == family.family_id),
+        "contract: list_families lists every family"
+    );
+    assert!(
+        all.windows(2).all(|w| w[0].family_id <= w[1].family_id),
+        "contract: ordered by id"
+    );
     let changed = Family {
         students: vec![a.clone()],
         ..family.clone()

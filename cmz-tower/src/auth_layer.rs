@@ -1,0 +1,184 @@
+//! [`AuthLayer`]: verifies the access token and puts the caller in request extensions.
+
+use std::task::{Context, Poll};
+
+use axum::http::Request;
+use axum::response::{IntoResponse, Response};
+use cmz_core::auth::AuthService;
+use futures::future::BoxFuture;
+use tower::{Layer, Service};
+
+use crate::error::ApiError;
+
+/// The raw access token of an authenticated request (for logout), in request extensions.
+#[derive(Debug, Clone)]
+pub struct AccessToken(pub String);
+
+/// Requires a valid access token: `Authorization: Bearer <token>`, or `?token=<token>` for
+/// EventSource clients that cannot set headers. Puts the verified
+/// [`Principal`](cmz_core::access::Principal) and the [`AccessToken`] in the request's
+/// extensions; anything else gets 401 with the `Error` body.
+///
+/// Use it in front of any routes, not only cmz's:
+///
+/// ```no_run
+/// # async fn demo(auth: cmz_core::auth::AuthService) {
+/// use axum::{Extension, Router, routing::get};
+/// use cmz_core::access::Principal;
+///
+/// let app: Router = Router::new()
+///     .route("/whoami", get(|Extension(me): Extension<Principal>| async move { me.user_id.to_string() }))
+///     .layer(cmz_tower::AuthLayer::new(auth));
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct AuthLayer {
+    auth: AuthService,
+}
+
+impl AuthLayer {
+    /// A layer verifying tokens with `auth`.
+    pub fn new(auth: AuthService) -> Self {
+        Self { auth }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = RequireAuth<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RequireAuth {
+            inner,
+            auth: self.auth.clone(),
+        }
+    }
+}
+
+/// The service [`AuthLayer`] makes.
+#[derive(Debug, Clone)]
+pub struct RequireAuth<S> {
+    inner: S,
+    auth: AuthService,
+}
+
+impl<S> RequireAuth<S> {
+    /// The wrapped service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+/// The token of a request: the Authorization header first, then `?token=`.
+pub(crate) fn token_of<B>(request: &Request<B>) -> Option<String> {
+    if let Some(value) = request.headers().get(axum::http::header::AUTHORIZATION) {
+        let value = value.to_str().ok()?.trim();
+        let (scheme, token) = value.split_once(' ')?;
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().to_owned());
+    }
+    request.uri().query().and_then(|query| {
+        query.split('&').find_map(|pair| {
+            let (name, value) = pair.split_once('=')?;
+            (name == "token").then(|| percent_decode(value))
+        })
+    })
+}
+
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(byte) => {
+                        out.push(byte);
+                        i += 3;
+                    }
+                    None => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            byte => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl<S, B> Service<Request<B>> for RequireAuth<S>
+where
+    S: Service<Request<B>, Response = Response> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        // The clone that was driven to readiness serves this request.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let auth = self.auth.clone();
+        Box::pin(async move {
+            let Some(token) = token_of(&request) else {
+                return Ok(
+                    ApiError::new("unauthorized", "Missing or invalid token").into_response()
+                );
+            };
+            match auth.authenticate(&token).await {
+                Ok(principal) => {
+                    request.extensions_mut().insert(principal);
+                    request.extensions_mut().insert(AccessToken(token));
+                    inner.call(request).await
+                }
+                Err(error) => Ok(ApiError::from(error).into_response()),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_come_from_the_header_or_the_query() {
+        let req = Request::builder()
+            .uri("/x?token=abc%2Edef")
+            .body(())
+            .unwrap();
+        assert_eq!(token_of(&req).as_deref(), Some("abc.def"));
+        let req = Request::builder()
+            .uri("/x?token=q")
+            .header("authorization", "Bearer hdr")
+            .body(())
+            .unwrap();
+        assert_eq!(token_of(&req).as_deref(), Some("hdr"), "the header wins");
+        let req = Request::builder()
+            .uri("/x")
+            .header("authorization", "Basic abc")
+            .body(())
+            .unwrap();
+        assert_eq!(token_of(&req), None);
+        let req = Request::builder().uri("/x?tokens=1&a=%").body(()).unwrap();
+        assert_eq!(token_of(&req), None);
+        assert_eq!(percent_decode("a%zz%4"), "a%zz%4");
+    }
+}

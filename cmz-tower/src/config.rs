@@ -1,0 +1,164 @@
+//! Building the server from the environment, with embedded defaults, and serving it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use cmz_core::auth::{AuthService, AuthSettings, AuthStores};
+use cmz_core::chat::DynChatModel;
+use cmz_core::memory::{InMemoryConversationStore, InMemoryPersonaDirectory, OfflinePersonaModel};
+use cmz_core::service::{ConversationConfig, ConversationService};
+use cmz_core::types::Persona;
+use cmz_core::{Error, Result};
+
+use crate::state::{AppState, HealthCheck, HttpSettings, ModelHealth};
+
+/// The sample animal personas (JSON) used when no persona store is configured.
+pub const SAMPLE_PERSONAS: &str = include_str!("sample-personas.json");
+
+/// The sample animal personas.
+pub fn sample_personas() -> Vec<Persona> {
+    serde_json::from_str(SAMPLE_PERSONAS).expect("the sample personas parse")
+}
+
+/// The health check of the offline persona model: always ok, labelled offline.
+pub fn offline_health() -> HealthCheck {
+    Arc::new(|| {
+        Box::pin(async {
+            ModelHealth {
+                status: "ok".into(),
+                model: OfflinePersonaModel::NAME.into(),
+                offline: true,
+                latency_ms: Some(0),
+                error: None,
+            }
+        })
+    })
+}
+
+#[cfg(feature = "openai")]
+fn openai_model(
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<(DynChatModel, HealthCheck)>> {
+    use cmz_openai::{OpenAiChatModel, OpenAiConfig};
+    if !OpenAiConfig::configured_in(lookup) {
+        return Ok(None);
+    }
+    let model = OpenAiChatModel::new(OpenAiConfig::from_lookup(lookup)?)?;
+    let checked = model.clone();
+    let health: HealthCheck = Arc::new(move || {
+        let model = checked.clone();
+        Box::pin(async move {
+            let name = model.config().model.clone();
+            match model.health().await {
+                Ok(health) => ModelHealth {
+                    status: "ok".into(),
+                    model: name,
+                    offline: false,
+                    latency_ms: Some(health.latency.as_millis() as u64),
+                    error: None,
+                },
+                Err(error) => ModelHealth {
+                    status: "unavailable".into(),
+                    model: name,
+                    offline: false,
+                    latency_ms: None,
+                    error: Some(error.to_string()),
+                },
+            }
+        })
+    });
+    Ok(Some((Arc::new(model), health)))
+}
+
+#[cfg(not(feature = "openai"))]
+fn openai_model(
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<(DynChatModel, HealthCheck)>> {
+    if lookup("OPENAI_API_KEY").is_some() || lookup("OPENAI_BASE_URL").is_some() {
+        tracing::warn!(
+            "OPENAI_API_KEY/OPENAI_BASE_URL are set but this build has no `openai` feature; using the offline persona model"
+        );
+    }
+    Ok(None)
+}
+
+/// Builds the whole state from environment-style variables, with embedded defaults:
+/// the in-memory store, the sample personas, and the offline persona model unless
+/// `OPENAI_API_KEY` / `OPENAI_BASE_URL` are set (and the `openai` feature is on).
+/// Auth comes from [`AuthSettings::from_lookup`] (so production needs `JWT_SECRET`, and
+/// development users need `CMZ_DEV_USERS`), HTTP settings from
+/// [`HttpSettings::from_lookup`].
+pub async fn state_from_env(lookup: &(dyn Fn(&str) -> Option<String> + Sync)) -> Result<AppState> {
+    let settings = HttpSettings::from_lookup(lookup)?;
+    let auth =
+        AuthService::new(AuthSettings::from_lookup(lookup)?, AuthStores::in_memory()).await?;
+    let personas = Arc::new(InMemoryPersonaDirectory::with_personas(sample_personas()));
+    let (model, health) = match openai_model(lookup)? {
+        Some(found) => found,
+        None => (
+            Arc::new(OfflinePersonaModel) as DynChatModel,
+            offline_health(),
+        ),
+    };
+    tracing::info!(model = model.name(), "chat model");
+    let conversations = ConversationService::with(
+        Arc::new(InMemoryConversationStore::new()),
+        personas.clone(),
+        model,
+        Arc::new(auth.policy()),
+        ConversationConfig::default(),
+    );
+    Ok(AppState::new(
+        conversations,
+        auth,
+        personas,
+        health,
+        settings,
+    ))
+}
+
+/// Serves `app` on `bind` until Ctrl-C (or SIGTERM), finishing requests in flight.
+/// A port already in use is a one-line error naming `CMZ_BIND`.
+pub async fn serve(app: Router, bind: SocketAddr) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(bind).await.map_err(|e| Error::Unavailable {
+        message: format!("cannot listen on {bind}: {e}; set CMZ_BIND to another address (for example 127.0.0.1:8081)"),
+        source: Some(Box::new(e)),
+    })?;
+    let started = Instant::now();
+    tracing::info!(%bind, "listening");
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await
+    .map_err(|e| Error::Unavailable {
+        message: "the server stopped".into(),
+        source: Some(Box::new(e)),
+    })?;
+    tracing::info!(uptime_seconds = started.elapsed().as_secs(), "stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => futures::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = futures::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

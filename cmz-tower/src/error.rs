@@ -1,0 +1,200 @@
+//! Every failure as the legacy `Error` body `{code, message, details}` with the right status.
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+/// An HTTP error with the legacy body.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// The stable code (`validation_error`, `not_found`, …).
+    pub code: String,
+    /// For people.
+    pub message: String,
+    /// Structured details, when there are any.
+    pub details: Option<Value>,
+    /// Seconds for `Retry-After`.
+    pub retry_after: Option<u64>,
+}
+
+/// The status a cmz error code maps to.
+pub fn status_for(code: &str) -> StatusCode {
+    match code {
+        "validation_error" | "gdpr_confirmation_required" => StatusCode::BAD_REQUEST,
+        "unauthorized" => StatusCode::UNAUTHORIZED,
+        "forbidden" => StatusCode::FORBIDDEN,
+        "not_found" => StatusCode::NOT_FOUND,
+        "method_not_allowed" => StatusCode::METHOD_NOT_ALLOWED,
+        "conflict" => StatusCode::CONFLICT,
+        "payload_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
+        "unsupported_media_type" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "rate_limit_exceeded" => StatusCode::TOO_MANY_REQUESTS,
+        "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+        "timeout" => StatusCode::GATEWAY_TIMEOUT,
+        "request_timeout" => StatusCode::REQUEST_TIMEOUT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl ApiError {
+    /// An error with `code` (its status follows from the code) and `message`.
+    pub fn new(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status: status_for(code),
+            code: code.to_owned(),
+            message: message.into(),
+            details: None,
+            retry_after: None,
+        }
+    }
+
+    /// Adds details.
+    pub fn with_details(mut self, details: Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+
+    /// A `validation_error` about `field`.
+    pub fn validation(field: &str, message: impl Into<String>) -> Self {
+        Self::new("validation_error", message).with_details(json!({ "field": field }))
+    }
+}
+
+impl From<cmz_core::Error> for ApiError {
+    fn from(error: cmz_core::Error) -> Self {
+        let code = error.code();
+        let mut api = ApiError::new(code, error.to_string());
+        match &error {
+            cmz_core::Error::Validation {
+                field: Some(field), ..
+            } => api.details = Some(json!({ "field": field })),
+            cmz_core::Error::RateLimited {
+                retry_after: Some(wait),
+                ..
+            } => {
+                api.retry_after = Some(wait.as_secs().max(1));
+                api.details = Some(json!({ "retryAfterSeconds": wait.as_secs().max(1) }));
+            }
+            // Internal details stay in the logs.
+            cmz_core::Error::Internal { .. } | cmz_core::Error::Unavailable { .. } => {
+                tracing::error!(code, error = %error, source = ?std::error::Error::source(&error), "request failed");
+                if code == "internal_error" {
+                    api.message = "internal error".into();
+                }
+            }
+            _ => {}
+        }
+        api
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "code": self.code, "message": self.message });
+        if let Some(details) = self.details {
+            body["details"] = details;
+        }
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+        }
+        response
+    }
+}
+
+fn from_rejection(status: StatusCode, text: String) -> ApiError {
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        s if s.is_client_error() => "validation_error",
+        _ => "internal_error",
+    };
+    ApiError::new(code, text)
+}
+
+/// A JSON body; a bad one is a 4xx `Error` body (never axum's plain-text rejection).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(Self(value)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(rejection: JsonRejection) -> ApiError {
+    from_rejection(rejection.status(), rejection.body_text())
+}
+
+/// A query string; a bad one is a 400 `Error` body.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(Self(value)),
+            Err(rejection) => Err(query_rejection(rejection)),
+        }
+    }
+}
+
+fn query_rejection(rejection: QueryRejection) -> ApiError {
+    ApiError::new("validation_error", rejection.body_text())
+}
+
+/// Turns any error response that is not already an `Error` body (a body-limit 413, a
+/// timeout 408, a panic's 500) into one, so clients always get JSON.
+pub(crate) async fn ensure_error_body(response: Response) -> Response {
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return response;
+    }
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::REQUEST_TIMEOUT => "request_timeout",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        s if s.is_client_error() => "validation_error",
+        _ => "internal_error",
+    };
+    let message = status.canonical_reason().unwrap_or("error").to_owned();
+    let (mut parts, _) = response.into_parts();
+    let mut fixed = ApiError {
+        status,
+        ..ApiError::new(code, message)
+    }
+    .into_response();
+    // Keep headers such as Allow and Retry-After.
+    for name in [header::ALLOW, header::RETRY_AFTER] {
+        if let Some(value) = parts.headers.remove(&name) {
+            fixed.headers_mut().insert(name, value);
+        }
+    }
+    fixed
+}

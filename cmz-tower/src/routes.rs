@@ -1,0 +1,710 @@
+//! The handlers of the legacy HTTP contract.
+
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use chrono::{DateTime, Utc};
+use cmz_core::access::{Action, Principal};
+use cmz_core::auth::{AuditEvent, AuditKind, AuditOutcome, Family, PublicUser};
+use cmz_core::ids::{AnimalId, SessionId, UserId};
+use cmz_core::service::TurnRequest;
+use cmz_core::store::{Cursor, DeleteScope, PageRequest, SessionScope};
+use cmz_core::types::{Message, Session};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::auth_layer::AccessToken;
+use crate::error::{ApiError, ApiJson, ApiQuery};
+use crate::state::AppState;
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// The client key for login throttling: the peer address when the server knows it.
+pub(crate) struct ClientKey(Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientKey {
+    type Rejection = std::convert::Infallible;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip().to_string()),
+        ))
+    }
+}
+
+fn id<T>(parse: impl FnOnce(String) -> cmz_core::Result<T>, value: String) -> ApiResult<T> {
+    parse(value).map_err(ApiError::from)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct AuthRequest {
+    username: Option<String>,
+    email: Option<String>,
+    password: String,
+    #[serde(default)]
+    register: bool,
+    display_name: Option<String>,
+}
+
+pub(crate) async fn login(
+    State(state): State<AppState>,
+    ClientKey(client): ClientKey,
+    ApiJson(body): ApiJson<AuthRequest>,
+) -> ApiResult<Response> {
+    let auth = &state.inner.auth;
+    let email = body
+        .email
+        .or(body.username)
+        .ok_or_else(|| ApiError::validation("username", "username (or email) is required"))?;
+    let response = if body.register {
+        auth.register(
+            &email,
+            &body.password,
+            body.display_name.as_deref().unwrap_or(""),
+        )
+        .await?
+    } else {
+        auth.login(&email, &body.password, client.as_deref())
+            .await?
+    };
+    Ok(Json(response).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct RefreshRequest {
+    refresh_token: String,
+}
+
+pub(crate) async fn refresh(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<RefreshRequest>,
+) -> ApiResult<Response> {
+    Ok(Json(state.inner.auth.refresh(&body.refresh_token).await?).into_response())
+}
+
+pub(crate) async fn logout(
+    State(state): State<AppState>,
+    Extension(token): Extension<AccessToken>,
+) -> ApiResult<StatusCode> {
+    state.inner.auth.logout(&token.0).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub(crate) async fn me(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> ApiResult<Json<PublicUser>> {
+    let user = state
+        .inner
+        .auth
+        .stores()
+        .users
+        .get_user(&principal.user_id)
+        .await?
+        .ok_or_else(|| ApiError::new("not_found", "user not found"))?;
+    Ok(Json(PublicUser::from(&user)))
+}
+
+pub(crate) async fn animals(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+    let personas = state.inner.personas.list().await?;
+    Ok(Json(json!({ "animals": personas })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ConvoTurnRequest {
+    pub(crate) animal_id: String,
+    pub(crate) message: String,
+    pub(crate) session_id: Option<String>,
+    #[allow(dead_code)]
+    pub(crate) context_summary: Option<String>,
+    #[allow(dead_code)]
+    pub(crate) metadata: Option<Value>,
+    pub(crate) priority: Option<String>,
+    pub(crate) max_tokens: Option<i64>,
+    pub(crate) temperature: Option<f64>,
+    pub(crate) context_window: Option<i64>,
+    pub(crate) moderation_level: Option<String>,
+    pub(crate) turn_key: Option<String>,
+}
+
+impl ConvoTurnRequest {
+    /// Checks the legacy bounds and builds the engine's request.
+    pub(crate) fn into_turn(self) -> ApiResult<TurnRequest> {
+        if let Some(p) = &self.priority {
+            if !matches!(p.as_str(), "low" | "normal" | "high") {
+                return Err(ApiError::validation(
+                    "priority",
+                    "priority must be low, normal or high",
+                ));
+            }
+        }
+        if let Some(level) = &self.moderation_level {
+            if !matches!(level.as_str(), "permissive" | "standard" | "strict") {
+                return Err(ApiError::validation(
+                    "moderationLevel",
+                    "moderationLevel must be permissive, standard or strict",
+                ));
+            }
+        }
+        let max_tokens = self.max_tokens.unwrap_or(300);
+        if !(10..=1000).contains(&max_tokens) {
+            return Err(ApiError::validation(
+                "maxTokens",
+                "maxTokens must be between 10 and 1000",
+            ));
+        }
+        let temperature = self.temperature.unwrap_or(0.7);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(ApiError::validation(
+                "temperature",
+                "temperature must be between 0 and 2",
+            ));
+        }
+        let window = self.context_window.unwrap_or(5);
+        if !(1..=20).contains(&window) {
+            return Err(ApiError::validation(
+                "contextWindow",
+                "contextWindow must be between 1 and 20",
+            ));
+        }
+        let mut turn = TurnRequest::new(id(AnimalId::new, self.animal_id)?, self.message)
+            .with_context_window(window as usize);
+        turn.max_tokens = Some(max_tokens as u32);
+        turn.temperature = Some(temperature as f32);
+        if let Some(session) = self.session_id.filter(|s| !s.is_empty()) {
+            turn = turn.in_session(id(SessionId::new, session)?);
+        }
+        if let Some(key) = self.turn_key.filter(|k| !k.is_empty()) {
+            turn = turn.with_turn_key(key);
+        }
+        Ok(turn)
+    }
+}
+
+/// Counts a turn against the user's hourly limit; 429 with the legacy details when over.
+pub(crate) async fn check_turn_limit(state: &AppState, principal: &Principal) -> ApiResult<()> {
+    let settings = &state.inner.settings;
+    let count = state
+        .inner
+        .limits
+        .hit(
+            &format!("turns:{}", principal.user_id),
+            settings.turn_window,
+        )
+        .await?;
+    if count.count > settings.turn_limit {
+        let wait = (count.resets_at - Utc::now()).num_seconds().max(1) as u64;
+        return Err(ApiError {
+            retry_after: Some(wait),
+            ..ApiError::new(
+                "rate_limit_exceeded",
+                "API rate limit exceeded. Please try again later.",
+            )
+            .with_details(json!({
+                "limit": settings.turn_limit,
+                "window": settings.turn_window.as_secs(),
+                "resetTime": count.resets_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            }))
+        });
+    }
+    Ok(())
+}
+
+pub(crate) async fn convo_turn(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    ApiJson(body): ApiJson<ConvoTurnRequest>,
+) -> ApiResult<Json<Value>> {
+    let turn = body.into_turn()?;
+    check_turn_limit(&state, &principal).await?;
+    let reply = state.inner.conversations.turn(&principal, turn).await?;
+    let meta = &reply.assistant_message.metadata;
+    Ok(Json(json!({
+        "reply": reply.reply,
+        "sessionId": reply.session_id,
+        "turnNumber": reply.turn,
+        "fallback": reply.fallback,
+        "interrupted": reply.interrupted,
+        "replayed": reply.replayed,
+        "turn": {
+            "convoTurnId": reply.assistant_message.id,
+            "timestamp": reply.assistant_message.created_at,
+            "tokensPrompt": meta.tokens_prompt,
+            "tokensCompletion": meta.tokens_completion,
+            "latencyMs": meta.latency_ms,
+        },
+        "moderation": { "flagged": meta.moderated, "categories": [] },
+    })))
+}
+
+fn turn_json(message: &Message, include_metadata: bool) -> Value {
+    let mut turn = json!({ "role": message.role, "content": message.content, "timestamp": message.created_at, "messageId": message.id });
+    if include_metadata {
+        turn["metadata"] = serde_json::to_value(&message.metadata).unwrap_or(Value::Null);
+    }
+    turn
+}
+
+fn history_json(session: &Session, messages: &[Message], include_metadata: bool) -> Value {
+    json!({
+        "sessionId": session.id,
+        "animalId": session.animal_id,
+        "animalName": session.animal_name,
+        "userId": session.user_id,
+        "totalTurns": session.message_count,
+        "summary": session.summary,
+        "turns": messages.iter().map(|m| turn_json(m, include_metadata)).collect::<Vec<_>>(),
+    })
+}
+
+fn parse_date(field: &str, value: Option<String>) -> ApiResult<Option<DateTime<Utc>>> {
+    value
+        .filter(|v| !v.is_empty())
+        .map(|v| {
+            DateTime::parse_from_rfc3339(&v)
+                .map(|d| d.with_timezone(&Utc))
+                .map_err(|_| {
+                    ApiError::validation(field, format!("{field} must be an RFC 3339 date-time"))
+                })
+        })
+        .transpose()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct HistoryQuery {
+    animal_id: Option<String>,
+    user_id: Option<String>,
+    session_id: Option<String>,
+    start_date: Option<String>,
+    end_date: Option<String>,
+    limit: Option<i64>,
+    offset: Option<i64>,
+    include_metadata: Option<bool>,
+}
+
+/// The most offset honoured (offsets page through the store from the start).
+const MAX_OFFSET: i64 = 100_000;
+
+pub(crate) async fn convo_history(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    ApiQuery(q): ApiQuery<HistoryQuery>,
+) -> ApiResult<Json<Value>> {
+    let conversations = &state.inner.conversations;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::validation(
+            "limit",
+            "limit must be between 1 and 500",
+        ));
+    }
+    let offset = q.offset.unwrap_or(0);
+    if !(0..=MAX_OFFSET).contains(&offset) {
+        return Err(ApiError::validation(
+            "offset",
+            format!("offset must be between 0 and {MAX_OFFSET}"),
+        ));
+    }
+    let (start, end) = (
+        parse_date("startDate", q.start_date)?,
+        parse_date("endDate", q.end_date)?,
+    );
+    let animal = q
+        .animal_id
+        .filter(|a| !a.is_empty())
+        .map(|a| id(AnimalId::new, a))
+        .transpose()?;
+    // One session: the one asked for, or else the user's most recent (with that animal).
+    let session = match q.session_id.filter(|s| !s.is_empty()) {
+        Some(session) => {
+            conversations
+                .session(&principal, &id(SessionId::new, session)?)
+                .await?
+        }
+        None => {
+            let owner = match q.user_id.filter(|u| !u.is_empty()) {
+                Some(user) => id(UserId::new, user)?,
+                None => principal.user_id.clone(),
+            };
+            let mut cursor = None;
+            let found = loop {
+                let page = conversations
+                    .list_sessions(
+                        &principal,
+                        SessionScope::User(owner.clone()),
+                        PageRequest {
+                            limit: 100,
+                            cursor: cursor.take(),
+                        },
+                    )
+                    .await?;
+                if let Some(found) = page
+                    .items
+                    .into_iter()
+                    .find(|s| animal.as_ref().is_none_or(|a| &s.animal_id == a))
+                {
+                    break Some(found);
+                }
+                match page.next {
+                    Some(next) => cursor = Some(next),
+                    None => break None,
+                }
+            };
+            found.ok_or_else(|| ApiError::new("not_found", "no conversation found"))?
+        }
+    };
+    let mut skipped = 0i64;
+    let mut turns = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = conversations
+            .history(
+                &principal,
+                &session.id,
+                PageRequest {
+                    limit: 500,
+                    cursor: cursor.take(),
+                },
+            )
+            .await?;
+        for message in page.items {
+            if start.is_some_and(|s| message.created_at < s)
+                || end.is_some_and(|e| message.created_at > e)
+            {
+                continue;
+            }
+            if skipped < offset {
+                skipped += 1;
+                continue;
+            }
+            if turns.len() < limit as usize {
+                turns.push(message);
+            }
+        }
+        match page.next {
+            Some(next) if turns.len() < limit as usize => cursor = Some(next),
+            _ => break,
+        }
+    }
+    Ok(Json(history_json(
+        &session,
+        &turns,
+        q.include_metadata.unwrap_or(false),
+    )))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct DeleteQuery {
+    session_id: Option<String>,
+    user_id: Option<String>,
+    animal_id: Option<String>,
+    older_than: Option<String>,
+    confirm_gdpr: Option<bool>,
+    #[serde(rename = "confirmGDPR")]
+    confirm_gdpr_legacy: Option<bool>,
+    audit_reason: Option<String>,
+}
+
+pub(crate) async fn delete_history(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    ApiQuery(q): ApiQuery<DeleteQuery>,
+) -> ApiResult<Response> {
+    if let Some(reason) = &q.audit_reason {
+        if reason.chars().count() > 500 {
+            return Err(ApiError::validation(
+                "auditReason",
+                "auditReason is at most 500 characters",
+            ));
+        }
+    }
+    let nonempty = |v: Option<String>| v.filter(|s| !s.is_empty());
+    let scope = match (
+        nonempty(q.session_id),
+        nonempty(q.user_id),
+        nonempty(q.animal_id),
+        parse_date("olderThan", q.older_than)?,
+    ) {
+        (Some(session), None, None, None) => DeleteScope::Session(id(SessionId::new, session)?),
+        (None, Some(user), None, None) => DeleteScope::User(id(UserId::new, user)?),
+        (None, None, Some(animal), None) => DeleteScope::Animal(id(AnimalId::new, animal)?),
+        (None, None, None, Some(date)) => DeleteScope::OlderThan(date),
+        (None, None, None, None) => {
+            return Err(ApiError::validation(
+                "sessionId",
+                "give one of sessionId, userId, animalId or olderThan",
+            ));
+        }
+        _ => {
+            return Err(ApiError::validation(
+                "sessionId",
+                "give only one of sessionId, userId, animalId or olderThan",
+            ));
+        }
+    };
+    let bulk = !matches!(scope, DeleteScope::Session(_));
+    if bulk && !(q.confirm_gdpr.unwrap_or(false) || q.confirm_gdpr_legacy.unwrap_or(false)) {
+        return Err(ApiError::new(
+            "gdpr_confirmation_required",
+            "GDPR confirmation required for bulk user data deletion",
+        )
+        .with_details(json!({ "required_parameter": "confirmGDPR" })));
+    }
+    let report = state
+        .inner
+        .conversations
+        .delete(&principal, scope.clone())
+        .await?;
+    let mut event = AuditEvent::new(
+        AuditKind::BulkAccess(Action::Delete),
+        AuditOutcome::Allowed,
+        format!(
+            "delete {scope:?}: {} sessions, {} messages; reason: {}",
+            report.sessions,
+            report.messages,
+            q.audit_reason.as_deref().unwrap_or("(none given)")
+        ),
+    );
+    event.actor = Some(principal.user_id.clone());
+    event.actor_role = Some(principal.role);
+    state.inner.auth.stores().audit.record(event).await;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct SessionsQuery {
+    user_id: Option<String>,
+    animal_id: Option<String>,
+    start_date: Option<String>,
+    end_date: Option<String>,
+    limit: Option<i64>,
+    last_evaluated_key: Option<String>,
+    sort_by: Option<String>,
+    sort_order: Option<String>,
+}
+
+fn session_json(session: &Session) -> Value {
+    json!({
+        "sessionId": session.id,
+        "userId": session.user_id,
+        "animalId": session.animal_id,
+        "animalName": session.animal_name,
+        "startTime": session.started_at,
+        "lastMessageTime": session.last_activity,
+        "messageCount": session.message_count,
+        "duration": (session.last_activity - session.started_at).num_seconds().max(0),
+        "status": session.status,
+        "summary": session.summary,
+    })
+}
+
+pub(crate) async fn list_sessions(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    ApiQuery(q): ApiQuery<SessionsQuery>,
+) -> ApiResult<Json<Value>> {
+    let limit = q.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::validation(
+            "limit",
+            "limit must be between 1 and 100",
+        ));
+    }
+    let sort_by = q.sort_by.as_deref().unwrap_or("timestamp");
+    if !matches!(sort_by, "timestamp" | "messageCount" | "duration") {
+        return Err(ApiError::validation(
+            "sortBy",
+            "sortBy must be timestamp, messageCount or duration",
+        ));
+    }
+    let descending = match q.sort_order.as_deref().unwrap_or("desc") {
+        "desc" => true,
+        "asc" => false,
+        _ => {
+            return Err(ApiError::validation(
+                "sortOrder",
+                "sortOrder must be asc or desc",
+            ));
+        }
+    };
+    let (start, end) = (
+        parse_date("startDate", q.start_date)?,
+        parse_date("endDate", q.end_date)?,
+    );
+    let animal = q
+        .animal_id
+        .filter(|a| !a.is_empty())
+        .map(|a| id(AnimalId::new, a))
+        .transpose()?;
+    let user = q
+        .user_id
+        .filter(|u| !u.is_empty())
+        .map(|u| id(UserId::new, u))
+        .transpose()?;
+    let scope = match (&user, &animal) {
+        (Some(user), _) => SessionScope::User(user.clone()),
+        (None, Some(animal)) if principal.role.sees_everything() => {
+            SessionScope::Animal(animal.clone())
+        }
+        (None, _) => SessionScope::User(principal.user_id.clone()),
+    };
+    let cursor = q
+        .last_evaluated_key
+        .filter(|k| !k.is_empty())
+        .map(Cursor::from_client);
+    let page = state
+        .inner
+        .conversations
+        .list_sessions(
+            &principal,
+            scope,
+            PageRequest {
+                limit: limit as usize,
+                cursor,
+            },
+        )
+        .await?;
+    let mut sessions: Vec<Session> = page
+        .items
+        .into_iter()
+        .filter(|s| animal.as_ref().is_none_or(|a| &s.animal_id == a))
+        .filter(|s| {
+            start.is_none_or(|d| s.last_activity >= d) && end.is_none_or(|d| s.started_at <= d)
+        })
+        .collect();
+    // The store pages by activity, newest first; other orders apply within the page.
+    match sort_by {
+        "messageCount" => sessions.sort_by_key(|s| s.message_count),
+        "duration" => sessions.sort_by_key(|s| s.last_activity - s.started_at),
+        _ => sessions.sort_by_key(|s| s.last_activity),
+    }
+    if descending {
+        sessions.reverse();
+    }
+    let mut body = json!({ "sessions": sessions.iter().map(session_json).collect::<Vec<_>>(), "totalCount": sessions.len() });
+    if let Some(next) = page.next {
+        body["lastEvaluatedKey"] = next.as_str().into();
+    }
+    Ok(Json(body))
+}
+
+pub(crate) async fn session_detail(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(session_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let conversations = &state.inner.conversations;
+    let session = conversations
+        .session(&principal, &id(SessionId::new, session_id)?)
+        .await?;
+    let page = conversations
+        .history(&principal, &session.id, PageRequest::first(500))
+        .await?;
+    let mut body = history_json(&session, &page.items, true);
+    if let Some(next) = page.next {
+        body["nextCursor"] = next.as_str().into();
+    }
+    Ok(Json(body))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct SummarizeRequest {
+    session_id: String,
+    summary_type: Option<String>,
+}
+
+pub(crate) async fn summarize(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    ApiJson(body): ApiJson<SummarizeRequest>,
+) -> ApiResult<Json<Value>> {
+    let summary_type = body.summary_type.unwrap_or_else(|| "brief".into());
+    if !matches!(
+        summary_type.as_str(),
+        "brief" | "detailed" | "educational" | "parent_report" | "full"
+    ) {
+        return Err(ApiError::validation("summaryType", "unknown summaryType"));
+    }
+    let session_id = id(SessionId::new, body.session_id)?;
+    let summary = state
+        .inner
+        .conversations
+        .summarize(&principal, &session_id)
+        .await?;
+    Ok(Json(json!({
+        "sessionId": session_id,
+        "summaryType": summary_type,
+        "summary": summary.text,
+        "fallback": summary.fallback,
+        "generatedAt": Utc::now(),
+    })))
+}
+
+pub(crate) async fn family_list(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> ApiResult<Json<Vec<Family>>> {
+    let families = &state.inner.auth.stores().families;
+    let list = if principal.role.sees_everything() {
+        families.list_families().await?
+    } else {
+        families.families_of(&principal.user_id).await?
+    };
+    Ok(Json(list.into_iter().filter(|f| !f.soft_delete).collect()))
+}
+
+pub(crate) async fn chatgpt_health(State(state): State<AppState>) -> Json<Value> {
+    let health = (state.inner.health)().await;
+    Json(json!({
+        "status": if health.status == "ok" { "healthy" } else { "error" },
+        "api_key_configured": !health.offline,
+        "model": health.model,
+        "offline": health.offline,
+        "latencyMs": health.latency_ms,
+        "error": health.error,
+        "timestamp": Utc::now(),
+    }))
+}
+
+pub(crate) async fn system_health(State(state): State<AppState>) -> Json<Value> {
+    let store = match state
+        .inner
+        .conversations
+        .store()
+        .get_session(&SessionId::new("health_check").expect("valid id"))
+        .await
+    {
+        Ok(_) => "ok",
+        Err(_) => "error",
+    };
+    let model = (state.inner.health)().await;
+    let ai = if model.status == "ok" { "ok" } else { "error" };
+    Json(json!({
+        "status": if store == "ok" && ai == "ok" { "ok" } else { "degraded" },
+        "timestamp": Utc::now(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptimeSeconds": state.inner.started.elapsed().as_secs(),
+        "checks": [{ "name": "db", "status": store }, { "name": "ai", "status": ai }],
+    }))
+}
+
+pub(crate) async fn not_found() -> ApiError {
+    ApiError::new("not_found", "no such route")
+}
+
+pub(crate) async fn method_not_allowed() -> ApiError {
+    ApiError::new("method_not_allowed", "method not allowed on this route")
+}

@@ -1,0 +1,47 @@
+//! The demo server: cmz's HTTP API on 127.0.0.1:8080 with a small chat page at `/`.
+//!
+//! `cargo run -p cmz-examples --bin demo` runs it on its embedded defaults: in-memory
+//! store, the development users (`admin@cmz.org` / `admin123`, …), sample animals and the
+//! offline persona model. Every setting comes from the legacy variables (see the README);
+//! `CMZ_BIND` moves it.
+
+use axum::response::Html;
+use axum::routing::get;
+
+/// The chat page.
+const PAGE: &str = include_str!("static/index.html");
+
+/// Environment lookup with the demo's defaults: development users unless told otherwise.
+fn lookup(name: &str) -> Option<String> {
+    match std::env::var(name) {
+        Ok(value) => Some(value),
+        Err(_) if name == "CMZ_DEV_USERS" => Some("embedded".into()),
+        Err(_) => None,
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tower_http=info".into()),
+        )
+        .init();
+    let state = match cmz_tower::state_from_env(&lookup).await {
+        Ok(state) => state,
+        Err(error) => {
+            eprintln!("cmz demo: {error}");
+            std::process::exit(1);
+        }
+    };
+    let bind = state.settings().bind;
+    let app = axum::Router::new()
+        .route("/", get(|| async { Html(PAGE) }))
+        .merge(cmz_tower::router(state));
+    println!("cmz demo on http://{bind}/  (log in as admin@cmz.org / admin123)");
+    if let Err(error) = cmz_tower::serve(app, bind).await {
+        eprintln!("cmz demo: {error}");
+        std::process::exit(1);
+    }
+}
