@@ -66,11 +66,20 @@ pub fn router(state: AppState) -> Router {
         .route("/auth/refresh", post(routes::refresh))
         .route("/chatgpt/health", get(routes::chatgpt_health))
         .route("/system_health", get(routes::system_health));
-    let mut app = public
+    let app = public
         .merge(protected)
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
-        .with_state(state)
+        .with_state(state);
+    with_layers(app, &settings)
+}
+
+/// Wraps any router in cmz's HTTP stack: body-size limit, a catch-panic layer that answers
+/// 500 with the `Error` body, the request timeout, JSON error bodies for every failure,
+/// CORS for the configured origins, tracing and `x-request-id`. [`router`] uses it; use it
+/// for routes of your own that should behave the same.
+pub fn with_layers(app: Router, settings: &HttpSettings) -> Router {
+    let mut app = app
         .layer(DefaultBodyLimit::max(settings.body_limit))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(TimeoutLayer::with_status_code(

@@ -1,0 +1,796 @@
+//! The HTTP API over real loopback HTTP: every route, its errors, the access policy, SSE
+//! read with a real SSE client, and a client that disconnects mid-stream.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cmz_core::auth::{AuthService, AuthSettings, AuthStores, DevDirectory, PasswordHasher};
+use cmz_core::memory::{InMemoryConversationStore, InMemoryPersonaDirectory};
+use cmz_core::service::{ConversationConfig, ConversationService};
+use cmz_core::testing::ScriptedModel;
+use cmz_tower::{AppState, HttpSettings};
+use eventsource_stream::Eventsource as _;
+use futures::StreamExt as _;
+use serde_json::{Value, json};
+
+const SECRET: &[u8] = b"http-test-secret-http-test-secret-0123456789";
+
+struct Server {
+    base: String,
+    client: reqwest::Client,
+    state: AppState,
+}
+
+async fn start_with(model: ScriptedModel, settings: HttpSettings) -> Server {
+    let auth_settings = AuthSettings {
+        hasher: PasswordHasher::new(1024, 1, 1).unwrap(),
+        dev_users: Some(DevDirectory::embedded()),
+        ..AuthSettings::with_secret(SECRET).unwrap()
+    };
+    let auth = AuthService::new(auth_settings, AuthStores::in_memory())
+        .await
+        .unwrap();
+    let personas = Arc::new(InMemoryPersonaDirectory::with_personas(
+        cmz_tower::sample_personas(),
+    ));
+    let conversations = ConversationService::with(
+        Arc::new(InMemoryConversationStore::new()),
+        personas.clone(),
+        Arc::new(model),
+        Arc::new(auth.policy()),
+        ConversationConfig::default(),
+    );
+    let state = AppState::new(
+        conversations,
+        auth,
+        personas,
+        cmz_tower::offline_health(),
+        settings,
+    );
+    let app = cmz_tower::router(state.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .unwrap();
+    });
+    Server {
+        base: format!("http://{address}"),
+        client: reqwest::Client::new(),
+        state,
+    }
+}
+
+async fn start() -> Server {
+    start_with(ScriptedModel::echo(), HttpSettings::default()).await
+}
+
+impl Server {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn login(&self, email: &str, password: &str) -> String {
+        let body = self
+            .post_json(
+                "/auth",
+                None,
+                json!({"username": email, "password": password}),
+            )
+            .await;
+        assert_eq!(body.0, 200, "{body:?}");
+        body.1["token"].as_str().unwrap().to_owned()
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> (u16, Value) {
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"))
+        };
+        (status, body)
+    }
+
+    async fn post_json(&self, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
+        let mut request = self
+            .client
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        self.send(request).await
+    }
+
+    async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        let mut request = self.client.get(self.url(path));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        self.send(request).await
+    }
+
+    async fn turn(
+        &self,
+        token: &str,
+        animal: &str,
+        message: &str,
+        session: Option<&str>,
+    ) -> (u16, Value) {
+        let mut body = json!({"animalId": animal, "message": message});
+        if let Some(session) = session {
+            body["sessionId"] = session.into();
+        }
+        self.post_json("/convo_turn", Some(token), body).await
+    }
+}
+
+fn assert_error(response: &(u16, Value), status: u16, code: &str) {
+    assert_eq!(response.0, status, "{response:?}");
+    assert_eq!(response.1["code"], code, "{response:?}");
+    assert!(response.1["message"].is_string(), "{response:?}");
+}
+
+#[tokio::test]
+async fn the_seed_checklist_auth_family_list_turn_history() {
+    let server = start().await;
+    let token = server.login("admin@cmz.org", "admin123").await;
+    let families = server.get("/family_list", Some(&token)).await;
+    assert_eq!(families.0, 200);
+    assert_eq!(families.1.as_array().unwrap().len(), 2, "{families:?}");
+    let turn = server.turn(&token, "porcupine", "Hello Pokey!", None).await;
+    assert_eq!(turn.0, 200, "{turn:?}");
+    assert_eq!(turn.1["reply"], "echo: Hello Pokey!");
+    assert!(turn.1["turn"]["convoTurnId"].is_string());
+    assert_eq!(turn.1["turn"]["tokensPrompt"], 10);
+    let session = turn.1["sessionId"].as_str().unwrap().to_owned();
+    let history = server
+        .get(
+            &format!("/convo_history?sessionId={session}&includeMetadata=true"),
+            Some(&token),
+        )
+        .await;
+    assert_eq!(history.0, 200);
+    let turns = history.1["turns"].as_array().unwrap();
+    assert_eq!(turns.len(), 2);
+    assert_eq!(turns[0]["role"], "user");
+    assert_eq!(turns[0]["content"], "Hello Pokey!");
+    assert_eq!(turns[1]["metadata"]["tokensCompletion"], 5);
+    // Without a session id: the user's latest conversation with that animal.
+    let latest = server
+        .get("/convo_history?animalId=porcupine", Some(&token))
+        .await;
+    assert_eq!(latest.1["sessionId"], session.as_str());
+    let paged = server
+        .get(
+            &format!("/convo_history?sessionId={session}&limit=1&offset=1"),
+            Some(&token),
+        )
+        .await;
+    assert_eq!(paged.1["turns"].as_array().unwrap().len(), 1);
+    assert_eq!(paged.1["turns"][0]["role"], "assistant");
+}
+
+#[tokio::test]
+async fn auth_routes_and_their_errors() {
+    let server = start().await;
+    assert_error(
+        &server
+            .post_json(
+                "/auth",
+                None,
+                json!({"username": "admin@cmz.org", "password": "wrong"}),
+            )
+            .await,
+        401,
+        "unauthorized",
+    );
+    assert_error(
+        &server
+            .post_json("/auth", None, json!({"password": "x"}))
+            .await,
+        400,
+        "validation_error",
+    );
+    let login = server
+        .post_json(
+            "/auth",
+            None,
+            json!({"email": "parent@cmz.org", "password": "parent123"}),
+        )
+        .await;
+    assert_eq!(login.1["user"]["role"], "parent");
+    assert!(login.1["expiresIn"].as_u64().unwrap() > 0);
+    let token = login.1["token"].as_str().unwrap();
+    let me = server.get("/me", Some(token)).await;
+    assert_eq!(
+        (me.0, me.1["email"].as_str()),
+        (200, Some("parent@cmz.org"))
+    );
+    assert!(me.1.get("passwordHash").is_none());
+    assert_error(&server.get("/me", None).await, 401, "unauthorized");
+    assert_error(
+        &server.get("/me", Some("not.a.token")).await,
+        401,
+        "unauthorized",
+    );
+    let by_query = server.get(&format!("/me?token={token}"), None).await;
+    assert_eq!(by_query.0, 200, "EventSource clients pass ?token=");
+
+    let refreshed = server
+        .post_json(
+            "/auth/refresh",
+            None,
+            json!({"refreshToken": login.1["refreshToken"]}),
+        )
+        .await;
+    assert_eq!(refreshed.0, 200);
+    assert_error(
+        &server
+            .post_json(
+                "/auth/refresh",
+                None,
+                json!({"refreshToken": login.1["refreshToken"]}),
+            )
+            .await,
+        401,
+        "unauthorized",
+    );
+    let new_token = refreshed.1["token"].as_str().unwrap();
+    assert_error(
+        &server.get("/me", Some(new_token)).await,
+        401,
+        "unauthorized",
+    );
+
+    let fresh = server.login("student1@cmz.org", "student123").await;
+    let logout = server
+        .send(
+            server
+                .client
+                .post(server.url("/auth/logout"))
+                .bearer_auth(&fresh),
+        )
+        .await;
+    assert_eq!(logout.0, 204);
+    assert_error(&server.get("/me", Some(&fresh)).await, 401, "unauthorized");
+}
+
+#[tokio::test]
+async fn parents_read_their_students_and_nobody_else_does() {
+    let server = start().await;
+    let ana = server.login("student1@cmz.org", "student123").await;
+    let leo = server.login("student2@cmz.org", "student123").await;
+    let parent = server.login("parent@cmz.org", "parent123").await;
+    let kim = server.login("other@cmz.org", "other123").await;
+    let admin = server.login("admin@cmz.org", "admin123").await;
+    let turn = server.turn(&ana, "cougar", "Hi Cora", None).await;
+    let session = turn.1["sessionId"].as_str().unwrap().to_owned();
+    let path = format!("/convo_history?sessionId={session}");
+    assert_eq!(server.get(&path, Some(&parent)).await.0, 200);
+    assert_eq!(server.get(&path, Some(&admin)).await.0, 200);
+    assert_error(&server.get(&path, Some(&kim)).await, 403, "forbidden");
+    assert_error(&server.get(&path, Some(&leo)).await, 403, "forbidden");
+    let listing = "/conversations/sessions?userId=user_student_ana";
+    let sessions = server.get(listing, Some(&parent)).await;
+    assert_eq!(sessions.1["sessions"].as_array().unwrap().len(), 1);
+    assert_error(&server.get(listing, Some(&kim)).await, 403, "forbidden");
+    let detail = server
+        .get(&format!("/conversations/sessions/{session}"), Some(&parent))
+        .await;
+    assert_eq!(detail.1["turns"].as_array().unwrap().len(), 2);
+    assert_error(
+        &server
+            .get(&format!("/conversations/sessions/{session}"), Some(&kim))
+            .await,
+        403,
+        "forbidden",
+    );
+    // Nobody speaks for a child, not even the admin.
+    assert_error(
+        &server
+            .turn(&admin, "cougar", "hijack", Some(&session))
+            .await,
+        403,
+        "forbidden",
+    );
+    assert_error(
+        &server
+            .turn(&parent, "cougar", "hijack", Some(&session))
+            .await,
+        403,
+        "forbidden",
+    );
+    // Families: a parent sees their own, the admin all.
+    assert_eq!(
+        server
+            .get("/family_list", Some(&parent))
+            .await
+            .1
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    // Summaries need read access.
+    assert_eq!(
+        server
+            .post_json(
+                "/summarize_convo",
+                Some(&parent),
+                json!({"sessionId": session})
+            )
+            .await
+            .0,
+        200
+    );
+    assert_error(
+        &server
+            .post_json(
+                "/summarize_convo",
+                Some(&kim),
+                json!({"sessionId": session}),
+            )
+            .await,
+        403,
+        "forbidden",
+    );
+}
+
+async fn sse_events(response: reqwest::Response) -> Vec<(String, Value)> {
+    let mut events = response.bytes_stream().eventsource();
+    let mut out = Vec::new();
+    while let Some(event) = events.next().await {
+        let event = event.unwrap();
+        let data: Value = serde_json::from_str(&event.data).unwrap();
+        out.push((event.event, data));
+    }
+    out
+}
+
+#[tokio::test]
+async fn streamed_turns_use_the_legacy_events_and_headers() {
+    let server = start().await;
+    let token = server.login("student1@cmz.org", "student123").await;
+    let response = server
+        .client
+        .get(server.url(&format!(
+            "/convo_turn/stream?animalId=cougar&message=Can%20you%20jump%3F&token={token}"
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let headers = response.headers().clone();
+    assert_eq!(headers["content-type"], "text/event-stream");
+    assert_eq!(headers["cache-control"], "no-cache");
+    assert_eq!(headers["x-accel-buffering"], "no");
+    let events = sse_events(response).await;
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names.first(), Some(&"session"));
+    assert_eq!(names[1], "metadata");
+    assert_eq!(names.last(), Some(&"complete"));
+    assert!(names[2..names.len() - 1].iter().all(|n| *n == "message"));
+    assert!(names.len() > 4, "several content events: {names:?}");
+    let (_, session) = &events[0];
+    assert_eq!(session["type"], "new_session");
+    let text: String = events
+        .iter()
+        .filter(|(n, _)| n == "message")
+        .map(|(_, d)| d["content"].as_str().unwrap())
+        .collect();
+    let (_, complete) = events.last().unwrap();
+    assert_eq!(complete["fullResponse"], text.as_str());
+    assert_eq!(text, "echo: Can you jump?");
+    assert_eq!(
+        complete["chunkCount"].as_u64().unwrap() as usize,
+        names.len() - 3
+    );
+    assert_eq!(events[2].1["chunkId"], 1);
+
+    // The POST variant, continuing the session: no `session` event.
+    let session_id = session["sessionId"].as_str().unwrap();
+    let response = server
+        .client
+        .post(server.url("/convo_turn/stream"))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .body(
+            json!({"animalId": "cougar", "message": "x".repeat(3000), "sessionId": session_id})
+                .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let events = sse_events(response).await;
+    assert_eq!(events[0].0, "metadata");
+    assert_eq!(events.last().unwrap().1["turn"], 2);
+    // Request errors come before any event, as JSON.
+    let bad = server
+        .get(
+            &format!("/convo_turn/stream?animalId=dragon&message=hi&token={token}"),
+            None,
+        )
+        .await;
+    assert_error(&bad, 404, "not_found");
+    let missing = server
+        .get(
+            &format!("/convo_turn/stream?animalId=cougar&token={token}"),
+            None,
+        )
+        .await;
+    assert_error(&missing, 400, "validation_error");
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_stream_leaves_an_interrupted_reply() {
+    let model = ScriptedModel::always("one two three four five six seven eight nine ten")
+        .with_chunk_delay(Duration::from_millis(40));
+    let server = start_with(model, HttpSettings::default()).await;
+    let token = server.login("student1@cmz.org", "student123").await;
+    let response = server
+        .client
+        .get(server.url(&format!(
+            "/convo_turn/stream?animalId=cougar&message=story&token={token}"
+        )))
+        .send()
+        .await
+        .unwrap();
+    let mut events = response.bytes_stream().eventsource();
+    let mut session = String::new();
+    let mut contents = 0;
+    while let Some(event) = events.next().await {
+        let event = event.unwrap();
+        let data: Value = serde_json::from_str(&event.data).unwrap();
+        if event.event == "session" {
+            session = data["sessionId"].as_str().unwrap().to_owned();
+        }
+        if event.event == "message" {
+            contents += 1;
+            if contents == 2 {
+                break;
+            }
+        }
+    }
+    drop(events);
+    let mut turns = Vec::new();
+    for _ in 0..100 {
+        let history = server
+            .get(
+                &format!("/convo_history?sessionId={session}&includeMetadata=true"),
+                Some(&token),
+            )
+            .await;
+        if history.0 == 200 {
+            turns = history.1["turns"].as_array().unwrap().clone();
+            if turns.len() == 2 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert_eq!(turns.len(), 2, "the turn was stored");
+    assert_eq!(turns[1]["metadata"]["interrupted"], true);
+    let stored = turns[1]["content"].as_str().unwrap();
+    assert!(
+        stored.starts_with("one two") && stored.len() < 40,
+        "{stored}"
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_are_4xx_json_never_5xx() {
+    let server = start().await;
+    let token = server.login("student1@cmz.org", "student123").await;
+    let raw = |body: &'static str, content_type: &'static str| {
+        server
+            .client
+            .post(server.url("/convo_turn"))
+            .bearer_auth(&token)
+            .header("content-type", content_type)
+            .body(body)
+    };
+    assert_error(
+        &server
+            .send(raw("{\"animalId\": ", "application/json"))
+            .await,
+        400,
+        "validation_error",
+    );
+    assert_error(
+        &server
+            .send(raw(
+                "{\"animalId\": 5, \"message\": []}",
+                "application/json",
+            ))
+            .await,
+        400,
+        "validation_error",
+    );
+    assert_error(
+        &server
+            .send(raw("animalId=x", "application/x-www-form-urlencoded"))
+            .await,
+        415,
+        "unsupported_media_type",
+    );
+    let huge = json!({"animalId": "cougar", "message": "x".repeat(200_000)}).to_string();
+    let oversized = server
+        .send(
+            server
+                .client
+                .post(server.url("/convo_turn"))
+                .bearer_auth(&token)
+                .header("content-type", "application/json")
+                .body(huge),
+        )
+        .await;
+    assert_error(&oversized, 413, "payload_too_large");
+    for (body, field) in [
+        (
+            json!({"animalId": "cougar", "message": "hi", "contextWindow": 21}),
+            "contextWindow",
+        ),
+        (
+            json!({"animalId": "cougar", "message": "hi", "contextWindow": 0}),
+            "contextWindow",
+        ),
+        (
+            json!({"animalId": "cougar", "message": "hi", "maxTokens": 5}),
+            "maxTokens",
+        ),
+        (
+            json!({"animalId": "cougar", "message": "hi", "temperature": 3.0}),
+            "temperature",
+        ),
+        (
+            json!({"animalId": "cougar", "message": "hi", "priority": "urgent"}),
+            "priority",
+        ),
+        (json!({"animalId": "bad id!", "message": "hi"}), "animalId"),
+        (json!({"animalId": "cougar", "message": ""}), "message"),
+    ] {
+        let response = server.post_json("/convo_turn", Some(&token), body).await;
+        assert_error(&response, 400, "validation_error");
+        assert_eq!(response.1["details"]["field"], field, "{response:?}");
+    }
+    assert_error(
+        &server.get("/convo_history?limit=abc", Some(&token)).await,
+        400,
+        "validation_error",
+    );
+    assert_error(
+        &server.get("/convo_history?limit=501", Some(&token)).await,
+        400,
+        "validation_error",
+    );
+    assert_error(
+        &server
+            .get("/convo_history?startDate=yesterday", Some(&token))
+            .await,
+        400,
+        "validation_error",
+    );
+    assert_error(
+        &server
+            .get("/conversations/sessions?sortBy=name", Some(&token))
+            .await,
+        400,
+        "validation_error",
+    );
+    assert_error(
+        &server.get("/no/such/route", Some(&token)).await,
+        404,
+        "not_found",
+    );
+    assert_error(&server.get("/no/such/route", None).await, 404, "not_found");
+    assert_error(
+        &server
+            .send(
+                server
+                    .client
+                    .put(server.url("/convo_turn"))
+                    .bearer_auth(&token),
+            )
+            .await,
+        405,
+        "method_not_allowed",
+    );
+    assert_error(
+        &server
+            .get("/conversations/sessions/conv_x_y_00000000", Some(&token))
+            .await,
+        404,
+        "not_found",
+    );
+}
+
+#[tokio::test]
+async fn deletes_need_gdpr_confirmation_for_bulk_and_are_audited() {
+    let server = start().await;
+    let ana = server.login("student1@cmz.org", "student123").await;
+    let admin = server.login("admin@cmz.org", "admin123").await;
+    let first = server.turn(&ana, "cougar", "one", None).await.1["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    server.turn(&ana, "porcupine", "two", None).await;
+    let delete = |token: &str, query: &str| {
+        server
+            .client
+            .delete(server.url(&format!("/convo_history?{query}")))
+            .bearer_auth(token.to_owned())
+    };
+    let response = server
+        .send(delete(&ana, &format!("sessionId={first}")))
+        .await;
+    assert_eq!(response.0, 204);
+    assert_error(
+        &server
+            .get(&format!("/convo_history?sessionId={first}"), Some(&ana))
+            .await,
+        404,
+        "not_found",
+    );
+    let bulk = server.send(delete(&admin, "userId=user_student_ana")).await;
+    assert_error(&bulk, 400, "gdpr_confirmation_required");
+    assert_eq!(bulk.1["details"]["required_parameter"], "confirmGDPR");
+    assert_error(
+        &server
+            .send(delete(&ana, "animalId=cougar&confirmGDPR=true"))
+            .await,
+        403,
+        "forbidden",
+    );
+    assert_error(
+        &server.send(delete(&ana, "")).await,
+        400,
+        "validation_error",
+    );
+    let done = server
+        .send(delete(
+            &admin,
+            "userId=user_student_ana&confirmGDPR=true&auditReason=parent%20request",
+        ))
+        .await;
+    assert_eq!(done.0, 204);
+    let sessions = server.get("/conversations/sessions", Some(&ana)).await;
+    assert!(sessions.1["sessions"].as_array().unwrap().is_empty());
+    let _ = server.state.auth();
+}
+
+#[tokio::test]
+async fn turns_are_rate_limited_per_user_with_the_legacy_details() {
+    let settings = HttpSettings {
+        turn_limit: 2,
+        ..HttpSettings::default()
+    };
+    let server = start_with(ScriptedModel::echo(), settings).await;
+    let ana = server.login("student1@cmz.org", "student123").await;
+    let leo = server.login("student2@cmz.org", "student123").await;
+    for _ in 0..2 {
+        assert_eq!(server.turn(&ana, "cougar", "hi", None).await.0, 200);
+    }
+    let response = server
+        .client
+        .post(server.url("/convo_turn"))
+        .bearer_auth(&ana)
+        .header("content-type", "application/json")
+        .body(json!({"animalId": "cougar", "message": "hi"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    let retry: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry > 3500 && retry <= 3600, "{retry}");
+    let body: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+    assert_eq!(body["code"], "rate_limit_exceeded");
+    assert_eq!(body["details"]["limit"], 2);
+    assert_eq!(body["details"]["window"], 3600);
+    assert!(
+        body["details"]["resetTime"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z')
+    );
+    assert_eq!(
+        server.turn(&leo, "cougar", "hi", None).await.0,
+        200,
+        "limits are per user"
+    );
+    let stream = server
+        .get(
+            &format!("/convo_turn/stream?animalId=cougar&message=hi&token={ana}"),
+            None,
+        )
+        .await;
+    assert_error(&stream, 429, "rate_limit_exceeded");
+}
+
+#[tokio::test]
+async fn health_animals_and_request_ids() {
+    let server = start().await;
+    let health = server.get("/chatgpt/health", None).await;
+    assert_eq!(
+        (
+            health.0,
+            health.1["status"].as_str(),
+            health.1["offline"].as_bool()
+        ),
+        (200, Some("healthy"), Some(true))
+    );
+    let system = server.get("/system_health", None).await;
+    assert_eq!(system.1["status"], "ok");
+    assert_eq!(system.1["checks"].as_array().unwrap().len(), 2);
+    let token = server.login("student1@cmz.org", "student123").await;
+    let animals = server.get("/animals", Some(&token)).await;
+    assert_eq!(animals.1["animals"].as_array().unwrap().len(), 3);
+    let response = server
+        .client
+        .get(server.url("/system_health"))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.headers().get("x-request-id").is_some());
+}
+
+#[tokio::test]
+async fn a_panicking_handler_is_a_json_500_and_the_server_lives_on() {
+    use axum::routing::get;
+    let app = cmz_tower::with_layers(
+        axum::Router::new()
+            .route(
+                "/boom",
+                get(|| async {
+                    let fail = std::hint::black_box(true);
+                    assert!(!fail, "boom");
+                    "unreachable"
+                }),
+            )
+            .route("/ok", get(|| async { "ok" })),
+        &HttpSettings::default(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let client = reqwest::Client::new();
+    let response = client.get(format!("{base}/boom")).send().await.unwrap();
+    assert_eq!(response.status(), 500);
+    let body: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+    assert_eq!(body["code"], "internal_error");
+    assert_eq!(
+        client
+            .get(format!("{base}/ok"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "ok"
+    );
+}
+
+#[tokio::test]
+async fn a_port_in_use_is_a_one_line_error_naming_the_setting() {
+    let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = taken.local_addr().unwrap();
+    let err = cmz_tower::serve(axum::Router::new(), address)
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("CMZ_BIND") && !text.contains('\n'), "{text}");
+}
