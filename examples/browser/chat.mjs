@@ -1,0 +1,163 @@
+// End-to-end check of the demo chat page (examples/static/index.html) in a real browser:
+// a wrong password shows an error, logging in works, a reply streams in, and after a
+// reload the conversation is still there in "Past conversations".
+//
+//   CMZ_DEMO_URL    base URL of a running server (default http://127.0.0.1:8080)
+//   CMZ_SCREENSHOT  where to save the final screenshot (default target/screenshots/chat.png)
+//
+// Prints `1 passed, 0 failed` and exits 0 on success; otherwise says why, saves the
+// screenshot anyway and exits 1.
+import { mkdirSync } from "node:fs";
+import { dirname } from "node:path";
+import { chromium } from "playwright-core";
+
+const BASE = (process.env.CMZ_DEMO_URL || "http://127.0.0.1:8080").replace(/\/+$/, "");
+const SHOT = process.env.CMZ_SCREENSHOT || "target/screenshots/chat.png";
+const TIMEOUT = 15_000;
+const EMAIL = "admin@cmz.org";
+const PASSWORD = "admin123";
+const MESSAGE = "Hello! What do you eat?";
+
+const tid = (id) => `[data-testid="${id}"]`;
+const log = (msg) => console.log(`- ${msg}`);
+
+class CheckError extends Error {}
+function check(cond, msg) {
+  if (!cond) throw new CheckError(msg);
+}
+
+async function screenshot(page) {
+  if (!page) return;
+  try {
+    mkdirSync(dirname(SHOT), { recursive: true });
+    await page.screenshot({ path: SHOT, fullPage: true });
+    log(`screenshot saved to ${SHOT}`);
+  } catch (e) {
+    console.log(`  (could not save the screenshot: ${e.message})`);
+  }
+}
+
+async function run(page) {
+  log(`open ${BASE}/`);
+  const resp = await page.goto(`${BASE}/`, { waitUntil: "domcontentloaded" });
+  check(resp && resp.ok(), `GET / answered ${resp ? resp.status() : "nothing"}`);
+  await page.locator(tid("login-email")).waitFor({ state: "visible" });
+
+  log("log in with a wrong password: expect an error");
+  await page.locator(tid("login-email")).fill(EMAIL);
+  await page.locator(tid("login-password")).fill("not-the-password");
+  await page.locator(tid("login-submit")).click();
+  const loginError = page.locator(tid("login-error"));
+  await loginError.waitFor({ state: "visible" });
+  const errText = (await loginError.textContent())?.trim();
+  check(errText, "login-error is visible but empty");
+  log(`  error shown: "${errText}"`);
+
+  log(`log in as ${EMAIL}`);
+  await page.locator(tid("login-password")).fill(PASSWORD);
+  await page.locator(tid("login-submit")).click();
+  await page.locator(tid("logout")).waitFor({ state: "visible" });
+  check(!(await loginError.isVisible()), "login-error still visible after a good login");
+
+  log("pick the first animal");
+  const select = page.locator(tid("animal-select"));
+  await page.waitForFunction(
+    (sel) => { const s = document.querySelector(sel); return s && s.options.length > 0 && s.options[0].value; },
+    tid("animal-select"),
+  );
+  const first = await select.evaluate((s) => ({ value: s.options[0].value, label: s.options[0].textContent }));
+  await select.selectOption(first.value);
+  log(`  animal: ${first.label} (${first.value})`);
+  const modelLabel = page.locator(tid("model-label"));
+  if (await modelLabel.isVisible()) log(`  model label: "${(await modelLabel.textContent()).trim()}"`);
+
+  log(`send "${MESSAGE}" and wait for the streamed reply`);
+  await page.locator(tid("message-input")).fill(MESSAGE);
+  await page.locator(tid("send-button")).click();
+  await page.waitForFunction(
+    ([assistant, status]) => {
+      const bubbles = document.querySelectorAll(assistant);
+      const last = bubbles[bubbles.length - 1];
+      const st = document.querySelector(status);
+      return last && last.textContent.trim() !== "" && st && st.textContent.trim() === "done";
+    },
+    [tid("msg-assistant"), tid("stream-status")],
+  ).catch(async (e) => {
+    const status = await page.locator(tid("stream-status")).textContent().catch(() => "?");
+    const chat = await page.locator(tid("chat-log")).innerText().catch(() => "?");
+    throw new CheckError(`no complete reply within ${TIMEOUT / 1000}s (stream-status "${status}"; chat log: ${JSON.stringify(chat)}): ${e.message.split("\n")[0]}`);
+  });
+  const reply = (await page.locator(tid("msg-assistant")).last().textContent()).trim();
+  check(await page.locator(tid("send-button")).isEnabled(), "send button still disabled after the reply");
+  log(`  reply: "${reply.length > 100 ? `${reply.slice(0, 100)}…` : reply}"`);
+
+  log("reload: expect to stay logged in, with the conversation listed");
+  await page.reload({ waitUntil: "domcontentloaded" });
+  await page.locator(tid("logout")).waitFor({ state: "visible" });
+  check(!(await page.locator(tid("login-submit")).isVisible()), "the login form is shown after a reload");
+  const item = page.locator(`${tid("sessions-list")} ${tid("session-item")}`).first();
+  await item.waitFor({ state: "visible" });
+  const count = await page.locator(tid("session-item")).count();
+  const sessionId = await item.getAttribute("data-session-id");
+  check(sessionId, "the session item has no data-session-id");
+  log(`  ${count} session(s) listed; opening ${sessionId}`);
+
+  log("open the first past conversation: expect the message and the same reply");
+  await item.click();
+  await page.waitForFunction(
+    ([user, assistant, msg, rep]) => {
+      const texts = (sel) => Array.from(document.querySelectorAll(sel), (n) => n.textContent.trim());
+      return texts(user).includes(msg) && texts(assistant).includes(rep);
+    },
+    [`${tid("chat-log")} ${tid("msg-user")}`, `${tid("chat-log")} ${tid("msg-assistant")}`, MESSAGE, reply],
+  ).catch(async (e) => {
+    const chat = await page.locator(tid("chat-log")).innerText().catch(() => "?");
+    throw new CheckError(`the opened conversation does not show the message and reply (chat log: ${JSON.stringify(chat)}): ${e.message.split("\n")[0]}`);
+  });
+  log("  history shows the message and the reply");
+}
+
+async function main() {
+  console.log(`browser check of the demo chat page at ${BASE}`);
+  let browser;
+  let page;
+  const consoleErrors = [];
+  let ok = false;
+  try {
+    browser = await chromium.launch({
+      executablePath: "/usr/bin/chromium",
+      headless: true,
+      args: [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+      ],
+    });
+    const context = await browser.newContext({ viewport: { width: 1100, height: 760 } });
+    context.setDefaultTimeout(TIMEOUT);
+    context.setDefaultNavigationTimeout(TIMEOUT);
+    page = await context.newPage();
+    page.on("console", (m) => { if (m.type() === "error") consoleErrors.push(m.text()); });
+    page.on("pageerror", (e) => consoleErrors.push(`page error: ${e.message}`));
+    await run(page);
+    await screenshot(page);
+    ok = true;
+  } catch (e) {
+    console.log(`FAILED: ${e instanceof CheckError ? e.message : e.stack || e}`);
+    if (consoleErrors.length) {
+      console.log("browser console errors:");
+      for (const m of consoleErrors.slice(-10)) console.log(`  ${m}`);
+    }
+    await screenshot(page);
+  } finally {
+    if (browser) await browser.close().catch(() => {});
+  }
+  console.log(ok ? "1 passed, 0 failed" : "0 passed, 1 failed");
+  process.exit(ok ? 0 : 1);
+}
+
+main();
