@@ -36,9 +36,15 @@ async fn main() {
         }
     };
     let bind = state.settings().bind;
-    let app = axum::Router::new()
+    let mut app = axum::Router::new()
         .route("/", get(|| async { Html(PAGE) }))
         .merge(cmz_tower::router(state));
+    if lookup("CMZ_METRICS").is_some_and(|v| v == "1" || v == "true") {
+        match cmz_tower::prometheus_router() {
+            Ok(metrics) => app = app.merge(metrics),
+            Err(error) => eprintln!("cmz demo: metrics disabled: {error}"),
+        }
+    }
     println!("cmz demo on http://{bind}/  (log in as admin@cmz.org / admin123)");
     if let Err(error) = cmz_tower::serve(app, bind).await {
         eprintln!("cmz demo: {error}");

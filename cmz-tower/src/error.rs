@@ -97,6 +97,7 @@ impl From<cmz_core::Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        crate::metrics::error(&self.code);
         let mut body = json!({ "code": self.code, "message": self.message });
         if let Some(details) = self.details {
             body["details"] = details;

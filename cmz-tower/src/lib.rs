@@ -3,6 +3,7 @@
 mod auth_layer;
 mod config;
 mod error;
+mod metrics;
 mod routes;
 mod sse;
 mod state;
@@ -24,6 +25,8 @@ use tower_http::trace::TraceLayer;
 pub use auth_layer::{AccessToken, AuthLayer, RequireAuth};
 pub use config::{SAMPLE_PERSONAS, offline_health, sample_personas, serve, state_from_env};
 pub use error::{ApiError, ApiJson, ApiQuery, status_for};
+#[cfg(feature = "prometheus")]
+pub use metrics::prometheus_router;
 pub use state::{AppState, HealthCheck, HttpSettings, ModelHealth};
 
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
@@ -40,38 +43,95 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 /// bad bodies, oversized bodies, timeouts and panics, is a JSON `Error` body.
 pub fn router(state: AppState) -> Router {
     let settings = state.settings().clone();
-    let protected = Router::new()
-        .route("/auth/logout", post(routes::logout))
-        .route("/me", get(routes::me))
-        .route("/animals", get(routes::animals))
-        .route("/convo_turn", post(routes::convo_turn))
-        .route(
-            "/convo_turn/stream",
-            get(sse::stream_get).post(sse::stream_post),
-        )
-        .route(
-            "/convo_history",
-            get(routes::convo_history).delete(routes::delete_history),
-        )
-        .route("/conversations/sessions", get(routes::list_sessions))
-        .route(
-            "/conversations/sessions/{session_id}",
-            get(routes::session_detail),
-        )
-        .route("/summarize_convo", post(routes::summarize))
-        .route("/family_list", get(routes::family_list))
-        .route_layer(AuthLayer::new(state.auth().clone()));
-    let public = Router::new()
-        .route("/auth", post(routes::login))
-        .route("/auth/refresh", post(routes::refresh))
-        .route("/chatgpt/health", get(routes::chatgpt_health))
-        .route("/system_health", get(routes::system_health));
+    let mut public = Router::new();
+    let mut protected = Router::new();
+    for (route, handler) in TABLE {
+        if route.public {
+            public = public.route(route.path, handler());
+        } else {
+            protected = protected.route(route.path, handler());
+        }
+    }
     let app = public
-        .merge(protected)
+        .merge(protected.route_layer(AuthLayer::new(state.auth().clone())))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .with_state(state);
     with_layers(app, &settings)
+}
+
+/// One route the API serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// The HTTP method, uppercase.
+    pub method: &'static str,
+    /// The path, with `{parameters}` as axum writes them.
+    pub path: &'static str,
+    /// Served without an access token.
+    pub public: bool,
+}
+
+const fn route(method: &'static str, path: &'static str, public: bool) -> Route {
+    Route {
+        method,
+        path,
+        public,
+    }
+}
+
+type MakeHandler = fn() -> axum::routing::MethodRouter<AppState>;
+
+/// The routes and their handlers, in one table: [`router`] is built from it and
+/// [`routes`] lists it (a test checks that list against `openapi.yaml`).
+const TABLE: &[(Route, MakeHandler)] = &[
+    (route("POST", "/auth", true), || post(routes::login)),
+    (route("POST", "/auth/refresh", true), || {
+        post(routes::refresh)
+    }),
+    (route("GET", "/chatgpt/health", true), || {
+        get(routes::chatgpt_health)
+    }),
+    (route("GET", "/system_health", true), || {
+        get(routes::system_health)
+    }),
+    (route("POST", "/auth/logout", false), || {
+        post(routes::logout)
+    }),
+    (route("GET", "/me", false), || get(routes::me)),
+    (route("GET", "/animals", false), || get(routes::animals)),
+    (route("POST", "/convo_turn", false), || {
+        post(routes::convo_turn)
+    }),
+    (route("GET", "/convo_turn/stream", false), || {
+        get(sse::stream_get)
+    }),
+    (route("POST", "/convo_turn/stream", false), || {
+        post(sse::stream_post)
+    }),
+    (route("GET", "/convo_history", false), || {
+        get(routes::convo_history)
+    }),
+    (route("DELETE", "/convo_history", false), || {
+        axum::routing::delete(routes::delete_history)
+    }),
+    (route("GET", "/conversations/sessions", false), || {
+        get(routes::list_sessions)
+    }),
+    (
+        route("GET", "/conversations/sessions/{sessionId}", false),
+        || get(routes::session_detail),
+    ),
+    (route("POST", "/summarize_convo", false), || {
+        post(routes::summarize)
+    }),
+    (route("GET", "/family_list", false), || {
+        get(routes::family_list)
+    }),
+];
+
+/// Every route [`router`] serves, and only those.
+pub fn routes() -> impl Iterator<Item = Route> {
+    TABLE.iter().map(|(route, _)| *route)
 }
 
 /// Wraps any router in cmz's HTTP stack: body-size limit, a catch-panic layer that answers

@@ -226,7 +226,9 @@ pub(crate) async fn convo_turn(
 ) -> ApiResult<Json<Value>> {
     let turn = body.into_turn()?;
     check_turn_limit(&state, &principal).await?;
+    let started = std::time::Instant::now();
     let reply = state.inner.conversations.turn(&principal, turn).await?;
+    crate::metrics::turn(&reply, started.elapsed());
     let meta = &reply.assistant_message.metadata;
     Ok(Json(json!({
         "reply": reply.reply,

@@ -92,12 +92,15 @@ async fn run(
         json!({ "type": "start", "sessionId": session_id, "animalId": animal, "timestamp": now() }),
     ));
     let mut chunk_id = 0u64;
+    let started = std::time::Instant::now();
     let body = stream.map(move |item| match item {
         Ok(TurnEvent::Delta(content)) => {
             chunk_id += 1;
             event("message", json!({ "type": "content", "content": content, "chunkId": chunk_id }))
         }
-        Ok(TurnEvent::Complete(reply)) => event(
+        Ok(TurnEvent::Complete(reply)) => {
+            crate::metrics::turn(&reply, started.elapsed());
+            event(
             "complete",
             json!({
                 "type": "complete",
@@ -111,7 +114,8 @@ async fn run(
                 "tokensPrompt": reply.usage.map(|u| u.prompt_tokens),
                 "tokensCompletion": reply.usage.map(|u| u.completion_tokens),
             }),
-        ),
+        )
+        }
         Err(error) => event("error", json!({ "type": "error", "error": error.to_string(), "code": error.code(), "timestamp": now() })),
     });
     let events: std::pin::Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>> =

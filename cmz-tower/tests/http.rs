@@ -748,6 +748,39 @@ async fn health_animals_and_request_ids() {
 }
 
 #[tokio::test]
+async fn metrics_count_turns_tokens_and_errors() {
+    let model = ScriptedModel::echo();
+    let server = start_with(model, HttpSettings::default()).await;
+    // A second listener serving /metrics from the same process-wide recorder.
+    let metrics = cmz_tower::prometheus_router().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_url = format!("http://{}/metrics", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, metrics).await.unwrap() });
+    let token = server.login("student1@cmz.org", "student123").await;
+    server.turn(&token, "cougar", "hi", None).await;
+    server.turn(&token, "cougar", "", None).await;
+    let text = server
+        .client
+        .get(&metrics_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("cmz_turns_total{outcome=\"ok\"} 1"), "{text}");
+    assert!(
+        text.contains("cmz_tokens_total{kind=\"prompt\"} 10"),
+        "{text}"
+    );
+    assert!(
+        text.contains("cmz_http_errors_total{code=\"validation_error\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("cmz_turn_duration_seconds"), "{text}");
+}
+
+#[tokio::test]
 async fn a_panicking_handler_is_a_json_500_and_the_server_lives_on() {
     use axum::routing::get;
     let app = cmz_tower::with_layers(
