@@ -98,7 +98,9 @@ pub async fn state_from_env(lookup: &(dyn Fn(&str) -> Option<String> + Sync)) ->
     let (model, health) = match openai_model(lookup)? {
         Some(found) => found,
         None => (
-            Arc::new(OfflinePersonaModel) as DynChatModel,
+            Arc::new(OfflinePersonaModel::with_chunk_delay(
+                settings.offline_chunk_delay,
+            )) as DynChatModel,
             offline_health(),
         ),
     };

@@ -49,6 +49,9 @@ pub struct HttpSettings {
     pub body_limit: usize,
     /// Time to produce a response head (`CMZ_REQUEST_TIMEOUT_SECONDS`, default 60).
     pub request_timeout: Duration,
+    /// Pause between the offline model's streamed words (`CMZ_OFFLINE_CHUNK_DELAY_MS`,
+    /// default 0), to demo or load-test long-lived streams.
+    pub offline_chunk_delay: Duration,
 }
 
 impl Default for HttpSettings {
@@ -60,6 +63,7 @@ impl Default for HttpSettings {
             turn_window: Duration::from_secs(3600),
             body_limit: 64 * 1024,
             request_timeout: Duration::from_secs(60),
+            offline_chunk_delay: Duration::ZERO,
         }
     }
 }
@@ -110,6 +114,9 @@ impl HttpSettings {
         }
         if let Some(limit) = number::<usize>(lookup, "CMZ_BODY_LIMIT_BYTES")? {
             settings.body_limit = limit.max(1024);
+        }
+        if let Some(ms) = number::<u64>(lookup, "CMZ_OFFLINE_CHUNK_DELAY_MS")? {
+            settings.offline_chunk_delay = Duration::from_millis(ms);
         }
         if let Some(timeout) = number::<u64>(lookup, "CMZ_REQUEST_TIMEOUT_SECONDS")? {
             settings.request_timeout = Duration::from_secs(timeout.max(1));

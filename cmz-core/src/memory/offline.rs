@@ -15,7 +15,9 @@ use crate::types::Role;
 /// persona prompts built by the turn engine; anything else (a summary request, say) is
 /// `unavailable`, so callers fall back as they would for a model that is down.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct OfflinePersonaModel;
+pub struct OfflinePersonaModel {
+    chunk_delay: std::time::Duration,
+}
 
 impl OfflinePersonaModel {
     /// The model name recorded on its replies.
@@ -23,7 +25,13 @@ impl OfflinePersonaModel {
 
     /// A new offline model.
     pub fn new() -> Self {
-        Self
+        Self::default()
+    }
+
+    /// Waits `delay` before each streamed word, like a model generating at that pace
+    /// (for demos and load tests of long-lived streams).
+    pub fn with_chunk_delay(delay: std::time::Duration) -> Self {
+        Self { chunk_delay: delay }
     }
 
     fn reply(request: &ChatRequest) -> Result<String> {
@@ -108,7 +116,16 @@ impl ChatModel for OfflinePersonaModel {
             usage: None,
             model: Some(Self::NAME.to_owned()),
         }));
-        Ok(futures::stream::iter(chunks).boxed())
+        let delay = self.chunk_delay;
+        if delay.is_zero() {
+            return Ok(futures::stream::iter(chunks).boxed());
+        }
+        Ok(futures::stream::iter(chunks)
+            .then(move |chunk| async move {
+                tokio::time::sleep(delay).await;
+                chunk
+            })
+            .boxed())
     }
 
     fn name(&self) -> &str {
@@ -143,7 +160,7 @@ mod tests {
         let service = ConversationService::new(
             Arc::new(InMemoryConversationStore::new()),
             Arc::new(personas),
-            Arc::new(OfflinePersonaModel),
+            Arc::new(OfflinePersonaModel::new()),
         );
         let me = Principal::new(UserId::new("k").unwrap(), UserRole::Student);
         let first = service
