@@ -156,7 +156,18 @@ pub fn with_layers(app: Router, settings: &HttpSettings) -> Router {
                 .max_age(Duration::from_secs(600)),
         );
     }
-    app.layer(TraceLayer::new_for_http())
+    // Spans carry the path only: query strings can hold access tokens (`?token=`) and
+    // children's messages, which stay out of logs.
+    let trace = TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<axum::body::Body>| {
+        let id = request
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id = %id)
+    });
+    app.layer(trace)
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
 }
