@@ -827,3 +827,51 @@ async fn a_port_in_use_is_a_one_line_error_naming_the_setting() {
     let text = err.to_string();
     assert!(text.contains("CMZ_BIND") && !text.contains('\n'), "{text}");
 }
+
+#[tokio::test]
+async fn cors_allows_only_the_configured_origins() {
+    let settings = HttpSettings {
+        cors_origins: vec!["https://zoo.example".parse().unwrap()],
+        ..HttpSettings::default()
+    };
+    let server = start_with(ScriptedModel::echo(), settings).await;
+    let preflight = |origin: &'static str| {
+        server
+            .client
+            .request(reqwest::Method::OPTIONS, server.url("/convo_turn"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type",
+            )
+            .send()
+    };
+    let allowed = preflight("https://zoo.example").await.unwrap();
+    assert_eq!(
+        allowed.headers()["access-control-allow-origin"],
+        "https://zoo.example"
+    );
+    let denied = preflight("https://evil.example").await.unwrap();
+    assert!(
+        denied
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
+    // Without configured origins there is no CORS at all (same origin only).
+    let plain = start().await;
+    let response = plain
+        .client
+        .get(plain.url("/system_health"))
+        .header("origin", "https://zoo.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
+}
