@@ -124,7 +124,7 @@ pub async fn state_from_env(lookup: &(dyn Fn(&str) -> Option<String> + Sync)) ->
 /// Serves `app` on `bind` until Ctrl-C (or SIGTERM), finishing requests in flight.
 /// A port already in use is a one-line error naming `CMZ_BIND`.
 pub async fn serve(app: Router, bind: SocketAddr) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(bind).await.map_err(|e| Error::Unavailable {
+    let listener = listen(bind).map_err(|e| Error::Unavailable {
         message: format!("cannot listen on {bind}: {e}; set CMZ_BIND to another address (for example 127.0.0.1:8081)"),
         source: Some(Box::new(e)),
     })?;
@@ -142,6 +142,22 @@ pub async fn serve(app: Router, bind: SocketAddr) -> Result<()> {
     })?;
     tracing::info!(uptime_seconds = started.elapsed().as_secs(), "stopped");
     Ok(())
+}
+
+/// How many connections may wait to be accepted: a burst of clients (a class opening the
+/// chat page at once) is queued rather than refused and retried a second later.
+const LISTEN_BACKLOG: u32 = 2048;
+
+fn listen(bind: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if bind.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(bind)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 async fn shutdown_signal() {

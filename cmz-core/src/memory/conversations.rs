@@ -1,4 +1,6 @@
+use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher as _;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use async_trait::async_trait;
@@ -17,18 +19,35 @@ use super::log::MessageLog;
 const HISTORY_CURSOR: &str = "mem-history-v1";
 const SESSIONS_CURSOR: &str = "mem-sessions-v1";
 
+/// Lock shards: sessions are spread over this many independently locked maps, so turns on
+/// different sessions rarely wait for each other and no single map grows so large that
+/// growing it stalls every request.
+const SHARDS: usize = 32;
+
 /// Sessions and messages held in memory (the embedded default).
 ///
-/// One lock guards everything, so every method is atomic; no lock is held across an
+/// Each session lives in one of [`SHARDS`] locked shards, so every single-session method
+/// is atomic; listings and bulk deletes visit every shard. No lock is held across an
 /// `.await`. Windows and appends cost the same whatever the length of the session.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct InMemoryConversationStore {
-    state: RwLock<State>,
+    shards: Box<[RwLock<State>]>,
+    hasher: RandomState,
+}
+
+impl Default for InMemoryConversationStore {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| RwLock::new(State::default())).collect(),
+            hasher: RandomState::new(),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 struct State {
-    sessions: HashMap<SessionId, Entry>,
+    /// Boxed, so growing the map moves pointers, not whole entries.
+    sessions: HashMap<SessionId, Box<Entry>>,
     by_user: HashMap<UserId, HashSet<SessionId>>,
     by_animal: HashMap<AnimalId, HashSet<SessionId>>,
 }
@@ -54,14 +73,31 @@ impl InMemoryConversationStore {
         Self::default()
     }
 
-    fn read(&self) -> RwLockReadGuard<'_, State> {
-        // A panic while holding the lock cannot leave a half-applied change: every
-        // mutation validates first and then only pushes/inserts.
-        self.state.read().unwrap_or_else(|p| p.into_inner())
+    fn shard(&self, id: &SessionId) -> &RwLock<State> {
+        let index = (self.hasher.hash_one(id) % SHARDS as u64) as usize;
+        &self.shards[index]
     }
 
-    fn write(&self) -> RwLockWriteGuard<'_, State> {
-        self.state.write().unwrap_or_else(|p| p.into_inner())
+    // A panic while holding a lock cannot leave a half-applied change: every mutation
+    // validates first and then only pushes/inserts, so a poisoned lock is still sound.
+    fn read(&self, id: &SessionId) -> RwLockReadGuard<'_, State> {
+        self.shard(id).read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self, id: &SessionId) -> RwLockWriteGuard<'_, State> {
+        self.shard(id).write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn all_read(&self) -> impl Iterator<Item = RwLockReadGuard<'_, State>> {
+        self.shards
+            .iter()
+            .map(|s| s.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn all_write(&self) -> impl Iterator<Item = RwLockWriteGuard<'_, State>> {
+        self.shards
+            .iter()
+            .map(|s| s.write().unwrap_or_else(|p| p.into_inner()))
     }
 }
 
@@ -81,15 +117,15 @@ impl State {
             .insert(session.id.clone());
         self.sessions.insert(
             session.id.clone(),
-            Entry {
+            Box::new(Entry {
                 session,
                 messages: MessageLog::default(),
                 turn_keys: HashMap::new(),
-            },
+            }),
         );
     }
 
-    fn remove(&mut self, id: &SessionId) -> Option<Entry> {
+    fn remove(&mut self, id: &SessionId) -> Option<Box<Entry>> {
         let entry = self.sessions.remove(id)?;
         if let Some(set) = self.by_user.get_mut(&entry.session.user_id) {
             set.remove(id);
@@ -117,7 +153,7 @@ fn scope_tag(scope: &SessionScope) -> String {
 #[async_trait]
 impl ConversationStore for InMemoryConversationStore {
     async fn create_session(&self, session: &Session) -> Result<()> {
-        let mut state = self.write();
+        let mut state = self.write(&session.id);
         if state.sessions.contains_key(&session.id) {
             return Err(Error::conflict(format!(
                 "session {} already exists",
@@ -129,7 +165,7 @@ impl ConversationStore for InMemoryConversationStore {
     }
 
     async fn get_session(&self, id: &SessionId) -> Result<Option<Session>> {
-        Ok(self.read().sessions.get(id).map(|e| e.session.clone()))
+        Ok(self.read(id).sessions.get(id).map(|e| e.session.clone()))
     }
 
     async fn append_turn(&self, append: TurnAppend) -> Result<AppendOutcome> {
@@ -142,7 +178,7 @@ impl ConversationStore for InMemoryConversationStore {
         for message in &append.messages {
             message.validate()?;
         }
-        let mut state = self.write();
+        let mut state = self.write(&append.session_id);
         if let Some(session) = &append.new_session {
             if session.id != append.session_id
                 || append.expected_count != 0
@@ -203,7 +239,7 @@ impl ConversationStore for InMemoryConversationStore {
     }
 
     async fn find_turn(&self, id: &SessionId, turn_key: &str) -> Result<Option<Vec<Message>>> {
-        let state = self.read();
+        let state = self.read(id);
         let entry = state
             .sessions
             .get(id)
@@ -212,7 +248,7 @@ impl ConversationStore for InMemoryConversationStore {
     }
 
     async fn recent_messages(&self, id: &SessionId, limit: usize) -> Result<Vec<Message>> {
-        let state = self.read();
+        let state = self.read(id);
         let entry = state
             .sessions
             .get(id)
@@ -238,7 +274,7 @@ impl ConversationStore for InMemoryConversationStore {
             }
         };
         let limit = page.effective_limit();
-        let state = self.read();
+        let state = self.read(id);
         let entry = state
             .sessions
             .get(id)
@@ -275,26 +311,30 @@ impl ConversationStore for InMemoryConversationStore {
             }
         };
         let limit = page.effective_limit();
-        let state = self.read();
-        let ids = match &scope {
-            SessionScope::User(user) => state.by_user.get(user),
-            SessionScope::Animal(animal) => state.by_animal.get(animal),
+        let keep = |s: &Session| match &after {
+            None => true,
+            Some((at, id)) => (s.last_activity, s.id.as_str()) < (*at, id.as_str()),
         };
-        let mut sessions: Vec<&Session> = ids
-            .into_iter()
-            .flatten()
-            .filter_map(|id| state.sessions.get(id).map(|e| &e.session))
-            .filter(|s| match &after {
-                None => true,
-                Some((at, id)) => (s.last_activity, s.id.as_str()) < (*at, id.as_str()),
-            })
-            .collect();
+        let mut sessions: Vec<Session> = Vec::new();
+        for state in self.all_read() {
+            let ids = match &scope {
+                SessionScope::User(user) => state.by_user.get(user),
+                SessionScope::Animal(animal) => state.by_animal.get(animal),
+            };
+            sessions.extend(
+                ids.into_iter()
+                    .flatten()
+                    .filter_map(|id| state.sessions.get(id).map(|e| &e.session))
+                    .filter(|s| keep(s))
+                    .cloned(),
+            );
+        }
         sessions.sort_by(|a, b| {
             (b.last_activity, b.id.as_str()).cmp(&(a.last_activity, a.id.as_str()))
         });
         let more = sessions.len() > limit;
         sessions.truncate(limit);
-        let items: Vec<Session> = sessions.into_iter().cloned().collect();
+        let items = sessions;
         let next = match items.last() {
             Some(last) if more => Some(Cursor::encode(
                 SESSIONS_CURSOR,
@@ -312,7 +352,7 @@ impl ConversationStore for InMemoryConversationStore {
     }
 
     async fn set_summary(&self, id: &SessionId, summary: &str) -> Result<()> {
-        let mut state = self.write();
+        let mut state = self.write(id);
         let entry = state
             .sessions
             .get_mut(id)
@@ -322,32 +362,40 @@ impl ConversationStore for InMemoryConversationStore {
     }
 
     async fn delete(&self, scope: DeleteScope) -> Result<DeleteReport> {
-        let mut state = self.write();
-        let doomed: Vec<SessionId> = match &scope {
-            DeleteScope::Session(id) => vec![id.clone()],
-            DeleteScope::User(user) => state
-                .by_user
-                .get(user)
-                .map(|set| set.iter().cloned().collect())
-                .unwrap_or_default(),
-            DeleteScope::Animal(animal) => state
-                .by_animal
-                .get(animal)
-                .map(|set| set.iter().cloned().collect())
-                .unwrap_or_default(),
-            DeleteScope::OlderThan(cutoff) => state
-                .sessions
-                .values()
-                .filter(|e| e.session.last_activity < *cutoff)
-                .map(|e| e.session.id.clone())
-                .collect(),
-        };
         let mut report = DeleteReport::default();
-        for id in doomed {
-            if let Some(entry) = state.remove(&id) {
-                report.sessions += 1;
-                report.messages += entry.messages.len() as u64;
+        let mut remove = |state: &mut State, doomed: Vec<SessionId>| {
+            for id in doomed {
+                if let Some(entry) = state.remove(&id) {
+                    report.sessions += 1;
+                    report.messages += entry.messages.len() as u64;
+                }
             }
+        };
+        if let DeleteScope::Session(id) = &scope {
+            remove(&mut self.write(id), vec![id.clone()]);
+            return Ok(report);
+        }
+        for mut state in self.all_write() {
+            let doomed: Vec<SessionId> = match &scope {
+                DeleteScope::Session(_) => Vec::new(),
+                DeleteScope::User(user) => state
+                    .by_user
+                    .get(user)
+                    .map(|set| set.iter().cloned().collect())
+                    .unwrap_or_default(),
+                DeleteScope::Animal(animal) => state
+                    .by_animal
+                    .get(animal)
+                    .map(|set| set.iter().cloned().collect())
+                    .unwrap_or_default(),
+                DeleteScope::OlderThan(cutoff) => state
+                    .sessions
+                    .values()
+                    .filter(|e| e.session.last_activity < *cutoff)
+                    .map(|e| e.session.id.clone())
+                    .collect(),
+            };
+            remove(&mut state, doomed);
         }
         Ok(report)
     }

@@ -22,7 +22,13 @@ impl MessageLog {
         match self.blocks.last_mut() {
             Some(block) if block.len() < BLOCK => block.push(message),
             _ => {
-                let mut block = Vec::with_capacity(BLOCK);
+                // Most sessions are short: the first block grows as needed instead of
+                // reserving room for BLOCK messages up front.
+                let mut block = if self.blocks.is_empty() {
+                    Vec::new()
+                } else {
+                    Vec::with_capacity(BLOCK)
+                };
                 block.push(message);
                 self.blocks.push(block);
             }
