@@ -26,7 +26,7 @@ const SHARDS: usize = 32;
 
 /// Sessions and messages held in memory (the embedded default).
 ///
-/// Each session lives in one of [`SHARDS`] locked shards, so every single-session method
+/// Each session lives in one of 32 locked shards, so every single-session method
 /// is atomic; listings and bulk deletes visit every shard. No lock is held across an
 /// `.await`. Windows and appends cost the same whatever the length of the session.
 #[derive(Debug)]
