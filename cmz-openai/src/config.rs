@@ -230,13 +230,15 @@ impl OpenAiConfig {
         }
         config.max_tokens = parse_num("OPENAI_MAX_TOKENS")?.map(|n| n.max(1.0) as u32);
         if let Some(seconds) = parse_num("OPENAI_TIMEOUT_SECONDS")? {
-            if seconds <= 0.0 {
-                return Err(Error::validation(
-                    "OPENAI_TIMEOUT_SECONDS",
-                    "OPENAI_TIMEOUT_SECONDS must be positive",
-                ));
-            }
-            config.request_timeout = Duration::from_secs_f64(seconds);
+            config.request_timeout = Duration::try_from_secs_f64(seconds)
+                .ok()
+                .filter(|d| !d.is_zero() && seconds <= 86_400.0)
+                .ok_or_else(|| {
+                    Error::validation(
+                        "OPENAI_TIMEOUT_SECONDS",
+                        "OPENAI_TIMEOUT_SECONDS must be a number of seconds between 0 and 86400",
+                    )
+                })?;
         }
         if let Some(retries) = parse_num("OPENAI_MAX_RETRIES")? {
             config.max_retries = retries.clamp(0.0, 10.0) as u32;
@@ -296,6 +298,11 @@ mod tests {
         assert!(OpenAiConfig::from_lookup(&env(&[("AZURE_OPENAI_API_KEY", "az")])).is_err());
         assert!(OpenAiConfig::from_lookup(&env(&[("OPENAI_BASE_URL", "ftp://x")])).is_err());
         assert!(OpenAiConfig::from_lookup(&env(&[("OPENAI_TEMPERATURE", "hot")])).is_err());
+        for bad in ["NaN", "inf", "1e30", "0", "-1"] {
+            let lookup =
+                move |name: &str| (name == "OPENAI_TIMEOUT_SECONDS").then(|| bad.to_owned());
+            assert!(OpenAiConfig::from_lookup(&lookup).is_err(), "{bad}");
+        }
         assert!(OpenAiConfig::configured_in(&env(&[(
             "OPENAI_BASE_URL",
             "http://x"

@@ -174,15 +174,19 @@ pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Durati
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
     };
+    // Whatever a server sends, waits are capped at a day (never a panic on huge values).
+    let cap = |seconds: f64| Duration::try_from_secs_f64(seconds.min(86_400.0)).ok();
     if let Some(ms) = text("retry-after-ms")
         .and_then(|v| v.parse::<f64>().ok())
         .filter(|v| v.is_finite() && *v >= 0.0)
     {
-        return Some(Duration::from_secs_f64(ms / 1000.0));
+        return cap(ms / 1000.0);
     }
     let value = text("retry-after")?;
     if let Ok(seconds) = value.parse::<f64>() {
-        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
+        return (seconds.is_finite() && seconds >= 0.0)
+            .then(|| cap(seconds))
+            .flatten();
     }
     let date = httpdate::parse_http_date(value).ok()?;
     Some(
@@ -251,5 +255,15 @@ mod tests {
         );
         dated.insert("retry-after", HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&dated), None);
+        let mut huge = HeaderMap::new();
+        huge.insert("retry-after-ms", HeaderValue::from_static("1e300"));
+        assert_eq!(
+            retry_after(&huge),
+            Some(Duration::from_secs(86_400)),
+            "capped, no panic"
+        );
+        huge.insert("retry-after-ms", HeaderValue::from_static("nan"));
+        huge.insert("retry-after", HeaderValue::from_static("1e20"));
+        assert_eq!(retry_after(&huge), Some(Duration::from_secs(86_400)));
     }
 }

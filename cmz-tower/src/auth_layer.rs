@@ -14,8 +14,8 @@ use crate::error::ApiError;
 #[derive(Debug, Clone)]
 pub struct AccessToken(pub String);
 
-/// Requires a valid access token: `Authorization: Bearer <token>`, or `?token=<token>` for
-/// EventSource clients that cannot set headers. Puts the verified
+/// Requires a valid access token: `Authorization: Bearer <token>`, or `?token=<token>` on
+/// EventSource requests (`GET`, `Accept: text/event-stream`) whose clients cannot set headers. Puts the verified
 /// [`Principal`](cmz_core::access::Principal) and the [`AccessToken`] in the request's
 /// extensions; anything else gets 401 with the `Error` body.
 ///
@@ -68,7 +68,10 @@ impl<S> RequireAuth<S> {
     }
 }
 
-/// The token of a request: the Authorization header first, then `?token=`.
+/// The token of a request: the Authorization header, or else `?token=` on an EventSource
+/// request (`GET` with `Accept: text/event-stream`, which browsers cannot give headers).
+/// Other requests never read tokens from the URL, where they would end up in logs and
+/// browser history.
 pub(crate) fn token_of<B>(request: &Request<B>) -> Option<String> {
     if let Some(value) = request.headers().get(axum::http::header::AUTHORIZATION) {
         let value = value.to_str().ok()?.trim();
@@ -76,6 +79,15 @@ pub(crate) fn token_of<B>(request: &Request<B>) -> Option<String> {
         return scheme
             .eq_ignore_ascii_case("bearer")
             .then(|| token.trim().to_owned());
+    }
+    let event_source = request.method() == axum::http::Method::GET
+        && request
+            .headers()
+            .get(axum::http::header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("text/event-stream"));
+    if !event_source {
+        return None;
     }
     request.uri().query().and_then(|query| {
         query.split('&').find_map(|pair| {
@@ -160,11 +172,30 @@ mod tests {
 
     #[test]
     fn tokens_come_from_the_header_or_the_query() {
-        let req = Request::builder()
-            .uri("/x?token=abc%2Edef")
+        let sse = |uri: &str| {
+            Request::builder()
+                .uri(uri)
+                .header("accept", "text/event-stream")
+                .body(())
+                .unwrap()
+        };
+        assert_eq!(
+            token_of(&sse("/x?token=abc%2Edef")).as_deref(),
+            Some("abc.def")
+        );
+        let plain = Request::builder().uri("/x?token=abc").body(()).unwrap();
+        assert_eq!(
+            token_of(&plain),
+            None,
+            "only EventSource requests read ?token="
+        );
+        let post = Request::builder()
+            .method("POST")
+            .uri("/x?token=abc")
+            .header("accept", "text/event-stream")
             .body(())
             .unwrap();
-        assert_eq!(token_of(&req).as_deref(), Some("abc.def"));
+        assert_eq!(token_of(&post), None);
         let req = Request::builder()
             .uri("/x?token=q")
             .header("authorization", "Bearer hdr")
@@ -177,8 +208,7 @@ mod tests {
             .body(())
             .unwrap();
         assert_eq!(token_of(&req), None);
-        let req = Request::builder().uri("/x?tokens=1&a=%").body(()).unwrap();
-        assert_eq!(token_of(&req), None);
+        assert_eq!(token_of(&sse("/x?tokens=1&a=%")), None);
         assert_eq!(percent_decode("a%zz%4"), "a%zz%4");
     }
 }

@@ -64,12 +64,16 @@ fn openai_model(
                     model: name,
                     offline: false,
                     latency_ms: None,
-                    error: Some(error.to_string()),
+                    // The code only: upstream messages can name internal hosts.
+                    error: Some(error.code().to_owned()),
                 },
             }
         })
     });
-    Ok(Some((Arc::new(model), health)))
+    Ok(Some((
+        Arc::new(model),
+        cached(health, std::time::Duration::from_secs(15)),
+    )))
 }
 
 #[cfg(not(feature = "openai"))]
@@ -82,6 +86,27 @@ fn openai_model(
         );
     }
     Ok(None)
+}
+
+/// A health check answered from a cache for `ttl`: the health routes are public, and each
+/// uncached check is a request to the model provider.
+pub fn cached(check: HealthCheck, ttl: std::time::Duration) -> HealthCheck {
+    let last: Arc<tokio::sync::Mutex<Option<(Instant, ModelHealth)>>> = Arc::default();
+    Arc::new(move || {
+        let (check, last) = (check.clone(), last.clone());
+        Box::pin(async move {
+            // Holding the lock while checking makes concurrent callers share one check.
+            let mut last = last.lock().await;
+            if let Some((at, health)) = last.as_ref() {
+                if at.elapsed() < ttl {
+                    return health.clone();
+                }
+            }
+            let health = check().await;
+            *last = Some((Instant::now(), health.clone()));
+            health
+        })
+    })
 }
 
 /// Builds the whole state from environment-style variables, with embedded defaults:

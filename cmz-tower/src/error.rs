@@ -82,12 +82,19 @@ impl From<cmz_core::Error> for ApiError {
                 api.retry_after = Some(wait.as_secs().max(1));
                 api.details = Some(json!({ "retryAfterSeconds": wait.as_secs().max(1) }));
             }
-            // Internal details stay in the logs.
-            cmz_core::Error::Internal { .. } | cmz_core::Error::Unavailable { .. } => {
+            // Backend details (table names, upstream URLs, provider messages) stay in the logs.
+            cmz_core::Error::Internal { .. } => {
                 tracing::error!(code, error = %error, source = ?std::error::Error::source(&error), "request failed");
-                if code == "internal_error" {
-                    api.message = "internal error".into();
-                }
+                api.message = "internal error".into();
+            }
+            cmz_core::Error::Unavailable { .. } => {
+                tracing::error!(code, error = %error, source = ?std::error::Error::source(&error), "request failed");
+                api.message = "a service this request needs is unavailable; try again later".into();
+            }
+            cmz_core::Error::Timeout { .. } => {
+                tracing::warn!(code, error = %error, "request timed out");
+                api.message =
+                    "a service this request needs did not answer in time; try again later".into();
             }
             _ => {}
         }
@@ -178,6 +185,7 @@ pub(crate) async fn ensure_error_body(response: Response) -> Response {
     let code = match status {
         StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
         StatusCode::REQUEST_TIMEOUT => "request_timeout",
+        StatusCode::GATEWAY_TIMEOUT => "timeout",
         StatusCode::NOT_FOUND => "not_found",
         StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",

@@ -23,7 +23,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 pub use auth_layer::{AccessToken, AuthLayer, RequireAuth};
-pub use config::{SAMPLE_PERSONAS, offline_health, sample_personas, serve, state_from_env};
+pub use config::{SAMPLE_PERSONAS, cached, offline_health, sample_personas, serve, state_from_env};
 pub use error::{ApiError, ApiJson, ApiQuery, status_for};
 #[cfg(feature = "prometheus")]
 pub use metrics::prometheus_router;
@@ -143,7 +143,9 @@ pub fn with_layers(app: Router, settings: &HttpSettings) -> Router {
         .layer(DefaultBodyLimit::max(settings.body_limit))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(TimeoutLayer::with_status_code(
-            axum::http::StatusCode::REQUEST_TIMEOUT,
+            // 504, not 408: the server (a model, a store) was slow, not the client, and
+            // clients may repeat a 408 on their own.
+            axum::http::StatusCode::GATEWAY_TIMEOUT,
             settings.request_timeout,
         ))
         .layer(middleware::map_response(error::ensure_error_body));

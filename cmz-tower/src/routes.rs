@@ -64,6 +64,23 @@ pub(crate) async fn login(
         .or(body.username)
         .ok_or_else(|| ApiError::validation("username", "username (or email) is required"))?;
     let response = if body.register {
+        // Each registration hashes a password: bounded per client address.
+        let key = format!("register:{}", client.as_deref().unwrap_or("unknown"));
+        let count = state
+            .inner
+            .limits
+            .hit(&key, std::time::Duration::from_secs(3600))
+            .await?;
+        if count.count > 20 {
+            let wait = (count.resets_at - Utc::now()).num_seconds().max(1) as u64;
+            return Err(ApiError {
+                retry_after: Some(wait),
+                ..ApiError::new(
+                    "rate_limit_exceeded",
+                    "too many registrations from this address; try again later",
+                )
+            });
+        }
         auth.register(
             &email,
             &body.password,
@@ -641,6 +658,8 @@ pub(crate) async fn summarize(
         return Err(ApiError::validation("summaryType", "unknown summaryType"));
     }
     let session_id = id(SessionId::new, body.session_id)?;
+    // A summary is a model call: it counts against the same per-user limit as a turn.
+    check_turn_limit(&state, &principal).await?;
     let summary = state
         .inner
         .conversations

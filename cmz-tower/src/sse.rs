@@ -116,7 +116,11 @@ async fn run(
             }),
         )
         }
-        Err(error) => event("error", json!({ "type": "error", "error": error.to_string(), "code": error.code(), "timestamp": now() })),
+        Err(error) => {
+            // Masked like every JSON error: no backend details reach the client.
+            let api = ApiError::from(error);
+            event("error", json!({ "type": "error", "error": api.message, "code": api.code, "timestamp": now() }))
+        }
     });
     let events: std::pin::Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>> =
         futures::stream::iter(head).chain(body).boxed();

@@ -113,6 +113,10 @@ impl Server {
 
     async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
         let mut request = self.client.get(self.url(path));
+        if path.starts_with("/convo_turn/stream") {
+            // As EventSource does; it is what lets `?token=` count.
+            request = request.header("accept", "text/event-stream");
+        }
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
@@ -224,7 +228,7 @@ async fn auth_routes_and_their_errors() {
         "unauthorized",
     );
     let by_query = server.get(&format!("/me?token={token}"), None).await;
-    assert_eq!(by_query.0, 200, "EventSource clients pass ?token=");
+    assert_error(&by_query, 401, "unauthorized");
 
     let refreshed = server
         .post_json(
@@ -366,6 +370,7 @@ async fn streamed_turns_use_the_legacy_events_and_headers() {
         .get(server.url(&format!(
             "/convo_turn/stream?animalId=cougar&message=Can%20you%20jump%3F&token={token}"
         )))
+        .header("accept", "text/event-stream")
         .send()
         .await
         .unwrap();
@@ -442,6 +447,7 @@ async fn a_client_that_disconnects_mid_stream_leaves_an_interrupted_reply() {
         .get(server.url(&format!(
             "/convo_turn/stream?animalId=cougar&message=story&token={token}"
         )))
+        .header("accept", "text/event-stream")
         .send()
         .await
         .unwrap();

@@ -1190,6 +1190,11 @@ impl ConversationService {
                 }
             }
         };
+        // Readers (a parent, an admin) get the summary; only the owner's is stored, as
+        // nobody else writes into a conversation.
+        if principal.user_id != session.user_id {
+            return Ok(summary);
+        }
         inner
             .store
             .set_summary(id, &summary.text)

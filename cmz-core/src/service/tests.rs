@@ -939,6 +939,21 @@ async fn summaries_come_from_the_model_or_a_deterministic_fallback() {
         Some("The child asked Leo about food.")
     );
 
+    // An admin may read a summary but does not overwrite the stored one.
+    f.model.push(Step::Reply("An admin's summary.".into()));
+    assert_eq!(
+        f.service.summarize(&admin(), &id).await.unwrap().text,
+        "An admin's summary."
+    );
+    assert_eq!(
+        f.service
+            .session(&me, &id)
+            .await
+            .unwrap()
+            .summary
+            .as_deref(),
+        Some("The child asked Leo about food.")
+    );
     f.model.push(Step::Fail(Failure::Unavailable));
     let fallback = f.service.summarize(&me, &id).await.unwrap();
     assert!(fallback.fallback);
