@@ -166,16 +166,19 @@ impl OpenAiChatModel {
     }
 
     /// Sends `body`, retrying what the official SDKs retry, and returns the first
-    /// successful response (for a stream: before any of its body has been read).
+    /// successful response (for a stream: before any of its body has been read) with the
+    /// queue slot it holds. Each attempt takes a slot and gives it back before waiting to
+    /// retry, so requests sleeping out a `retry-after` do not hold the queue.
     pub(crate) async fn send_with_retries(
         &self,
         url: &str,
         body: Bytes,
         stream: bool,
-    ) -> std::result::Result<reqwest::Response, OpenAiError> {
+    ) -> std::result::Result<(OwnedSemaphorePermit, reqwest::Response), OpenAiError> {
         let config = &self.inner.config;
         let mut attempt = 0;
         loop {
+            let permit = self.inner.queue.acquire().await?;
             let mut request = self
                 .authorize(self.inner.http.post(url))
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -191,7 +194,9 @@ impl OpenAiChatModel {
             let error = match sent {
                 Err(_) => OpenAiError::new(OpenAiErrorKind::Timeout, "no response in time"),
                 Ok(Err(e)) => transport_error(e),
-                Ok(Ok(response)) if response.status().is_success() => return Ok(response),
+                Ok(Ok(response)) if response.status().is_success() => {
+                    return Ok((permit, response));
+                }
                 Ok(Ok(response)) => {
                     let status = response.status().as_u16();
                     let wait = retry_after(response.headers());
@@ -212,13 +217,10 @@ impl OpenAiChatModel {
                 return Err(error);
             }
             attempt += 1;
+            drop(permit);
             tracing::info!(attempt, kind = ?error.kind, status = error.status, wait_ms = wait.as_millis() as u64, "retrying the model request");
             tokio::time::sleep(wait).await;
         }
-    }
-
-    pub(crate) async fn acquire(&self) -> std::result::Result<OwnedSemaphorePermit, OpenAiError> {
-        self.inner.queue.acquire().await
     }
 
     fn cache_key(&self, body: &[u8]) -> u64 {
@@ -289,8 +291,7 @@ impl ChatModel for OpenAiChatModel {
         }
         let span = tracing::debug_span!("cmz.backend", kind = "model", op = "chat.completions", model = %inner.config.model);
         let completion = async {
-            let _permit = self.acquire().await?;
-            let response = self
+            let (_permit, response) = self
                 .send_with_retries(&inner.chat_url, Bytes::from(body), false)
                 .await?;
             let bytes = read_limited(response, MAX_RESPONSE_BODY).await?;
@@ -332,12 +333,9 @@ impl ChatModel for OpenAiChatModel {
             .map_err(|e| self.error(decode_error(e)))?;
         let span = tracing::debug_span!("cmz.backend", kind = "model", op = "chat.completions.stream", model = %inner.config.model);
         let (permit, response) = async {
-            let permit = self.acquire().await?;
             // Retries happen here, before the first byte of the stream; never after.
-            let response = self
-                .send_with_retries(&inner.chat_url, Bytes::from(body), true)
-                .await?;
-            Ok::<_, OpenAiError>((permit, response))
+            self.send_with_retries(&inner.chat_url, Bytes::from(body), true)
+                .await
         }
         .instrument(span.clone())
         .await

@@ -57,8 +57,7 @@ impl Moderator for OpenAiModerator {
         let body = serde_json::json!({ "model": self.moderation_model, "input": text });
         let span = tracing::debug_span!("cmz.backend", kind = "moderation", op = "moderations");
         let result = async {
-            let _permit = self.model.acquire().await?;
-            let response = self
+            let (_permit, response) = self
                 .model
                 .send_with_retries(&url, Bytes::from(body.to_string()), false)
                 .await?;
