@@ -535,7 +535,11 @@ async fn turns_through_the_conversation_service_store_the_servers_usage() {
 #[tokio::test]
 async fn a_request_waiting_to_retry_gives_its_queue_slot_back() {
     let server = FakeOpenAi::start().await;
-    let config = OpenAiConfig { max_concurrency: 1, max_queue: 0, ..config(&server) };
+    let config = OpenAiConfig {
+        max_concurrency: 1,
+        max_queue: 0,
+        ..config(&server)
+    };
     let model = OpenAiChatModel::new(config).unwrap();
     server.push(Behavior::status(429, Some("1")));
     server.push(Behavior::Reply(Reply::text("B got through")));
@@ -546,7 +550,10 @@ async fn a_request_waiting_to_retry_gives_its_queue_slot_back() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     // A sleeps out its retry-after: its slot is free, so B is served at once.
     let started = Instant::now();
-    assert_eq!(model.complete(request("B")).await.unwrap().content, "B got through");
+    assert_eq!(
+        model.complete(request("B")).await.unwrap().content,
+        "B got through"
+    );
     assert!(started.elapsed() < Duration::from_millis(500));
     assert_eq!(waiting.await.unwrap().unwrap().content, "echo: A");
 }
