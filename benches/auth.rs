@@ -6,6 +6,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use cmz_benches::median;
 use cmz_core::access::UserRole;
 use cmz_core::auth::{
     AuthService, AuthSettings, AuthStores, PasswordHasher, TokenCodec, TokenKeys, User, UserType,
@@ -60,7 +61,7 @@ print(statistics.median(rates))
 
 /// cmz verifications per second: the median of 5 timed runs of 200,000.
 fn cmz_ops_per_sec(codec: &TokenCodec, token: &str) -> f64 {
-    let mut rates: Vec<f64> = (0..5)
+    let rates: Vec<f64> = (0..5)
         .map(|_| {
             let n = 200_000;
             let start = Instant::now();
@@ -70,8 +71,7 @@ fn cmz_ops_per_sec(codec: &TokenCodec, token: &str) -> f64 {
             n as f64 / start.elapsed().as_secs_f64()
         })
         .collect();
-    rates.sort_by(f64::total_cmp);
-    rates[2]
+    median(rates)
 }
 
 fn main() {
@@ -120,17 +120,16 @@ fn main() {
     let hasher = PasswordHasher::owasp();
     let (m, t, p) = hasher.parameters();
     let hash = hasher.hash_blocking("admin123").expect("hash");
-    let mut times: Vec<f64> = (0..7)
+    let times: Vec<f64> = (0..7)
         .map(|_| {
             let start = Instant::now();
             black_box(hasher.verify_blocking("admin123", &hash));
             start.elapsed().as_secs_f64() * 1e3
         })
         .collect();
-    times.sort_by(f64::total_cmp);
     println!(
         "\nargon2id password check at m={m} KiB, t={t}, p={p} (OWASP minimum): median {:.1} ms",
-        times[3]
+        median(times)
     );
 
     let mut dev = AuthSettings::development();
@@ -138,7 +137,7 @@ fn main() {
     let auth = rt
         .block_on(AuthService::new(dev, AuthStores::in_memory()))
         .expect("auth");
-    let mut logins: Vec<f64> = (0..7)
+    let logins: Vec<f64> = (0..7)
         .map(|i| {
             let start = Instant::now();
             rt.block_on(auth.login("admin@cmz.org", "admin123", Some(&format!("10.0.0.{i}"))))
@@ -146,10 +145,9 @@ fn main() {
             start.elapsed().as_secs_f64() * 1e3
         })
         .collect();
-    logins.sort_by(f64::total_cmp);
     println!(
         "full login (lookup, argon2id check, access + refresh token): median {:.1} ms",
-        logins[3]
+        median(logins)
     );
     criterion.final_summary();
 }

@@ -207,6 +207,12 @@ impl ConversationStore for LegacyDocumentStore {
     }
 }
 
+/// The median of `samples` (the upper one of the middle two for an even count).
+pub fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
 /// The animal the benchmarks talk to.
 pub fn bench_animal() -> AnimalId {
     AnimalId::new("lion").expect("valid id")

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cmz_benches::bench_personas;
+use cmz_benches::{bench_personas, median};
 use cmz_core::chat::{ChatChunk, ChatMessage, ChatModel, ChatRequest};
 use cmz_core::prelude::*;
 use cmz_openai::testing::{Behavior, FakeOpenAi, Reply};
@@ -19,58 +19,58 @@ use futures::StreamExt as _;
 const CHUNKS: usize = 200;
 const RUNS: usize = 31;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+/// (time to first delta in ms, per-chunk overhead in µs) of a stream started at `start`,
+/// counting the items `is_delta` accepts.
+async fn time_deltas<S, T>(
+    start: Instant,
+    mut stream: S,
+    is_delta: impl Fn(&T) -> bool,
+) -> (f64, f64)
+where
+    S: futures::Stream<Item = T> + Unpin,
+{
+    let mut first = None;
+    let mut deltas = 0;
+    while let Some(item) = stream.next().await {
+        if is_delta(&item) {
+            deltas += 1;
+            first.get_or_insert_with(|| start.elapsed());
+        }
+    }
+    assert_eq!(deltas, CHUNKS);
+    let (first, total) = (first.expect("a delta"), start.elapsed());
+    (
+        first.as_secs_f64() * 1e3,
+        (total - first).as_secs_f64() * 1e6 / (CHUNKS - 1) as f64,
+    )
 }
 
-/// (time to first delta in ms, per-chunk overhead in µs) of one streamed reply.
 async fn cmz_model_once(model: &OpenAiChatModel) -> (f64, f64) {
     let request = ChatRequest {
         messages: vec![ChatMessage::new(Role::User, "Tell me a long story")],
         ..Default::default()
     };
     let start = Instant::now();
-    let mut stream = model.stream(request).await.expect("stream");
-    let mut first = None;
-    let mut deltas = 0;
-    while let Some(item) = stream.next().await {
-        if let ChatChunk::Delta(_) = item.expect("chunk") {
-            deltas += 1;
-            first.get_or_insert_with(|| start.elapsed());
-        }
-    }
-    assert_eq!(deltas, CHUNKS);
-    let (first, total) = (first.expect("a delta"), start.elapsed());
-    (
-        first.as_secs_f64() * 1e3,
-        (total - first).as_secs_f64() * 1e6 / (CHUNKS - 1) as f64,
-    )
+    let stream = model.stream(request).await.expect("stream");
+    time_deltas(start, stream, |item| {
+        matches!(item, Ok(ChatChunk::Delta(_)))
+    })
+    .await
 }
 
 async fn cmz_turn_once(service: &ConversationService, principal: &Principal) -> (f64, f64) {
     let start = Instant::now();
-    let mut stream = service
+    let stream = service
         .stream_turn(
             principal,
             TurnRequest::new(AnimalId::new("lion").expect("id"), "Tell me a long story"),
         )
         .await
         .expect("stream");
-    let mut first = None;
-    let mut deltas = 0;
-    while let Some(event) = stream.next().await {
-        if let TurnEvent::Delta(_) = event.expect("event") {
-            deltas += 1;
-            first.get_or_insert_with(|| start.elapsed());
-        }
-    }
-    assert_eq!(deltas, CHUNKS);
-    let (first, total) = (first.expect("a delta"), start.elapsed());
-    (
-        first.as_secs_f64() * 1e3,
-        (total - first).as_secs_f64() * 1e6 / (CHUNKS - 1) as f64,
-    )
+    time_deltas(start, stream, |event| {
+        matches!(event, Ok(TurnEvent::Delta(_)))
+    })
+    .await
 }
 
 fn python_sdk(base_url: &str) -> Option<(f64, f64)> {

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cmz_benches::{LegacyDocumentStore, one_turn, service_with_history};
+use cmz_benches::{LegacyDocumentStore, median, one_turn, service_with_history};
 use cmz_core::memory::InMemoryConversationStore;
 use cmz_core::store::ConversationStore;
 use criterion::{BenchmarkId, Criterion};
@@ -97,11 +97,10 @@ fn bench_turns(c: &mut Criterion) {
 /// Median µs per turn over `runs` runs of one chunk each.
 fn median_micros(rt: &Runtime, layout: Layout, history: usize, runs: usize) -> f64 {
     let turns = layout.chunk(history);
-    let mut samples: Vec<f64> = (0..runs)
+    let samples: Vec<f64> = (0..runs)
         .map(|_| time_turns(rt, layout, history, turns).as_secs_f64() * 1e6 / turns as f64)
         .collect();
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
+    median(samples)
 }
 
 fn summary() {

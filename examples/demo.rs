@@ -11,15 +11,6 @@ use axum::routing::get;
 /// The chat page.
 const PAGE: &str = include_str!("static/index.html");
 
-/// Environment lookup with the demo's defaults: development users unless told otherwise.
-fn lookup(name: &str) -> Option<String> {
-    match std::env::var(name) {
-        Ok(value) => Some(value),
-        Err(_) if name == "CMZ_DEV_USERS" => Some("embedded".into()),
-        Err(_) => None,
-    }
-}
-
 #[tokio::main]
 async fn main() {
     tracing_subscriber::fmt()
@@ -28,7 +19,7 @@ async fn main() {
                 .unwrap_or_else(|_| "info,tower_http=info".into()),
         )
         .init();
-    let state = match cmz_tower::state_from_env(&lookup).await {
+    let state = match cmz_tower::state_from_env(&cmz_tower::demo_env).await {
         Ok(state) => state,
         Err(error) => {
             eprintln!("cmz demo: {error}");
@@ -39,7 +30,7 @@ async fn main() {
     let mut app = axum::Router::new()
         .route("/", get(|| async { Html(PAGE) }))
         .merge(cmz_tower::router(state));
-    if lookup("CMZ_METRICS").is_some_and(|v| v == "1" || v == "true") {
+    if cmz_tower::demo_env("CMZ_METRICS").is_some_and(|v| v == "1" || v == "true") {
         match cmz_tower::prometheus_router() {
             Ok(metrics) => app = app.merge(metrics),
             Err(error) => eprintln!("cmz demo: metrics disabled: {error}"),

@@ -7,17 +7,9 @@ use axum::routing::get;
 use axum::{Extension, Router};
 use cmz_core::access::Principal;
 
-fn lookup(name: &str) -> Option<String> {
-    match std::env::var(name) {
-        Ok(value) => Some(value),
-        Err(_) if name == "CMZ_DEV_USERS" => Some("embedded".into()),
-        Err(_) => None,
-    }
-}
-
 #[tokio::main]
 async fn main() {
-    let state = match cmz_tower::state_from_env(&lookup).await {
+    let state = match cmz_tower::state_from_env(&cmz_tower::demo_env).await {
         Ok(state) => state,
         Err(error) => {
             eprintln!("mount example: {error}");

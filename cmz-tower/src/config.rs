@@ -88,6 +88,17 @@ fn openai_model(
     Ok(None)
 }
 
+/// The process environment with the demos' one default: development users
+/// (`CMZ_DEV_USERS=embedded`) unless the variable is set. For examples and local runs;
+/// production passes the plain environment to [`state_from_env`].
+pub fn demo_env(name: &str) -> Option<String> {
+    match std::env::var(name) {
+        Ok(value) => Some(value),
+        Err(_) if name == "CMZ_DEV_USERS" => Some("embedded".into()),
+        Err(_) => None,
+    }
+}
+
 /// A health check answered from a cache for `ttl`: the health routes are public, and each
 /// uncached check is a request to the model provider.
 pub fn cached(check: HealthCheck, ttl: std::time::Duration) -> HealthCheck {

@@ -23,7 +23,9 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 pub use auth_layer::{AccessToken, AuthLayer, RequireAuth};
-pub use config::{SAMPLE_PERSONAS, cached, offline_health, sample_personas, serve, state_from_env};
+pub use config::{
+    SAMPLE_PERSONAS, cached, demo_env, offline_health, sample_personas, serve, state_from_env,
+};
 pub use error::{ApiError, ApiJson, ApiQuery, status_for};
 #[cfg(feature = "prometheus")]
 pub use metrics::prometheus_router;
