@@ -1,1 +1,26 @@
 #![doc = include_str!("../README.md")]
+
+mod attr;
+mod auth;
+mod backend;
+mod batch;
+mod config;
+mod conversations;
+mod error;
+pub mod migrate;
+mod personas;
+mod tables;
+
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
+pub use auth::{
+    DynamoFamilyDirectory, DynamoRateLimitStore, DynamoRevocationStore, DynamoUserStore,
+};
+pub use backend::{CapacityReport, Dynamo};
+pub use config::{DynamoSettings, TABLE_VARIABLES, TableNames};
+pub use conversations::DynamoConversationStore;
+pub use personas::DynamoPersonaDirectory;
+pub use tables::{
+    ANIMAL_INDEX, EMAIL_INDEX, TTL_ATTRIBUTE, USER_INDEX, check_tables, ensure_tables,
+};

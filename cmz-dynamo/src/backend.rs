@@ -1,0 +1,233 @@
+//! The shared connection every DynamoDB store of cmz holds.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::types::ConsumedCapacity;
+use cmz_core::Result;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::config::{DynamoSettings, TableNames};
+use crate::{
+    DynamoConversationStore, DynamoFamilyDirectory, DynamoPersonaDirectory, DynamoRateLimitStore,
+    DynamoRevocationStore, DynamoUserStore, tables,
+};
+
+/// A DynamoDB connection with cmz's table names and settings; hands out the stores.
+///
+/// Cloning is cheap (one `Arc`); every store made from it shares its client and its
+/// [`capacity`](Dynamo::capacity) meter.
+#[derive(Clone)]
+pub struct Dynamo {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) client: Client,
+    pub(crate) tables: TableNames,
+    pub(crate) retention: Option<Duration>,
+    pub(crate) cursor_key: Vec<u8>,
+    pub(crate) meter: Meter,
+}
+
+impl fmt::Debug for Dynamo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dynamo")
+            .field("tables", &self.inner.tables)
+            .field("retention", &self.inner.retention)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Dynamo {
+    /// Builds a client from `settings`. Makes no call: see [`check_tables`](Self::check_tables)
+    /// and [`ensure_tables`](Self::ensure_tables).
+    pub async fn connect(settings: DynamoSettings) -> Self {
+        let client = settings.client().await;
+        Self::with_client(client, settings)
+    }
+
+    /// Uses an SDK client you built; `settings` gives the tables, retention and cursor key.
+    pub fn with_client(client: Client, settings: DynamoSettings) -> Self {
+        let cursor_key = settings.cursor_secret.clone().unwrap_or_else(|| {
+            let mut key = vec![0u8; 32];
+            for byte in &mut key {
+                *byte = fastrand::u8(..);
+            }
+            tracing::warn!(
+                "no CMZ_CURSOR_SECRET or JWT_SECRET: pagination cursors are signed with a random key and do not survive a restart"
+            );
+            key
+        });
+        Self {
+            inner: Arc::new(Inner {
+                client,
+                tables: settings.tables,
+                retention: settings.retention,
+                cursor_key,
+                meter: Meter::default(),
+            }),
+        }
+    }
+
+    /// Reads the settings from the environment (see [`DynamoSettings::from_env`]), connects
+    /// and checks that every table exists ([`check_tables`](Self::check_tables)).
+    pub async fn from_env(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let dynamo = Self::connect(DynamoSettings::from_env(lookup)?).await;
+        dynamo.check_tables().await?;
+        Ok(dynamo)
+    }
+
+    /// Creates missing tables, GSIs and TTL settings (development and tests).
+    pub async fn ensure_tables(&self) -> Result<()> {
+        tables::ensure_tables(&self.inner.client, &self.inner.tables).await
+    }
+
+    /// Checks that every configured table exists with the keys and GSIs cmz needs; a
+    /// missing one is an error naming it and the existing tables with similar names.
+    pub async fn check_tables(&self) -> Result<()> {
+        tables::check_tables(&self.inner.client, &self.inner.tables).await
+    }
+
+    /// The SDK client.
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    /// The table names in use.
+    pub fn tables(&self) -> &TableNames {
+        &self.inner.tables
+    }
+
+    /// Capacity and requests consumed so far by every store made from this connection.
+    pub fn capacity(&self) -> CapacityReport {
+        self.inner.meter.report()
+    }
+
+    /// The conversation store (sessions and messages).
+    pub fn conversations(&self) -> DynamoConversationStore {
+        DynamoConversationStore::new(self.clone())
+    }
+
+    /// The user store.
+    pub fn users(&self) -> DynamoUserStore {
+        DynamoUserStore::new(self.clone())
+    }
+
+    /// The family directory.
+    pub fn families(&self) -> DynamoFamilyDirectory {
+        DynamoFamilyDirectory::new(self.clone())
+    }
+
+    /// The persona directory (the animal table).
+    pub fn personas(&self) -> DynamoPersonaDirectory {
+        DynamoPersonaDirectory::new(self.clone())
+    }
+
+    /// Refresh tokens and revocations.
+    pub fn revocations(&self) -> DynamoRevocationStore {
+        DynamoRevocationStore::new(self.clone())
+    }
+
+    /// Shared rate-limit counters.
+    pub fn rate_limits(&self) -> DynamoRateLimitStore {
+        DynamoRateLimitStore::new(self.clone())
+    }
+
+    pub(crate) fn ttl(&self) -> Option<i64> {
+        self.inner
+            .retention
+            .map(|r| chrono::Utc::now().timestamp() + r.as_secs() as i64)
+    }
+
+    pub(crate) fn sign(&self, parts: &[&str]) -> String {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.inner.cursor_key).expect("any key length");
+        for part in parts {
+            mac.update(part.as_bytes());
+            mac.update(b"\n");
+        }
+        hex::encode(&mac.finalize().into_bytes()[..16])
+    }
+
+    pub(crate) fn verify(&self, parts: &[&str], signature: &str) -> bool {
+        let Ok(given) = hex::decode(signature) else {
+            return false;
+        };
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.inner.cursor_key).expect("any key length");
+        for part in parts {
+            mac.update(part.as_bytes());
+            mac.update(b"\n");
+        }
+        mac.verify_truncated_left(&given).is_ok() && given.len() == 16
+    }
+}
+
+/// Read and write capacity units and requests, as DynamoDB reported them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CapacityReport {
+    /// Read capacity units.
+    pub read_units: f64,
+    /// Write capacity units (transactional writes count double, GSI writes included).
+    pub write_units: f64,
+    /// Requests sent (retries by the SDK not counted).
+    pub requests: u64,
+}
+
+impl std::ops::Sub for CapacityReport {
+    type Output = Self;
+    fn sub(self, other: Self) -> Self {
+        Self {
+            read_units: self.read_units - other.read_units,
+            write_units: self.write_units - other.write_units,
+            requests: self.requests - other.requests,
+        }
+    }
+}
+
+/// Sums `ConsumedCapacity` (in milli-units, so atomics suffice).
+#[derive(Default)]
+pub(crate) struct Meter {
+    read_milli: AtomicU64,
+    write_milli: AtomicU64,
+    requests: AtomicU64,
+}
+
+impl Meter {
+    pub(crate) fn record<'a>(
+        &self,
+        consumed: impl IntoIterator<Item = &'a ConsumedCapacity>,
+        write: bool,
+    ) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        for c in consumed {
+            let read = c.read_capacity_units().unwrap_or(0.0);
+            let written = c.write_capacity_units().unwrap_or(0.0);
+            let total = c.capacity_units().unwrap_or(0.0);
+            let (r, w) = if read > 0.0 || written > 0.0 {
+                (read, written)
+            } else if write {
+                (0.0, total)
+            } else {
+                (total, 0.0)
+            };
+            self.read_milli
+                .fetch_add((r * 1000.0).round() as u64, Ordering::Relaxed);
+            self.write_milli
+                .fetch_add((w * 1000.0).round() as u64, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn report(&self) -> CapacityReport {
+        CapacityReport {
+            read_units: self.read_milli.load(Ordering::Relaxed) as f64 / 1000.0,
+            write_units: self.write_milli.load(Ordering::Relaxed) as f64 / 1000.0,
+            requests: self.requests.load(Ordering::Relaxed),
+        }
+    }
+}
