@@ -1,9 +1,12 @@
 //! `DynamoConversationStore`: sessions and messages on the v2 layout, with legacy reads.
 //!
 //! Layout:
-//! - **messages table**: one item per message, `conversationId` (hash) + `seq` (range, from
-//!   1). Turn-key markers live in the same partition at negative `seq`s, so a window or
-//!   history query (`seq > 0`) never sees them and a delete finds them.
+//! - **messages table**: `conversationId` (hash) + `seq` (range). An item holds the
+//!   messages of one turn (`messages`, a list, usually the question and the reply) and is
+//!   keyed by the sequence number of its first message; `msgs` says how many it holds.
+//!   A turn too large for one 400 KB item is written as one item per message in a
+//!   transaction instead. A turn key is stored on the turn's first item (`turnKey`, with
+//!   `turnMsgs`) and found through the local secondary index `turnKey-index`.
 //! - **sessions table**: the legacy session item plus `animalName`, `summary`, `cmzV` (2 once
 //!   cmz writes the session) and `legacyCount` (messages still in the legacy conversation
 //!   item, which keep their positions 1..=legacyCount). GSIs list by user and by animal on
@@ -11,17 +14,28 @@
 //! - **legacy conversations table**: read only. A legacy conversation keeps its messages
 //!   where they are; its next turn goes to the messages table at `legacyCount + 1`.
 //!
-//! A turn is ONE `TransactWriteItems`: each message `Put` guarded by
-//! `attribute_not_exists(seq)`, the session `Update` guarded by `messageCount = expected`
-//! (or a `Put` guarded by `attribute_not_exists(sessionId)` for a new session), and, with
-//! a turn key, the marker `Put` guarded by `attribute_not_exists(seq)`.
+//! # A turn's writes, and why they are safe
+//! 1. `PutItem` of the turn item at `expected + 1`, guarded by `attribute_not_exists(seq)`.
+//!    This single-item write is the commit point: the turn is stored whole or not at all,
+//!    and of two writers that read the same count exactly one gets the key.
+//! 2. `UpdateItem` of the session (`messageCount`, `lastActivity`), guarded by
+//!    `messageCount = expected`. If the process dies between 1 and 2 the turn is stored
+//!    and readable (history and windows read the messages table) and only the session's
+//!    count lags; the next writer's guard in step 1 fails, the store re-reads the newest
+//!    item, repairs the count (monotonically) and the caller retries. If step 2 finds a
+//!    count that is not `expected` for another reason (a caller's bogus count), the item
+//!    of step 1 is deleted again and the append is a `conflict`.
+//!
+//! Plain conditional writes cost half of transactional ones, so a 90 + 600 character turn
+//! costs 1 WCU for the item and 5 for the session update with its two GSIs: 6 WCU, at turn
+//! 1 and at turn 10,000 alike.
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
-    Put, ReturnConsumedCapacity, ReturnValue, ReturnValuesOnConditionCheckFailure, Select,
-    TransactWriteItem, Update,
+    AttributeValue, Put, ReturnConsumedCapacity, ReturnValue, ReturnValuesOnConditionCheckFailure,
+    Select, TransactWriteItem, Update,
 };
 use chrono::{DateTime, Utc};
 use cmz_core::ids::{AnimalId, MessageId, SessionId, UserId};
@@ -31,28 +45,29 @@ use cmz_core::store::{
 };
 use cmz_core::types::{Message, MessageMetadata, NewMessage, Role, Session, SessionStatus};
 use cmz_core::{Error, Result};
-use sha2::{Digest, Sha256};
 
 use crate::attr::{Item, Reader, from_json, n, s, time, time_string};
 use crate::backend::Dynamo;
 use crate::batch::delete_keys;
 use crate::error::map_sdk;
-use crate::tables::{ANIMAL_INDEX, TTL_ATTRIBUTE, USER_INDEX};
+use crate::tables::{ANIMAL_INDEX, TTL_ATTRIBUTE, TURN_KEY_INDEX, USER_INDEX};
 
 /// The `cmzV` value of sessions cmz writes.
 const SCHEMA_VERSION: &str = "2";
 /// The most messages one append may carry (a transaction holds at most 100 items).
 const MAX_APPEND_MESSAGES: usize = 64;
+/// A turn whose item would be larger than this is written one item per message.
+const MAX_TURN_ITEM_BYTES: usize = 380 * 1024;
 const HISTORY_CURSOR: &str = "dh";
 const SESSIONS_CURSOR: &str = "ds";
 
-/// Sessions and messages in DynamoDB, one item per message; implements
-/// [`ConversationStore`].
+/// Sessions and messages in DynamoDB; implements [`ConversationStore`].
 ///
 /// Per-turn cost does not depend on the conversation's length: a turn writes its own
-/// message items and updates the session item, and a context window is one descending
-/// `Query` with a `Limit`. Legacy conversations (one item with a `messages` list) are read
-/// transparently and continued in v2 items.
+/// item and updates the session item, and a context window is one descending `Query`
+/// with a `Limit`. Legacy conversations (one item with a `messages` list) are read
+/// transparently and continued in v2 items. See the module source for the write
+/// protocol.
 #[derive(Debug, Clone)]
 pub struct DynamoConversationStore {
     db: Dynamo,
@@ -70,7 +85,8 @@ pub(crate) struct Stored {
     pub(crate) has_item: bool,
 }
 
-/// How the session item changes in a turn's transaction.
+/// How the session item changes in a turn.
+#[derive(Clone, Copy)]
 enum SessionWrite<'a> {
     Create(&'a Session),
     Advance,
@@ -79,8 +95,8 @@ enum SessionWrite<'a> {
 
 enum TxResult {
     Done,
-    Duplicate(Item),
     SessionCheckFailed(Option<Item>),
+    ItemExists,
 }
 
 impl DynamoConversationStore {
@@ -191,77 +207,552 @@ impl DynamoConversationStore {
         }
     }
 
-    /// Messages with `after < seq`, ascending, at most `limit` (plus whether more exist).
-    async fn query_messages(
+    fn record<'a>(
+        &self,
+        consumed: impl IntoIterator<Item = &'a aws_sdk_dynamodb::types::ConsumedCapacity>,
+        write: bool,
+    ) {
+        self.db.inner.meter.record(consumed, write);
+    }
+
+    /// Turn items of a session in key order, from `from_key` (inclusive) up, or from the
+    /// top down; stops once the items hold at least `want` messages, and says whether more
+    /// items exist past the last one returned.
+    async fn query_items(
         &self,
         id: &SessionId,
-        after: u64,
-        until: Option<u64>,
-        limit: usize,
-        descending: bool,
-    ) -> Result<(Vec<Message>, bool)> {
+        range: KeyRange,
+        want: usize,
+    ) -> Result<(Vec<Item>, bool)> {
         let table = self.messages_table();
-        let mut out = Vec::new();
+        let mut out: Vec<Item> = Vec::new();
+        let mut held = 0usize;
         let mut start: Option<Item> = None;
-        let condition = if until.is_some() {
-            "conversationId = :c AND seq BETWEEN :lo AND :hi"
-        } else {
-            "conversationId = :c AND seq > :lo"
+        let (condition, descending) = match range {
+            KeyRange::From(_) => ("conversationId = :c AND seq >= :lo", false),
+            KeyRange::Between(..) => ("conversationId = :c AND seq BETWEEN :lo AND :hi", false),
+            KeyRange::Below(_) => ("conversationId = :c AND seq BETWEEN :lo AND :hi", true),
+            KeyRange::Top => ("conversationId = :c AND seq >= :lo", true),
         };
         loop {
-            let want = limit + 1 - out.len();
+            // Turns usually hold two messages: ask for enough items, plus one to learn
+            // whether more exist.
+            let items_wanted = (want.saturating_sub(held)).div_ceil(2) + 1;
             let mut query = self
                 .client()
                 .query()
                 .table_name(table)
                 .key_condition_expression(condition)
                 .expression_attribute_values(":c", s(id.as_str()))
-                .expression_attribute_values(
-                    ":lo",
-                    n(if until.is_some() { after + 1 } else { after }),
-                )
                 .scan_index_forward(!descending)
                 .consistent_read(true)
-                .limit(want.min(1000) as i32)
+                .limit(items_wanted.clamp(1, 1000) as i32)
                 .return_consumed_capacity(ReturnConsumedCapacity::Total)
                 .set_exclusive_start_key(start.take());
-            if let Some(hi) = until {
-                query = query.expression_attribute_values(":hi", n(hi));
-            }
+            query = match range {
+                KeyRange::From(lo) => query.expression_attribute_values(":lo", n(lo)),
+                KeyRange::Between(lo, hi) => query
+                    .expression_attribute_values(":lo", n(lo))
+                    .expression_attribute_values(":hi", n(hi)),
+                KeyRange::Below(hi) => query
+                    .expression_attribute_values(":lo", n(1))
+                    .expression_attribute_values(":hi", n(hi)),
+                KeyRange::Top => query.expression_attribute_values(":lo", n(1)),
+            };
             let page = query.send().await.map_err(|e| map_sdk("Query", table, e))?;
-            self.db.inner.meter.record(page.consumed_capacity(), false);
-            for item in page.items() {
-                out.push(message_from_item(id, item)?);
+            self.record(page.consumed_capacity(), false);
+            let more_pages = page
+                .last_evaluated_key
+                .as_ref()
+                .is_some_and(|k| !k.is_empty());
+            for item in page.items.unwrap_or_default() {
+                if held >= want {
+                    return Ok((out, true));
+                }
+                held += Reader::new(&item, "turn").opt_u64("msgs").unwrap_or(1) as usize;
+                out.push(item);
             }
-            if out.len() > limit {
-                out.truncate(limit);
-                return Ok((out, true));
+            if !more_pages {
+                return Ok((out, false));
             }
-            match page.last_evaluated_key {
-                Some(key) if !key.is_empty() => start = Some(key),
-                _ => return Ok((out, false)),
-            }
+            start = page.last_evaluated_key;
         }
     }
 
-    async fn transact(&self, append: &TurnAppend, write: SessionWrite<'_>) -> Result<TxResult> {
-        let ttl = self.db.ttl();
+    /// The turn item holding the messages of `turn_key`, through the local index.
+    async fn keyed_item(&self, id: &SessionId, turn_key: &str) -> Result<Option<Item>> {
+        let table = self.messages_table();
+        let page = self
+            .client()
+            .query()
+            .table_name(table)
+            .index_name(TURN_KEY_INDEX)
+            .key_condition_expression("conversationId = :c AND turnKey = :k")
+            .expression_attribute_values(":c", s(id.as_str()))
+            .expression_attribute_values(":k", s(turn_key))
+            .consistent_read(true)
+            .limit(1)
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await
+            .map_err(|e| map_sdk("Query", table, e))?;
+        self.record(page.consumed_capacity(), false);
+        Ok(page.items.unwrap_or_default().into_iter().next())
+    }
+
+    /// The messages of the turn whose first item is `keyed`.
+    async fn turn_messages(&self, id: &SessionId, keyed: &Item) -> Result<Vec<Message>> {
+        let reader = Reader::new(keyed, "turn");
+        let first = reader.u64("seq")?;
+        let total = reader
+            .opt_u64("turnMsgs")
+            .unwrap_or(reader.opt_u64("msgs").unwrap_or(1));
+        let held = reader.opt_u64("msgs").unwrap_or(1);
+        let mut messages = messages_from_item(id, keyed)?;
+        if total > held {
+            let (items, _) = self
+                .query_items(
+                    id,
+                    KeyRange::Between(first + held, first + total - 1),
+                    (total - held) as usize,
+                )
+                .await?;
+            for item in &items {
+                messages.extend(messages_from_item(id, item)?);
+            }
+        }
+        messages.truncate(total as usize);
+        Ok(messages)
+    }
+
+    /// Writes a turn as one conditional `PutItem` at `first_seq`. `false` if the key is
+    /// taken.
+    async fn put_turn(&self, item: Item) -> Result<bool> {
+        let table = self.messages_table();
+        let result = self
+            .client()
+            .put_item()
+            .table_name(table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(seq)")
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await;
+        match result {
+            Ok(out) => {
+                self.record(out.consumed_capacity(), true);
+                Ok(true)
+            }
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(map_sdk("PutItem", table, e)),
+        }
+    }
+
+    /// Deletes a turn item this append wrote, if it is still the one it wrote.
+    async fn undo_turn(
+        &self,
+        id: &SessionId,
+        first_seq: u64,
+        first_message: &MessageId,
+    ) -> Result<()> {
+        let table = self.messages_table();
+        let result = self
+            .client()
+            .delete_item()
+            .table_name(table)
+            .key("conversationId", s(id.as_str()))
+            .key("seq", n(first_seq))
+            .condition_expression("firstId = :m")
+            .expression_attribute_values(":m", s(first_message.as_str()))
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await;
+        match result {
+            Ok(out) => {
+                self.record(out.consumed_capacity(), true);
+                Ok(())
+            }
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(map_sdk("DeleteItem", table, e)),
+        }
+    }
+
+    /// The number of messages stored in the messages table up to the newest item below
+    /// `key` (exclusive), or `floor` if there is none.
+    async fn end_below(&self, id: &SessionId, key: u64, floor: u64) -> Result<u64> {
+        if key <= 1 {
+            return Ok(floor);
+        }
+        let (items, _) = self.query_items(id, KeyRange::Below(key - 1), 1).await?;
+        Ok(match items.first() {
+            Some(item) => item_end(item)?.max(floor),
+            None => floor,
+        })
+    }
+
+    /// Raises the session's count and activity to match a stored turn (never lowers them).
+    async fn advance_session(
+        &self,
+        id: &SessionId,
+        count: u64,
+        at: DateTime<Utc>,
+        extra: Option<&Stored>,
+    ) -> Result<bool> {
+        let table = self.sessions_table();
+        let mut expression = String::from("SET messageCount = :count, lastActivity = :at");
+        let mut update = self
+            .client()
+            .update_item()
+            .table_name(table)
+            .key("sessionId", s(id.as_str()))
+            .expression_attribute_values(":count", n(count))
+            .expression_attribute_values(":at", time(at))
+            .return_consumed_capacity(ReturnConsumedCapacity::Total);
+        match extra {
+            Some(stored) => {
+                expression.push_str(", cmzV = :v, legacyCount = :legacy, animalName = if_not_exists(animalName, :name)");
+                update = update
+                    .condition_expression(
+                        "attribute_exists(sessionId) AND attribute_not_exists(cmzV)",
+                    )
+                    .expression_attribute_values(":v", s(SCHEMA_VERSION))
+                    .expression_attribute_values(":legacy", n(stored.legacy_count))
+                    .expression_attribute_values(":name", s(stored.session.animal_name.clone()));
+            }
+            None => {
+                update = update
+                    .condition_expression("cmzV = :v AND messageCount < :count")
+                    .expression_attribute_values(":v", s(SCHEMA_VERSION));
+            }
+        }
+        if let Some(ttl) = self.db.ttl() {
+            expression.push_str(", #ttl = :ttl");
+            update = update
+                .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
+                .expression_attribute_values(":ttl", n(ttl));
+        }
+        match update.update_expression(expression).send().await {
+            Ok(out) => {
+                self.record(out.consumed_capacity(), true);
+                Ok(true)
+            }
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(map_sdk("UpdateItem", table, e)),
+        }
+    }
+
+    /// After a lost race on a turn key: brings the session's count up to the newest stored
+    /// turn, so a writer whose earlier step 2 never ran does not block the session.
+    async fn repair_count(&self, id: &SessionId) -> Result<()> {
+        let (items, _) = self.query_items(id, KeyRange::Top, 1).await?;
+        if let Some(item) = items.first() {
+            let end = item_end(item)?;
+            let at = messages_from_item(id, item)?
+                .iter()
+                .map(|m| m.created_at)
+                .max()
+                .unwrap_or_else(Utc::now);
+            self.advance_session(id, end, at, None).await?;
+        }
+        Ok(())
+    }
+
+    /// The one-item write path: steps 1 and 2 of the module docs.
+    async fn append_single(&self, append: &TurnAppend) -> Result<AppendOutcome> {
         let id = &append.session_id;
-        let first_seq = match &write {
-            SessionWrite::Create(_) => 1,
-            SessionWrite::Advance => append.expected_count + 1,
-            SessionWrite::ContinueLegacy { stored } => stored.legacy_count + 1,
-        };
-        let count = first_seq - 1 + append.messages.len() as u64;
+        let ttl = self.db.ttl();
+        let e = append.expected_count;
+        let first_seq = e + 1;
+        let count = e + append.messages.len() as u64;
         let last_at = append
             .messages
             .iter()
             .map(|m| m.created_at)
             .max()
             .unwrap_or_else(Utc::now);
-        let mut items = Vec::with_capacity(append.messages.len() + 2);
+        let item = turn_item(
+            id,
+            first_seq,
+            &append.messages,
+            append.messages.len(),
+            append.turn_key.as_deref(),
+            ttl,
+        )?;
+        let first_id = append.messages[0].id.clone();
+        let stored = || stored_messages(id, first_seq, append.messages.clone());
+        if let Some(session) = append.new_session.as_ref() {
+            if !self.put_turn(item).await? {
+                return self.after_taken_key(append, true).await;
+            }
+            let mut session = session.clone();
+            session.message_count = count;
+            session.last_activity = session.last_activity.max(last_at);
+            let table = self.sessions_table();
+            let result = self
+                .client()
+                .put_item()
+                .table_name(table)
+                .set_item(Some(session_item(&session, 0, ttl)))
+                .condition_expression("attribute_not_exists(sessionId)")
+                .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                .send()
+                .await;
+            return match result {
+                Ok(out) => {
+                    self.record(out.consumed_capacity(), true);
+                    Ok(AppendOutcome::Appended(stored()))
+                }
+                Err(err) => {
+                    self.undo_turn(id, first_seq, &first_id).await?;
+                    if err
+                        .as_service_error()
+                        .is_some_and(|e| e.is_conditional_check_failed_exception())
+                    {
+                        Err(Error::conflict(format!("session {id} already exists")))
+                    } else {
+                        Err(map_sdk("PutItem", table, err))
+                    }
+                }
+            };
+        }
+        if !self.put_turn(item).await? {
+            return self.after_taken_key(append, false).await;
+        }
+        // Step 2: the session follows the stored turn.
+        let table = self.sessions_table();
+        let mut expression = String::from("SET messageCount = :count, lastActivity = :at");
+        let mut update = self
+            .client()
+            .update_item()
+            .table_name(table)
+            .key("sessionId", s(id.as_str()))
+            .condition_expression("cmzV = :v AND messageCount = :expected")
+            .expression_attribute_values(":v", s(SCHEMA_VERSION))
+            .expression_attribute_values(":expected", n(e))
+            .expression_attribute_values(":count", n(count))
+            .expression_attribute_values(":at", time(last_at))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .return_consumed_capacity(ReturnConsumedCapacity::Total);
+        if let Some(ttl) = ttl {
+            expression.push_str(", #ttl = :ttl");
+            update = update
+                .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
+                .expression_attribute_values(":ttl", n(ttl));
+        }
+        let old = match update.update_expression(expression).send().await {
+            Ok(out) => {
+                self.record(out.consumed_capacity(), true);
+                return Ok(AppendOutcome::Appended(stored()));
+            }
+            Err(err) => match err.into_service_error() {
+                aws_sdk_dynamodb::operation::update_item::UpdateItemError::ConditionalCheckFailedException(c) => {
+                    c.item.filter(|i| !i.is_empty())
+                }
+                other => {
+                    // The turn is stored; the session catches up on the next write.
+                    tracing::warn!(session = %id, error = %other, "stored a turn but could not update its session");
+                    return Err(crate::error::map_service("UpdateItem", table, other));
+                }
+            },
+        };
+        let legacy_or_missing = old
+            .as_ref()
+            .is_none_or(|i| Reader::new(i, "session").opt_str("cmzV").is_none());
+        if legacy_or_missing {
+            // A legacy conversation continues here, or there is no such session.
+            let Some(stored_session) = self.load(id).await?.filter(|s| !s.continued) else {
+                self.undo_turn(id, first_seq, &first_id).await?;
+                return Err(session_not_found(id));
+            };
+            if stored_session.legacy_count != e || self.end_below(id, first_seq, 0).await? != 0 {
+                self.undo_turn(id, first_seq, &first_id).await?;
+                return Err(Error::conflict(format!(
+                    "session {id} has {} messages, the append expected {e}",
+                    stored_session.session.message_count
+                )));
+            }
+            let continued = if stored_session.has_item {
+                self.advance_session(id, count, last_at, Some(&stored_session))
+                    .await?
+            } else {
+                let mut session = stored_session.session.clone();
+                session.message_count = count;
+                session.last_activity = session.last_activity.max(last_at);
+                let put = self
+                    .client()
+                    .put_item()
+                    .table_name(table)
+                    .set_item(Some(session_item(
+                        &session,
+                        stored_session.legacy_count,
+                        ttl,
+                    )))
+                    .condition_expression("attribute_not_exists(sessionId)")
+                    .send()
+                    .await;
+                match put {
+                    Ok(_) => true,
+                    Err(err)
+                        if err
+                            .as_service_error()
+                            .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+                    {
+                        false
+                    }
+                    Err(err) => return Err(map_sdk("PutItem", table, err)),
+                }
+            };
+            if !continued {
+                self.undo_turn(id, first_seq, &first_id).await?;
+                return Err(Error::conflict(format!(
+                    "session {id}: another writer continued this conversation first"
+                )));
+            }
+            return Ok(AppendOutcome::Appended(stored()));
+        }
+        // A v2 session whose count is not `expected`: a count that lags a stored turn
+        // (legitimate), or a caller's bogus count (undo).
+        let legacy_count = old
+            .as_ref()
+            .and_then(|i| Reader::new(i, "session").opt_u64("legacyCount"))
+            .unwrap_or(0);
+        if self.end_below(id, first_seq, legacy_count).await? == e {
+            self.advance_session(id, count, last_at, None).await?;
+            return Ok(AppendOutcome::Appended(stored()));
+        }
+        self.undo_turn(id, first_seq, &first_id).await?;
+        let current = old
+            .as_ref()
+            .and_then(|i| Reader::new(i, "session").opt_u64("messageCount"))
+            .unwrap_or(0);
+        Err(Error::conflict(format!(
+            "session {id} has {current} messages, the append expected {e}"
+        )))
+    }
+
+    /// The turn's key was taken: a duplicate of a keyed turn, or a lost race.
+    async fn after_taken_key(&self, append: &TurnAppend, creating: bool) -> Result<AppendOutcome> {
+        let id = &append.session_id;
+        if let Some(key) = &append.turn_key {
+            if let Some(keyed) = self.keyed_item(id, key).await? {
+                return Ok(AppendOutcome::Duplicate(
+                    self.turn_messages(id, &keyed).await?,
+                ));
+            }
+        }
+        if creating {
+            return Err(Error::conflict(format!("session {id} already exists")));
+        }
+        self.repair_count(id).await?;
+        Err(Error::conflict(format!(
+            "session {id}: message {} is already stored; re-read the session",
+            append.expected_count + 1
+        )))
+    }
+
+    /// The path for turns too large for one item: one item per message and the session
+    /// write in one `TransactWriteItems` (twice the write cost, so only when needed).
+    async fn append_transaction(&self, append: &TurnAppend) -> Result<AppendOutcome> {
+        let id = &append.session_id;
+        let stored = |first: u64| stored_messages(id, first, append.messages.clone());
+        if let Some(session) = &append.new_session {
+            return match self.transact(append, SessionWrite::Create(session)).await? {
+                TxResult::Done => Ok(AppendOutcome::Appended(stored(1))),
+                TxResult::SessionCheckFailed(_) | TxResult::ItemExists => {
+                    self.after_taken_key(append, true).await
+                }
+            };
+        }
+        match self.transact(append, SessionWrite::Advance).await? {
+            TxResult::Done => {
+                return Ok(AppendOutcome::Appended(stored(append.expected_count + 1)));
+            }
+            TxResult::ItemExists => return self.after_taken_key(append, false).await,
+            TxResult::SessionCheckFailed(Some(item))
+                if Reader::new(&item, "session").opt_str("cmzV").is_some() =>
+            {
+                let count = Reader::new(&item, "session")
+                    .opt_u64("messageCount")
+                    .unwrap_or(0);
+                return Err(Error::conflict(format!(
+                    "session {id} has {count} messages, the append expected {}",
+                    append.expected_count
+                )));
+            }
+            TxResult::SessionCheckFailed(_) => {}
+        }
+        let stored_session = self.load(id).await?.ok_or_else(|| session_not_found(id))?;
+        if stored_session.continued || stored_session.session.message_count != append.expected_count
+        {
+            return Err(Error::conflict(format!(
+                "session {id} has {} messages, the append expected {}",
+                stored_session.session.message_count, append.expected_count
+            )));
+        }
+        match self
+            .transact(
+                append,
+                SessionWrite::ContinueLegacy {
+                    stored: &stored_session,
+                },
+            )
+            .await?
+        {
+            TxResult::Done => Ok(AppendOutcome::Appended(stored(
+                stored_session.legacy_count + 1,
+            ))),
+            _ => Err(Error::conflict(format!(
+                "session {id}: another writer continued this conversation first"
+            ))),
+        }
+    }
+
+    async fn transact(&self, append: &TurnAppend, write: SessionWrite<'_>) -> Result<TxResult> {
+        let ttl = self.db.ttl();
+        let id = &append.session_id;
+        let first_seq = match write {
+            SessionWrite::Create(_) => 1,
+            SessionWrite::Advance => append.expected_count + 1,
+            SessionWrite::ContinueLegacy { stored } => stored.legacy_count + 1,
+        };
+        let total = append.messages.len();
+        let count = first_seq - 1 + total as u64;
+        let last_at = append
+            .messages
+            .iter()
+            .map(|m| m.created_at)
+            .max()
+            .unwrap_or_else(Utc::now);
+        let mut items = Vec::with_capacity(total + 1);
         for (i, message) in append.messages.iter().enumerate() {
-            let item = message_item(id, first_seq + i as u64, message, ttl)?;
+            let key = if i == 0 {
+                append.turn_key.as_deref()
+            } else {
+                None
+            };
+            let item = turn_item(
+                id,
+                first_seq + i as u64,
+                std::slice::from_ref(message),
+                total,
+                key,
+                ttl,
+            )?;
             items.push(put(
                 self.messages_table(),
                 item,
@@ -274,10 +765,9 @@ impl DynamoConversationStore {
                 let mut session = session.clone();
                 session.message_count = count;
                 session.last_activity = session.last_activity.max(last_at);
-                let item = session_item(&session, 0, ttl);
                 put(
                     self.sessions_table(),
-                    item,
+                    session_item(&session, 0, ttl),
                     "attribute_not_exists(sessionId)",
                     true,
                 )?
@@ -286,10 +776,9 @@ impl DynamoConversationStore {
                 let mut session = stored.session.clone();
                 session.message_count = count;
                 session.last_activity = session.last_activity.max(last_at);
-                let item = session_item(&session, stored.legacy_count, ttl);
                 put(
                     self.sessions_table(),
-                    item,
+                    session_item(&session, stored.legacy_count, ttl),
                     "attribute_not_exists(sessionId)",
                     true,
                 )?
@@ -340,26 +829,6 @@ impl DynamoConversationStore {
         };
         items.push(session_write);
         let session_index = items.len() - 1;
-        let marker_index = if let Some(key) = &append.turn_key {
-            let mut item = Item::new();
-            item.insert("conversationId".into(), s(id.as_str()));
-            item.insert("seq".into(), n(marker_seq(key)));
-            item.insert("turnKey".into(), s(key.clone()));
-            item.insert("first".into(), n(first_seq));
-            item.insert("last".into(), n(count));
-            if let Some(ttl) = ttl {
-                item.insert(TTL_ATTRIBUTE.into(), n(ttl));
-            }
-            items.push(put(
-                self.messages_table(),
-                item,
-                "attribute_not_exists(seq)",
-                true,
-            )?);
-            Some(items.len() - 1)
-        } else {
-            None
-        };
         let table = self.messages_table();
         let result = self
             .client()
@@ -368,108 +837,60 @@ impl DynamoConversationStore {
             .return_consumed_capacity(ReturnConsumedCapacity::Total)
             .send()
             .await;
-        match result {
+        let raw = match result {
             Ok(out) => {
-                self.db.inner.meter.record(out.consumed_capacity(), true);
-                Ok(TxResult::Done)
+                self.record(out.consumed_capacity(), true);
+                return Ok(TxResult::Done);
             }
-            Err(SdkError::ServiceError(service)) => {
-                self.db.inner.meter.record(None, true);
-                let raw = service.into_err();
-                let TransactWriteItemsError::TransactionCanceledException(cancelled) = &raw else {
-                    return Err(crate::error::map_service("TransactWriteItems", table, raw));
-                };
-                let reasons = cancelled.cancellation_reasons();
-                let code_at = |i: usize| reasons.get(i).and_then(|r| r.code()).unwrap_or("None");
-                if let Some(i) = marker_index {
-                    if code_at(i) == "ConditionalCheckFailed" {
-                        let old = reasons[i].item().cloned().unwrap_or_default();
-                        return Ok(TxResult::Duplicate(old));
-                    }
+            Err(SdkError::ServiceError(service)) => service.into_err(),
+            Err(other) => return Err(map_sdk("TransactWriteItems", table, other)),
+        };
+        self.record(None, true);
+        let TransactWriteItemsError::TransactionCanceledException(cancelled) = &raw else {
+            return Err(crate::error::map_service("TransactWriteItems", table, raw));
+        };
+        let reasons = cancelled.cancellation_reasons();
+        let code_at = |i: usize| reasons.get(i).and_then(|r| r.code()).unwrap_or("None");
+        if (0..session_index).any(|i| code_at(i) == "ConditionalCheckFailed") {
+            return Ok(TxResult::ItemExists);
+        }
+        if code_at(session_index) == "ConditionalCheckFailed" {
+            let old = reasons[session_index]
+                .item()
+                .cloned()
+                .filter(|i| !i.is_empty());
+            return Ok(TxResult::SessionCheckFailed(old));
+        }
+        for reason in reasons {
+            let code = reason.code().unwrap_or("None");
+            let message = reason.message().unwrap_or_default();
+            match code {
+                "None" => {}
+                "TransactionConflict" => {
+                    return Err(Error::conflict(format!(
+                        "session {id}: a concurrent transaction touched the same items"
+                    )));
                 }
-                if code_at(session_index) == "ConditionalCheckFailed" {
-                    return Ok(TxResult::SessionCheckFailed(
-                        reasons[session_index]
-                            .item()
-                            .cloned()
-                            .filter(|i| !i.is_empty()),
+                "ValidationError" if crate::error::is_size_error(message) => {
+                    return Err(Error::validation(
+                        "message",
+                        format!("the message is too large for one DynamoDB item ({message})"),
                     ));
                 }
-                for (i, reason) in reasons.iter().enumerate() {
-                    let code = reason.code().unwrap_or("None");
-                    let message = reason.message().unwrap_or_default();
-                    match code {
-                        "None" => {}
-                        "ConditionalCheckFailed" if i < session_index => {
-                            return Err(Error::conflict(format!(
-                                "session {id}: message {} is already stored (the session item is behind its messages)",
-                                first_seq + i as u64
-                            )));
-                        }
-                        "TransactionConflict" => {
-                            return Err(Error::conflict(format!(
-                                "session {id}: a concurrent transaction touched the same items"
-                            )));
-                        }
-                        "ValidationError" if crate::error::is_size_error(message) => {
-                            return Err(Error::validation(
-                                "message",
-                                format!(
-                                    "the message is too large for one DynamoDB item ({message})"
-                                ),
-                            ));
-                        }
-                        "ThrottlingError"
-                        | "ProvisionedThroughputExceeded"
-                        | "RequestLimitExceeded" => {
-                            return Err(Error::unavailable(
-                                format!(
-                                    "dynamodb TransactWriteItems on {table} was throttled ({code})"
-                                ),
-                                raw,
-                            ));
-                        }
-                        _ => {
-                            return Err(Error::unavailable(
-                                format!(
-                                    "dynamodb TransactWriteItems on {table} was cancelled ({code}: {message})"
-                                ),
-                                raw,
-                            ));
-                        }
-                    }
+                _ => {
+                    return Err(Error::unavailable(
+                        format!(
+                            "dynamodb TransactWriteItems on {table} was cancelled ({code}: {message})"
+                        ),
+                        raw,
+                    ));
                 }
-                Err(Error::unavailable(
-                    format!("dynamodb TransactWriteItems on {table} was cancelled"),
-                    raw,
-                ))
             }
-            Err(other) => Err(map_sdk("TransactWriteItems", table, other)),
         }
-    }
-
-    async fn duplicate(&self, id: &SessionId, marker: &Item) -> Result<AppendOutcome> {
-        Ok(AppendOutcome::Duplicate(
-            self.marker_messages(id, marker).await?,
+        Err(Error::unavailable(
+            format!("dynamodb TransactWriteItems on {table} was cancelled"),
+            raw,
         ))
-    }
-
-    async fn marker_messages(&self, id: &SessionId, marker: &Item) -> Result<Vec<Message>> {
-        let reader = Reader::new(marker, "turn marker");
-        let (first, last) = (reader.u64("first")?, reader.u64("last")?);
-        if last < first {
-            return Ok(Vec::new());
-        }
-        let (messages, _) = self
-            .query_messages(
-                id,
-                first - 1,
-                Some(last),
-                (last - first + 1) as usize,
-                false,
-            )
-            .await?;
-        Ok(messages)
     }
 
     async fn session_page(
@@ -670,7 +1091,7 @@ impl DynamoConversationStore {
         if old.attributes.is_some_and(|a| !a.is_empty()) {
             report.sessions = 1;
         }
-        // Every item of the conversation's partition: messages and turn markers.
+        // Every turn item of the conversation's partition.
         let table = self.messages_table();
         let mut keys = Vec::new();
         let mut start: Option<Item> = None;
@@ -681,7 +1102,7 @@ impl DynamoConversationStore {
                 .table_name(table)
                 .key_condition_expression("conversationId = :c")
                 .expression_attribute_values(":c", s(id.as_str()))
-                .projection_expression("conversationId, seq")
+                .projection_expression("conversationId, seq, msgs")
                 .select(Select::SpecificAttributes)
                 .consistent_read(true)
                 .return_consumed_capacity(ReturnConsumedCapacity::Total)
@@ -691,13 +1112,13 @@ impl DynamoConversationStore {
                 .map_err(|e| map_sdk("Query", table, e))?;
             self.db.inner.meter.record(page.consumed_capacity(), false);
             for item in page.items() {
-                if Reader::new(item, "message")
-                    .opt_i64("seq")
-                    .is_some_and(|seq| seq > 0)
-                {
-                    report.messages += 1;
-                }
-                keys.push(item.clone());
+                report.messages += Reader::new(item, "turn").opt_u64("msgs").unwrap_or(1);
+                let key: Item = item
+                    .iter()
+                    .filter(|(name, _)| name.as_str() == "conversationId" || name.as_str() == "seq")
+                    .map(|(name, value)| (name.clone(), value.clone()))
+                    .collect();
+                keys.push(key);
             }
             match page.last_evaluated_key {
                 Some(key) if !key.is_empty() => start = Some(key),
@@ -759,37 +1180,68 @@ fn put(table: &str, item: Item, condition: &str, return_old: bool) -> Result<Tra
     Ok(TransactWriteItem::builder().put(put).build())
 }
 
-/// The sort key of a turn-key marker: negative, so `seq > 0` queries never see it.
-pub(crate) fn marker_seq(turn_key: &str) -> i64 {
-    let digest = Sha256::digest(turn_key.as_bytes());
-    let mut bytes = [0u8; 8];
-    bytes.copy_from_slice(&digest[..8]);
-    // 52 bits keep the number exact in every client's floating point.
-    -1 - (u64::from_be_bytes(bytes) >> 12) as i64
+/// Which turn items to read.
+#[derive(Debug, Clone, Copy)]
+enum KeyRange {
+    /// Keys `>= lo`, ascending.
+    From(u64),
+    /// Keys in `lo..=hi`, ascending.
+    Between(u64, u64),
+    /// Keys `<= hi`, descending.
+    Below(u64),
+    /// Every key, descending.
+    Top,
 }
 
-pub(crate) fn message_item(
+/// One item holding the `messages` of a turn from `first_seq`; `turn_total` is the number
+/// of messages in the whole turn (more than this item holds on the transaction path).
+pub(crate) fn turn_item(
     id: &SessionId,
-    seq: u64,
-    message: &NewMessage,
+    first_seq: u64,
+    messages: &[NewMessage],
+    turn_total: usize,
+    turn_key: Option<&str>,
     ttl: Option<i64>,
 ) -> Result<Item> {
     let mut item = Item::new();
     item.insert("conversationId".into(), s(id.as_str()));
-    item.insert("seq".into(), n(seq));
-    item.insert("messageId".into(), s(message.id.as_str()));
-    item.insert("role".into(), s(message.role.as_str()));
-    item.insert("text".into(), s(message.content.clone()));
-    item.insert("timestamp".into(), time(message.created_at));
-    let metadata = serde_json::to_value(&message.metadata)
-        .map_err(|e| Error::internal(format!("metadata: {e}")))?;
-    if metadata.as_object().is_some_and(|m| !m.is_empty()) {
-        item.insert("metadata".into(), from_json(&metadata));
+    item.insert("seq".into(), n(first_seq));
+    item.insert("msgs".into(), n(messages.len()));
+    if let Some(first) = messages.first() {
+        item.insert("firstId".into(), s(first.id.as_str()));
+    }
+    let mut list = Vec::with_capacity(messages.len());
+    for message in messages {
+        let mut map = Item::new();
+        map.insert("messageId".into(), s(message.id.as_str()));
+        map.insert("role".into(), s(message.role.as_str()));
+        map.insert("text".into(), s(message.content.clone()));
+        map.insert("timestamp".into(), time(message.created_at));
+        let metadata = serde_json::to_value(&message.metadata)
+            .map_err(|e| Error::internal(format!("metadata: {e}")))?;
+        if metadata.as_object().is_some_and(|m| !m.is_empty()) {
+            map.insert("metadata".into(), from_json(&metadata));
+        }
+        list.push(AttributeValue::M(map));
+    }
+    item.insert("messages".into(), AttributeValue::L(list));
+    if let Some(key) = turn_key {
+        item.insert("turnKey".into(), s(key));
+        item.insert("turnMsgs".into(), n(turn_total));
     }
     if let Some(ttl) = ttl {
         item.insert(TTL_ATTRIBUTE.into(), n(ttl));
     }
     Ok(item)
+}
+
+/// The size a turn item will have, roughly (DynamoDB counts names and values in UTF-8).
+fn turn_item_size(messages: &[NewMessage]) -> usize {
+    messages
+        .iter()
+        .map(|m| m.content.len() + 400)
+        .sum::<usize>()
+        + 200
 }
 
 fn parse_role(value: &str) -> Role {
@@ -806,18 +1258,42 @@ fn metadata_of(reader: &Reader<'_>) -> MessageMetadata {
         .unwrap_or_default()
 }
 
-pub(crate) fn message_from_item(id: &SessionId, item: &Item) -> Result<Message> {
-    let reader = Reader::new(item, "message");
-    let seq = reader.u64("seq")?;
-    Ok(Message {
-        id: MessageId::new(reader.str("messageId")?).unwrap_or_else(|_| MessageId::generate()),
-        session_id: id.clone(),
-        seq,
-        role: parse_role(reader.str("role")?),
-        content: reader.opt_str("text").unwrap_or_default().to_owned(),
-        created_at: reader.time("timestamp")?,
-        metadata: metadata_of(&reader),
-    })
+/// The sequence number of the last message a turn item holds.
+fn item_end(item: &Item) -> Result<u64> {
+    let reader = Reader::new(item, "turn");
+    Ok(reader.u64("seq")? + reader.opt_u64("msgs").unwrap_or(1).max(1) - 1)
+}
+
+/// The messages of a turn item, numbered from its key.
+pub(crate) fn messages_from_item(id: &SessionId, item: &Item) -> Result<Vec<Message>> {
+    let reader = Reader::new(item, "turn");
+    let first = reader.u64("seq")?;
+    let Some(AttributeValue::L(list)) = reader.get("messages") else {
+        return Err(Error::internal(format!(
+            "turn item {id}/{first} has no messages"
+        )));
+    };
+    list.iter()
+        .enumerate()
+        .map(|(i, value)| {
+            let AttributeValue::M(map) = value else {
+                return Err(Error::internal(format!(
+                    "turn item {id}/{first} holds a non-map message"
+                )));
+            };
+            let reader = Reader::new(map, "message");
+            Ok(Message {
+                id: MessageId::new(reader.str("messageId")?)
+                    .unwrap_or_else(|_| MessageId::generate()),
+                session_id: id.clone(),
+                seq: first + i as u64,
+                role: parse_role(reader.str("role")?),
+                content: reader.opt_str("text").unwrap_or_default().to_owned(),
+                created_at: reader.time("timestamp")?,
+                metadata: metadata_of(&reader),
+            })
+        })
+        .collect()
 }
 
 fn legacy_messages_len(item: &Item) -> usize {
@@ -1004,7 +1480,6 @@ impl ConversationStore for DynamoConversationStore {
         for message in &append.messages {
             message.validate()?;
         }
-        let id = append.session_id.clone();
         if let Some(session) = &append.new_session {
             if session.id != append.session_id
                 || append.expected_count != 0
@@ -1015,104 +1490,26 @@ impl ConversationStore for DynamoConversationStore {
                     "a new session starts empty, with the append's id",
                 ));
             }
-            if self.legacy_item(&id).await?.is_some() {
-                return Err(Error::conflict(format!("session {id} already exists")));
+        }
+        if let Some(key) = &append.turn_key {
+            if let Some(keyed) = self.keyed_item(&append.session_id, key).await? {
+                return Ok(AppendOutcome::Duplicate(
+                    self.turn_messages(&append.session_id, &keyed).await?,
+                ));
             }
-            let messages = append.messages.clone();
-            return match self
-                .transact(&append, SessionWrite::Create(session))
-                .await?
-            {
-                TxResult::Done => Ok(AppendOutcome::Appended(stored_messages(&id, 1, messages))),
-                TxResult::Duplicate(marker) => self.duplicate(&id, &marker).await,
-                TxResult::SessionCheckFailed(_) => {
-                    Err(Error::conflict(format!("session {id} already exists")))
-                }
-            };
         }
-        let messages = append.messages.clone();
-        match self.transact(&append, SessionWrite::Advance).await? {
-            TxResult::Done => {
-                return Ok(AppendOutcome::Appended(stored_messages(
-                    &id,
-                    append.expected_count + 1,
-                    messages,
-                )));
-            }
-            TxResult::Duplicate(marker) => return self.duplicate(&id, &marker).await,
-            TxResult::SessionCheckFailed(Some(item))
-                if Reader::new(&item, "session").opt_str("cmzV").is_some() =>
-            {
-                if let Some(key) = &append.turn_key {
-                    if let Some(previous) = self.find_turn(&id, key).await? {
-                        return Ok(AppendOutcome::Duplicate(previous));
-                    }
-                }
-                let count = Reader::new(&item, "session")
-                    .opt_u64("messageCount")
-                    .unwrap_or(0);
-                return Err(Error::conflict(format!(
-                    "session {id} has {count} messages, the append expected {}",
-                    append.expected_count
-                )));
-            }
-            TxResult::SessionCheckFailed(_) => {}
-        }
-        // Not a v2 session: a legacy conversation, or nothing at all.
-        let stored = self
-            .load(&id)
-            .await?
-            .ok_or_else(|| session_not_found(&id))?;
-        if stored.continued {
-            return Err(Error::conflict(format!(
-                "session {id} has {} messages, the append expected {}",
-                stored.session.message_count, append.expected_count
-            )));
-        }
-        if stored.session.message_count != append.expected_count {
-            return Err(Error::conflict(format!(
-                "session {id} has {} messages, the append expected {}",
-                stored.session.message_count, append.expected_count
-            )));
-        }
-        match self
-            .transact(&append, SessionWrite::ContinueLegacy { stored: &stored })
-            .await?
-        {
-            TxResult::Done => Ok(AppendOutcome::Appended(stored_messages(
-                &id,
-                stored.legacy_count + 1,
-                messages,
-            ))),
-            TxResult::Duplicate(marker) => self.duplicate(&id, &marker).await,
-            TxResult::SessionCheckFailed(_) => Err(Error::conflict(format!(
-                "session {id}: another writer continued this legacy conversation first"
-            ))),
+        if turn_item_size(&append.messages) > MAX_TURN_ITEM_BYTES {
+            self.append_transaction(&append).await
+        } else {
+            self.append_single(&append).await
         }
     }
 
     #[tracing::instrument(name = "dynamodb.find_turn", skip_all, fields(session = %id))]
     async fn find_turn(&self, id: &SessionId, turn_key: &str) -> Result<Option<Vec<Message>>> {
-        let table = self.messages_table();
-        let out = self
-            .client()
-            .get_item()
-            .table_name(table)
-            .key("conversationId", s(id.as_str()))
-            .key("seq", n(marker_seq(turn_key)))
-            .consistent_read(true)
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await
-            .map_err(|e| map_sdk("GetItem", table, e))?;
-        self.db.inner.meter.record(out.consumed_capacity(), false);
-        match out.item {
-            Some(marker)
-                if Reader::new(&marker, "turn marker").opt_str("turnKey") == Some(turn_key) =>
-            {
-                Ok(Some(self.marker_messages(id, &marker).await?))
-            }
-            _ => {
+        match self.keyed_item(id, turn_key).await? {
+            Some(keyed) => Ok(Some(self.turn_messages(id, &keyed).await?)),
+            None => {
                 if self.load(id).await?.is_none() {
                     return Err(session_not_found(id));
                 }
@@ -1124,18 +1521,20 @@ impl ConversationStore for DynamoConversationStore {
     #[tracing::instrument(name = "dynamodb.recent_messages", skip_all, fields(session = %id, limit))]
     async fn recent_messages(&self, id: &SessionId, limit: usize) -> Result<Vec<Message>> {
         let limit = limit.min(10_000);
-        let (mut recent, _) = if limit == 0 {
-            (Vec::new(), false)
-        } else {
-            self.query_messages(id, 0, None, limit, true).await?
-        };
-        recent.reverse();
-        if recent.len() == limit && limit > 0 {
-            return Ok(recent);
+        let mut recent = Vec::new();
+        if limit > 0 {
+            let (items, _) = self.query_items(id, KeyRange::Top, limit).await?;
+            for item in items.iter().rev() {
+                recent.extend(messages_from_item(id, item)?);
+            }
+            if recent.len() >= limit {
+                return Ok(recent.split_off(recent.len() - limit));
+            }
         }
         let stored = self.load(id).await?.ok_or_else(|| session_not_found(id))?;
         if stored.legacy_count > 0 && recent.len() < limit {
             let legacy = self.legacy_messages(id).await?;
+            let legacy = &legacy[..legacy.len().min(stored.legacy_count as usize)];
             let take = (limit - recent.len()).min(legacy.len());
             let mut window: Vec<Message> = legacy[legacy.len() - take..].to_vec();
             window.extend(recent);
@@ -1146,54 +1545,75 @@ impl ConversationStore for DynamoConversationStore {
 
     #[tracing::instrument(name = "dynamodb.history", skip_all, fields(session = %id))]
     async fn history(&self, id: &SessionId, page: PageRequest) -> Result<Page<Message>> {
-        let after = match &page.cursor {
-            None => 0,
+        let invalid = || Error::validation("cursor", "invalid or expired cursor");
+        let (after, from_key) = match &page.cursor {
+            None => (0, 1),
             Some(cursor) => {
-                let parts = cursor.decode(HISTORY_CURSOR, 3)?;
+                let parts = cursor.decode(HISTORY_CURSOR, 4)?;
                 if parts[0] != id.as_str()
-                    || !self
-                        .db
-                        .verify(&[HISTORY_CURSOR, &parts[0], &parts[1]], &parts[2])
+                    || !self.db.verify(
+                        &[HISTORY_CURSOR, &parts[0], &parts[1], &parts[2]],
+                        &parts[3],
+                    )
                 {
-                    return Err(Error::validation("cursor", "invalid or expired cursor"));
+                    return Err(invalid());
                 }
-                parts[1]
-                    .parse::<u64>()
-                    .map_err(|_| Error::validation("cursor", "invalid or expired cursor"))?
+                let after = parts[1].parse::<u64>().map_err(|_| invalid())?;
+                let key = parts[2].parse::<u64>().map_err(|_| invalid())?;
+                if key == 0 || key > after + 1 {
+                    return Err(invalid());
+                }
+                (after, key)
             }
         };
         let limit = page.effective_limit();
         let stored = self.load(id).await?.ok_or_else(|| session_not_found(id))?;
-        let mut items = Vec::new();
+        let mut items: Vec<Message> = Vec::new();
         let mut more = false;
+        // The key of the item holding the message after the page's last one.
+        let mut next_key: Option<u64> = None;
         if after < stored.legacy_count {
             let legacy = self.legacy_messages(id).await?;
-            let legacy: Vec<Message> = legacy
-                .into_iter()
-                .take(stored.legacy_count as usize)
-                .collect();
-            let start = after as usize;
+            let legacy = &legacy[..legacy.len().min(stored.legacy_count as usize)];
+            let start = (after as usize).min(legacy.len());
             let end = (start + limit).min(legacy.len());
-            items.extend_from_slice(&legacy[start.min(end)..end]);
+            items.extend_from_slice(&legacy[start..end]);
             more = end < legacy.len();
         }
         if !more && items.len() < limit {
-            let from = after.max(stored.legacy_count);
-            let (v2, v2_more) = self
-                .query_messages(id, from, None, limit - items.len(), false)
+            let after = items.last().map_or(after, |m| m.seq);
+            let from_key = from_key.max(stored.legacy_count + 1);
+            let skip = (after + 1).saturating_sub(from_key) as usize;
+            let want = limit - items.len();
+            let (turns, more_turns) = self
+                .query_items(id, KeyRange::From(from_key), want + skip + 1)
                 .await?;
-            items.extend(v2);
-            more = v2_more;
-        } else if items.len() == limit {
-            more = more || stored.session.message_count > stored.legacy_count;
+            let mut flat: Vec<(u64, Message)> = Vec::new();
+            for turn in &turns {
+                let key = Reader::new(turn, "turn").u64("seq")?;
+                flat.extend(
+                    messages_from_item(id, turn)?
+                        .into_iter()
+                        .filter(|m| m.seq > after)
+                        .map(|m| (key, m)),
+                );
+            }
+            more = more_turns || flat.len() > want;
+            if flat.len() > want {
+                next_key = Some(flat[want].0);
+            }
+            items.extend(flat.into_iter().take(want).map(|(_, m)| m));
+        } else if items.len() == limit && stored.session.message_count > stored.legacy_count {
+            more = true;
         }
         let next = match (more, items.last()) {
             (true, Some(last)) => {
                 let seq = last.seq.to_string();
-                let signature = self.db.sign(&[HISTORY_CURSOR, id.as_str(), &seq]);
+                let key = next_key.unwrap_or(last.seq + 1).to_string();
+                let signature = self.db.sign(&[HISTORY_CURSOR, id.as_str(), &seq, &key]);
                 Some(Cursor::encode(
                     HISTORY_CURSOR,
-                    &[id.as_str(), &seq, &signature],
+                    &[id.as_str(), &seq, &key, &signature],
                 ))
             }
             _ => None,
@@ -1301,22 +1721,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn markers_are_negative_and_stable() {
-        let a = marker_seq("turn-1");
-        assert!(a < 0 && a > -(1i64 << 53));
-        assert_eq!(a, marker_seq("turn-1"));
-        assert_ne!(a, marker_seq("turn-2"));
-    }
-
-    #[test]
     fn items_round_trip() {
         let id = SessionId::new("conv_lion_u1_0a1b2c3d").unwrap();
         let mut m = NewMessage::new(Role::Assistant, "Roar! 🦁");
         m.metadata.latency_ms = Some(12);
         m.metadata.fallback = true;
-        let item = message_item(&id, 7, &m, Some(99)).unwrap();
-        let back = message_from_item(&id, &item).unwrap();
-        assert_eq!(back.seq, 7);
+        let q = NewMessage::new(Role::User, "Do lions nap?");
+        let item = turn_item(&id, 7, &[q.clone(), m.clone()], 2, Some("k1"), Some(99)).unwrap();
+        assert_eq!(item_end(&item).unwrap(), 8);
+        let mut both = messages_from_item(&id, &item).unwrap();
+        assert_eq!(
+            (both[0].seq, both[0].content.as_str()),
+            (7, "Do lions nap?")
+        );
+        let back = both.remove(1);
+        assert_eq!(back.seq, 8);
         assert_eq!(back.content, m.content);
         assert_eq!(back.metadata, m.metadata);
         assert_eq!(back.created_at, m.created_at);

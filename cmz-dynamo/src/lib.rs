@@ -22,5 +22,6 @@ pub use config::{DynamoSettings, TABLE_VARIABLES, TableNames};
 pub use conversations::DynamoConversationStore;
 pub use personas::DynamoPersonaDirectory;
 pub use tables::{
-    ANIMAL_INDEX, EMAIL_INDEX, TTL_ATTRIBUTE, USER_INDEX, check_tables, ensure_tables,
+    ANIMAL_INDEX, EMAIL_INDEX, TTL_ATTRIBUTE, TURN_KEY_INDEX, USER_INDEX, check_tables,
+    ensure_tables,
 };

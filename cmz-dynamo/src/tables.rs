@@ -4,8 +4,9 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection,
-    ProjectionType, ScalarAttributeType, TableStatus, TimeToLiveSpecification,
+    AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType,
+    LocalSecondaryIndex, Projection, ProjectionType, ScalarAttributeType, TableStatus,
+    TimeToLiveSpecification,
 };
 use cmz_core::{Error, Result};
 
@@ -18,6 +19,8 @@ pub const USER_INDEX: &str = "userId-lastActivity-index";
 pub const ANIMAL_INDEX: &str = "animalId-lastActivity-index";
 /// The GSI finding a user by email.
 pub const EMAIL_INDEX: &str = "email-index";
+/// The local secondary index finding a turn by its idempotency key.
+pub const TURN_KEY_INDEX: &str = "turnKey-index";
 /// The attribute DynamoDB's TTL deletes by (epoch seconds).
 pub const TTL_ATTRIBUTE: &str = "ttl";
 
@@ -25,6 +28,7 @@ struct Spec {
     hash: (&'static str, ScalarAttributeType),
     range: Option<(&'static str, ScalarAttributeType)>,
     indexes: &'static [(&'static str, &'static str, Option<&'static str>)],
+    local_indexes: &'static [(&'static str, &'static str)],
     ttl: bool,
 }
 
@@ -39,6 +43,7 @@ fn specs(names: &TableNames) -> Vec<(&str, &'static str, Spec)> {
                 hash: ("conversationId", S),
                 range: None,
                 indexes: &[],
+                local_indexes: &[],
                 ttl: false,
             },
         ),
@@ -52,6 +57,7 @@ fn specs(names: &TableNames) -> Vec<(&str, &'static str, Spec)> {
                     (USER_INDEX, "userId", Some("lastActivity")),
                     (ANIMAL_INDEX, "animalId", Some("lastActivity")),
                 ],
+                local_indexes: &[],
                 ttl: true,
             },
         ),
@@ -62,6 +68,7 @@ fn specs(names: &TableNames) -> Vec<(&str, &'static str, Spec)> {
                 hash: ("conversationId", S),
                 range: Some(("seq", N)),
                 indexes: &[],
+                local_indexes: &[(TURN_KEY_INDEX, "turnKey")],
                 ttl: true,
             },
         ),
@@ -72,6 +79,7 @@ fn specs(names: &TableNames) -> Vec<(&str, &'static str, Spec)> {
                 hash: ("userId", S),
                 range: None,
                 indexes: &[(EMAIL_INDEX, "email", None)],
+                local_indexes: &[],
                 ttl: false,
             },
         ),
@@ -82,6 +90,7 @@ fn specs(names: &TableNames) -> Vec<(&str, &'static str, Spec)> {
                 hash: ("familyId", S),
                 range: None,
                 indexes: &[],
+                local_indexes: &[],
                 ttl: false,
             },
         ),
@@ -92,6 +101,7 @@ fn specs(names: &TableNames) -> Vec<(&str, &'static str, Spec)> {
                 hash: ("animalId", S),
                 range: None,
                 indexes: &[],
+                local_indexes: &[],
                 ttl: false,
             },
         ),
@@ -102,6 +112,7 @@ fn specs(names: &TableNames) -> Vec<(&str, &'static str, Spec)> {
                 hash: ("pk", S),
                 range: None,
                 indexes: &[],
+                local_indexes: &[],
                 ttl: true,
             },
         ),
@@ -159,6 +170,24 @@ pub async fn ensure_tables(client: &Client, names: &TableNames) -> Result<()> {
                 GlobalSecondaryIndex::builder()
                     .index_name(*index)
                     .set_key_schema(Some(index_keys))
+                    .projection(
+                        Projection::builder()
+                            .projection_type(ProjectionType::All)
+                            .build(),
+                    )
+                    .build()
+                    .map_err(|e| Error::internal(format!("index definition: {e}")))?,
+            );
+        }
+        for (index, range) in spec.local_indexes {
+            if !defs.iter().any(|d| d.attribute_name() == *range) {
+                defs.push(attr(range, ScalarAttributeType::S)?);
+            }
+            request = request.local_secondary_indexes(
+                LocalSecondaryIndex::builder()
+                    .index_name(*index)
+                    .key_schema(key(spec.hash.0, KeyType::Hash)?)
+                    .key_schema(key(range, KeyType::Range)?)
                     .projection(
                         Projection::builder()
                             .projection_type(ProjectionType::All)

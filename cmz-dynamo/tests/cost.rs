@@ -1,0 +1,88 @@
+//! Per-turn cost stays constant in conversation length, measured with DynamoDB's own
+//! `ConsumedCapacity` on DynamoDB Local.
+
+use cmz_core::ids::{AnimalId, SessionId, UserId};
+use cmz_core::store::{ConversationStore, TurnAppend};
+use cmz_core::types::{NewMessage, Role, Session};
+use cmz_dynamo::testing::isolated;
+
+const QUESTION: usize = 90;
+const ANSWER: usize = 600;
+
+fn turn(id: &SessionId, expected: u64, new_session: Option<Session>) -> TurnAppend {
+    TurnAppend {
+        session_id: id.clone(),
+        expected_count: expected,
+        messages: vec![
+            NewMessage::new(Role::User, "q".repeat(QUESTION)),
+            NewMessage::new(Role::Assistant, "a".repeat(ANSWER)),
+        ],
+        turn_key: None,
+        new_session,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_turns_cost_the_same_as_the_first() {
+    let turns: u64 = std::env::var("CMZ_COST_TURNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let dynamo = isolated().await;
+    let store = dynamo.conversations();
+    let (user, animal) = (
+        UserId::new("u-cost").unwrap(),
+        AnimalId::new("lion").unwrap(),
+    );
+    let id = SessionId::generate(&animal, &user).unwrap();
+    let session = Session::new(id.clone(), user, animal, "Leo");
+
+    let mut per_turn = Vec::new();
+    let mut window_reads = Vec::new();
+    for t in 1..=turns {
+        let before = dynamo.capacity();
+        let new = (t == 1).then(|| session.clone());
+        store
+            .append_turn(turn(&id, 2 * (t - 1), new))
+            .await
+            .expect("append");
+        let cost = dynamo.capacity() - before;
+        if [1, 2, 100, 400, 1_000, turns].contains(&t) {
+            let before = dynamo.capacity();
+            let window = store.recent_messages(&id, 20).await.unwrap();
+            let read = dynamo.capacity() - before;
+            assert_eq!(window.len(), (2 * t as usize).min(20));
+            assert_eq!(window.last().unwrap().seq, 2 * t);
+            println!(
+                "turn {t}: {} WCU in {} request(s); 10-turn window: {} RCU in {} request(s)",
+                cost.write_units, cost.requests, read.read_units, read.requests
+            );
+            per_turn.push((t, cost));
+            window_reads.push((t, read));
+        }
+    }
+    let (_, first) = per_turn[1];
+    for (t, cost) in &per_turn[1..] {
+        assert_eq!(cost.requests, 1, "turn {t} is one request");
+        assert_eq!(
+            cost.write_units, first.write_units,
+            "turn {t} costs what turn 2 cost"
+        );
+    }
+    assert!(first.write_units > 0.0, "DynamoDB reported capacity");
+    assert!(
+        first.write_units <= 6.0,
+        "a turn costs at most 6 WCU, got {}",
+        first.write_units
+    );
+    let (_, first_read) = window_reads[1];
+    for (t, read) in &window_reads[1..] {
+        assert_eq!(read.requests, 1, "a window at turn {t} is one Query");
+        assert_eq!(
+            read.read_units, first_read.read_units,
+            "a window at turn {t} costs what it cost at turn 2"
+        );
+    }
+    let stored = store.get_session(&id).await.unwrap().unwrap();
+    assert_eq!(stored.message_count, 2 * turns);
+}
