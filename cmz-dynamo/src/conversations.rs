@@ -579,7 +579,9 @@ impl DynamoConversationStore {
                 self.undo_turn(id, first_seq, &first_id).await?;
                 return Err(session_not_found(id));
             };
-            if stored_session.legacy_count != e || self.end_below(id, first_seq, 0).await? != 0 {
+            // Items below ours may only be a migration's copies of the legacy messages.
+            let below = self.end_below(id, first_seq, 0).await?;
+            if stored_session.legacy_count != e || (below != 0 && below != e) {
                 self.undo_turn(id, first_seq, &first_id).await?;
                 return Err(Error::conflict(format!(
                     "session {id} has {} messages, the append expected {e}",
@@ -1535,8 +1537,14 @@ impl ConversationStore for DynamoConversationStore {
         if stored.legacy_count > 0 && recent.len() < limit {
             let legacy = self.legacy_messages(id).await?;
             let legacy = &legacy[..legacy.len().min(stored.legacy_count as usize)];
+            // A migration in progress may already have copied some of them.
+            let oldest = recent.first().map_or(u64::MAX, |m| m.seq);
+            let legacy: Vec<&Message> = legacy.iter().filter(|m| m.seq < oldest).collect();
             let take = (limit - recent.len()).min(legacy.len());
-            let mut window: Vec<Message> = legacy[legacy.len() - take..].to_vec();
+            let mut window: Vec<Message> = legacy[legacy.len() - take..]
+                .iter()
+                .map(|m| (*m).clone())
+                .collect();
             window.extend(recent);
             return Ok(window);
         }

@@ -104,7 +104,7 @@ impl DynamoLocal {
                     shell_quote(&dir.display().to_string())
                 )
             }
-            None => "-inMemory".to_owned(),
+            None => "-inMemory -sharedDb".to_owned(),
         };
         // The shell stops the server when this process ends, even if it is killed, so no
         // server outlives its tests.
