@@ -4,6 +4,11 @@
 //! store, the development users (`admin@cmz.org` / `admin123`, …), sample animals and the
 //! offline persona model. Every setting comes from the legacy variables (see the README);
 //! `CMZ_BIND` moves it.
+//!
+//! `cargo run -p cmz-examples --features dynamo --bin demo` keeps everything in DynamoDB:
+//! with `DYNAMODB_ENDPOINT_URL` set it uses that server (and the legacy table variables);
+//! without, it starts Amazon's DynamoDB Local itself (fetched once with `npm`, run with
+//! Java, data kept in `target/demo-dynamodb`) and creates the tables.
 
 use axum::response::Html;
 use axum::routing::get;
@@ -19,7 +24,8 @@ async fn main() {
                 .unwrap_or_else(|_| "info,tower_http=info".into()),
         )
         .init();
-    let state = match cmz_tower::state_from_env(&cmz_tower::demo_env).await {
+    let env = demo_backend();
+    let state = match cmz_tower::state_from_env(&|name| env.lookup(name)).await {
         Ok(state) => state,
         Err(error) => {
             eprintln!("cmz demo: {error}");
@@ -37,8 +43,52 @@ async fn main() {
         }
     }
     println!("cmz demo on http://{bind}/  (log in as admin@cmz.org / admin123)");
+    if let Some(endpoint) = env.endpoint() {
+        println!("conversations are kept in DynamoDB at {endpoint}");
+    }
     if let Err(error) = cmz_tower::serve(app, bind).await {
         eprintln!("cmz demo: {error}");
         std::process::exit(1);
     }
+}
+
+/// The environment the demo reads, and the DynamoDB Local it started, if any.
+struct DemoEnv {
+    #[cfg(feature = "dynamo")]
+    local: Option<cmz_dynamo::testing::DynamoLocal>,
+}
+
+impl DemoEnv {
+    fn lookup(&self, name: &str) -> Option<String> {
+        #[cfg(feature = "dynamo")]
+        if let Some(local) = &self.local {
+            match name {
+                "DYNAMODB_ENDPOINT_URL" => return Some(local.endpoint()),
+                "CMZ_DYNAMODB_CREATE_TABLES" => return Some("1".into()),
+                _ => {}
+            }
+        }
+        cmz_tower::demo_env(name)
+    }
+
+    fn endpoint(&self) -> Option<String> {
+        self.lookup("DYNAMODB_ENDPOINT_URL")
+    }
+}
+
+#[cfg(feature = "dynamo")]
+fn demo_backend() -> DemoEnv {
+    if cmz_tower::demo_env("DYNAMODB_ENDPOINT_URL").is_some() {
+        return DemoEnv { local: None };
+    }
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/demo-dynamodb");
+    println!("starting DynamoDB Local (data in {})", data.display());
+    DemoEnv {
+        local: Some(cmz_dynamo::testing::DynamoLocal::start(Some(&data))),
+    }
+}
+
+#[cfg(not(feature = "dynamo"))]
+fn demo_backend() -> DemoEnv {
+    DemoEnv {}
 }

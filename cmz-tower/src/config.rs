@@ -120,17 +120,90 @@ pub fn cached(check: HealthCheck, ttl: std::time::Duration) -> HealthCheck {
     })
 }
 
+/// The stores behind the services.
+struct Backends {
+    store: cmz_core::store::DynConversationStore,
+    personas: cmz_core::persona::DynPersonaDirectory,
+    auth: AuthStores,
+}
+
+fn in_memory_backends() -> Backends {
+    Backends {
+        store: Arc::new(InMemoryConversationStore::new()),
+        personas: Arc::new(InMemoryPersonaDirectory::with_personas(sample_personas())),
+        auth: AuthStores::in_memory(),
+    }
+}
+
+/// The DynamoDB stores, when `DYNAMODB_ENDPOINT_URL` or a table variable is set. The tables
+/// must exist (a missing one is an error naming it and similar names), unless
+/// `CMZ_DYNAMODB_CREATE_TABLES=1` creates them and fills an empty animal table with the
+/// sample personas (for development).
+#[cfg(feature = "dynamo")]
+async fn dynamo_backends(
+    lookup: &(dyn Fn(&str) -> Option<String> + Sync),
+) -> Result<Option<Backends>> {
+    use cmz_core::persona::PersonaDirectory as _;
+    use cmz_dynamo::{Dynamo, DynamoSettings};
+    if !DynamoSettings::configured(lookup) {
+        return Ok(None);
+    }
+    let settings = DynamoSettings::from_env(lookup)?;
+    let dynamo = Dynamo::connect(settings).await;
+    if lookup("CMZ_DYNAMODB_CREATE_TABLES").is_some_and(|v| v == "1" || v == "true") {
+        dynamo.ensure_tables().await?;
+        let personas = dynamo.personas();
+        if personas.list().await?.is_empty() {
+            for persona in sample_personas() {
+                personas.put(&persona).await?;
+            }
+        }
+    } else {
+        dynamo.check_tables().await?;
+    }
+    tracing::info!(tables = ?dynamo.tables(), "conversations, users and personas in DynamoDB");
+    Ok(Some(Backends {
+        store: Arc::new(dynamo.conversations()),
+        personas: Arc::new(dynamo.personas()),
+        auth: AuthStores {
+            users: Arc::new(dynamo.users()),
+            families: Arc::new(dynamo.families()),
+            revocations: Arc::new(dynamo.revocations()),
+            limits: Arc::new(dynamo.rate_limits()),
+            audit: Arc::new(cmz_core::auth::TracingAuditSink),
+        },
+    }))
+}
+
+#[cfg(not(feature = "dynamo"))]
+async fn dynamo_backends(
+    lookup: &(dyn Fn(&str) -> Option<String> + Sync),
+) -> Result<Option<Backends>> {
+    if lookup("DYNAMODB_ENDPOINT_URL").is_some() {
+        tracing::warn!(
+            "DYNAMODB_ENDPOINT_URL is set but this build has no `dynamo` feature; using the in-memory store"
+        );
+    }
+    Ok(None)
+}
+
 /// Builds the whole state from environment-style variables, with embedded defaults:
 /// the in-memory store, the sample personas, and the offline persona model unless
-/// `OPENAI_API_KEY` / `OPENAI_BASE_URL` are set (and the `openai` feature is on).
+/// `OPENAI_API_KEY` / `OPENAI_BASE_URL` are set (and the `openai` feature is on). With
+/// the `dynamo` feature and `DYNAMODB_ENDPOINT_URL` or a legacy table variable set,
+/// conversations, users, families, personas, revocations and rate limits live in
+/// DynamoDB instead (see `cmz_dynamo::DynamoSettings::from_env`).
 /// Auth comes from [`AuthSettings::from_lookup`] (so production needs `JWT_SECRET`, and
 /// development users need `CMZ_DEV_USERS`), HTTP settings from
 /// [`HttpSettings::from_lookup`].
 pub async fn state_from_env(lookup: &(dyn Fn(&str) -> Option<String> + Sync)) -> Result<AppState> {
     let settings = HttpSettings::from_lookup(lookup)?;
-    let auth =
-        AuthService::new(AuthSettings::from_lookup(lookup)?, AuthStores::in_memory()).await?;
-    let personas = Arc::new(InMemoryPersonaDirectory::with_personas(sample_personas()));
+    let backends = match dynamo_backends(lookup).await? {
+        Some(backends) => backends,
+        None => in_memory_backends(),
+    };
+    let auth = AuthService::new(AuthSettings::from_lookup(lookup)?, backends.auth).await?;
+    let personas = backends.personas;
     let (model, health) = match openai_model(lookup)? {
         Some(found) => found,
         None => (
@@ -142,7 +215,7 @@ pub async fn state_from_env(lookup: &(dyn Fn(&str) -> Option<String> + Sync)) ->
     };
     tracing::info!(model = model.name(), "chat model");
     let conversations = ConversationService::with(
-        Arc::new(InMemoryConversationStore::new()),
+        backends.store,
         personas.clone(),
         model,
         Arc::new(auth.policy()),
