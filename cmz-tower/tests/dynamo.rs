@@ -1,0 +1,257 @@
+//! The HTTP API on the DynamoDB stores (feature `dynamo`), built from the environment as
+//! the demo server builds it, over real loopback HTTP against DynamoDB Local.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use eventsource_stream::Eventsource as _;
+use futures::StreamExt as _;
+use serde_json::{Value, json};
+
+struct Server {
+    base: String,
+    client: reqwest::Client,
+}
+
+/// The environment of one test: its own tables on the shared DynamoDB Local.
+fn environment(extra: &[(&str, &str)]) -> HashMap<String, String> {
+    let settings = cmz_dynamo::testing::isolated_settings(&cmz_dynamo::testing::shared_endpoint());
+    let mut env: HashMap<String, String> = HashMap::new();
+    for (variable, table) in settings.tables.all() {
+        env.insert(variable.to_owned(), table.to_owned());
+    }
+    env.insert(
+        "DYNAMODB_ENDPOINT_URL".into(),
+        settings.endpoint_url.unwrap(),
+    );
+    env.insert("CMZ_DYNAMODB_CREATE_TABLES".into(), "1".into());
+    env.insert("CMZ_DEV_USERS".into(), "embedded".into());
+    env.insert(
+        "JWT_SECRET".into(),
+        "dynamo-http-test-secret-0123456789abcdef".into(),
+    );
+    for (k, v) in extra {
+        env.insert((*k).into(), (*v).into());
+    }
+    env
+}
+
+async fn start(env: &HashMap<String, String>) -> Server {
+    let state = cmz_tower::state_from_env(&|name| env.get(name).cloned())
+        .await
+        .expect("state on DynamoDB");
+    let app = cmz_tower::router(state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .unwrap();
+    });
+    Server {
+        base: format!("http://{address}"),
+        client: reqwest::Client::new(),
+    }
+}
+
+impl Server {
+    async fn call(&self, request: reqwest::RequestBuilder, token: Option<&str>) -> (u16, Value) {
+        let request = match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await.unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn get(&self, path: &str, token: &str) -> (u16, Value) {
+        self.call(self.client.get(format!("{}{path}", self.base)), Some(token))
+            .await
+    }
+
+    async fn post(&self, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
+        self.call(
+            self.client
+                .post(format!("{}{path}", self.base))
+                .header("content-type", "application/json")
+                .body(body.to_string()),
+            token,
+        )
+        .await
+    }
+
+    async fn login(&self, email: &str, password: &str) -> String {
+        let (status, body) = self
+            .post(
+                "/auth",
+                None,
+                json!({"username": email, "password": password}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body["token"].as_str().unwrap().to_owned()
+    }
+
+    async fn turn(&self, token: &str, animal: &str, message: &str) -> (u16, Value) {
+        self.post(
+            "/convo_turn",
+            Some(token),
+            json!({"animalId": animal, "message": message}),
+        )
+        .await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_checklist_and_the_policy_on_dynamodb() {
+    let server = start(&environment(&[])).await;
+    let admin = server.login("admin@cmz.org", "admin123").await;
+    let (status, families) = server.get("/family_list", &admin).await;
+    assert_eq!(status, 200);
+    assert_eq!(families.as_array().unwrap().len(), 2, "{families}");
+    let (status, turn) = server.turn(&admin, "porcupine", "Hello Pokey!").await;
+    assert_eq!(status, 200, "{turn}");
+    let session = turn["sessionId"].as_str().unwrap().to_owned();
+    let (status, history) = server
+        .get(&format!("/convo_history?sessionId={session}"), &admin)
+        .await;
+    assert_eq!(status, 200);
+    let turns = history["turns"].as_array().unwrap();
+    assert_eq!(turns.len(), 2);
+    assert_eq!(turns[0]["content"], "Hello Pokey!");
+    assert_eq!(turns[1]["content"], turn["reply"]);
+
+    // A student's conversation: their parent reads it, another family's user does not.
+    let student = server.login("student1@cmz.org", "student123").await;
+    let (_, turn) = server.turn(&student, "cougar", "Can you roar?").await;
+    let session = turn["sessionId"].as_str().unwrap().to_owned();
+    let parent = server.login("parent@cmz.org", "parent123").await;
+    let other = server.login("other@cmz.org", "other123").await;
+    assert_eq!(
+        server
+            .get(&format!("/convo_history?sessionId={session}"), &parent)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        server
+            .get(&format!("/convo_history?sessionId={session}"), &other)
+            .await
+            .0,
+        403
+    );
+    let (status, sessions) = server.get("/conversations/sessions", &student).await;
+    assert_eq!(status, 200);
+    assert_eq!(sessions["sessions"][0]["sessionId"], session.as_str());
+
+    // Logout revokes the token in the shared revocation store.
+    let (status, _) = server.post("/auth/logout", Some(&other), json!({})).await;
+    assert_eq!(status, 204);
+    assert_eq!(server.get("/me", &other).await.0, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_mid_way_is_stored_interrupted_in_dynamodb() {
+    let server = start(&environment(&[("CMZ_OFFLINE_CHUNK_DELAY_MS", "40")])).await;
+    let token = server.login("student1@cmz.org", "student123").await;
+    let response = server
+        .client
+        .get(format!(
+            "{}/convo_turn/stream?animalId=cougar&message=tell+me+a+story&token={token}",
+            server.base
+        ))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    let mut events = response.bytes_stream().eventsource();
+    let mut session = String::new();
+    let mut contents = 0;
+    while let Some(event) = events.next().await {
+        let event = event.unwrap();
+        let data: Value = serde_json::from_str(&event.data).unwrap();
+        if event.event == "session" {
+            session = data["sessionId"].as_str().unwrap().to_owned();
+        }
+        if event.event == "message" {
+            contents += 1;
+            if contents == 2 {
+                break;
+            }
+        }
+    }
+    drop(events);
+    let mut turns = Vec::new();
+    for _ in 0..100 {
+        let (status, history) = server
+            .get(
+                &format!("/convo_history?sessionId={session}&includeMetadata=true"),
+                &token,
+            )
+            .await;
+        if status == 200 {
+            turns = history["turns"].as_array().unwrap().clone();
+            if turns.len() == 2 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert_eq!(turns.len(), 2, "the turn was stored");
+    assert_eq!(turns[1]["metadata"]["interrupted"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_turn_limit_holds_across_two_servers_sharing_the_tables() {
+    let env = environment(&[("CMZ_TURN_RATE_LIMIT", "3")]);
+    let (a, b) = (start(&env).await, start(&env).await);
+    let token = a.login("student2@cmz.org", "student123").await;
+    assert_eq!(a.turn(&token, "cougar", "one").await.0, 200);
+    assert_eq!(b.turn(&token, "cougar", "two").await.0, 200);
+    assert_eq!(a.turn(&token, "cougar", "three").await.0, 200);
+    let (status, body) = b.turn(&token, "cougar", "four").await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["code"], "rate_limit_exceeded");
+    assert_eq!(body["details"]["limit"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_table_is_named_at_startup() {
+    let mut env = environment(&[]);
+    start(&env).await;
+    // The legacy team's typo: a plural table name that does not exist.
+    env.remove("CMZ_DYNAMODB_CREATE_TABLES");
+    let real = env["CONVERSATION_SESSION_TABLE_NAME"].clone();
+    env.insert("CONVERSATION_SESSION_TABLE_NAME".into(), format!("{real}s"));
+    let error = cmz_tower::state_from_env(&|name| env.get(name).cloned())
+        .await
+        .unwrap_err();
+    let message = error.to_string();
+    assert_eq!(error.code(), "validation_error");
+    assert!(
+        message.contains(&format!("{real}s"))
+            && message.contains("CONVERSATION_SESSION_TABLE_NAME"),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!("similar names: {real}")),
+        "{message}"
+    );
+    // With the right name it starts.
+    env.insert("CONVERSATION_SESSION_TABLE_NAME".into(), real);
+    assert!(
+        cmz_tower::state_from_env(&|name| env.get(name).cloned())
+            .await
+            .is_ok()
+    );
+}
