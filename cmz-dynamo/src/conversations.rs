@@ -1712,7 +1712,9 @@ impl ConversationStore for DynamoConversationStore {
             }
             DeleteScope::OlderThan(before) => self.older_ids(before).await?,
         };
-        self.delete_all(ids).await
+        let report = self.delete_all(ids).await?;
+        tracing::info!(target: "cmz::audit", sessions = report.sessions, messages = report.messages, "dynamodb bulk delete");
+        Ok(report)
     }
 }
 
