@@ -159,7 +159,12 @@ impl DynamoLocal {
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("pkill")
-                .args(["-KILL", "-f", "--", &format!("DynamoDBLocal.jar .*-port {}( |$)", self.port)])
+                .args([
+                    "-KILL",
+                    "-f",
+                    "--",
+                    &format!("DynamoDBLocal.jar .*-port {}( |$)", self.port),
+                ])
                 .status();
             let _ = child.kill();
             let _ = child.wait();
