@@ -18,6 +18,9 @@ use crate::error::map_sdk;
 /// How long the full listing is reused before the table is read again.
 const LIST_CACHE: Duration = Duration::from_secs(60);
 
+/// The full listing and when it was read.
+type CachedList = (Instant, Vec<Persona>);
+
 /// Personas from the animal table (`ANIMAL_DYNAMO_TABLE_NAME`, hash key `animalId`):
 /// `name`, `personality`, `facts` (a list, or one string with a fact per line) and
 /// optional `guidelines`.
@@ -27,7 +30,7 @@ const LIST_CACHE: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone)]
 pub struct DynamoPersonaDirectory {
     db: Dynamo,
-    listed: Arc<Mutex<Option<(Instant, Vec<Persona>)>>>,
+    listed: Arc<Mutex<Option<CachedList>>>,
 }
 
 impl DynamoPersonaDirectory {
