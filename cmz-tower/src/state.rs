@@ -186,4 +186,9 @@ impl AppState {
     pub fn auth(&self) -> &AuthService {
         &self.inner.auth
     }
+
+    /// The animal personas.
+    pub fn personas(&self) -> &DynPersonaDirectory {
+        &self.inner.personas
+    }
 }

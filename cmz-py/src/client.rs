@@ -1,0 +1,947 @@
+//! `Client`, `Conversations`, `Auth`, `Principal` and `TurnStream`.
+
+// Python methods take their keyword arguments one by one.
+#![allow(clippy::too_many_arguments)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cmz_core::access::UserRole;
+use cmz_core::auth::{PasswordCheck, User, UserType};
+use cmz_core::ids::{AnimalId, FamilyId, SessionId, UserId};
+use cmz_core::service::{TurnEvent, TurnReply, TurnRequest};
+use cmz_core::store::{AppendOutcome, Cursor, DeleteScope, PageRequest, SessionScope, TurnAppend};
+use cmz_core::types::{Message, MessageMetadata, NewMessage, Role, Session};
+use cmz_core::{Error, Result};
+use cmz_tower::AppState;
+use futures::StreamExt as _;
+use pyo3::exceptions::PyStopAsyncIteration;
+use pyo3::prelude::*;
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+use crate::runtime::{awaitable, block_on, from_python, runtime, to_python};
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<Value> {
+    serde_json::to_value(value).map_err(|e| Error::internal(format!("serialize: {e}")))
+}
+
+fn random_secret() -> String {
+    (0..48)
+        .map(|_| char::from(b"0123456789abcdef"[fastrand_index()]))
+        .collect()
+}
+
+fn fastrand_index() -> usize {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+    );
+    (hasher.finish() % 16) as usize
+}
+
+/// A cmz instance: the conversation and auth services over one set of stores.
+///
+/// `Client.from_env()` reads the legacy variables (DynamoDB when `DYNAMODB_ENDPOINT_URL`
+/// or a table variable is set, else in memory; OpenAI when `OPENAI_API_KEY` /
+/// `OPENAI_BASE_URL` is set, else the offline persona model). Thread-safe: share one.
+#[pyclass(frozen, module = "cmz._cmz")]
+pub(crate) struct Client {
+    state: AppState,
+}
+
+fn build(py: Python<'_>, env: HashMap<String, String>, use_process_env: bool) -> PyResult<Client> {
+    let lookup = move |name: &str| -> Option<String> {
+        env.get(name).cloned().or_else(|| {
+            if use_process_env {
+                std::env::var(name).ok()
+            } else {
+                None
+            }
+        })
+    };
+    let state = block_on(py, async move { cmz_tower::state_from_env(&lookup).await })?;
+    Ok(Client { state })
+}
+
+#[pymethods]
+impl Client {
+    /// A client configured from environment variables: the process environment, or
+    /// `env` (a dict of the same names) when given.
+    #[staticmethod]
+    #[pyo3(signature = (env=None))]
+    fn from_env(py: Python<'_>, env: Option<HashMap<String, String>>) -> PyResult<Self> {
+        match env {
+            Some(env) => build(py, env, false),
+            None => build(py, HashMap::new(), true),
+        }
+    }
+
+    /// An in-memory client (nothing persists). `dev_users` seeds the development users
+    /// (`admin@cmz.org` / `admin123`, ...); without `jwt_secret` a random one is used.
+    #[staticmethod]
+    #[pyo3(signature = (*, jwt_secret=None, dev_users=true))]
+    fn in_memory(py: Python<'_>, jwt_secret: Option<String>, dev_users: bool) -> PyResult<Self> {
+        let mut env = HashMap::new();
+        env.insert(
+            "JWT_SECRET".to_owned(),
+            jwt_secret.unwrap_or_else(random_secret),
+        );
+        if dev_users {
+            env.insert("CMZ_DEV_USERS".to_owned(), "embedded".to_owned());
+        }
+        build(py, env, false)
+    }
+
+    /// A client on DynamoDB. `tables` maps the legacy variable names
+    /// (`CONVERSATION_SESSION_TABLE_NAME`, ...) to table names; `create_tables` creates
+    /// missing ones (development).
+    #[staticmethod]
+    #[pyo3(signature = (*, endpoint_url=None, region=None, tables=None, create_tables=false, jwt_secret=None, dev_users=false))]
+    fn dynamodb(
+        py: Python<'_>,
+        endpoint_url: Option<String>,
+        region: Option<String>,
+        tables: Option<HashMap<String, String>>,
+        create_tables: bool,
+        jwt_secret: Option<String>,
+        dev_users: bool,
+    ) -> PyResult<Self> {
+        let mut env = tables.unwrap_or_default();
+        for name in env.keys() {
+            if !cmz_dynamo::TABLE_VARIABLES.contains(&name.as_str()) {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "unknown table variable {name:?}; expected one of {:?}",
+                    cmz_dynamo::TABLE_VARIABLES
+                )));
+            }
+        }
+        // Make sure DynamoDB is selected even with default table names.
+        env.entry("CONVERSATION_SESSION_TABLE_NAME".to_owned())
+            .or_insert_with(|| "quest-dev-session".to_owned());
+        if let Some(url) = endpoint_url {
+            env.insert("DYNAMODB_ENDPOINT_URL".to_owned(), url);
+        }
+        if let Some(region) = region {
+            env.insert("AWS_REGION".to_owned(), region);
+        }
+        if create_tables {
+            env.insert("CMZ_DYNAMODB_CREATE_TABLES".to_owned(), "1".to_owned());
+        }
+        env.insert(
+            "JWT_SECRET".to_owned(),
+            jwt_secret.unwrap_or_else(random_secret),
+        );
+        if dev_users {
+            env.insert("CMZ_DEV_USERS".to_owned(), "embedded".to_owned());
+        }
+        build(py, env, false)
+    }
+
+    /// Turns, history, sessions, deletes and summaries.
+    #[getter]
+    fn conversations(&self) -> Conversations {
+        Conversations {
+            state: self.state.clone(),
+        }
+    }
+
+    /// Logins, tokens and passwords.
+    #[getter]
+    fn auth(&self) -> Auth {
+        Auth {
+            state: self.state.clone(),
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        "cmz.Client()".to_owned()
+    }
+}
+
+/// Who is asking: made by `Auth.authenticate(token)`, or by trusted server code with
+/// `Principal(user_id, role)`.
+#[pyclass(frozen, module = "cmz._cmz")]
+#[derive(Clone)]
+pub(crate) struct Principal {
+    pub(crate) inner: cmz_core::access::Principal,
+}
+
+#[pymethods]
+impl Principal {
+    #[new]
+    #[pyo3(signature = (user_id, role="user", family_id=None))]
+    fn new(user_id: String, role: &str, family_id: Option<String>) -> PyResult<Self> {
+        let user_id = UserId::new(user_id).map_err(crate::errors::to_py)?;
+        let role: UserRole = role.parse().map_err(crate::errors::to_py)?;
+        let family_id = family_id
+            .map(FamilyId::new)
+            .transpose()
+            .map_err(crate::errors::to_py)?;
+        Ok(Self {
+            inner: cmz_core::access::Principal {
+                user_id,
+                role,
+                family_id,
+            },
+        })
+    }
+
+    /// The user id.
+    #[getter]
+    fn user_id(&self) -> &str {
+        self.inner.user_id.as_str()
+    }
+
+    /// The role (`admin`, `parent`, `student`, ...).
+    #[getter]
+    fn role(&self) -> &'static str {
+        self.inner.role.as_str()
+    }
+
+    /// The family id, if any.
+    #[getter]
+    fn family_id(&self) -> Option<&str> {
+        self.inner.family_id.as_ref().map(|f| f.as_str())
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "cmz.Principal({:?}, role={:?})",
+            self.inner.user_id.as_str(),
+            self.inner.role.as_str()
+        )
+    }
+}
+
+fn id<T>(make: fn(String) -> Result<T>, value: String) -> PyResult<T> {
+    make(value).map_err(crate::errors::to_py)
+}
+
+fn message_json(message: &Message) -> Result<Value> {
+    to_json(message)
+}
+
+fn reply_json(reply: &TurnReply) -> Result<Value> {
+    Ok(json!({
+        "reply": reply.reply,
+        "sessionId": reply.session_id,
+        "sessionCreated": reply.session_created,
+        "turn": reply.turn,
+        "userMessage": message_json(&reply.user_message)?,
+        "assistantMessage": message_json(&reply.assistant_message)?,
+        "usage": reply.usage.map(|u| to_json(&u)).transpose()?,
+        "fallback": reply.fallback,
+        "interrupted": reply.interrupted,
+        "replayed": reply.replayed,
+    }))
+}
+
+/// A limit from Python: 1 to `max`, else a `ValidationError` naming the argument.
+fn limit(name: &'static str, value: i128, max: usize) -> PyResult<usize> {
+    usize::try_from(value)
+        .ok()
+        .filter(|v| (1..=max).contains(v))
+        .ok_or_else(|| {
+            crate::errors::to_py(Error::validation(
+                name,
+                format!("{name} must be from 1 to {max}, got {value}"),
+            ))
+        })
+}
+
+fn page(value: i128, cursor: Option<String>) -> PyResult<PageRequest> {
+    Ok(PageRequest {
+        limit: limit("limit", value, cmz_core::store::MAX_PAGE_SIZE)?,
+        cursor: cursor.map(Cursor::from_client),
+    })
+}
+
+/// Conversations: every call checks the principal's access (owners, their parents,
+/// administrators), as the HTTP API does.
+#[pyclass(frozen, module = "cmz._cmz")]
+pub(crate) struct Conversations {
+    state: AppState,
+}
+
+struct TurnArgs {
+    principal: cmz_core::access::Principal,
+    request: TurnRequest,
+}
+
+fn turn_args(
+    principal: &Principal,
+    animal_id: String,
+    message: String,
+    session_id: Option<String>,
+    context_window: Option<i128>,
+    turn_key: Option<String>,
+) -> PyResult<TurnArgs> {
+    let mut request = TurnRequest::new(id(AnimalId::new, animal_id)?, message);
+    if let Some(session) = session_id {
+        request = request.in_session(id(SessionId::new, session)?);
+    }
+    if let Some(window) = context_window {
+        request = request.with_context_window(limit("context_window", window, 20)?);
+    }
+    if let Some(key) = turn_key {
+        request = request.with_turn_key(key);
+    }
+    Ok(TurnArgs {
+        principal: principal.inner.clone(),
+        request,
+    })
+}
+
+async fn store_turn(
+    state: AppState,
+    principal: cmz_core::access::Principal,
+    session_id: Option<SessionId>,
+    animal_id: AnimalId,
+    user_message: String,
+    assistant_reply: String,
+    metadata: MessageMetadata,
+) -> Result<Value> {
+    let service = state.conversations();
+    let store = service.store().clone();
+    let mut user = NewMessage::new(Role::User, user_message);
+    user.metadata.turn_key = metadata.turn_key.clone();
+    let mut assistant = NewMessage::new(Role::Assistant, assistant_reply);
+    assistant.metadata = metadata;
+    let messages = vec![user, assistant];
+    let (id, mut new_session) = match session_id {
+        Some(id) => {
+            let session = service.session(&principal, &id).await?;
+            if session.user_id != principal.user_id {
+                return Err(Error::forbidden(
+                    "only the session's owner may add turns to it",
+                ));
+            }
+            (id, None)
+        }
+        None => {
+            let id = SessionId::generate(&animal_id, &principal.user_id)?;
+            let name = state
+                .personas()
+                .persona(&animal_id)
+                .await?
+                .map_or_else(|| animal_id.to_string(), |p| p.name);
+            (
+                id.clone(),
+                Some(Session::new(id, principal.user_id.clone(), animal_id, name)),
+            )
+        }
+    };
+    for _ in 0..8 {
+        let expected = match &new_session {
+            Some(_) => 0,
+            None => {
+                store
+                    .get_session(&id)
+                    .await?
+                    .ok_or_else(|| Error::not_found(format!("session {id}")))?
+                    .message_count
+            }
+        };
+        let append = TurnAppend {
+            session_id: id.clone(),
+            expected_count: expected,
+            messages: messages.clone(),
+            turn_key: messages[1].metadata.turn_key.clone(),
+            new_session: new_session.clone(),
+        };
+        match store.append_turn(append).await {
+            Ok(AppendOutcome::Appended(stored)) | Ok(AppendOutcome::Duplicate(stored)) => {
+                return Ok(json!({
+                    "sessionId": id,
+                    "messages": stored.iter().map(message_json).collect::<Result<Vec<_>>>()?,
+                    "messageCount": stored.last().map_or(expected, |m| m.seq),
+                }));
+            }
+            Err(Error::Conflict { .. }) => {
+                // Lost a race (or the session appeared meanwhile): re-read and go again.
+                new_session = None;
+                tokio::time::sleep(std::time::Duration::from_millis(
+                    fastrand_index() as u64 * 2,
+                ))
+                .await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Error::conflict(format!(
+        "session {id} is too busy; try again"
+    )))
+}
+
+#[pymethods]
+impl Conversations {
+    /// Runs a turn: persona prompt, context window, model, atomic persist. Returns a dict
+    /// (`reply`, `sessionId`, `userMessage`, `assistantMessage`, `usage`, ...).
+    #[pyo3(signature = (principal, animal_id, message, *, session_id=None, context_window=None, turn_key=None))]
+    fn turn(
+        &self,
+        py: Python<'_>,
+        principal: &Principal,
+        animal_id: String,
+        message: String,
+        session_id: Option<String>,
+        context_window: Option<i128>,
+        turn_key: Option<String>,
+    ) -> PyResult<Py<PyAny>> {
+        let args = turn_args(
+            principal,
+            animal_id,
+            message,
+            session_id,
+            context_window,
+            turn_key,
+        )?;
+        let state = self.state.clone();
+        let value = block_on(py, async move {
+            let reply = state
+                .conversations()
+                .turn(&args.principal, args.request)
+                .await?;
+            reply_json(&reply)
+        })?;
+        Ok(to_python(py, &value)?.unbind())
+    }
+
+    /// `turn` as an asyncio coroutine.
+    #[pyo3(signature = (principal, animal_id, message, *, session_id=None, context_window=None, turn_key=None))]
+    fn aturn<'py>(
+        &self,
+        py: Python<'py>,
+        principal: &Principal,
+        animal_id: String,
+        message: String,
+        session_id: Option<String>,
+        context_window: Option<i128>,
+        turn_key: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let args = turn_args(
+            principal,
+            animal_id,
+            message,
+            session_id,
+            context_window,
+            turn_key,
+        )?;
+        let state = self.state.clone();
+        awaitable(py, async move {
+            let reply = state
+                .conversations()
+                .turn(&args.principal, args.request)
+                .await?;
+            reply_json(&reply)
+        })
+    }
+
+    /// Streams a turn: iterate (or `async for`) to get `{"type": "delta", "content": ...}`
+    /// dicts, then one `{"type": "complete", ...}` with the stored turn. Abandoning it
+    /// (or `close()`) cancels the model call and stores the partial reply, marked
+    /// interrupted.
+    #[pyo3(signature = (principal, animal_id, message, *, session_id=None, context_window=None, turn_key=None))]
+    fn stream_turn(
+        &self,
+        py: Python<'_>,
+        principal: &Principal,
+        animal_id: String,
+        message: String,
+        session_id: Option<String>,
+        context_window: Option<i128>,
+        turn_key: Option<String>,
+    ) -> PyResult<TurnStream> {
+        let args = turn_args(
+            principal,
+            animal_id,
+            message,
+            session_id,
+            context_window,
+            turn_key,
+        )?;
+        let state = self.state.clone();
+        let stream = block_on(py, async move {
+            state
+                .conversations()
+                .stream_turn(&args.principal, args.request)
+                .await
+        })?;
+        Ok(TurnStream {
+            session_id: stream.session_id.to_string(),
+            session_created: stream.session_created,
+            inner: Arc::new(Mutex::new(Some(stream))),
+        })
+    }
+
+    /// Stores a turn whose reply was produced elsewhere (no model call): the user message
+    /// and the reply, atomically, in `session_id` or in a new session of the principal.
+    /// `metadata` uses the legacy keys (`tokensPrompt`, `tokensCompletion`, `latencyMs`,
+    /// `model`, ...). Returns `sessionId`, `messages` and `messageCount`.
+    #[pyo3(signature = (principal, animal_id, user_message, assistant_reply, *, session_id=None, metadata=None))]
+    fn store_turn(
+        &self,
+        py: Python<'_>,
+        principal: &Principal,
+        animal_id: String,
+        user_message: String,
+        assistant_reply: String,
+        session_id: Option<String>,
+        metadata: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let metadata = match metadata {
+            Some(m) => {
+                serde_json::from_value::<MessageMetadata>(from_python(&m)?).map_err(|e| {
+                    crate::errors::to_py(Error::validation("metadata", format!("metadata: {e}")))
+                })?
+            }
+            None => MessageMetadata::default(),
+        };
+        let session_id = session_id.map(|s| id(SessionId::new, s)).transpose()?;
+        let animal_id = id(AnimalId::new, animal_id)?;
+        let (state, principal) = (self.state.clone(), principal.inner.clone());
+        let value = block_on(
+            py,
+            store_turn(
+                state,
+                principal,
+                session_id,
+                animal_id,
+                user_message,
+                assistant_reply,
+                metadata,
+            ),
+        )?;
+        Ok(to_python(py, &value)?.unbind())
+    }
+
+    /// Creates an empty session with `animal_id` for the principal; returns it.
+    #[pyo3(signature = (principal, animal_id, *, animal_name=None))]
+    fn create_session(
+        &self,
+        py: Python<'_>,
+        principal: &Principal,
+        animal_id: String,
+        animal_name: Option<String>,
+    ) -> PyResult<Py<PyAny>> {
+        let animal_id = id(AnimalId::new, animal_id)?;
+        let (state, principal) = (self.state.clone(), principal.inner.clone());
+        let value = block_on(py, async move {
+            let name = match animal_name {
+                Some(name) => name,
+                None => state
+                    .personas()
+                    .persona(&animal_id)
+                    .await?
+                    .map_or_else(|| animal_id.to_string(), |p| p.name),
+            };
+            let id = SessionId::generate(&animal_id, &principal.user_id)?;
+            let session = Session::new(id, principal.user_id.clone(), animal_id, name);
+            state
+                .conversations()
+                .store()
+                .create_session(&session)
+                .await?;
+            to_json(&session)
+        })?;
+        Ok(to_python(py, &value)?.unbind())
+    }
+
+    /// One session (`sessionId`, `userId`, `animalId`, `messageCount`, ...).
+    fn session(
+        &self,
+        py: Python<'_>,
+        principal: &Principal,
+        session_id: String,
+    ) -> PyResult<Py<PyAny>> {
+        let id = id(SessionId::new, session_id)?;
+        let (state, principal) = (self.state.clone(), principal.inner.clone());
+        let value = block_on(py, async move {
+            to_json(&state.conversations().session(&principal, &id).await?)
+        })?;
+        Ok(to_python(py, &value)?.unbind())
+    }
+
+    /// The last `limit` messages of a session, oldest first (a list of message dicts).
+    #[pyo3(signature = (principal, session_id, *, limit=20))]
+    fn recent(
+        &self,
+        py: Python<'_>,
+        principal: &Principal,
+        session_id: String,
+        limit: i128,
+    ) -> PyResult<Py<PyAny>> {
+        let limit = self::limit("limit", limit, 10_000)?;
+        let id = id(SessionId::new, session_id)?;
+        let (state, principal) = (self.state.clone(), principal.inner.clone());
+        let value = block_on(py, async move {
+            state.conversations().session(&principal, &id).await?;
+            let messages = state
+                .conversations()
+                .store()
+                .recent_messages(&id, limit)
+                .await?;
+            Ok(Value::Array(
+                messages
+                    .iter()
+                    .map(message_json)
+                    .collect::<Result<Vec<_>>>()?,
+            ))
+        })?;
+        Ok(to_python(py, &value)?.unbind())
+    }
+
+    /// A page of a session's messages, oldest first: `{"messages": [...], "nextCursor": str | None}`.
+    #[pyo3(signature = (principal, session_id, *, limit=50, cursor=None))]
+    fn history(
+        &self,
+        py: Python<'_>,
+        principal: &Principal,
+        session_id: String,
+        limit: i128,
+        cursor: Option<String>,
+    ) -> PyResult<Py<PyAny>> {
+        let future = history(
+            self.state.clone(),
+            principal.inner.clone(),
+            id(SessionId::new, session_id)?,
+            page(limit, cursor)?,
+        );
+        let value = block_on(py, future)?;
+        Ok(to_python(py, &value)?.unbind())
+    }
+
+    /// `history` as an asyncio coroutine.
+    #[pyo3(signature = (principal, session_id, *, limit=50, cursor=None))]
+    fn ahistory<'py>(
+        &self,
+        py: Python<'py>,
+        principal: &Principal,
+        session_id: String,
+        limit: i128,
+        cursor: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let future = history(
+            self.state.clone(),
+            principal.inner.clone(),
+            id(SessionId::new, session_id)?,
+            page(limit, cursor)?,
+        );
+        awaitable(py, future)
+    }
+
+    /// A page of sessions, newest activity first: the principal's own, or `user_id`'s
+    /// (a parent's student, or anyone for administrators). `{"sessions": [...], "nextCursor": ...}`.
+    #[pyo3(signature = (principal, *, user_id=None, limit=20, cursor=None))]
+    fn sessions(
+        &self,
+        py: Python<'_>,
+        principal: &Principal,
+        user_id: Option<String>,
+        limit: i128,
+        cursor: Option<String>,
+    ) -> PyResult<Py<PyAny>> {
+        let owner = match user_id {
+            Some(user) => id(UserId::new, user)?,
+            None => principal.inner.user_id.clone(),
+        };
+        let (state, principal) = (self.state.clone(), principal.inner.clone());
+        let request = page(limit, cursor)?;
+        let value = block_on(py, async move {
+            let listed = state
+                .conversations()
+                .list_sessions(&principal, SessionScope::User(owner), request)
+                .await?;
+            Ok(json!({
+                "sessions": listed.items.iter().map(to_json).collect::<Result<Vec<_>>>()?,
+                "nextCursor": listed.next.map(|c| c.as_str().to_owned()),
+            }))
+        })?;
+        Ok(to_python(py, &value)?.unbind())
+    }
+
+    /// Deletes a session and its messages: `{"sessions": n, "messages": n}`.
+    fn delete(
+        &self,
+        py: Python<'_>,
+        principal: &Principal,
+        session_id: String,
+    ) -> PyResult<Py<PyAny>> {
+        let id = id(SessionId::new, session_id)?;
+        let (state, principal) = (self.state.clone(), principal.inner.clone());
+        let value = block_on(py, async move {
+            let report = state
+                .conversations()
+                .delete(&principal, DeleteScope::Session(id))
+                .await?;
+            Ok(json!({"sessions": report.sessions, "messages": report.messages}))
+        })?;
+        Ok(to_python(py, &value)?.unbind())
+    }
+
+    /// Summarizes a session with the model (a deterministic one when the model is down):
+    /// `{"summary": str, "fallback": bool}`.
+    fn summarize(
+        &self,
+        py: Python<'_>,
+        principal: &Principal,
+        session_id: String,
+    ) -> PyResult<Py<PyAny>> {
+        let id = id(SessionId::new, session_id)?;
+        let (state, principal) = (self.state.clone(), principal.inner.clone());
+        let value = block_on(py, async move {
+            let summary = state.conversations().summarize(&principal, &id).await?;
+            Ok(json!({"summary": summary.text, "fallback": summary.fallback}))
+        })?;
+        Ok(to_python(py, &value)?.unbind())
+    }
+}
+
+async fn history(
+    state: AppState,
+    principal: cmz_core::access::Principal,
+    id: SessionId,
+    page: PageRequest,
+) -> Result<Value> {
+    let read = state.conversations().history(&principal, &id, page).await?;
+    Ok(json!({
+        "messages": read.items.iter().map(message_json).collect::<Result<Vec<_>>>()?,
+        "nextCursor": read.next.map(|c| c.as_str().to_owned()),
+    }))
+}
+
+/// A streamed turn (see `Conversations.stream_turn`).
+#[pyclass(frozen, module = "cmz._cmz")]
+pub(crate) struct TurnStream {
+    inner: Arc<Mutex<Option<cmz_core::service::TurnStream>>>,
+    /// The session, new or continued.
+    #[pyo3(get)]
+    session_id: String,
+    /// Whether this turn created the session.
+    #[pyo3(get)]
+    session_created: bool,
+}
+
+async fn next_event(
+    inner: Arc<Mutex<Option<cmz_core::service::TurnStream>>>,
+) -> Result<Option<Value>> {
+    let mut guard = inner.lock().await;
+    let Some(stream) = guard.as_mut() else {
+        return Ok(None);
+    };
+    match stream.next().await {
+        None => {
+            *guard = None;
+            Ok(None)
+        }
+        Some(Err(e)) => {
+            *guard = None;
+            Err(e)
+        }
+        Some(Ok(TurnEvent::Delta(text))) => Ok(Some(json!({"type": "delta", "content": text}))),
+        Some(Ok(TurnEvent::Complete(reply))) => {
+            *guard = None;
+            let mut value = reply_json(&reply)?;
+            value["type"] = json!("complete");
+            Ok(Some(value))
+        }
+    }
+}
+
+#[pymethods]
+impl TurnStream {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        let inner = self.inner.clone();
+        match block_on(py, next_event(inner))? {
+            Some(value) => Ok(Some(to_python(py, &value)?.unbind())),
+            None => Ok(None),
+        }
+    }
+
+    fn __aiter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __anext__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let inner = self.inner.clone();
+        let _ = pyo3_async_runtimes::tokio::init_with_runtime(runtime());
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            match next_event(inner).await.map_err(crate::errors::to_py)? {
+                Some(value) => Python::attach(|py| to_python(py, &value).map(Bound::unbind)),
+                None => Err(PyStopAsyncIteration::new_err(())),
+            }
+        })
+    }
+
+    /// Stops the turn: the model call is cancelled and the partial reply is stored,
+    /// marked interrupted.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let inner = self.inner.clone();
+        block_on(py, async move {
+            inner.lock().await.take();
+            Ok(())
+        })
+    }
+}
+
+/// Logins, tokens and passwords.
+#[pyclass(frozen, module = "cmz._cmz")]
+pub(crate) struct Auth {
+    state: AppState,
+}
+
+#[pymethods]
+impl Auth {
+    /// Logs in: `{"token", "refreshToken", "expiresIn", "user": {...}}`. `client` (an IP
+    /// address) gets its own failed-login limit.
+    #[pyo3(signature = (email, password, *, client=None))]
+    fn login(
+        &self,
+        py: Python<'_>,
+        email: String,
+        password: String,
+        client: Option<String>,
+    ) -> PyResult<Py<PyAny>> {
+        let state = self.state.clone();
+        let value = block_on(py, async move {
+            to_json(
+                &state
+                    .auth()
+                    .login(&email, &password, client.as_deref())
+                    .await?,
+            )
+        })?;
+        Ok(to_python(py, &value)?.unbind())
+    }
+
+    /// `login` as an asyncio coroutine.
+    #[pyo3(signature = (email, password, *, client=None))]
+    fn alogin<'py>(
+        &self,
+        py: Python<'py>,
+        email: String,
+        password: String,
+        client: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let state = self.state.clone();
+        awaitable(py, async move {
+            to_json(
+                &state
+                    .auth()
+                    .login(&email, &password, client.as_deref())
+                    .await?,
+            )
+        })
+    }
+
+    /// Exchanges a refresh token (single use) for new tokens.
+    fn refresh(&self, py: Python<'_>, refresh_token: String) -> PyResult<Py<PyAny>> {
+        let state = self.state.clone();
+        let value = block_on(py, async move {
+            to_json(&state.auth().refresh(&refresh_token).await?)
+        })?;
+        Ok(to_python(py, &value)?.unbind())
+    }
+
+    /// Revokes an access token and its refresh family.
+    fn logout(&self, py: Python<'_>, token: String) -> PyResult<()> {
+        let state = self.state.clone();
+        block_on(py, async move { state.auth().logout(&token).await })
+    }
+
+    /// Verifies an access token (signature, expiry, issuer, revocation): the caller.
+    fn authenticate(&self, py: Python<'_>, token: String) -> PyResult<Principal> {
+        let state = self.state.clone();
+        let inner = block_on(py, async move { state.auth().authenticate(&token).await })?;
+        Ok(Principal { inner })
+    }
+
+    /// `authenticate` as an asyncio coroutine.
+    fn aauthenticate<'py>(&self, py: Python<'py>, token: String) -> PyResult<Bound<'py, PyAny>> {
+        let state = self.state.clone();
+        let _ = pyo3_async_runtimes::tokio::init_with_runtime(runtime());
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let inner = state
+                .auth()
+                .authenticate(&token)
+                .await
+                .map_err(crate::errors::to_py)?;
+            Ok(Principal { inner })
+        })
+    }
+
+    /// Verifies an access token and returns its claims (a dict with the legacy names).
+    fn verify_token(&self, py: Python<'_>, token: String) -> PyResult<Py<PyAny>> {
+        let state = self.state.clone();
+        let value = block_on(py, async move {
+            let (_, claims) = state.auth().verify(&token).await?;
+            to_json(&claims)
+        })?;
+        Ok(to_python(py, &value)?.unbind())
+    }
+
+    /// Issues an access token with the legacy claims for a user described by the
+    /// arguments (trusted server code; the user need not be stored).
+    #[pyo3(signature = (user_id, email, role, *, family_id=None))]
+    fn issue_token(
+        &self,
+        user_id: String,
+        email: String,
+        role: &str,
+        family_id: Option<String>,
+    ) -> PyResult<String> {
+        let role: UserRole = role.parse().map_err(crate::errors::to_py)?;
+        let user = User {
+            user_id: id(UserId::new, user_id)?,
+            email,
+            display_name: String::new(),
+            role,
+            user_type: match role {
+                UserRole::Parent => UserType::Parent,
+                UserRole::Student => UserType::Student,
+                _ => UserType::None,
+            },
+            family_id: family_id.map(|f| id(FamilyId::new, f)).transpose()?,
+            password_hash: None,
+            soft_delete: false,
+        };
+        let issued = self
+            .state
+            .auth()
+            .codec()
+            .issue(&user, None)
+            .map_err(crate::errors::to_py)?;
+        Ok(issued.token)
+    }
+
+    /// Hashes a password with argon2id.
+    fn hash_password(&self, py: Python<'_>, password: String) -> PyResult<String> {
+        let state = self.state.clone();
+        block_on(
+            py,
+            async move { state.auth().hasher().hash(&password).await },
+        )
+    }
+
+    /// Checks a password against an argon2id hash or a legacy `salt:pbkdf2` hash.
+    fn verify_password(
+        &self,
+        py: Python<'_>,
+        password: String,
+        stored_hash: String,
+    ) -> PyResult<bool> {
+        let state = self.state.clone();
+        let check = block_on(py, async move {
+            state.auth().hasher().verify(&password, &stored_hash).await
+        })?;
+        Ok(matches!(check, PasswordCheck::Valid { .. }))
+    }
+}

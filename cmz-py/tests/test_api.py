@@ -1,0 +1,163 @@
+"""The Python API on both backends: auth, turns, streams (sync and async), history,
+sessions, the access policy, deletes and summaries."""
+
+import asyncio
+
+import pytest
+
+import cmz
+from conftest import login, make_client
+
+
+def test_login_refresh_logout(client):
+    response = client.auth.login("parent@cmz.org", "parent123")
+    assert set(response) == {"token", "refreshToken", "expiresIn", "user"}
+    assert response["user"]["email"] == "parent@cmz.org"
+    me = client.auth.authenticate(response["token"])
+    assert (me.user_id, me.role) == (response["user"]["userId"], "parent")
+    claims = client.auth.verify_token(response["token"])
+    assert claims["user_id"] == claims["userId"] == me.user_id and claims["iss"] == "cmz-api"
+    refreshed = client.auth.refresh(response["refreshToken"])
+    assert refreshed["token"] != response["token"]
+    with pytest.raises(cmz.Unauthorized):
+        client.auth.refresh(response["refreshToken"])  # single use: a replay
+    with pytest.raises(cmz.Unauthorized):
+        client.auth.authenticate(refreshed["token"])  # ...revokes the whole family
+    fresh = client.auth.login("parent@cmz.org", "parent123")["token"]
+    client.auth.authenticate(fresh)
+    client.auth.logout(fresh)
+    with pytest.raises(cmz.Unauthorized) as raised:
+        client.auth.authenticate(fresh)
+    assert raised.value.code == "unauthorized"
+
+
+def test_passwords_argon2_and_legacy(client):
+    hashed = client.auth.hash_password("zebra stripes")
+    assert hashed.startswith("$argon2id$")
+    assert client.auth.verify_password("zebra stripes", hashed)
+    assert not client.auth.verify_password("zebra spots", hashed)
+    # The legacy format: salt as 32 hex chars, PBKDF2-HMAC-SHA256 of the salt's hex text.
+    import hashlib
+
+    salt = "00112233445566778899aabbccddeeff"
+    legacy = salt + ":" + hashlib.pbkdf2_hmac("sha256", b"admin123", salt.encode(), 100000).hex()
+    assert client.auth.verify_password("admin123", legacy)
+    assert not client.auth.verify_password("admin124", legacy)
+
+
+def test_turns_history_sessions(client, admin):
+    first = client.conversations.turn(admin, "cougar", "Can you roar?")
+    assert first["sessionCreated"] and first["turn"] == 1
+    assert first["userMessage"]["text"] == "Can you roar?"
+    assert first["assistantMessage"]["text"] == first["reply"] != ""
+    session = first["sessionId"]
+    second = client.conversations.turn(admin, "cougar", "What do you eat?", session_id=session, context_window=3)
+    assert second["sessionId"] == session and second["turn"] == 2
+    page = client.conversations.history(admin, session, limit=3)
+    assert [m["seq"] for m in page["messages"]] == [1, 2, 3]
+    rest = client.conversations.history(admin, session, limit=3, cursor=page["nextCursor"])
+    assert [m["seq"] for m in rest["messages"]] == [4] and rest["nextCursor"] is None
+    assert [m["seq"] for m in client.conversations.recent(admin, session, limit=2)] == [3, 4]
+    info = client.conversations.session(admin, session)
+    assert info["messageCount"] == 4 and info["animalId"] == "cougar"
+    listed = client.conversations.sessions(admin)
+    assert listed["sessions"][0]["sessionId"] == session
+    summary = client.conversations.summarize(admin, session)
+    assert summary["summary"]
+    assert client.conversations.delete(admin, session) == {"sessions": 1, "messages": 4}
+    with pytest.raises(cmz.NotFound):
+        client.conversations.session(admin, session)
+
+
+def test_a_retried_turn_key_is_not_stored_twice(client, admin):
+    first = client.conversations.turn(admin, "porcupine", "Quills?", turn_key="key-1")
+    again = client.conversations.turn(admin, "porcupine", "Quills?", session_id=first["sessionId"], turn_key="key-1")
+    assert again["replayed"] and again["reply"] == first["reply"]
+    assert client.conversations.session(admin, first["sessionId"])["messageCount"] == 2
+
+
+def test_streams_sync_and_async(client, admin):
+    stream = client.conversations.stream_turn(admin, "red_panda", "Tell me about bamboo")
+    assert stream.session_created and stream.session_id.startswith("conv_red_panda_")
+    events = list(stream)
+    assert events[-1]["type"] == "complete"
+    deltas = [e["content"] for e in events[:-1]]
+    assert all(e["type"] == "delta" for e in events[:-1]) and "".join(deltas) == events[-1]["reply"]
+    assert list(stream) == []  # exhausted
+
+    async def run():
+        reply = await client.conversations.aturn(admin, "red_panda", "hello", session_id=stream.session_id)
+        streamed = client.conversations.stream_turn(admin, "red_panda", "more", session_id=reply["sessionId"])
+        seen = [event async for event in streamed]
+        page = await client.conversations.ahistory(admin, reply["sessionId"], limit=100)
+        me = await client.auth.aauthenticate((await client.auth.alogin("admin@cmz.org", "admin123"))["token"])
+        return seen, page, me
+
+    seen, page, me = asyncio.run(run())
+    assert seen[-1]["type"] == "complete" and len(page["messages"]) == 6 and me.role == "admin"
+
+
+def test_an_abandoned_stream_stores_an_interrupted_reply(backend):
+    client = make_client(backend, {"CMZ_OFFLINE_CHUNK_DELAY_MS": "40"})
+    kid = login(client, "student1@cmz.org", "student123")
+    stream = client.conversations.stream_turn(kid, "cougar", "Tell me a long story")
+    assert next(stream)["type"] == "delta"
+    assert next(stream)["type"] == "delta"
+    session = stream.session_id
+    del stream  # abandoned mid-way
+    import time
+
+    messages = []
+    for _ in range(100):
+        try:
+            messages = client.conversations.history(kid, session)["messages"]
+        except cmz.NotFound:  # a new session is stored with its first (interrupted) turn
+            messages = []
+        if len(messages) == 2:
+            break
+        time.sleep(0.05)
+    assert len(messages) == 2
+    assert messages[1]["metadata"].get("interrupted") is True
+    # close() does the same explicitly.
+    stream = client.conversations.stream_turn(kid, "cougar", "Another story", session_id=session)
+    next(stream)
+    stream.close()
+    with pytest.raises(StopIteration):
+        next(stream)
+
+
+def test_the_access_policy(client):
+    kid = login(client, "student1@cmz.org", "student123")
+    parent = login(client, "parent@cmz.org", "parent123")
+    other = login(client, "other@cmz.org", "other123")
+    session = client.conversations.turn(kid, "cougar", "hi")["sessionId"]
+    assert client.conversations.history(parent, session)["messages"]
+    with pytest.raises(cmz.Forbidden) as raised:
+        client.conversations.history(other, session)
+    assert raised.value.code == "forbidden"
+    with pytest.raises(cmz.Forbidden):
+        client.conversations.turn(other, "cougar", "sneaky", session_id=session)
+    assert client.conversations.sessions(parent, user_id=kid.user_id)["sessions"][0]["sessionId"] == session
+    with pytest.raises(cmz.Forbidden):
+        client.conversations.sessions(other, user_id=kid.user_id)
+
+
+def test_store_turn_keeps_metadata(client, admin):
+    stored = client.conversations.store_turn(
+        admin, "cougar", "hi", "hello!", metadata={"tokensPrompt": 12, "tokensCompletion": 3, "latencyMs": 250, "model": "gpt-4o-mini"}
+    )
+    assert stored["messageCount"] == 2
+    again = client.conversations.store_turn(admin, "cougar", "and?", "more!", session_id=stored["sessionId"])
+    assert again["messageCount"] == 4
+    messages = client.conversations.history(admin, stored["sessionId"])["messages"]
+    assert messages[1]["metadata"] == {"tokensPrompt": 12, "tokensCompletion": 3, "latencyMs": 250, "model": "gpt-4o-mini"}
+    with pytest.raises(cmz.ValidationError):
+        client.conversations.store_turn(admin, "cougar", "x", "y", metadata={"tokensPrompt": "many"})
+
+
+def test_principals_are_validated():
+    assert cmz.Principal("u1", "parent", "fam1").family_id == "fam1"
+    with pytest.raises(cmz.ValidationError):
+        cmz.Principal("bad id!", "user")
+    with pytest.raises(cmz.ValidationError):
+        cmz.Principal("u1", "emperor")
