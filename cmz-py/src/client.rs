@@ -157,6 +157,19 @@ impl Client {
         }
     }
 
+    /// Capacity DynamoDB reported for this client's calls so far (`readUnits`,
+    /// `writeUnits`, `requests`), or None when the stores are in memory.
+    fn capacity(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let value = match self.state.dynamo() {
+            Some(dynamo) => {
+                let c = dynamo.capacity();
+                json!({"readUnits": c.read_units, "writeUnits": c.write_units, "requests": c.requests})
+            }
+            None => Value::Null,
+        };
+        Ok(to_python(py, &value)?.unbind())
+    }
+
     fn __repr__(&self) -> String {
         "cmz.Client()".to_owned()
     }
@@ -312,6 +325,8 @@ async fn store_turn(
     let mut assistant = NewMessage::new(Role::Assistant, assistant_reply);
     assistant.metadata = metadata;
     let messages = vec![user, assistant];
+    // The count read with the access check serves the first attempt.
+    let mut known_count = None;
     let (id, mut new_session) = match session_id {
         Some(id) => {
             let session = service.session(&principal, &id).await?;
@@ -320,6 +335,7 @@ async fn store_turn(
                     "only the session's owner may add turns to it",
                 ));
             }
+            known_count = Some(session.message_count);
             (id, None)
         }
         None => {
@@ -336,9 +352,10 @@ async fn store_turn(
         }
     };
     for _ in 0..8 {
-        let expected = match &new_session {
-            Some(_) => 0,
-            None => {
+        let expected = match (&new_session, known_count.take()) {
+            (Some(_), _) => 0,
+            (None, Some(count)) => count,
+            (None, None) => {
                 store
                     .get_session(&id)
                     .await?

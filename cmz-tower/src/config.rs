@@ -125,6 +125,8 @@ struct Backends {
     store: cmz_core::store::DynConversationStore,
     personas: cmz_core::persona::DynPersonaDirectory,
     auth: AuthStores,
+    #[cfg(feature = "dynamo")]
+    dynamo: Option<cmz_dynamo::Dynamo>,
 }
 
 fn in_memory_backends() -> Backends {
@@ -132,6 +134,8 @@ fn in_memory_backends() -> Backends {
         store: Arc::new(InMemoryConversationStore::new()),
         personas: Arc::new(InMemoryPersonaDirectory::with_personas(sample_personas())),
         auth: AuthStores::in_memory(),
+        #[cfg(feature = "dynamo")]
+        dynamo: None,
     }
 }
 
@@ -172,6 +176,7 @@ async fn dynamo_backends(
             limits: Arc::new(dynamo.rate_limits()),
             audit: Arc::new(cmz_core::auth::TracingAuditSink),
         },
+        dynamo: Some(dynamo),
     }))
 }
 
@@ -221,13 +226,13 @@ pub async fn state_from_env(lookup: &(dyn Fn(&str) -> Option<String> + Sync)) ->
         Arc::new(auth.policy()),
         ConversationConfig::default(),
     );
-    Ok(AppState::new(
-        conversations,
-        auth,
-        personas,
-        health,
-        settings,
-    ))
+    let state = AppState::new(conversations, auth, personas, health, settings);
+    #[cfg(feature = "dynamo")]
+    let state = match backends.dynamo {
+        Some(dynamo) => state.with_dynamo(dynamo),
+        None => state,
+    };
+    Ok(state)
 }
 
 /// Serves `app` on `bind` until Ctrl-C (or SIGTERM), finishing requests in flight.

@@ -139,6 +139,8 @@ pub(crate) struct StateInner {
     pub(crate) health: HealthCheck,
     pub(crate) settings: HttpSettings,
     pub(crate) started: Instant,
+    #[cfg(feature = "dynamo")]
+    pub(crate) dynamo: Option<cmz_dynamo::Dynamo>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -168,6 +170,8 @@ impl AppState {
                 health,
                 settings,
                 started: Instant::now(),
+                #[cfg(feature = "dynamo")]
+                dynamo: None,
             }),
         }
     }
@@ -185,6 +189,32 @@ impl AppState {
     /// The auth service.
     pub fn auth(&self) -> &AuthService {
         &self.inner.auth
+    }
+
+    /// The DynamoDB connection behind the stores, when they are DynamoDB's (its
+    /// [`capacity`](cmz_dynamo::Dynamo::capacity) sums what the calls consumed).
+    #[cfg(feature = "dynamo")]
+    pub fn dynamo(&self) -> Option<&cmz_dynamo::Dynamo> {
+        self.inner.dynamo.as_ref()
+    }
+
+    /// Records the DynamoDB connection the stores use (see [`dynamo`](Self::dynamo)).
+    #[cfg(feature = "dynamo")]
+    pub fn with_dynamo(self, dynamo: cmz_dynamo::Dynamo) -> Self {
+        let mut inner = Arc::try_unwrap(self.inner).unwrap_or_else(|shared| StateInner {
+            conversations: shared.conversations.clone(),
+            auth: shared.auth.clone(),
+            personas: shared.personas.clone(),
+            limits: shared.limits.clone(),
+            health: shared.health.clone(),
+            settings: shared.settings.clone(),
+            started: shared.started,
+            dynamo: shared.dynamo.clone(),
+        });
+        inner.dynamo = Some(dynamo);
+        Self {
+            inner: Arc::new(inner),
+        }
     }
 
     /// The animal personas.
