@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use aws_sdk_dynamodb::types::{DeleteRequest, ReturnConsumedCapacity, WriteRequest};
+use aws_sdk_dynamodb::types::{DeleteRequest, PutRequest, ReturnConsumedCapacity, WriteRequest};
 use cmz_core::{Error, Result};
 
 use crate::attr::Item;
@@ -13,28 +13,46 @@ use crate::error::map_sdk;
 pub(crate) const BATCH_SIZE: usize = 25;
 const MAX_ROUNDS: u32 = 10;
 
-/// Deletes the items with these primary `keys` from `table`, 25 per request. Unprocessed
-/// items (throttling) are sent again with exponential backoff and full jitter; after ten
-/// rounds the delete fails with `unavailable` (what was deleted stays deleted).
+/// Deletes the items with these primary `keys` from `table` (see [`write_all`]).
 #[tracing::instrument(name = "dynamodb.batch_delete", skip_all, fields(table, items = keys.len()))]
 pub(crate) async fn delete_keys(db: &Dynamo, table: &str, keys: Vec<Item>) -> Result<()> {
-    for chunk in keys.chunks(BATCH_SIZE) {
-        let mut pending: Vec<WriteRequest> = chunk
-            .iter()
-            .map(|key| {
-                DeleteRequest::builder()
-                    .set_key(Some(key.clone()))
-                    .build()
-                    .map(|d| WriteRequest::builder().delete_request(d).build())
-                    .map_err(|e| Error::internal(format!("delete request: {e}")))
-            })
-            .collect::<Result<_>>()?;
+    let requests = keys
+        .into_iter()
+        .map(|key| {
+            DeleteRequest::builder()
+                .set_key(Some(key))
+                .build()
+                .map(|d| WriteRequest::builder().delete_request(d).build())
+                .map_err(|e| Error::internal(format!("delete request: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    write_all(db, table, requests).await
+}
+
+/// Puts these items into `table` unconditionally (see [`write_all`]).
+#[tracing::instrument(name = "dynamodb.batch_put", skip_all, fields(table, items = items.len()))]
+pub(crate) async fn put_items(db: &Dynamo, table: &str, items: Vec<Item>) -> Result<()> {
+    let requests = items
+        .into_iter()
+        .map(|item| {
+            PutRequest::builder()
+                .set_item(Some(item))
+                .build()
+                .map(|p| WriteRequest::builder().put_request(p).build())
+                .map_err(|e| Error::internal(format!("put request: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    write_all(db, table, requests).await
+}
+
+/// Sends `requests` to `table`, 25 per `BatchWriteItem`. Unprocessed items (throttling)
+/// are sent again with exponential backoff and jitter; after ten rounds the write fails
+/// with `unavailable` (what was written stays written).
+async fn write_all(db: &Dynamo, table: &str, requests: Vec<WriteRequest>) -> Result<()> {
+    for chunk in requests.chunks(BATCH_SIZE) {
+        let mut pending: Vec<WriteRequest> = chunk.to_vec();
         let mut round = 0;
         while !pending.is_empty() {
-            if round > 0 {
-                let cap = 50u64 << round.min(6);
-                tokio::time::sleep(Duration::from_millis(fastrand::u64(cap / 2..=cap))).await;
-            }
             if round >= MAX_ROUNDS {
                 return Err(Error::unavailable(
                     format!(
@@ -43,6 +61,10 @@ pub(crate) async fn delete_keys(db: &Dynamo, table: &str, keys: Vec<Item>) -> Re
                     ),
                     std::io::Error::other("unprocessed items"),
                 ));
+            }
+            if round > 0 {
+                let cap = 50u64 << round.min(6);
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(cap / 2..=cap))).await;
             }
             let out = db
                 .inner

@@ -16,7 +16,7 @@
 
 use std::time::Duration;
 
-use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, ReturnConsumedCapacity, WriteRequest};
+use aws_sdk_dynamodb::types::{AttributeValue, ReturnConsumedCapacity};
 use chrono::Utc;
 use cmz_core::ids::SessionId;
 use cmz_core::types::{Message, NewMessage, Role};
@@ -25,7 +25,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::attr::{Item, Reader, s};
 use crate::backend::Dynamo;
-use crate::batch::BATCH_SIZE;
+use crate::batch::put_items;
 use crate::conversations::{legacy_messages, legacy_session, session_item, turn_item};
 use crate::error::map_sdk;
 
@@ -284,51 +284,7 @@ async fn write_messages(db: &Dynamo, id: &SessionId, messages: &[Message]) -> Re
         )?);
         i += take;
     }
-    let table = db.inner.tables.messages.clone();
-    for chunk in items.chunks(BATCH_SIZE) {
-        let mut pending: Vec<WriteRequest> = chunk
-            .iter()
-            .map(|item| {
-                PutRequest::builder()
-                    .set_item(Some(item.clone()))
-                    .build()
-                    .map(|p| WriteRequest::builder().put_request(p).build())
-                    .map_err(|e| Error::internal(format!("put request: {e}")))
-            })
-            .collect::<Result<_>>()?;
-        for round in 0..10u32 {
-            if pending.is_empty() {
-                break;
-            }
-            if round > 0 {
-                tokio::time::sleep(Duration::from_millis(fastrand::u64(
-                    25..=(50 << round.min(6)),
-                )))
-                .await;
-            }
-            let out = db
-                .inner
-                .client
-                .batch_write_item()
-                .request_items(&table, std::mem::take(&mut pending))
-                .return_consumed_capacity(ReturnConsumedCapacity::Total)
-                .send()
-                .await
-                .map_err(|e| map_sdk("BatchWriteItem", &table, e))?;
-            db.inner.meter.record(out.consumed_capacity(), true);
-            pending = out
-                .unprocessed_items
-                .and_then(|mut u| u.remove(&table))
-                .unwrap_or_default();
-        }
-        if !pending.is_empty() {
-            return Err(Error::unavailable(
-                format!("dynamodb BatchWriteItem on {table}: items still unprocessed"),
-                std::io::Error::other("unprocessed items"),
-            ));
-        }
-    }
-    Ok(())
+    put_items(db, &db.inner.tables.messages, items).await
 }
 
 async fn load_checkpoint(db: &Dynamo) -> Result<Option<Item>> {

@@ -662,23 +662,22 @@ impl Conversations {
         limit: i128,
         cursor: Option<String>,
     ) -> PyResult<Py<PyAny>> {
-        let owner = match user_id {
-            Some(user) => id(UserId::new, user)?,
-            None => principal.inner.user_id.clone(),
-        };
-        let (state, principal) = (self.state.clone(), principal.inner.clone());
-        let request = page(limit, cursor)?;
-        let value = block_on(py, async move {
-            let listed = state
-                .conversations()
-                .list_sessions(&principal, SessionScope::User(owner), request)
-                .await?;
-            Ok(json!({
-                "sessions": listed.items.iter().map(to_json).collect::<Result<Vec<_>>>()?,
-                "nextCursor": listed.next.map(|c| c.as_str().to_owned()),
-            }))
-        })?;
-        Ok(to_python(py, &value)?.unbind())
+        let future = sessions(self.state.clone(), principal, user_id, page(limit, cursor)?)?;
+        sync_value(py, future)
+    }
+
+    /// `sessions` as an asyncio coroutine.
+    #[pyo3(signature = (principal, *, user_id=None, limit=20, cursor=None))]
+    fn asessions<'py>(
+        &self,
+        py: Python<'py>,
+        principal: &Principal,
+        user_id: Option<String>,
+        limit: i128,
+        cursor: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let future = sessions(self.state.clone(), principal, user_id, page(limit, cursor)?)?;
+        awaitable(py, future)
     }
 
     /// Deletes a session and its messages: `{"sessions": n, "messages": n}`.
@@ -688,16 +687,31 @@ impl Conversations {
         principal: &Principal,
         session_id: String,
     ) -> PyResult<Py<PyAny>> {
-        let id = id(SessionId::new, session_id)?;
-        let (state, principal) = (self.state.clone(), principal.inner.clone());
-        let value = block_on(py, async move {
-            let report = state
-                .conversations()
-                .delete(&principal, DeleteScope::Session(id))
-                .await?;
-            Ok(json!({"sessions": report.sessions, "messages": report.messages}))
-        })?;
-        Ok(to_python(py, &value)?.unbind())
+        sync_value(
+            py,
+            delete(
+                self.state.clone(),
+                principal.inner.clone(),
+                id(SessionId::new, session_id)?,
+            ),
+        )
+    }
+
+    /// `delete` as an asyncio coroutine.
+    fn adelete<'py>(
+        &self,
+        py: Python<'py>,
+        principal: &Principal,
+        session_id: String,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        awaitable(
+            py,
+            delete(
+                self.state.clone(),
+                principal.inner.clone(),
+                id(SessionId::new, session_id)?,
+            ),
+        )
     }
 
     /// Summarizes a session with the model (a deterministic one when the model is down):
@@ -708,14 +722,85 @@ impl Conversations {
         principal: &Principal,
         session_id: String,
     ) -> PyResult<Py<PyAny>> {
-        let id = id(SessionId::new, session_id)?;
-        let (state, principal) = (self.state.clone(), principal.inner.clone());
-        let value = block_on(py, async move {
-            let summary = state.conversations().summarize(&principal, &id).await?;
-            Ok(json!({"summary": summary.text, "fallback": summary.fallback}))
-        })?;
-        Ok(to_python(py, &value)?.unbind())
+        sync_value(
+            py,
+            summarize(
+                self.state.clone(),
+                principal.inner.clone(),
+                id(SessionId::new, session_id)?,
+            ),
+        )
     }
+
+    /// `summarize` as an asyncio coroutine.
+    fn asummarize<'py>(
+        &self,
+        py: Python<'py>,
+        principal: &Principal,
+        session_id: String,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        awaitable(
+            py,
+            summarize(
+                self.state.clone(),
+                principal.inner.clone(),
+                id(SessionId::new, session_id)?,
+            ),
+        )
+    }
+}
+
+/// Runs a JSON-returning operation synchronously (GIL released) and converts its result.
+fn sync_value<F>(py: Python<'_>, future: F) -> PyResult<Py<PyAny>>
+where
+    F: std::future::Future<Output = Result<Value>> + Send,
+{
+    let value = block_on(py, future)?;
+    Ok(to_python(py, &value)?.unbind())
+}
+
+fn sessions(
+    state: AppState,
+    principal: &Principal,
+    user_id: Option<String>,
+    request: PageRequest,
+) -> PyResult<impl std::future::Future<Output = Result<Value>> + Send + 'static> {
+    let owner = match user_id {
+        Some(user) => id(UserId::new, user)?,
+        None => principal.inner.user_id.clone(),
+    };
+    let principal = principal.inner.clone();
+    Ok(async move {
+        let listed = state
+            .conversations()
+            .list_sessions(&principal, SessionScope::User(owner), request)
+            .await?;
+        Ok(json!({
+            "sessions": listed.items.iter().map(to_json).collect::<Result<Vec<_>>>()?,
+            "nextCursor": listed.next.map(|c| c.as_str().to_owned()),
+        }))
+    })
+}
+
+async fn delete(
+    state: AppState,
+    principal: cmz_core::access::Principal,
+    id: SessionId,
+) -> Result<Value> {
+    let report = state
+        .conversations()
+        .delete(&principal, DeleteScope::Session(id))
+        .await?;
+    Ok(json!({"sessions": report.sessions, "messages": report.messages}))
+}
+
+async fn summarize(
+    state: AppState,
+    principal: cmz_core::access::Principal,
+    id: SessionId,
+) -> Result<Value> {
+    let summary = state.conversations().summarize(&principal, &id).await?;
+    Ok(json!({"summary": summary.text, "fallback": summary.fallback}))
 }
 
 async fn history(
@@ -862,16 +947,32 @@ impl Auth {
     /// Exchanges a refresh token (single use) for new tokens.
     fn refresh(&self, py: Python<'_>, refresh_token: String) -> PyResult<Py<PyAny>> {
         let state = self.state.clone();
-        let value = block_on(py, async move {
+        sync_value(py, async move {
             to_json(&state.auth().refresh(&refresh_token).await?)
-        })?;
-        Ok(to_python(py, &value)?.unbind())
+        })
+    }
+
+    /// `refresh` as an asyncio coroutine.
+    fn arefresh<'py>(&self, py: Python<'py>, refresh_token: String) -> PyResult<Bound<'py, PyAny>> {
+        let state = self.state.clone();
+        awaitable(py, async move {
+            to_json(&state.auth().refresh(&refresh_token).await?)
+        })
     }
 
     /// Revokes an access token and its refresh family.
     fn logout(&self, py: Python<'_>, token: String) -> PyResult<()> {
         let state = self.state.clone();
         block_on(py, async move { state.auth().logout(&token).await })
+    }
+
+    /// `logout` as an asyncio coroutine (resolves to None).
+    fn alogout<'py>(&self, py: Python<'py>, token: String) -> PyResult<Bound<'py, PyAny>> {
+        let state = self.state.clone();
+        awaitable(py, async move {
+            state.auth().logout(&token).await?;
+            Ok(Value::Null)
+        })
     }
 
     /// Verifies an access token (signature, expiry, issuer, revocation): the caller.
@@ -898,11 +999,19 @@ impl Auth {
     /// Verifies an access token and returns its claims (a dict with the legacy names).
     fn verify_token(&self, py: Python<'_>, token: String) -> PyResult<Py<PyAny>> {
         let state = self.state.clone();
-        let value = block_on(py, async move {
-            let (_, claims) = state.auth().verify(&token).await?;
-            to_json(&claims)
-        })?;
-        Ok(to_python(py, &value)?.unbind())
+        sync_value(
+            py,
+            async move { to_json(&state.auth().verify(&token).await?.1) },
+        )
+    }
+
+    /// `verify_token` as an asyncio coroutine.
+    fn averify_token<'py>(&self, py: Python<'py>, token: String) -> PyResult<Bound<'py, PyAny>> {
+        let state = self.state.clone();
+        awaitable(
+            py,
+            async move { to_json(&state.auth().verify(&token).await?.1) },
+        )
     }
 
     /// Issues an access token with the legacy claims for a user described by the

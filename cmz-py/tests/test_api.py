@@ -96,6 +96,20 @@ def test_streams_sync_and_async(client, admin):
     seen, page, me = asyncio.run(run())
     assert seen[-1]["type"] == "complete" and len(page["messages"]) == 6 and me.role == "admin"
 
+    async def more():
+        login = await client.auth.alogin("parent@cmz.org", "parent123")
+        claims = await client.auth.averify_token(login["token"])
+        refreshed = await client.auth.arefresh(login["refreshToken"])
+        listed = await client.conversations.asessions(admin, limit=5)
+        summary = await client.conversations.asummarize(admin, stream.session_id)
+        deleted = await client.conversations.adelete(admin, stream.session_id)
+        assert await client.auth.alogout(refreshed["token"]) is None
+        return claims, listed, summary, deleted
+
+    claims, listed, summary, deleted = asyncio.run(more())
+    assert claims["role"] == "parent" and listed["sessions"] and summary["summary"]
+    assert deleted == {"sessions": 1, "messages": 6}
+
 
 def test_an_abandoned_stream_stores_an_interrupted_reply(backend):
     client = make_client(backend, {"CMZ_OFFLINE_CHUNK_DELAY_MS": "40"})
