@@ -120,6 +120,10 @@ impl DynamoLocal {
             .arg("-c")
             .arg(script)
             .stdin(Stdio::null())
+            // Not the test's own output: a watchdog that outlives it by half a second must
+            // not hold the test runner's pipes open.
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .spawn()
             .expect("start DynamoDB Local (is java installed?)");
         let server = Self {
