@@ -85,7 +85,7 @@ def create_conversation_session(user_id: str, animal_id: str, animal_name: Optio
     try:
         owner = _cmz.Principal(user_id, "user")
         session = client().conversations.create_session(owner, animal_id, animal_name=animal_name)
-        return session["sessionId"]
+        return str(session["sessionId"])
     except _cmz.CmzError as error:
         logger.error("create_conversation_session failed: %s (%s)", error, error.code)
         return None
