@@ -171,9 +171,10 @@ async fn a_server_killed_mid_turn_loses_nothing_acknowledged_and_leaves_nothing_
     dynamo.ensure_tables().await.unwrap();
     let store = Arc::new(dynamo.conversations());
     let stop = Arc::new(AtomicBool::new(false));
+    let progress: Vec<Arc<AtomicUsize>> = (0..4).map(|_| Arc::new(AtomicUsize::new(0))).collect();
     let mut writers = Vec::new();
     for w in 0..4 {
-        let (store, stop) = (store.clone(), stop.clone());
+        let (store, stop, done) = (store.clone(), stop.clone(), progress[w].clone());
         writers.push(tokio::spawn(async move {
             let s = session(100 + w);
             let mut acknowledged = Vec::new();
@@ -186,6 +187,7 @@ async fn a_server_killed_mid_turn_loses_nothing_acknowledged_and_leaves_nothing_
                     Ok(_) => {
                         acknowledged.push(text);
                         count += 2;
+                        done.fetch_add(1, Ordering::SeqCst);
                     }
                     Err(e) => {
                         failures.push(e.code());
@@ -198,7 +200,15 @@ async fn a_server_killed_mid_turn_loses_nothing_acknowledged_and_leaves_nothing_
             (s.id, acknowledged, failures)
         }));
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Kill once every writer has had a few turns acknowledged (however slow the machine).
+    let started = Instant::now();
+    while progress.iter().any(|p| p.load(Ordering::SeqCst) < 3) {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the writers made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     server.kill();
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::SeqCst);
