@@ -173,8 +173,8 @@ async fn a_server_killed_mid_turn_loses_nothing_acknowledged_and_leaves_nothing_
     let stop = Arc::new(AtomicBool::new(false));
     let progress: Vec<Arc<AtomicUsize>> = (0..4).map(|_| Arc::new(AtomicUsize::new(0))).collect();
     let mut writers = Vec::new();
-    for w in 0..4 {
-        let (store, stop, done) = (store.clone(), stop.clone(), progress[w].clone());
+    for (w, done) in progress.iter().cloned().enumerate() {
+        let (store, stop) = (store.clone(), stop.clone());
         writers.push(tokio::spawn(async move {
             let s = session(100 + w);
             let mut acknowledged = Vec::new();
