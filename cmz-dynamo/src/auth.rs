@@ -82,21 +82,11 @@ impl DynamoUserStore {
 impl UserStore for DynamoUserStore {
     #[tracing::instrument(name = "dynamodb.get_user", skip_all, fields(user = %id))]
     async fn get_user(&self, id: &UserId) -> Result<Option<User>> {
-        let table = &self.db.inner.tables.users;
-        let out = self
+        let item = self
             .db
-            .inner
-            .client
-            .get_item()
-            .table_name(table)
-            .key("userId", s(id.as_str()))
-            .consistent_read(true)
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await
-            .map_err(|e| map_sdk("GetItem", table, e))?;
-        self.db.inner.meter.record(out.consumed_capacity(), false);
-        out.item.as_ref().map(Self::user_from).transpose()
+            .get_item(&self.db.inner.tables.users, "userId", id.as_str())
+            .await?;
+        item.as_ref().map(Self::user_from).transpose()
     }
 
     #[tracing::instrument(name = "dynamodb.find_by_email", skip_all)]

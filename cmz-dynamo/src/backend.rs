@@ -6,12 +6,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::types::ConsumedCapacity;
+use aws_sdk_dynamodb::types::{
+    AttributeValue, ConsumedCapacity, ReturnConsumedCapacity, ReturnValue,
+};
 use cmz_core::Result;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::attr::Item;
 use crate::config::{DynamoSettings, TableNames};
+use crate::error::map_sdk;
 use crate::{
     DynamoConversationStore, DynamoFamilyDirectory, DynamoPersonaDirectory, DynamoRateLimitStore,
     DynamoRevocationStore, DynamoUserStore, tables,
@@ -136,6 +140,50 @@ impl Dynamo {
     /// Shared rate-limit counters.
     pub fn rate_limits(&self) -> DynamoRateLimitStore {
         DynamoRateLimitStore::new(self.clone())
+    }
+
+    /// One strongly consistent `GetItem` by a string hash key, its capacity metered.
+    pub(crate) async fn get_item(
+        &self,
+        table: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<Option<Item>> {
+        let out = self
+            .inner
+            .client
+            .get_item()
+            .table_name(table)
+            .key(key, AttributeValue::S(value.to_owned()))
+            .consistent_read(true)
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await
+            .map_err(|e| map_sdk("GetItem", table, e))?;
+        self.inner.meter.record(out.consumed_capacity(), false);
+        Ok(out.item)
+    }
+
+    /// One `DeleteItem` by a string hash key; the item it removed, if there was one.
+    pub(crate) async fn delete_item(
+        &self,
+        table: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<Option<Item>> {
+        let out = self
+            .inner
+            .client
+            .delete_item()
+            .table_name(table)
+            .key(key, AttributeValue::S(value.to_owned()))
+            .return_values(ReturnValue::AllOld)
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await
+            .map_err(|e| map_sdk("DeleteItem", table, e))?;
+        self.inner.meter.record(out.consumed_capacity(), true);
+        Ok(out.attributes.filter(|a| !a.is_empty()))
     }
 
     pub(crate) fn ttl(&self) -> Option<i64> {

@@ -34,8 +34,8 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
-    AttributeValue, Put, ReturnConsumedCapacity, ReturnValue, ReturnValuesOnConditionCheckFailure,
-    Select, TransactWriteItem, Update,
+    AttributeValue, Put, ReturnConsumedCapacity, ReturnValuesOnConditionCheckFailure, Select,
+    TransactWriteItem, Update,
 };
 use chrono::{DateTime, Utc};
 use cmz_core::ids::{AnimalId, MessageId, SessionId, UserId};
@@ -178,18 +178,7 @@ impl DynamoConversationStore {
     }
 
     async fn get_item(&self, table: &str, key: &str, value: &str) -> Result<Option<Item>> {
-        let out = self
-            .client()
-            .get_item()
-            .table_name(table)
-            .key(key, s(value))
-            .consistent_read(true)
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await
-            .map_err(|e| map_sdk("GetItem", table, e))?;
-        self.db.inner.meter.record(out.consumed_capacity(), false);
-        Ok(out.item)
+        self.db.get_item(table, key, value).await
     }
 
     /// The legacy conversation item, if there is one (an item with a `messages` list).
@@ -1078,19 +1067,12 @@ impl DynamoConversationStore {
     async fn delete_session(&self, id: &SessionId) -> Result<DeleteReport> {
         let mut report = DeleteReport::default();
         // The session item first: from then on no append can succeed on it.
-        let sessions = self.sessions_table();
-        let old = self
-            .client()
-            .delete_item()
-            .table_name(sessions)
-            .key("sessionId", s(id.as_str()))
-            .return_values(ReturnValue::AllOld)
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await
-            .map_err(|e| map_sdk("DeleteItem", sessions, e))?;
-        self.db.inner.meter.record(old.consumed_capacity(), true);
-        if old.attributes.is_some_and(|a| !a.is_empty()) {
+        if self
+            .db
+            .delete_item(self.sessions_table(), "sessionId", id.as_str())
+            .await?
+            .is_some()
+        {
             report.sessions = 1;
         }
         // Every turn item of the conversation's partition.
@@ -1128,19 +1110,11 @@ impl DynamoConversationStore {
             }
         }
         delete_keys(&self.db, table, keys).await?;
-        let legacy_table = self.legacy_table();
         let legacy = self
-            .client()
-            .delete_item()
-            .table_name(legacy_table)
-            .key("conversationId", s(id.as_str()))
-            .return_values(ReturnValue::AllOld)
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await
-            .map_err(|e| map_sdk("DeleteItem", legacy_table, e))?;
-        self.db.inner.meter.record(legacy.consumed_capacity(), true);
-        if let Some(old) = legacy.attributes.filter(|a| !a.is_empty()) {
+            .db
+            .delete_item(self.legacy_table(), "conversationId", id.as_str())
+            .await?;
+        if let Some(old) = legacy {
             report.sessions = 1;
             report.messages += legacy_messages_len(&old) as u64;
         }

@@ -288,18 +288,8 @@ async fn write_messages(db: &Dynamo, id: &SessionId, messages: &[Message]) -> Re
 }
 
 async fn load_checkpoint(db: &Dynamo) -> Result<Option<Item>> {
-    let meta = &db.inner.tables.meta;
-    let out = db
-        .inner
-        .client
-        .get_item()
-        .table_name(meta)
-        .key("pk", s(CHECKPOINT))
-        .consistent_read(true)
-        .send()
-        .await
-        .map_err(|e| map_sdk("GetItem", meta, e))?;
-    Ok(out.item.and_then(|item| {
+    let item = db.get_item(&db.inner.tables.meta, "pk", CHECKPOINT).await?;
+    Ok(item.and_then(|item| {
         Reader::new(&item, "checkpoint")
             .opt_str("after")
             .map(|after| {

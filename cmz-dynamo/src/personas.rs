@@ -102,20 +102,11 @@ fn persona_from_item(item: &Item) -> Result<Persona> {
 impl PersonaDirectory for DynamoPersonaDirectory {
     #[tracing::instrument(name = "dynamodb.persona", skip_all, fields(animal = %animal))]
     async fn persona(&self, animal: &AnimalId) -> Result<Option<Persona>> {
-        let table = &self.db.inner.tables.animals;
-        let out = self
+        let item = self
             .db
-            .inner
-            .client
-            .get_item()
-            .table_name(table)
-            .key("animalId", s(animal.as_str()))
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await
-            .map_err(|e| map_sdk("GetItem", table, e))?;
-        self.db.inner.meter.record(out.consumed_capacity(), false);
-        out.item.as_ref().map(persona_from_item).transpose()
+            .get_item(&self.db.inner.tables.animals, "animalId", animal.as_str())
+            .await?;
+        item.as_ref().map(persona_from_item).transpose()
     }
 
     #[tracing::instrument(name = "dynamodb.list_personas", skip_all)]
