@@ -13,6 +13,11 @@
 use axum::response::Html;
 use axum::routing::get;
 
+// A server allocates and frees on every request from several threads; mimalloc's
+// per-thread heaps avoid the contended arena locks of the system allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The chat page.
 const PAGE: &str = include_str!("static/index.html");
 

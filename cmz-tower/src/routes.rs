@@ -10,11 +10,11 @@ use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use cmz_core::access::{Action, Principal};
 use cmz_core::auth::{AuditEvent, AuditKind, AuditOutcome, Family, PublicUser};
-use cmz_core::ids::{AnimalId, SessionId, UserId};
-use cmz_core::service::TurnRequest;
+use cmz_core::ids::{AnimalId, MessageId, SessionId, UserId};
+use cmz_core::service::{TurnReply, TurnRequest};
 use cmz_core::store::{Cursor, DeleteScope, PageRequest, SessionScope};
 use cmz_core::types::{Message, Session};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::auth_layer::AccessToken;
@@ -240,29 +240,68 @@ pub(crate) async fn convo_turn(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     ApiJson(body): ApiJson<ConvoTurnRequest>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let turn = body.into_turn()?;
     check_turn_limit(&state, &principal).await?;
     let started = std::time::Instant::now();
     let reply = state.inner.conversations.turn(&principal, turn).await?;
     crate::metrics::turn(&reply, started.elapsed());
-    let meta = &reply.assistant_message.metadata;
-    Ok(Json(json!({
-        "reply": reply.reply,
-        "sessionId": reply.session_id,
-        "turnNumber": reply.turn,
-        "fallback": reply.fallback,
-        "interrupted": reply.interrupted,
-        "replayed": reply.replayed,
-        "turn": {
-            "convoTurnId": reply.assistant_message.id,
-            "timestamp": reply.assistant_message.created_at,
-            "tokensPrompt": meta.tokens_prompt,
-            "tokensCompletion": meta.tokens_completion,
-            "latencyMs": meta.latency_ms,
-        },
-        "moderation": { "flagged": meta.moderated, "categories": [] },
-    })))
+    Ok(Json(TurnResponse::of(&reply)).into_response())
+}
+
+/// The body of `POST /convo_turn` (typed: it is built on every turn).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TurnResponse<'a> {
+    reply: &'a str,
+    session_id: &'a SessionId,
+    turn_number: u64,
+    fallback: bool,
+    interrupted: bool,
+    replayed: bool,
+    turn: TurnMeta<'a>,
+    moderation: Moderation,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TurnMeta<'a> {
+    convo_turn_id: &'a MessageId,
+    timestamp: &'a DateTime<Utc>,
+    tokens_prompt: Option<u32>,
+    tokens_completion: Option<u32>,
+    latency_ms: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct Moderation {
+    flagged: bool,
+    categories: [&'static str; 0],
+}
+
+impl<'a> TurnResponse<'a> {
+    fn of(reply: &'a TurnReply) -> Self {
+        let message = &reply.assistant_message;
+        Self {
+            reply: &reply.reply,
+            session_id: &reply.session_id,
+            turn_number: reply.turn,
+            fallback: reply.fallback,
+            interrupted: reply.interrupted,
+            replayed: reply.replayed,
+            turn: TurnMeta {
+                convo_turn_id: &message.id,
+                timestamp: &message.created_at,
+                tokens_prompt: message.metadata.tokens_prompt,
+                tokens_completion: message.metadata.tokens_completion,
+                latency_ms: message.metadata.latency_ms,
+            },
+            moderation: Moderation {
+                flagged: message.metadata.moderated,
+                categories: [],
+            },
+        }
+    }
 }
 
 fn turn_json(message: &Message, include_metadata: bool) -> Value {

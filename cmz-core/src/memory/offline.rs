@@ -71,29 +71,39 @@ impl OfflinePersonaModel {
     }
 }
 
-fn words(text: &str) -> impl Iterator<Item = String> + '_ {
+/// The words of `text` that count for matching: four characters or more.
+fn words(text: &str) -> impl Iterator<Item = &str> + '_ {
     text.split(|c: char| !c.is_alphanumeric())
-        .filter(|w| w.chars().count() >= 4)
-        .map(str::to_lowercase)
+        .filter(|w| w.chars().nth(3).is_some())
+}
+
+/// Whether `word` lowercases to `lowered` (compared char by char, without allocating).
+fn same_word(word: &str, lowered: &str) -> bool {
+    word.chars().flat_map(char::to_lowercase).eq(lowered.chars())
 }
 
 /// The fact sharing the most words with the question; with no overlap, a different fact
 /// each turn.
-fn best_fact<'a>(facts: &'a [String], question: &str, turn: usize) -> Option<&'a str> {
+fn best_fact<'a>(facts: &[&'a str], question: &str, turn: usize) -> Option<&'a str> {
     if facts.is_empty() {
         return None;
     }
-    let asked: Vec<String> = words(question).collect();
+    let asked: Vec<String> = words(question).map(str::to_lowercase).collect();
     let scored = facts
         .iter()
         .enumerate()
-        .map(|(i, fact)| (words(fact).filter(|w| asked.contains(w)).count(), i))
+        .map(|(i, fact)| {
+            let score = words(fact)
+                .filter(|w| asked.iter().any(|a| same_word(w, a)))
+                .count();
+            (score, i)
+        })
         .max_by_key(|&(score, i)| (score, std::cmp::Reverse(i)));
     let index = match scored {
         Some((score, i)) if score > 0 => i,
         _ => turn.saturating_sub(1) % facts.len(),
     };
-    Some(facts[index].as_str())
+    Some(facts[index])
 }
 
 #[async_trait]
@@ -212,9 +222,18 @@ mod tests {
 
     #[test]
     fn without_overlap_facts_rotate() {
-        let facts = vec!["one fact".to_owned(), "two fact".to_owned()];
+        let facts = ["one fact", "two fact"];
         assert_eq!(best_fact(&facts, "hello", 1), Some("one fact"));
         assert_eq!(best_fact(&facts, "hello", 2), Some("two fact"));
         assert_eq!(best_fact(&[], "hello", 2), None);
+    }
+
+    #[test]
+    fn facts_match_whole_words_in_any_case() {
+        let facts = ["Cougars sleep by day.", "Cougars EAT deer and rabbits."];
+        assert_eq!(best_fact(&facts, "what do cougars eat? DEER?", 1), Some(facts[1]));
+        assert_eq!(best_fact(&facts, "SLEEPING?", 1), Some(facts[0]), "no shared word: rotates");
+        let facts = ["Ärger gibt es nie.", "Schnee überall."];
+        assert_eq!(best_fact(&facts, "ÜBERALL schnee", 1), Some(facts[1]));
     }
 }

@@ -47,7 +47,7 @@ pub fn system_prompt(persona: &Persona) -> String {
 /// The name and facts of the persona a [`system_prompt`] was built from, read back from
 /// the prompt text; `None` for any other prompt. Kept beside the builder so the two change
 /// together.
-pub fn parse_system_prompt(prompt: &str) -> Option<(String, Vec<String>)> {
+pub fn parse_system_prompt(prompt: &str) -> Option<(&str, Vec<&str>)> {
     let rest = prompt.strip_prefix("You are ")?;
     let name = rest.split(", an animal ambassador").next()?.trim();
     if name.is_empty() || name.len() == rest.len() {
@@ -60,11 +60,10 @@ pub fn parse_system_prompt(prompt: &str) -> Option<(String, Vec<String>)> {
             section
                 .lines()
                 .map_while(|line| line.strip_prefix("- "))
-                .map(str::to_owned)
                 .collect()
         })
         .unwrap_or_default();
-    Some((name.to_owned(), facts))
+    Some((name, facts))
 }
 
 /// The in-character reply used when the model fails or times out.
