@@ -298,16 +298,51 @@ def sanity_check(server, token):
 # --------------------------------------------------------------------------- throughput
 
 
-def run_wrk(server, token, duration, connections, threads, measure=True):
+# Where the server and wrk run. "split": the server on one core and wrk (one thread) on the
+# other, so the load generator takes nothing from the server: req/s is what one core of the
+# server does. "shared": server and wrk (two threads) on both cores, competing for them.
+LAYOUTS = ("split", "shared")
+SERVER_CORE, WRK_CORE = 1, 0
+
+
+def all_cores():
+    return set(range(os.cpu_count() or 1))
+
+
+def pin_tree(server, cores):
+    """Sets the CPU affinity of every thread of the server's processes (threads started
+    later inherit it from the thread that starts them)."""
+    for pid in server.pids():
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                os.sched_setaffinity(tid, cores)
+            except OSError:
+                pass
+
+
+def run_wrk(server, token, duration, connections, threads, measure=True, layout="shared"):
     env = {**os.environ, "BENCH_TOKEN": token}
+    if layout == "split":
+        threads = 1
+        pin_tree(server, {SERVER_CORE})
+        wrk_cores = {WRK_CORE}
+    else:
+        pin_tree(server, all_cores())
+        wrk_cores = all_cores()
     command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency",
                "-s", str(HERE / "post.lua"), server.base + "/convo_turn"]
     pids = server.pids()
     rss0 = tree_memory(pids)[0]
     cpu0, machine0, wrk0 = tree_cpu_seconds(pids), machine_cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
     wall0 = time.monotonic()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=duration + 60)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=duration + 60,
+                          preexec_fn=lambda: os.sched_setaffinity(0, wrk_cores))
     wall = time.monotonic() - wall0
+    pin_tree(server, all_cores())
     cpu1, machine1, wrk1 = tree_cpu_seconds(pids), machine_cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
     rss1 = tree_memory(pids)[0]
     if done.returncode != 0:
@@ -340,6 +375,7 @@ def run_wrk(server, token, duration, connections, threads, measure=True):
         "rss_before_kb": rss0, "rss_after_kb": rss1,
         "kb_per_turn": (rss1 - rss0) / stats["requests"] if stats["requests"] else float("nan"),
         "wrk_text": done.stdout,
+        "threads": threads,
     }
 
 
@@ -531,12 +567,15 @@ def print_report(names, tput, streams, args):
     short = {name: name.split()[0] for name in names}
     print()
     print("=" * 118)
-    print(f"cmz HTTP API vs the legacy way: {os.cpu_count()} CPU cores shared by server and load generator, "
-          f"all traffic on 127.0.0.1")
+    print(f"cmz HTTP API vs the legacy way: {os.cpu_count()} CPU cores, server and load generator on one "
+          f"machine, all traffic on 127.0.0.1")
     print("=" * 118)
-    if tput:
-        print(f"\nA. Throughput: POST /convo_turn, a new conversation per request, "
-              f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s --latency")
+    for layout, results in tput.items():
+        threads = 1 if layout == "split" else args.threads
+        where = (f"server pinned to core {SERVER_CORE}, wrk to core {WRK_CORE}" if layout == "split"
+                 else "server and wrk share every core")
+        print(f"\nA. Throughput ({layout}: {where}): POST /convo_turn, a new conversation per request, "
+              f"wrk -t{threads} -c{args.connections} -d{args.duration}s --latency")
         print("   latency = wrk's own distribution, which wrk corrects for coordinated omission: a response slower than")
         print("   the mean interval per connection adds synthetic samples, so a single long pause shows in p99 and p90")
         header = (f"{'server':<32}{'req/s':>9}{'p50 ms':>8}{'p90 ms':>8}{'p99 ms':>9}{'max ms':>9}"
@@ -545,7 +584,7 @@ def print_report(names, tput, streams, args):
         print(header)
         print("-" * len(header))
         for name in names:
-            t = tput.get(name)
+            t = results.get(name)
             if t is None:
                 continue
             print(f"{name:<32}{t['rps']:>9,.0f}{t['p50_ms']:>8.2f}{t['p90_ms']:>8.2f}{t['p99_ms']:>9.2f}"
@@ -554,12 +593,12 @@ def print_report(names, tput, streams, args):
                   f"{t['kb_per_turn']:>9.2f}")
         print("   srv/wrk/other cores: CPU used during the run by the server's processes, by wrk, by anything else;")
         print("   srv µs/req: server CPU time per request; KiB/turn: server RSS growth per request (stored conversations)")
-        if cmz in tput:
-            a = tput[cmz]
+        if cmz in results:
+            a = results[cmz]
             for name in names[1:]:
-                if name in tput:
-                    b = tput[name]
-                    print(f"  cmz / {short[name]}: throughput {a['rps'] / b['rps']:.1f}x; "
+                if name in results:
+                    b = results[name]
+                    print(f"  cmz / {short[name]} ({layout}): throughput {a['rps'] / b['rps']:.1f}x; "
                           + compare("p99", a["p99_ms"], b["p99_ms"], "ms") + "; "
                           + compare("p50", a["p50_ms"], b["p50_ms"], "ms") + "; "
                           + compare("server CPU/req", a["server_us_per_req"], b["server_us_per_req"], "µs", 0))
@@ -599,7 +638,7 @@ def print_report(names, tput, streams, args):
             s = streams.get(name)
             if s and s["errors"]:
                 print(f"  {name}: failed streams: {s['errors']}")
-    noisy = [n for n in names if (tput.get(n, {}).get("other_cores", 0) > 0.25
+    noisy = [n for n in names if (max((r.get(n, {}).get("other_cores", 0) for r in tput.values()), default=0) > 0.25
                                   or streams.get(n, {}).get("other_cores", 0) > 0.25)]
     if noisy:
         print(f"\n  WARNING: other work used more than 0.25 core during the tests of {', '.join(noisy)}; "
@@ -614,7 +653,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=20, help="wrk seconds per server [20]")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections [64]")
-    parser.add_argument("--threads", type=int, default=2, help="wrk threads [2]")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads with shared cores [2]")
+    parser.add_argument("--layout", choices=["split", "shared", "both"], default="both",
+                        help="split: server on core 1, wrk (1 thread) on core 0; shared: both on "
+                             "every core; both: one after the other [both]")
     parser.add_argument("--streams", type=int, default=1000, help="concurrent SSE streams [1000]")
     parser.add_argument("--chunk-delay-ms", type=int, default=500, help="pause between streamed words [500]")
     parser.add_argument("--gunicorn-threads", type=int, default=600, help="gthread threads per worker [600]")
@@ -626,6 +668,10 @@ def main():
     args = parser.parse_args()
 
     ensure_dependencies()
+    layouts = [l for l in LAYOUTS if args.layout in (l, "both")]
+    if "split" in layouts and len(all_cores()) < 2:
+        log("one core only: no split layout")
+        layouts.remove("split")
     needed_fds = args.streams * 2 + 1000
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < needed_fds:
@@ -706,15 +752,19 @@ def main():
                     f"first word after {fmt(s['first_p50_s'], '.2f')} s (median); "
                     f"accept-queue overflows {s['listen_overflows']}")
         if "throughput" not in args.skip:
-            for server in servers:
-                wait_quiet(args.quiet_wait)
-                run_wrk(server, tokens[server.name], 2, args.connections, args.threads, measure=False)
-                log(f"{server.name}: wrk {args.duration}s")
-                t = run_wrk(server, tokens[server.name], args.duration, args.connections, args.threads)
-                tput[server.name] = t
-                log(f"{server.name}: {t['rps']:,.0f} req/s (wrk says {t['wrk_rps']}), p50 {t['p50_ms']:.2f} ms, "
-                    f"p99 {t['p99_ms']:.2f} ms, non-2xx {t['non2xx']}, socket errors {t['socket_detail']}")
-                print("\n".join("    | " + l for l in t["wrk_text"].splitlines() if not l.startswith("WRKJSON")))
+            for layout in layouts:
+                tput[layout] = {}
+                for server in servers:
+                    wait_quiet(args.quiet_wait)
+                    run_wrk(server, tokens[server.name], 2, args.connections, args.threads, measure=False,
+                            layout=layout)
+                    log(f"{server.name}: wrk {args.duration}s, {layout} cores")
+                    t = run_wrk(server, tokens[server.name], args.duration, args.connections, args.threads,
+                                layout=layout)
+                    tput[layout][server.name] = t
+                    log(f"{server.name}: {t['rps']:,.0f} req/s (wrk says {t['wrk_rps']}), p50 {t['p50_ms']:.2f} ms, "
+                        f"p99 {t['p99_ms']:.2f} ms, non-2xx {t['non2xx']}, socket errors {t['socket_detail']}")
+                    print("\n".join("    | " + l for l in t["wrk_text"].splitlines() if not l.startswith("WRKJSON")))
         for server in servers:
             if server.process.poll() is not None:
                 raise RuntimeError(f"{server.name} died during the run:\n{server.log_tail()}")

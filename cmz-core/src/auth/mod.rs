@@ -25,6 +25,7 @@ mod password;
 mod policy;
 mod stores;
 mod tokens;
+mod verified;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -344,6 +345,8 @@ struct AuthInner {
     limits: LoginLimits,
     /// Verified against when the account does not exist, so a login takes as long either way.
     dummy_hash: String,
+    /// Access tokens whose signature and claims were checked already.
+    verified: verified::VerifiedTokens,
 }
 
 fn invalid_credentials() -> Error {
@@ -379,6 +382,7 @@ impl AuthService {
                 registration: settings.registration,
                 limits: settings.login_limits,
                 dummy_hash,
+                verified: verified::VerifiedTokens::default(),
             }),
         })
     }
@@ -626,27 +630,56 @@ impl AuthService {
     }
 
     /// Verifies an access token (signature, claims, revocation) and returns the caller.
+    ///
+    /// A token seen before is not decoded again: its signature and claims were checked the
+    /// first time; its expiry and revocation are checked on every call.
     pub async fn authenticate(&self, access_token: &str) -> Result<Principal> {
-        self.verify(access_token)
-            .await
-            .map(|(principal, _)| principal)
+        let inner = &self.inner;
+        let known = match inner.verified.get(access_token) {
+            Some(known) if inner.codec.within_lifetime(known.exp, known.nbf) => known,
+            stale => {
+                if stale.is_some() {
+                    inner.verified.remove(access_token);
+                }
+                let claims = inner.codec.verify(access_token)?;
+                let principal = claims.principal().map_err(TokenRejection::into_error)?;
+                let known = verified::Verified {
+                    principal,
+                    exp: claims.exp,
+                    nbf: claims.nbf,
+                    jti: claims.jti,
+                    sid: claims.sid,
+                };
+                inner.verified.insert(access_token, known.clone());
+                known
+            }
+        };
+        self.check_revocation(known.jti.as_deref(), known.sid.as_deref())
+            .await?;
+        Ok(known.principal)
+    }
+
+    async fn check_revocation(&self, jti: Option<&str>, sid: Option<&str>) -> Result<()> {
+        if (jti.is_some() || sid.is_some())
+            && self
+                .inner
+                .stores
+                .revocations
+                .is_revoked(jti, sid)
+                .instrument(span("is_revoked"))
+                .await?
+        {
+            return Err(TokenRejection::Revoked.into_error());
+        }
+        Ok(())
     }
 
     /// Verifies an access token and returns the caller and the token's claims.
     pub async fn verify(&self, access_token: &str) -> Result<(Principal, AccessClaims)> {
         let claims = self.inner.codec.verify(access_token)?;
         let principal = claims.principal().map_err(TokenRejection::into_error)?;
-        if (claims.jti.is_some() || claims.sid.is_some())
-            && self
-                .inner
-                .stores
-                .revocations
-                .is_revoked(claims.jti.as_deref(), claims.sid.as_deref())
-                .instrument(span("is_revoked"))
-                .await?
-        {
-            return Err(TokenRejection::Revoked.into_error());
-        }
+        self.check_revocation(claims.jti.as_deref(), claims.sid.as_deref())
+            .await?;
         Ok((principal, claims))
     }
 

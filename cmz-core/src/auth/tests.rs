@@ -590,6 +590,36 @@ async fn refresh_rotates_and_reuse_revokes_the_family() {
 }
 
 #[tokio::test]
+async fn a_remembered_token_still_expires_and_a_forged_twin_is_refused() {
+    let f = fixture(AuthSettings {
+        access_ttl: Duration::from_secs(1),
+        leeway: Duration::ZERO,
+        ..fast_settings()
+    })
+    .await;
+    let login = f
+        .auth
+        .login("student1@cmz.org", "student123", None)
+        .await
+        .unwrap();
+    let first = f.auth.authenticate(&login.token).await.unwrap();
+    assert_eq!(f.auth.authenticate(&login.token).await.unwrap(), first);
+    // Same header and claims, another signature: not the remembered token.
+    let (signed, _) = login.token.rsplit_once('.').unwrap();
+    let forged = format!("{signed}.{}", "A".repeat(43));
+    assert_eq!(
+        f.auth.authenticate(&forged).await.unwrap_err().code(),
+        "unauthorized"
+    );
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    assert_eq!(
+        f.auth.authenticate(&login.token).await.unwrap_err().code(),
+        "unauthorized",
+        "expiry is checked on every use"
+    );
+}
+
+#[tokio::test]
 async fn logout_revokes_the_access_token_and_its_refresh_family() {
     let f = fixture(fast_settings()).await;
     let login = f
@@ -602,6 +632,10 @@ async fn logout_revokes_the_access_token_and_its_refresh_family() {
         .login("parent@cmz.org", "parent123", None)
         .await
         .unwrap();
+    assert!(
+        f.auth.authenticate(&login.token).await.is_ok(),
+        "verified once, so remembered"
+    );
     f.auth.logout(&login.token).await.unwrap();
     assert_eq!(
         f.auth.authenticate(&login.token).await.unwrap_err().code(),

@@ -632,6 +632,14 @@ impl TokenCodec {
         Ok(data.claims)
     }
 
+    /// Whether a token with these `exp` and `nbf` claims is usable now (with the leeway),
+    /// the time checks of [`TokenCodec::verify`] alone.
+    pub(super) fn within_lifetime(&self, exp: i64, nbf: Option<i64>) -> bool {
+        let now = Utc::now().timestamp();
+        let leeway = i64::try_from(self.leeway.as_secs()).unwrap_or(0);
+        exp >= now - leeway && nbf.is_none_or(|nbf| nbf <= now + leeway)
+    }
+
     /// Verifies a token's signature and claims; any failure is `unauthorized` (the reason
     /// is logged).
     pub fn verify(&self, token: &str) -> Result<AccessClaims> {

@@ -1,5 +1,6 @@
-use std::collections::hash_map::RandomState;
-use std::collections::{HashMap, HashSet};
+// foldhash: several lookups per turn, keyed by ids; seeded per process like std's.
+use foldhash::fast::RandomState;
+use foldhash::{HashMap, HashSet};
 use std::hash::BuildHasher as _;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -39,7 +40,7 @@ impl Default for InMemoryConversationStore {
     fn default() -> Self {
         Self {
             shards: (0..SHARDS).map(|_| RwLock::new(State::default())).collect(),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
         }
     }
 }
@@ -120,7 +121,7 @@ impl State {
             Box::new(Entry {
                 session,
                 messages: MessageLog::default(),
-                turn_keys: HashMap::new(),
+                turn_keys: HashMap::default(),
             }),
         );
     }

@@ -1,6 +1,6 @@
 //! One in-process queue per session, so turns on a session run one after another.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::OwnedMutexGuard;

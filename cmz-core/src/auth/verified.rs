@@ -1,0 +1,115 @@
+//! Access tokens verified recently, so a token sent on every request of a session has its
+//! signature checked and its claims decoded once.
+//!
+//! Only tokens that passed full verification are remembered, keyed by their exact text
+//! (compared in constant time); expiry and not-before are checked again on every use, and
+//! revocation is not cached at all (the caller checks it on every request). The cache is
+//! bounded: when full it starts over.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Mutex;
+
+use subtle::ConstantTimeEq as _;
+
+use crate::access::Principal;
+
+/// How many distinct tokens are remembered before the cache starts over.
+const CAPACITY: usize = 4096;
+
+/// What a verified token carries that a request needs.
+#[derive(Debug, Clone)]
+pub(super) struct Verified {
+    pub(super) principal: Principal,
+    pub(super) exp: i64,
+    pub(super) nbf: Option<i64>,
+    pub(super) jti: Option<String>,
+    pub(super) sid: Option<String>,
+}
+
+/// A token's text as a map key, compared in constant time so a lookup does not reveal how
+/// much of a forged token matches a real one.
+#[derive(Debug)]
+struct TokenText(Box<str>);
+
+impl PartialEq for TokenText {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_bytes().ct_eq(other.0.as_bytes()).into()
+    }
+}
+
+impl Eq for TokenText {}
+
+impl Hash for TokenText {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
+/// The cache (see the module docs).
+#[derive(Debug, Default)]
+pub(super) struct VerifiedTokens {
+    tokens: Mutex<HashMap<TokenText, Verified>>,
+}
+
+impl VerifiedTokens {
+    /// The remembered verification of `token`, if any (expiry not checked here).
+    pub(super) fn get(&self, token: &str) -> Option<Verified> {
+        let key = TokenText(token.into());
+        self.lock().get(&key).cloned()
+    }
+
+    /// Remembers a token that passed verification.
+    pub(super) fn insert(&self, token: &str, verified: Verified) {
+        let mut tokens = self.lock();
+        if tokens.len() >= CAPACITY {
+            tokens.clear();
+        }
+        tokens.insert(TokenText(token.into()), verified);
+    }
+
+    /// Forgets `token` (expired, or no longer wanted).
+    pub(super) fn remove(&self, token: &str) {
+        self.lock().remove(&TokenText(token.into()));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TokenText, Verified>> {
+        // The map holds no invariant a panicking holder could break.
+        self.tokens
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::access::UserRole;
+    use crate::ids::UserId;
+
+    fn verified(exp: i64) -> Verified {
+        Verified {
+            principal: Principal::new(UserId::new("user_a").unwrap(), UserRole::Student),
+            exp,
+            nbf: None,
+            jti: Some("j".into()),
+            sid: None,
+        }
+    }
+
+    #[test]
+    fn remembers_exact_tokens_only_and_stays_bounded() {
+        let cache = VerifiedTokens::default();
+        cache.insert("a.b.c", verified(1));
+        assert_eq!(cache.get("a.b.c").unwrap().exp, 1);
+        assert!(cache.get("a.b.C").is_none());
+        assert!(cache.get("a.b.c ").is_none());
+        cache.remove("a.b.c");
+        assert!(cache.get("a.b.c").is_none());
+        for i in 0..CAPACITY + 10 {
+            cache.insert(&format!("t{i}"), verified(i as i64));
+        }
+        assert!(cache.lock().len() <= CAPACITY);
+        assert!(cache.get(&format!("t{}", CAPACITY + 9)).is_some());
+    }
+}
