@@ -47,6 +47,8 @@ EXPECTED_REPLY = (
     "Hi, I'm Cora the Cougar! Cougars can leap about 6 metres in a single bound. "
     "What else would you like to know?"
 )
+# What a browser's EventSource sends; cmz takes `?token=` only from such requests.
+SSE_HEADERS = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
@@ -401,7 +403,7 @@ async def stream_test(server, token, streams, first_timeout, total_timeout):
         r = results[i]
         chunks = 0
         try:
-            async with session.get(url) as response:
+            async with session.get(url, headers=SSE_HEADERS) as response:
                 r["status"] = response.status
                 r["headers"] = time.monotonic()
                 if response.status != 200:
@@ -516,7 +518,7 @@ async def warm_stream(server, token):
 
     query = urllib.parse.urlencode({"animalId": "cougar", "message": QUESTION, "token": token})
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        async with session.get(f"{server.base}/convo_turn/stream?{query}") as response:
+        async with session.get(f"{server.base}/convo_turn/stream?{query}", headers=SSE_HEADERS) as response:
             if response.status != 200:
                 raise RuntimeError(f"{server.name}: stream -> HTTP {response.status}")
             async for raw in response.content:

@@ -77,8 +77,11 @@ fn words(text: &str) -> impl Iterator<Item = &str> + '_ {
         .filter(|w| w.chars().nth(3).is_some())
 }
 
-/// Whether `word` lowercases to `lowered` (compared char by char, without allocating).
+/// Whether `word` lowercases to `lowered` (compared without allocating).
 fn same_word(word: &str, lowered: &str) -> bool {
+    if word.is_ascii() && lowered.is_ascii() {
+        return word.eq_ignore_ascii_case(lowered);
+    }
     word.chars().flat_map(char::to_lowercase).eq(lowered.chars())
 }
 
