@@ -16,6 +16,7 @@ use axum::http::{Method, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::CorsLayer;
 use tower_http::request_id::{
@@ -158,25 +159,6 @@ pub fn routes() -> impl Iterator<Item = Route> {
 /// CORS for the configured origins, tracing and `x-request-id`. [`router`] uses it; use it
 /// for routes of your own that should behave the same.
 pub fn with_layers(app: Router, settings: &HttpSettings) -> Router {
-    let mut app = app
-        .layer(DefaultBodyLimit::max(settings.body_limit))
-        .layer(CatchPanicLayer::custom(panic_response))
-        .layer(TimeoutLayer::with_status_code(
-            // 504, not 408: the server (a model, a store) was slow, not the client, and
-            // clients may repeat a 408 on their own.
-            axum::http::StatusCode::GATEWAY_TIMEOUT,
-            settings.request_timeout,
-        ))
-        .layer(middleware::map_response(error::ensure_error_body));
-    if !settings.cors_origins.is_empty() {
-        app = app.layer(
-            CorsLayer::new()
-                .allow_origin(settings.cors_origins.clone())
-                .allow_methods([Method::GET, Method::POST, Method::DELETE])
-                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
-                .max_age(Duration::from_secs(600)),
-        );
-    }
     // Spans carry the path only: query strings can hold access tokens (`?token=`) and
     // children's messages, which stay out of logs.
     let trace = TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<axum::body::Body>| {
@@ -187,7 +169,32 @@ pub fn with_layers(app: Router, settings: &HttpSettings) -> Router {
             .unwrap_or("");
         tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id = id)
     });
-    app.layer(trace)
-        .layer(PropagateRequestIdLayer::x_request_id())
+    // One stack, applied once: each `Router::layer` call would box every route again,
+    // and a request would pay an allocation per layer. Outermost first.
+    let stack = ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(FastRequestId))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(trace)
+        .layer(middleware::map_response(error::ensure_error_body))
+        .map_response(IntoResponse::into_response)
+        .layer(TimeoutLayer::with_status_code(
+            // 504, not 408: the server (a model, a store) was slow, not the client, and
+            // clients may repeat a 408 on their own.
+            axum::http::StatusCode::GATEWAY_TIMEOUT,
+            settings.request_timeout,
+        ))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(DefaultBodyLimit::max(settings.body_limit));
+    let app = app.layer(stack);
+    if settings.cors_origins.is_empty() {
+        return app;
+    }
+    // Outside the stack above, as before: preflight answers carry the request id too.
+    app.layer(
+        CorsLayer::new()
+            .allow_origin(settings.cors_origins.clone())
+            .allow_methods([Method::GET, Method::POST, Method::DELETE])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .max_age(Duration::from_secs(600)),
+    )
 }

@@ -824,6 +824,48 @@ async fn a_panicking_handler_is_a_json_500_and_the_server_lives_on() {
 }
 
 #[tokio::test]
+async fn a_slow_handler_is_a_json_504_with_its_request_id() {
+    use axum::routing::get;
+    let settings = HttpSettings {
+        request_timeout: Duration::from_millis(200),
+        ..HttpSettings::default()
+    };
+    let app = cmz_tower::with_layers(
+        axum::Router::new()
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    "late"
+                }),
+            )
+            .route("/fast", get(|| async { "fast" })),
+        &settings,
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let client = reqwest::Client::new();
+    let started = std::time::Instant::now();
+    let response = client
+        .get(format!("{base}/slow"))
+        .header("x-request-id", "trace-me-1")
+        .send()
+        .await
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(response.status(), 504);
+    assert_eq!(response.headers()["x-request-id"], "trace-me-1");
+    let body: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+    assert_eq!(body["code"], "timeout", "{body}");
+    let fast = client.get(format!("{base}/fast")).send().await.unwrap();
+    assert_eq!(fast.status(), 200);
+    let generated = fast.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(generated.len(), 36, "a UUID: {generated}");
+    assert_eq!(&generated[14..15], "4", "version 4: {generated}");
+}
+
+#[tokio::test]
 async fn a_port_in_use_is_a_one_line_error_naming_the_setting() {
     let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = taken.local_addr().unwrap();
