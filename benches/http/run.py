@@ -8,7 +8,8 @@ at target/release/demo). Installs what it needs if missing: flask gunicorn fasta
 uvicorn[standard] pyjwt aiohttp (pip) and wrk (apt-get). Starts the three servers on free
 loopback ports with the same JWT_SECRET, then on each:
 
-  a. throughput: wrk -t2 -c64 -d20s --latency -s post.lua on POST /convo_turn
+  a. throughput: wrk -c64 -d10s --latency -s post.lua on POST /convo_turn, three rounds that
+     interleave the servers, with the server and wrk on separate cores and on shared cores
      (a new conversation per request);
   b. 1,000 concurrent SSE streams of GET /convo_turn/stream (500 ms between words, so a
      stream lasts ~11 s), opened at once by an asyncio + aiohttp client; the server's RSS
@@ -564,6 +565,16 @@ def compare(label, cmz_value, other_value, unit, digits=2):
     return f"{label} {cmz_value:.{digits}f} vs {other_value:.{digits}f} {unit} ({verdict})"
 
 
+def median_run(runs):
+    """The run with the median req/s, carrying every round's req/s and server µs/req."""
+    ordered = sorted(runs, key=lambda t: t["rps"])
+    median = dict(ordered[(len(ordered) - 1) // 2])
+    median["all_rps"] = [t["rps"] for t in runs]
+    median["all_us"] = [t["server_us_per_req"] for t in runs]
+    median["server_us_per_req"] = sorted(median["all_us"])[(len(runs) - 1) // 2]
+    return median
+
+
 def print_report(names, tput, streams, args):
     cmz = names[0]
     short = {name: name.split()[0] for name in names}
@@ -577,7 +588,8 @@ def print_report(names, tput, streams, args):
         where = (f"server pinned to core {SERVER_CORE}, wrk to core {WRK_CORE}" if layout == "split"
                  else "server and wrk share every core")
         print(f"\nA. Throughput ({layout}: {where}): POST /convo_turn, a new conversation per request, "
-              f"wrk -t{threads} -c{args.connections} -d{args.duration}s --latency")
+              f"wrk -t{threads} -c{args.connections} -d{args.duration}s --latency; the median of "
+              f"{args.rounds} interleaved rounds (the round with the median req/s; srv µs/req: median of the rounds)")
         print("   latency = wrk's own distribution, which wrk corrects for coordinated omission: a response slower than")
         print("   the mean interval per connection adds synthetic samples, so a single long pause shows in p99 and p90")
         header = (f"{'server':<32}{'req/s':>9}{'p50 ms':>8}{'p90 ms':>8}{'p99 ms':>9}{'max ms':>9}"
@@ -595,6 +607,11 @@ def print_report(names, tput, streams, args):
                   f"{t['kb_per_turn']:>9.2f}")
         print("   srv/wrk/other cores: CPU used during the run by the server's processes, by wrk, by anything else;")
         print("   srv µs/req: server CPU time per request; KiB/turn: server RSS growth per request (stored conversations)")
+        for name in names:
+            t = results.get(name)
+            if t is not None and len(t["all_rps"]) > 1:
+                print(f"   {short[name]} rounds: req/s " + ", ".join(f"{v:,.0f}" for v in t["all_rps"])
+                      + "; srv µs/req " + ", ".join(f"{v:.1f}" for v in t["all_us"]))
         if cmz in results:
             a = results[cmz]
             for name in names[1:]:
@@ -653,7 +670,9 @@ def print_report(names, tput, streams, args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=int, default=20, help="wrk seconds per server [20]")
+    parser.add_argument("--duration", type=int, default=10, help="wrk seconds per server and round [10]")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="throughput rounds per layout, interleaving the servers; the median is reported [3]")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections [64]")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads with shared cores [2]")
     parser.add_argument("--layout", choices=["split", "shared", "both"], default="both",
@@ -755,18 +774,23 @@ def main():
                     f"accept-queue overflows {s['listen_overflows']}")
         if "throughput" not in args.skip:
             for layout in layouts:
-                tput[layout] = {}
+                runs = {server.name: [] for server in servers}
                 for server in servers:
                     wait_quiet(args.quiet_wait)
                     run_wrk(server, tokens[server.name], 2, args.connections, args.threads, measure=False,
                             layout=layout)
-                    log(f"{server.name}: wrk {args.duration}s, {layout} cores")
-                    t = run_wrk(server, tokens[server.name], args.duration, args.connections, args.threads,
-                                layout=layout)
-                    tput[layout][server.name] = t
-                    log(f"{server.name}: {t['rps']:,.0f} req/s (wrk says {t['wrk_rps']}), p50 {t['p50_ms']:.2f} ms, "
-                        f"p99 {t['p99_ms']:.2f} ms, non-2xx {t['non2xx']}, socket errors {t['socket_detail']}")
-                    print("\n".join("    | " + l for l in t["wrk_text"].splitlines() if not l.startswith("WRKJSON")))
+                # Rounds interleave the servers, so a slow spell of a shared machine hits all of them.
+                for round_ in range(1, args.rounds + 1):
+                    for server in servers:
+                        wait_quiet(args.quiet_wait)
+                        log(f"{server.name}: wrk {args.duration}s, {layout} cores, round {round_}/{args.rounds}")
+                        t = run_wrk(server, tokens[server.name], args.duration, args.connections, args.threads,
+                                    layout=layout)
+                        runs[server.name].append(t)
+                        log(f"{server.name}: {t['rps']:,.0f} req/s (wrk says {t['wrk_rps']}), p50 {t['p50_ms']:.2f} ms, "
+                            f"p99 {t['p99_ms']:.2f} ms, non-2xx {t['non2xx']}, socket errors {t['socket_detail']}, "
+                            f"server {t['server_us_per_req']:.1f} µs/req")
+                tput[layout] = {name: median_run(r) for name, r in runs.items()}
         for server in servers:
             if server.process.poll() is not None:
                 raise RuntimeError(f"{server.name} died during the run:\n{server.log_tail()}")
