@@ -45,7 +45,9 @@ impl MakeRequestId for FastRequestId {
         let id = uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid();
         let mut buffer = uuid::Uuid::encode_buffer();
         let text = id.hyphenated().encode_lower(&mut buffer);
-        axum::http::HeaderValue::from_str(text).ok().map(RequestId::new)
+        axum::http::HeaderValue::from_str(text)
+            .ok()
+            .map(RequestId::new)
     }
 }
 

@@ -82,7 +82,9 @@ fn same_word(word: &str, lowered: &str) -> bool {
     if word.is_ascii() && lowered.is_ascii() {
         return word.eq_ignore_ascii_case(lowered);
     }
-    word.chars().flat_map(char::to_lowercase).eq(lowered.chars())
+    word.chars()
+        .flat_map(char::to_lowercase)
+        .eq(lowered.chars())
 }
 
 /// The fact sharing the most words with the question; with no overlap, a different fact
@@ -234,8 +236,15 @@ mod tests {
     #[test]
     fn facts_match_whole_words_in_any_case() {
         let facts = ["Cougars sleep by day.", "Cougars EAT deer and rabbits."];
-        assert_eq!(best_fact(&facts, "what do cougars eat? DEER?", 1), Some(facts[1]));
-        assert_eq!(best_fact(&facts, "SLEEPING?", 1), Some(facts[0]), "no shared word: rotates");
+        assert_eq!(
+            best_fact(&facts, "what do cougars eat? DEER?", 1),
+            Some(facts[1])
+        );
+        assert_eq!(
+            best_fact(&facts, "SLEEPING?", 1),
+            Some(facts[0]),
+            "no shared word: rotates"
+        );
         let facts = ["Ärger gibt es nie.", "Schnee überall."];
         assert_eq!(best_fact(&facts, "ÜBERALL schnee", 1), Some(facts[1]));
     }
