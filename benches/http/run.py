@@ -378,7 +378,6 @@ def run_wrk(server, token, duration, connections, threads, measure=True, layout=
         "rss_before_kb": rss0, "rss_after_kb": rss1,
         "kb_per_turn": (rss1 - rss0) / stats["requests"] if stats["requests"] else float("nan"),
         "wrk_text": done.stdout,
-        "threads": threads,
     }
 
 

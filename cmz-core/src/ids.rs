@@ -151,18 +151,22 @@ impl SessionId {
     }
 }
 
+/// A random UUID v4, hyphenated, from a fast thread-local generator rather than a system
+/// call: for ids that must be unique but need not be unguessable (message ids, request ids).
+pub fn fast_uuid_v4() -> String {
+    let bytes = fastrand::u128(..).to_le_bytes();
+    uuid::Builder::from_random_bytes(bytes)
+        .into_uuid()
+        .to_string()
+}
+
 impl MessageId {
     /// A new random message id (a UUID v4, as the legacy store wrote).
     ///
     /// Ids only need to be unique, not unguessable (access is checked on the session), so
-    /// they come from a fast thread-local generator rather than a system call per message.
+    /// they come from [`fast_uuid_v4`].
     pub fn generate() -> Self {
-        let bytes = fastrand::u128(..).to_le_bytes();
-        Self(
-            uuid::Builder::from_random_bytes(bytes)
-                .into_uuid()
-                .to_string(),
-        )
+        Self(fast_uuid_v4())
     }
 }
 

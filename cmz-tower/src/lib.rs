@@ -34,18 +34,15 @@ pub use error::{ApiError, ApiJson, ApiQuery, status_for};
 pub use metrics::prometheus_router;
 pub use state::{AppState, HealthCheck, HttpSettings, ModelHealth};
 
-/// Request ids shaped as UUID v4 from a fast thread-local generator: they only need to be
-/// unique enough to find a request in the logs, not unguessable, and reading the system's
-/// randomness costs a system call per request.
+/// Request ids as UUID v4 from [`cmz_core::ids::fast_uuid_v4`]: they only need to be
+/// unique enough to find a request in the logs, and tower-http's `MakeRequestUuid` makes a
+/// system call per request.
 #[derive(Debug, Clone, Copy, Default)]
 struct FastRequestId;
 
 impl MakeRequestId for FastRequestId {
     fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
-        let id = uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid();
-        let mut buffer = uuid::Uuid::encode_buffer();
-        let text = id.hyphenated().encode_lower(&mut buffer);
-        axum::http::HeaderValue::from_str(text)
+        axum::http::HeaderValue::try_from(cmz_core::ids::fast_uuid_v4())
             .ok()
             .map(RequestId::new)
     }
@@ -171,12 +168,16 @@ pub fn with_layers(app: Router, settings: &HttpSettings) -> Router {
             .unwrap_or("");
         tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id = id)
     });
-    // One stack, applied once: each `Router::layer` call would box every route again,
-    // and a request would pay an allocation per layer. Outermost first.
-    let stack = ServiceBuilder::new()
+    // Each `Router::layer` call boxes every route again and costs an allocation per layer
+    // per request, so the layers are composed here and applied once. Outermost first; CORS
+    // (when configured) sits inside the request id and trace layers, so preflight answers
+    // carry an id and are traced, and outside the error-body layer, so errors carry CORS
+    // headers.
+    let outer = ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(FastRequestId))
         .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(trace)
+        .layer(trace);
+    let inner = ServiceBuilder::new()
         .layer(middleware::map_response(error::ensure_error_body))
         .map_response(IntoResponse::into_response)
         .layer(TimeoutLayer::with_status_code(
@@ -187,16 +188,13 @@ pub fn with_layers(app: Router, settings: &HttpSettings) -> Router {
         ))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(DefaultBodyLimit::max(settings.body_limit));
-    let app = app.layer(stack);
     if settings.cors_origins.is_empty() {
-        return app;
+        return app.layer(outer.layer(inner));
     }
-    // Outside the stack above, as before: preflight answers carry the request id too.
-    app.layer(
-        CorsLayer::new()
-            .allow_origin(settings.cors_origins.clone())
-            .allow_methods([Method::GET, Method::POST, Method::DELETE])
-            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
-            .max_age(Duration::from_secs(600)),
-    )
+    let cors = CorsLayer::new()
+        .allow_origin(settings.cors_origins.clone())
+        .allow_methods([Method::GET, Method::POST, Method::DELETE])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .max_age(Duration::from_secs(600));
+    app.layer(outer.layer(cors).layer(inner))
 }

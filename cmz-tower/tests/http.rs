@@ -900,6 +900,10 @@ async fn cors_allows_only_the_configured_origins() {
         allowed.headers()["access-control-allow-origin"],
         "https://zoo.example"
     );
+    assert!(
+        allowed.headers().get("x-request-id").is_some(),
+        "preflights pass the request-id layer"
+    );
     let denied = preflight("https://evil.example").await.unwrap();
     assert!(
         denied

@@ -636,13 +636,12 @@ impl AuthService {
     pub async fn authenticate(&self, access_token: &str) -> Result<Principal> {
         let inner = &self.inner;
         let known = match inner.verified.get(access_token) {
-            Some(known) if inner.codec.within_lifetime(known.exp, known.nbf) => known,
+            Some(known) if inner.codec.check_lifetime(known.exp, known.nbf).is_ok() => known,
             stale => {
                 if stale.is_some() {
                     inner.verified.remove(access_token);
                 }
-                let claims = inner.codec.verify(access_token)?;
-                let principal = claims.principal().map_err(TokenRejection::into_error)?;
+                let (principal, claims) = self.decode(access_token)?;
                 let known = verified::Verified {
                     principal,
                     exp: claims.exp,
@@ -674,10 +673,17 @@ impl AuthService {
         Ok(())
     }
 
-    /// Verifies an access token and returns the caller and the token's claims.
-    pub async fn verify(&self, access_token: &str) -> Result<(Principal, AccessClaims)> {
+    /// The caller and claims of a token whose signature and claims verify (revocation not
+    /// checked).
+    fn decode(&self, access_token: &str) -> Result<(Principal, AccessClaims)> {
         let claims = self.inner.codec.verify(access_token)?;
         let principal = claims.principal().map_err(TokenRejection::into_error)?;
+        Ok((principal, claims))
+    }
+
+    /// Verifies an access token and returns the caller and the token's claims.
+    pub async fn verify(&self, access_token: &str) -> Result<(Principal, AccessClaims)> {
+        let (principal, claims) = self.decode(access_token)?;
         self.check_revocation(claims.jti.as_deref(), claims.sid.as_deref())
             .await?;
         Ok((principal, claims))

@@ -573,14 +573,7 @@ impl TokenCodec {
                 .map_err(|_| TokenRejection::Malformed)?;
             let claims: AccessClaims =
                 serde_json::from_slice(&payload).map_err(|_| TokenRejection::MissingClaim)?;
-            let now = Utc::now().timestamp();
-            let leeway = i64::try_from(self.leeway.as_secs()).unwrap_or(0);
-            if claims.exp < now - leeway {
-                return Err(TokenRejection::Expired);
-            }
-            if claims.nbf.is_some_and(|nbf| nbf > now + leeway) {
-                return Err(TokenRejection::NotYetValid);
-            }
+            self.check_lifetime(claims.exp, claims.nbf)?;
             if claims.iss != self.issuer {
                 return Err(TokenRejection::WrongIssuer);
             }
@@ -632,12 +625,22 @@ impl TokenCodec {
         Ok(data.claims)
     }
 
-    /// Whether a token with these `exp` and `nbf` claims is usable now (with the leeway),
-    /// the time checks of [`TokenCodec::verify`] alone.
-    pub(super) fn within_lifetime(&self, exp: i64, nbf: Option<i64>) -> bool {
+    /// The time checks of [`TokenCodec::verify`]: `exp` and `nbf` against now, with the
+    /// leeway.
+    pub(super) fn check_lifetime(
+        &self,
+        exp: i64,
+        nbf: Option<i64>,
+    ) -> std::result::Result<(), TokenRejection> {
         let now = Utc::now().timestamp();
         let leeway = i64::try_from(self.leeway.as_secs()).unwrap_or(0);
-        exp >= now - leeway && nbf.is_none_or(|nbf| nbf <= now + leeway)
+        if exp < now - leeway {
+            return Err(TokenRejection::Expired);
+        }
+        if nbf.is_some_and(|nbf| nbf > now + leeway) {
+            return Err(TokenRejection::NotYetValid);
+        }
+        Ok(())
     }
 
     /// Verifies a token's signature and claims; any failure is `unauthorized` (the reason
