@@ -191,6 +191,12 @@ impl ConversationStore for LegacyDocumentStore {
         self.save(&document)
     }
 
+    async fn set_thread_id(&self, id: &SessionId, thread_id: &str) -> Result<()> {
+        let mut document = self.require(id)?;
+        document.session.thread_id = Some(thread_id.to_owned());
+        self.save(&document)
+    }
+
     async fn delete(&self, scope: DeleteScope) -> Result<DeleteReport> {
         let mut report = DeleteReport::default();
         if let DeleteScope::Session(id) = scope {
@@ -229,6 +235,12 @@ pub fn bench_personas() -> InMemoryPersonaDirectory {
             "A lion's roar can be heard 8 kilometres away.".into(),
         ],
         guidelines: vec![],
+        species: None,
+        description: None,
+        status: Default::default(),
+        system_prompt: None,
+        temperature: None,
+        model: None,
     }])
 }
 

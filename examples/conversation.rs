@@ -21,6 +21,12 @@ async fn main() -> Result<()> {
             "My fur has about a million hairs per square inch.".into(),
         ],
         guidelines: vec![],
+        species: None,
+        description: None,
+        status: Default::default(),
+        system_prompt: None,
+        temperature: None,
+        model: None,
     }]);
     // Scripted replies stand in for an LLM, in order: three turns, then the summary.
     let model = ScriptedModel::echo();

@@ -39,6 +39,9 @@ pub struct ChatRequest {
     pub max_tokens: Option<u32>,
     /// Sampling temperature, if the caller sets one.
     pub temperature: Option<f32>,
+    /// The model to ask, when it is not the backend's configured one (an animal's
+    /// configured `aiModel`). Backends that serve one model ignore it.
+    pub model: Option<String>,
 }
 
 /// A whole reply.

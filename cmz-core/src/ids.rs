@@ -1,8 +1,11 @@
 //! Validated identifiers.
 //!
-//! Every id is checked once, where it enters the library: 1 to [`MAX_ID_LEN`] characters
-//! of `[A-Za-z0-9_-]`. Past that point an id is known to be safe to put in a key, a log
-//! line or a URL.
+//! Every id is checked once, where it enters the library: 1 to [`MAX_ID_LEN`] printable
+//! ASCII characters other than `/` and `\` (so no whitespace, no control characters, no
+//! path separators). That takes every id the legacy services make, such as user ids derived
+//! from emails (`test+tag_cmz_org`), UUIDs and `session_<milliseconds>`. Past that point an
+//! id is known to be safe to put in a key or a log line, and to put in a URL once
+//! percent-encoded.
 
 use std::fmt;
 
@@ -17,6 +20,11 @@ pub const MAX_ID_LEN: usize = 128;
 /// longest animal and user ids.
 pub const MAX_SESSION_ID_LEN: usize = 2 * MAX_ID_LEN + 16;
 
+/// Printable ASCII except the path separators.
+fn is_id_char(c: char) -> bool {
+    c.is_ascii_graphic() && c != '/' && c != '\\'
+}
+
 fn validate(kind: &'static str, value: &str, max: usize) -> Result<()> {
     if value.is_empty() {
         return Err(Error::validation(kind, format!("{kind} must not be empty")));
@@ -27,13 +35,13 @@ fn validate(kind: &'static str, value: &str, max: usize) -> Result<()> {
             format!("{kind} is longer than {max} characters"),
         ));
     }
-    if let Some(bad) = value
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
-    {
+    if let Some(bad) = value.chars().find(|c| !is_id_char(*c)) {
         return Err(Error::validation(
             kind,
-            format!("{kind} may only contain letters, digits, '_' and '-' (found {bad:?})"),
+            format!(
+                "{kind} may only contain printable ASCII characters other than '/' and '\\' \
+                 (no spaces or control characters; found {bad:?})"
+            ),
         ));
     }
     Ok(())
@@ -176,7 +184,15 @@ mod tests {
 
     #[test]
     fn accepts_legacy_shapes() {
-        assert!(UserId::new("user_123-abc").is_ok());
+        for ok in [
+            "user_123-abc",
+            "test+tag_cmz_org",
+            "o'brien_cmz_org",
+            "session_1730000000000",
+            "a.b@c:d~e!f",
+        ] {
+            assert!(UserId::new(ok).is_ok(), "{ok}");
+        }
         assert!(MessageId::new(uuid::Uuid::new_v4().to_string()).is_ok());
         let id = SessionId::generate(&AnimalId::new("lion").unwrap(), &UserId::new("u1").unwrap())
             .unwrap();
@@ -193,8 +209,13 @@ mod tests {
             "",
             "a b",
             "x/../y",
+            "x\\y",
             "ünï",
             "a\0b",
+            "a\nb",
+            "a\tb",
+            "a\u{7f}b",
+            "a\u{202e}b",
             &"x".repeat(MAX_ID_LEN + 1),
         ] {
             let err = UserId::new(bad).unwrap_err();

@@ -225,6 +225,10 @@ pub trait ConversationStore: Debug + Send + Sync + 'static {
     /// Sets (or replaces) a session's summary; `not_found` for an unknown session.
     async fn set_summary(&self, id: &SessionId, summary: &str) -> Result<()>;
 
+    /// Sets (or replaces) the external thread id kept with a session (the legacy
+    /// `store_thread_id`); `not_found` for an unknown session.
+    async fn set_thread_id(&self, id: &SessionId, thread_id: &str) -> Result<()>;
+
     /// Deletes sessions and their messages.
     async fn delete(&self, scope: DeleteScope) -> Result<DeleteReport>;
 }

@@ -86,6 +86,10 @@ pub struct MessageMetadata {
     /// The client's idempotency key for the turn this message belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub turn_key: Option<String>,
+    /// The metadata a caller stored with the message, verbatim, whatever its keys (the
+    /// legacy `store_conversation_turn(..., metadata)`); see [`MessageMetadata::from_caller`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custom: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 fn is_false(value: &bool) -> bool {
@@ -93,6 +97,50 @@ fn is_false(value: &bool) -> bool {
 }
 
 impl MessageMetadata {
+    /// Metadata from a caller's free-form map: kept verbatim in `custom`, and the keys cmz
+    /// knows (`tokensPrompt`, `tokensCompletion`, `tokensCached`, `latencyMs`, `model`,
+    /// `fallback`, `interrupted`, `moderated`) also fill the typed fields when their values
+    /// have the right type (a value of another type is kept verbatim and ignored there).
+    pub fn from_caller(map: serde_json::Map<String, serde_json::Value>) -> Self {
+        let count = |key: &str| {
+            map.get(key)
+                .and_then(serde_json::Value::as_u64)
+                .and_then(|v| u32::try_from(v).ok())
+        };
+        let flag = |key: &str| {
+            map.get(key)
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(false)
+        };
+        Self {
+            tokens_prompt: count("tokensPrompt"),
+            tokens_completion: count("tokensCompletion"),
+            tokens_cached: count("tokensCached"),
+            latency_ms: map.get("latencyMs").and_then(serde_json::Value::as_u64),
+            model: map
+                .get("model")
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_owned),
+            fallback: flag("fallback"),
+            interrupted: flag("interrupted"),
+            moderated: flag("moderated"),
+            turn_key: None,
+            custom: (!map.is_empty()).then_some(map),
+        }
+    }
+
+    /// The metadata as a caller sees it: the caller's own map when one was stored,
+    /// otherwise cmz's typed fields under their wire names.
+    pub fn to_caller(&self) -> serde_json::Map<String, serde_json::Value> {
+        if let Some(custom) = &self.custom {
+            return custom.clone();
+        }
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        }
+    }
+
     /// The usage recorded on this message, if the model reported any.
     pub fn usage(&self) -> Option<Usage> {
         Some(Usage {
@@ -237,6 +285,10 @@ pub struct Session {
     /// A model-written (or fallback) summary, when one was made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<String>,
+    /// An external thread id the caller keeps with the conversation (the legacy
+    /// `store_thread_id`: an OpenAI Assistants thread), when one was stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread_id: Option<String>,
 }
 
 impl Session {
@@ -258,12 +310,48 @@ impl Session {
             message_count: 0,
             status: SessionStatus::Active,
             summary: None,
+            thread_id: None,
+        }
+    }
+}
+
+/// Whether an animal is offered to visitors (`status` of the legacy animal item).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum AnimalStatus {
+    /// Listed and available for chat (the default).
+    #[default]
+    Active,
+    /// Kept, but neither listed nor available for chat.
+    Hidden,
+    /// Deleted (soft delete): neither listed nor available for chat.
+    Deleted,
+}
+
+impl AnimalStatus {
+    /// The legacy wire name (`active`, `hidden`, `deleted`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Hidden => "hidden",
+            Self::Deleted => "deleted",
+        }
+    }
+
+    /// Reads a legacy status; `None` for a value cmz does not know.
+    pub fn parse(value: &str) -> Option<Self> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "active" => Some(Self::Active),
+            "hidden" | "inactive" => Some(Self::Hidden),
+            "deleted" => Some(Self::Deleted),
+            _ => None,
         }
     }
 }
 
 /// How an animal ambassador speaks: the source of the system prompt.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Persona {
     /// The animal.
@@ -279,6 +367,50 @@ pub struct Persona {
     /// Extra rules for this persona, appended after the shared child-safety guidelines.
     #[serde(default)]
     pub guidelines: Vec<String>,
+    /// Its species (`species` of the legacy animal item), shown in animal lists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub species: Option<String>,
+    /// A short public description (`description`), shown in animal lists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Whether it is offered: only [`AnimalStatus::Active`] animals are listed or chatted with.
+    #[serde(default)]
+    pub status: AnimalStatus,
+    /// A full custom prompt configured by the zoo (`configuration.systemPrompt`). When set it
+    /// replaces the prompt built from the fields above; cmz's child-safety rules are still
+    /// appended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_prompt: Option<String>,
+    /// Sampling temperature configured for this animal (`configuration.temperature`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    /// The model configured for this animal (`configuration.aiModel`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+}
+
+impl Persona {
+    /// A persona with a name and nothing else: active, no facts, the built prompt.
+    pub fn new(animal_id: AnimalId, name: impl Into<String>) -> Self {
+        Self {
+            animal_id,
+            name: name.into(),
+            personality: String::new(),
+            facts: Vec::new(),
+            guidelines: Vec::new(),
+            species: None,
+            description: None,
+            status: AnimalStatus::Active,
+            system_prompt: None,
+            temperature: None,
+            model: None,
+        }
+    }
+
+    /// Whether visitors may see and chat with this animal.
+    pub fn is_offered(&self) -> bool {
+        self.status == AnimalStatus::Active
+    }
 }
 
 #[cfg(test)]

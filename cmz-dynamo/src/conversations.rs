@@ -121,6 +121,59 @@ impl DynamoConversationStore {
         &self.db.inner.tables.conversations
     }
 
+    /// Sets one text attribute of a session item. A legacy conversation without a session
+    /// item gets one (still legacy: its messages stay where they are), built by `apply`.
+    async fn set_session_text(
+        &self,
+        id: &SessionId,
+        attribute: &str,
+        value: &str,
+        apply: impl FnOnce(&mut Session, String),
+    ) -> Result<()> {
+        let table = self.sessions_table();
+        let result = self
+            .client()
+            .update_item()
+            .table_name(table)
+            .key("sessionId", s(id.as_str()))
+            .update_expression("SET #a = :v")
+            .condition_expression("attribute_exists(sessionId)")
+            .expression_attribute_names("#a", attribute)
+            .expression_attribute_values(":v", s(value))
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await;
+        match result {
+            Ok(out) => {
+                self.db.inner.meter.record(out.consumed_capacity(), true);
+                Ok(())
+            }
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                let legacy = self
+                    .legacy_item(id)
+                    .await?
+                    .ok_or_else(|| session_not_found(id))?;
+                let mut session = legacy_session(&legacy)?;
+                apply(&mut session, value.to_owned());
+                let mut item = session_item(&session, 0, None);
+                item.remove("cmzV");
+                self.client()
+                    .put_item()
+                    .table_name(table)
+                    .set_item(Some(item))
+                    .condition_expression("attribute_not_exists(sessionId)")
+                    .send()
+                    .await
+                    .map_err(|e| map_sdk("PutItem", table, e))?;
+                Ok(())
+            }
+            Err(e) => Err(map_sdk("UpdateItem", table, e)),
+        }
+    }
+
     /// Reads a session and where its messages live: the session item, else a legacy
     /// conversation item.
     pub(crate) async fn load(&self, id: &SessionId) -> Result<Option<Stored>> {
@@ -1234,6 +1287,15 @@ fn metadata_of(reader: &Reader<'_>) -> MessageMetadata {
         .unwrap_or_default()
 }
 
+/// A legacy message's `metadata` is whatever the legacy caller passed: kept verbatim, with
+/// the keys cmz knows read into the typed fields.
+fn legacy_metadata_of(reader: &Reader<'_>) -> MessageMetadata {
+    match reader.json("metadata") {
+        Some(serde_json::Value::Object(map)) => MessageMetadata::from_caller(map),
+        _ => MessageMetadata::default(),
+    }
+}
+
 /// The sequence number of the last message a turn item holds.
 fn item_end(item: &Item) -> Result<u64> {
     let reader = Reader::new(item, "turn");
@@ -1314,7 +1376,7 @@ pub(crate) fn legacy_messages(id: &SessionId, item: &Item) -> Result<Vec<Message
                     .unwrap_or_default()
                     .to_owned(),
                 created_at: reader.opt_time("timestamp").unwrap_or(fallback_time),
-                metadata: metadata_of(&reader),
+                metadata: legacy_metadata_of(&reader),
             })
         })
         .collect()
@@ -1336,6 +1398,7 @@ pub(crate) fn legacy_session(item: &Item) -> Result<Session> {
         message_count: count,
         status: status_of(reader.opt_str("status")),
         summary: reader.opt_str("summary").map(str::to_owned),
+        thread_id: reader.opt_str("threadId").map(str::to_owned),
     })
 }
 
@@ -1363,6 +1426,9 @@ pub(crate) fn session_item(session: &Session, legacy_count: u64, ttl: Option<i64
     if let Some(summary) = &session.summary {
         item.insert("summary".into(), s(summary.clone()));
     }
+    if let Some(thread) = &session.thread_id {
+        item.insert("threadId".into(), s(thread.clone()));
+    }
     item.insert("cmzV".into(), s(SCHEMA_VERSION));
     if legacy_count > 0 {
         item.insert("legacyCount".into(), n(legacy_count));
@@ -1388,6 +1454,7 @@ pub(crate) fn session_from_item(item: &Item) -> Result<Session> {
         message_count: reader.opt_u64("messageCount").unwrap_or(0),
         status: status_of(reader.opt_str("status")),
         summary: reader.opt_str("summary").map(str::to_owned),
+        thread_id: reader.opt_str("threadId").map(str::to_owned),
     })
 }
 
@@ -1631,48 +1698,18 @@ impl ConversationStore for DynamoConversationStore {
 
     #[tracing::instrument(name = "dynamodb.set_summary", skip_all, fields(session = %id))]
     async fn set_summary(&self, id: &SessionId, summary: &str) -> Result<()> {
-        let table = self.sessions_table();
-        let result = self
-            .client()
-            .update_item()
-            .table_name(table)
-            .key("sessionId", s(id.as_str()))
-            .update_expression("SET summary = :s")
-            .condition_expression("attribute_exists(sessionId)")
-            .expression_attribute_values(":s", s(summary))
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await;
-        match result {
-            Ok(out) => {
-                self.db.inner.meter.record(out.consumed_capacity(), true);
-                Ok(())
-            }
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                // A legacy conversation without a session item gets one (still legacy).
-                let legacy = self
-                    .legacy_item(id)
-                    .await?
-                    .ok_or_else(|| session_not_found(id))?;
-                let mut session = legacy_session(&legacy)?;
-                session.summary = Some(summary.to_owned());
-                let mut item = session_item(&session, 0, None);
-                item.remove("cmzV");
-                self.client()
-                    .put_item()
-                    .table_name(table)
-                    .set_item(Some(item))
-                    .condition_expression("attribute_not_exists(sessionId)")
-                    .send()
-                    .await
-                    .map_err(|e| map_sdk("PutItem", table, e))?;
-                Ok(())
-            }
-            Err(e) => Err(map_sdk("UpdateItem", table, e)),
-        }
+        self.set_session_text(id, "summary", summary, |session, value| {
+            session.summary = Some(value)
+        })
+        .await
+    }
+
+    #[tracing::instrument(name = "dynamodb.set_thread_id", skip_all, fields(session = %id))]
+    async fn set_thread_id(&self, id: &SessionId, thread_id: &str) -> Result<()> {
+        self.set_session_text(id, "threadId", thread_id, |session, value| {
+            session.thread_id = Some(value)
+        })
+        .await
     }
 
     #[tracing::instrument(name = "dynamodb.delete", skip_all, fields(scope = ?scope))]

@@ -95,6 +95,12 @@ fn persona_from_item(item: &Item) -> Result<Persona> {
         personality: reader.opt_str("personality").unwrap_or_default().to_owned(),
         facts: lines(&reader, "facts"),
         guidelines: lines(&reader, "guidelines"),
+        species: None,
+        description: None,
+        status: Default::default(),
+        system_prompt: None,
+        temperature: None,
+        model: None,
     })
 }
 

@@ -48,7 +48,7 @@ impl<'a> WireRequest<'a> {
             MaxTokensField::MaxCompletionTokens => (None, limit),
         };
         Self {
-            model: &config.model,
+            model: request.model.as_deref().unwrap_or(&config.model),
             messages: request
                 .messages
                 .iter()

@@ -23,6 +23,7 @@ fn request(text: &str) -> ChatRequest {
         ],
         max_tokens: Some(50),
         temperature: Some(0.3),
+        model: None,
     }
 }
 
@@ -432,6 +433,12 @@ async fn turns_through_the_conversation_service_store_the_servers_usage() {
         personality: "proud".into(),
         facts: vec!["I sleep a lot.".into()],
         guidelines: vec![],
+        species: None,
+        description: None,
+        status: Default::default(),
+        system_prompt: None,
+        temperature: None,
+        model: None,
     }]);
     let service = ConversationService::new(
         Arc::new(InMemoryConversationStore::new()),

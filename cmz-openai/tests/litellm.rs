@@ -68,6 +68,12 @@ fn lion() -> Persona {
         personality: "proud".into(),
         facts: vec!["I sleep twenty hours a day.".into()],
         guidelines: vec![],
+        species: None,
+        description: None,
+        status: Default::default(),
+        system_prompt: None,
+        temperature: None,
+        model: None,
     }
 }
 

@@ -1139,6 +1139,12 @@ async fn the_conversation_service_enforces_the_platform_policy() {
         personality: String::new(),
         facts: vec![],
         guidelines: vec![],
+        species: None,
+        description: None,
+        status: Default::default(),
+        system_prompt: None,
+        temperature: None,
+        model: None,
     }]);
     let service = ConversationService::with(
         Arc::new(InMemoryConversationStore::new()),

@@ -362,6 +362,16 @@ impl ConversationStore for InMemoryConversationStore {
         Ok(())
     }
 
+    async fn set_thread_id(&self, id: &SessionId, thread_id: &str) -> Result<()> {
+        let mut state = self.write(id);
+        let entry = state
+            .sessions
+            .get_mut(id)
+            .ok_or_else(|| session_not_found(id))?;
+        entry.session.thread_id = Some(thread_id.to_owned());
+        Ok(())
+    }
+
     async fn delete(&self, scope: DeleteScope) -> Result<DeleteReport> {
         let mut report = DeleteReport::default();
         let mut remove = |state: &mut State, doomed: Vec<SessionId>| {

@@ -171,6 +171,12 @@ mod tests {
                 "I crack open clams with a rock.".into(),
             ],
             guidelines: vec![],
+            species: None,
+            description: None,
+            status: Default::default(),
+            system_prompt: None,
+            temperature: None,
+            model: None,
         }]);
         let service = ConversationService::new(
             Arc::new(InMemoryConversationStore::new()),

@@ -12,6 +12,12 @@
 //!     personality: "proud and sleepy".into(),
 //!     facts: vec!["I sleep up to 20 hours a day.".into()],
 //!     guidelines: vec![],
+//!     species: None,
+//!     description: None,
+//!     status: Default::default(),
+//!     system_prompt: None,
+//!     temperature: None,
+//!     model: None,
 //! }]);
 //! let service = ConversationService::new(
 //!     Arc::new(InMemoryConversationStore::new()),
@@ -738,6 +744,7 @@ impl ConversationService {
             .persona(animal)
             .instrument(tracing::debug_span!("cmz.backend", kind = "personas", op = "persona", animal = %animal))
             .await?
+            .filter(Persona::is_offered)
             .ok_or_else(|| Error::not_found(format!("animal {animal}")))?;
 
         let requested = request.session_id.is_some();
@@ -773,7 +780,9 @@ impl ConversationService {
                 // A new random id that is already taken: draw another.
                 Some(_) if attempts < 4 => id = SessionId::generate(animal, &principal.user_id)?,
                 Some(_) => return Err(Error::internal("could not draw an unused session id")),
-                None if requested => return Err(Error::not_found(format!("session {id}"))),
+                // An unknown id is a new conversation under that id, as the legacy
+                // backend did for the ids the frontend makes up (`session_<ms>`); the
+                // store's guarded create keeps two callers from sharing one.
                 None => {
                     inner
                         .policy
@@ -859,7 +868,11 @@ impl ConversationService {
         let prompt = ChatRequest {
             messages,
             max_tokens: request.max_tokens.or(inner.config.max_tokens),
-            temperature: request.temperature.or(inner.config.temperature),
+            temperature: request
+                .temperature
+                .or(persona.temperature)
+                .or(inner.config.temperature),
+            model: persona.model.clone(),
         };
         Ok(Prepare::Run(Prepared {
             _lease: lease,
@@ -1150,6 +1163,7 @@ impl ConversationService {
             ],
             max_tokens: Some(150),
             temperature: Some(0.2),
+            model: None,
         };
         let result = if recent.is_empty() {
             None

@@ -13,7 +13,23 @@ pub const CHILD_SAFETY_GUIDELINES: &[&str] = &[
 
 /// Builds the system prompt for `persona`: a stable prefix (the same text on every turn of
 /// every session with that animal) so a provider's prompt caching can reuse it.
+///
+/// A persona with a configured prompt (`configuration.systemPrompt` of the legacy animal
+/// item) uses that text instead of the one built from its fields; the child-safety rules
+/// and the persona's own guidelines are appended to either.
 pub fn system_prompt(persona: &Persona) -> String {
+    if let Some(custom) = persona
+        .system_prompt
+        .as_deref()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        let mut prompt = String::with_capacity(custom.len() + 1024);
+        prompt.push_str(custom);
+        prompt.push('\n');
+        push_guidelines(&mut prompt, persona);
+        return prompt;
+    }
     let mut prompt = format!(
         "You are {name}, an animal ambassador at Cougar Mountain Zoo.\n\nPERSONALITY: {personality}\n",
         name = persona.name,
@@ -31,6 +47,12 @@ pub fn system_prompt(persona: &Persona) -> String {
             prompt.push('\n');
         }
     }
+    push_guidelines(&mut prompt, persona);
+    prompt
+}
+
+/// Appends the child-safety rules, then the persona's own guidelines.
+fn push_guidelines(prompt: &mut String, persona: &Persona) {
     prompt.push_str("\nGUIDELINES:\n");
     for rule in CHILD_SAFETY_GUIDELINES
         .iter()
@@ -41,7 +63,6 @@ pub fn system_prompt(persona: &Persona) -> String {
         prompt.push_str(rule);
         prompt.push('\n');
     }
-    prompt
 }
 
 /// The name and facts of the persona a [`system_prompt`] was built from, read back from
@@ -124,6 +145,12 @@ mod tests {
             personality: "sleepy but proud".into(),
             facts: vec!["I can jump 6 metres high.".into()],
             guidelines: vec!["Mention the keeper talk at 2pm.".into()],
+            species: None,
+            description: None,
+            status: Default::default(),
+            system_prompt: None,
+            temperature: None,
+            model: None,
         };
         let prompt = system_prompt(&persona);
         assert!(prompt.starts_with("You are Cora"));

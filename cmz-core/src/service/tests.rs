@@ -24,6 +24,12 @@ fn personas() -> Arc<InMemoryPersonaDirectory> {
             personality: "proud".into(),
             facts: vec!["Lions sleep 20 hours a day.".into()],
             guidelines: vec![],
+            species: None,
+            description: None,
+            status: Default::default(),
+            system_prompt: None,
+            temperature: None,
+            model: None,
         },
         Persona {
             animal_id: AnimalId::new("tiger").unwrap(),
@@ -31,6 +37,12 @@ fn personas() -> Arc<InMemoryPersonaDirectory> {
             personality: "stripy".into(),
             facts: vec![],
             guidelines: vec![],
+            species: None,
+            description: None,
+            status: Default::default(),
+            system_prompt: None,
+            temperature: None,
+            model: None,
         },
     ]))
 }
@@ -206,11 +218,6 @@ async fn bad_input_gets_the_right_error_code() {
         ),
         (
             TurnRequest::new(AnimalId::new("dragon").unwrap(), "hi"),
-            "not_found",
-        ),
-        (
-            TurnRequest::new(lion(), "hi")
-                .in_session(SessionId::new("conv_lion_k1_deadbeef").unwrap()),
             "not_found",
         ),
     ];
@@ -711,6 +718,9 @@ impl ConversationStore for BrokenAppends {
     }
     async fn set_summary(&self, id: &SessionId, summary: &str) -> Result<()> {
         self.inner.set_summary(id, summary).await
+    }
+    async fn set_thread_id(&self, id: &SessionId, thread_id: &str) -> Result<()> {
+        self.inner.set_thread_id(id, thread_id).await
     }
     async fn delete(&self, scope: DeleteScope) -> Result<DeleteReport> {
         self.inner.delete(scope).await
@@ -1301,4 +1311,150 @@ async fn flagged_messages_get_a_refusal_without_a_model_call_and_are_audited() {
         .unwrap();
     assert!(fallback.fallback);
     assert_eq!(f.model.calls(), 1);
+}
+
+#[tokio::test]
+async fn an_unknown_client_chosen_session_id_starts_a_conversation_under_it() {
+    let f = fixture();
+    let me = kid("k1");
+    let id = SessionId::new("session_1730000000000").unwrap();
+    let first = f
+        .service
+        .turn(
+            &me,
+            TurnRequest::new(lion(), "Hi Leo").in_session(id.clone()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.session_id, id);
+    let second = f
+        .service
+        .turn(
+            &me,
+            TurnRequest::new(lion(), "Again").in_session(id.clone()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(second.session_id, id);
+    let session = f.store.get_session(&id).await.unwrap().unwrap();
+    assert_eq!(session.user_id.as_str(), "k1");
+    assert_eq!(session.message_count, 4);
+    // The model saw the first turn as history on the second.
+    assert_eq!(f.model.last_request().unwrap().messages.len(), 4);
+
+    // Another child's turn under the same id is refused and changes nothing.
+    let err = f
+        .service
+        .turn(
+            &kid("k2"),
+            TurnRequest::new(lion(), "mine now").in_session(id.clone()),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "forbidden");
+    assert_eq!(all_messages(&f, &id).await.len(), 4);
+    // So is a streamed one.
+    let err = match f
+        .service
+        .stream_turn(
+            &kid("k2"),
+            TurnRequest::new(lion(), "mine").in_session(id.clone()),
+        )
+        .await
+    {
+        Ok(_) => panic!("a stream into another child's session started"),
+        Err(e) => e,
+    };
+    assert_eq!(err.code(), "forbidden");
+    assert_eq!(all_messages(&f, &id).await.len(), 4);
+}
+
+#[tokio::test]
+async fn two_children_racing_for_one_new_session_id_never_share_it() {
+    let f = fixture();
+    let id = SessionId::new("session_42").unwrap();
+    let (k1, k2) = (kid("k1"), kid("k2"));
+    let (a, b) = tokio::join!(
+        f.service
+            .turn(&k1, TurnRequest::new(lion(), "one").in_session(id.clone())),
+        f.service
+            .turn(&k2, TurnRequest::new(lion(), "two").in_session(id.clone())),
+    );
+    assert!(a.is_ok() != b.is_ok(), "exactly one wins: {a:?} {b:?}");
+    let owner = f.store.get_session(&id).await.unwrap().unwrap().user_id;
+    let messages = all_messages(&f, &id).await;
+    assert_eq!(messages.len(), 2);
+    let winner_text = if owner.as_str() == "k1" { "one" } else { "two" };
+    assert_eq!(messages[0].content, winner_text);
+}
+
+#[tokio::test]
+async fn an_animals_configuration_reaches_the_model_and_hidden_animals_are_not_offered() {
+    let personas = personas();
+    let mut bella = Persona::new(AnimalId::new("bella_002").unwrap(), "Bella");
+    bella.system_prompt = Some("You are Bella the bear. Speak slowly.".into());
+    bella.temperature = Some(0.3);
+    bella.model = Some("gpt-4o".into());
+    personas.upsert(bella);
+    let mut gone = Persona::new(AnimalId::new("old_owl").unwrap(), "Olga");
+    gone.status = crate::types::AnimalStatus::Deleted;
+    personas.upsert(gone);
+    let mut shy = Persona::new(AnimalId::new("shy_fox").unwrap(), "Fiona");
+    shy.status = crate::types::AnimalStatus::Hidden;
+    personas.upsert(shy);
+    let model = ScriptedModel::echo();
+    let store = Arc::new(InMemoryConversationStore::new());
+    let service = ConversationService::with(
+        store,
+        personas,
+        Arc::new(model.clone()),
+        Arc::new(OwnerOrAdminPolicy),
+        ConversationConfig::default(),
+    );
+    service
+        .turn(
+            &kid("k1"),
+            TurnRequest::new(AnimalId::new("bella_002").unwrap(), "hi"),
+        )
+        .await
+        .unwrap();
+    let request = model.last_request().unwrap();
+    assert_eq!(request.temperature, Some(0.3));
+    assert_eq!(request.model.as_deref(), Some("gpt-4o"));
+    let system = &request.messages[0].content;
+    assert!(
+        system.starts_with("You are Bella the bear. Speak slowly."),
+        "{system}"
+    );
+    assert!(
+        system.contains(prompt::CHILD_SAFETY_GUIDELINES[1]),
+        "the safety rules are still appended: {system}"
+    );
+    // A request's own temperature still wins over the animal's.
+    let mut asked = TurnRequest::new(AnimalId::new("bella_002").unwrap(), "again");
+    asked.temperature = Some(0.9);
+    service.turn(&kid("k1"), asked).await.unwrap();
+    assert_eq!(model.last_request().unwrap().temperature, Some(0.9));
+    // An animal without a configuration uses the deployment's model.
+    service
+        .turn(&kid("k1"), TurnRequest::new(lion(), "hi"))
+        .await
+        .unwrap();
+    assert_eq!(model.last_request().unwrap().model, None);
+    let calls = model.calls();
+    for animal in ["old_owl", "shy_fox"] {
+        let err = service
+            .turn(
+                &kid("k1"),
+                TurnRequest::new(AnimalId::new(animal).unwrap(), "hi"),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "not_found", "{animal}");
+    }
+    assert_eq!(
+        model.calls(),
+        calls,
+        "a hidden animal never reaches the model"
+    );
 }

@@ -13,7 +13,7 @@ use crate::ids::{AnimalId, SessionId, UserId};
 use crate::store::{
     AppendOutcome, ConversationStore, Cursor, DeleteScope, PageRequest, SessionScope, TurnAppend,
 };
-use crate::types::{MAX_CONTENT_BYTES, Message, NewMessage, Role, Session};
+use crate::types::{MAX_CONTENT_BYTES, Message, MessageMetadata, NewMessage, Role, Session};
 
 /// Knobs for backends that need them.
 #[derive(Debug, Clone)]
@@ -46,6 +46,8 @@ pub async fn run_conversation_store_suite(store: &dyn ConversationStore, options
     check_listing(store).await;
     check_listing_ties_and_age_boundary(store).await;
     check_summary(store).await;
+    check_thread_id(store).await;
+    check_custom_metadata(store).await;
     check_deletes(store).await;
     check_unicode_and_large_messages(store).await;
     check_concurrent_appends(store, options.concurrent_writers).await;
@@ -686,6 +688,82 @@ pub async fn check_summary(store: &dyn ConversationStore) {
         "not_found",
         "summary of an unknown session",
     );
+}
+
+/// Thread ids are stored on the session, replaced by a later one, and kept by a turn.
+pub async fn check_thread_id(store: &dyn ConversationStore) {
+    let session = new_session(store, &random_user(), &random_animal()).await;
+    assert_eq!(
+        store
+            .get_session(&session.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .thread_id,
+        None
+    );
+    store
+        .set_thread_id(&session.id, "thread_abc123")
+        .await
+        .unwrap();
+    store
+        .set_thread_id(&session.id, "thread_def456")
+        .await
+        .unwrap();
+    store
+        .append_turn(TurnAppend {
+            session_id: session.id.clone(),
+            expected_count: 0,
+            messages: vec![
+                NewMessage::new(Role::User, "hi"),
+                NewMessage::new(Role::Assistant, "hello"),
+            ],
+            turn_key: None,
+            new_session: None,
+        })
+        .await
+        .unwrap();
+    let read = store.get_session(&session.id).await.unwrap().unwrap();
+    assert_eq!(read.thread_id.as_deref(), Some("thread_def456"));
+    assert_eq!(read.message_count, 2);
+    let unknown = SessionId::generate(&random_animal(), &random_user()).unwrap();
+    assert_code(
+        store.set_thread_id(&unknown, "thread_x").await,
+        "not_found",
+        "thread id of an unknown session",
+    );
+}
+
+/// A caller's metadata comes back verbatim, whatever its keys and value types.
+pub async fn check_custom_metadata(store: &dyn ConversationStore) {
+    let session = new_session(store, &random_user(), &random_animal()).await;
+    let custom = serde_json::json!({
+        "tokensPrompt": 12, "latencyMs": 340, "model": "gpt-4o-mini", "fallback": false,
+        "threadId": "thread_1", "score": 0.25, "tags": ["a", "b"], "nested": {"x": null, "y": true},
+        "empty": "", "tokensCompletion": "not a number"
+    });
+    let serde_json::Value::Object(map) = custom.clone() else {
+        unreachable!()
+    };
+    let mut reply = NewMessage::new(Role::Assistant, "Roar");
+    reply.metadata = MessageMetadata::from_caller(map);
+    store
+        .append_turn(TurnAppend {
+            session_id: session.id.clone(),
+            expected_count: 0,
+            messages: vec![NewMessage::new(Role::User, "hi"), reply],
+            turn_key: None,
+            new_session: None,
+        })
+        .await
+        .unwrap();
+    let messages = store.recent_messages(&session.id, 2).await.unwrap();
+    let metadata = &messages[1].metadata;
+    assert_eq!(serde_json::Value::Object(metadata.to_caller()), custom);
+    assert_eq!(metadata.tokens_prompt, Some(12));
+    assert_eq!(metadata.tokens_completion, None);
+    assert_eq!(metadata.latency_ms, Some(340));
+    assert!(messages[0].metadata.custom.is_none());
 }
 
 /// Deletes by session, user, animal and age remove sessions and messages everywhere.
