@@ -4,11 +4,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use aws_sdk_dynamodb::types::ReturnConsumedCapacity;
+use aws_sdk_dynamodb::types::{AttributeValue, ReturnConsumedCapacity};
 use cmz_core::Result;
 use cmz_core::ids::AnimalId;
 use cmz_core::persona::PersonaDirectory;
-use cmz_core::types::Persona;
+use cmz_core::types::{AnimalStatus, Persona};
 use tokio::sync::Mutex;
 
 use crate::attr::{Item, Reader, from_json, s};
@@ -21,9 +21,13 @@ const LIST_CACHE: Duration = Duration::from_secs(60);
 /// The full listing and when it was read.
 type CachedList = (Instant, Vec<Persona>);
 
-/// Personas from the animal table (`ANIMAL_DYNAMO_TABLE_NAME`, hash key `animalId`):
-/// `name`, `personality`, `facts` (a list, or one string with a fact per line) and
-/// optional `guidelines`.
+/// Personas from the animal table (`ANIMAL_DYNAMO_TABLE_NAME`, hash key `animalId`), read
+/// as the legacy animal service writes them: `name`, `species`, `description`,
+/// `personality` (a map `{description}`, or a plain string in older items),
+/// `configuration.systemPrompt` (the persona text when set), `configuration.temperature`
+/// and `configuration.aiModel` (passed to the model), and the status (`softDelete`,
+/// `status`, `configuration.status`, `active`: only active animals are offered). cmz's own
+/// `facts` (a list, or one string with a fact per line) and `guidelines` are read too.
 ///
 /// `persona` is one `GetItem`. `list` reads the whole (small) table and keeps the result
 /// for a minute, so a page that lists animals does not scan on every request.
@@ -42,33 +46,69 @@ impl DynamoPersonaDirectory {
         }
     }
 
-    /// Creates or replaces a persona (for seeding and tests).
+    /// Creates or replaces a persona (for seeding and tests), in the legacy animal item
+    /// shape: `personality` as a map `{description}`, the configured prompt, temperature and
+    /// model under `configuration`, plus cmz's `facts` and `guidelines`.
     #[tracing::instrument(name = "dynamodb.put_persona", skip_all, fields(animal = %persona.animal_id))]
     pub async fn put(&self, persona: &Persona) -> Result<()> {
         let table = &self.db.inner.tables.animals;
-        let mut item = Item::new();
-        item.insert("animalId".into(), s(persona.animal_id.as_str()));
-        item.insert("name".into(), s(persona.name.clone()));
-        item.insert("personality".into(), s(persona.personality.clone()));
-        item.insert("facts".into(), from_json(&serde_json::json!(persona.facts)));
-        if !persona.guidelines.is_empty() {
-            item.insert(
-                "guidelines".into(),
-                from_json(&serde_json::json!(persona.guidelines)),
-            );
-        }
         self.db
             .inner
             .client
             .put_item()
             .table_name(table)
-            .set_item(Some(item))
+            .set_item(Some(persona_item(persona)))
             .send()
             .await
             .map_err(|e| map_sdk("PutItem", table, e))?;
         *self.listed.lock().await = None;
         Ok(())
     }
+}
+
+fn persona_item(persona: &Persona) -> Item {
+    let mut item = Item::new();
+    item.insert("animalId".into(), s(persona.animal_id.as_str()));
+    item.insert("name".into(), s(persona.name.clone()));
+    item.insert(
+        "personality".into(),
+        from_json(&serde_json::json!({ "description": persona.personality })),
+    );
+    item.insert("facts".into(), from_json(&serde_json::json!(persona.facts)));
+    if !persona.guidelines.is_empty() {
+        item.insert(
+            "guidelines".into(),
+            from_json(&serde_json::json!(persona.guidelines)),
+        );
+    }
+    if let Some(species) = &persona.species {
+        item.insert("species".into(), s(species.clone()));
+    }
+    if let Some(description) = &persona.description {
+        item.insert("description".into(), s(description.clone()));
+    }
+    item.insert("status".into(), s(persona.status.as_str()));
+    item.insert(
+        "softDelete".into(),
+        AttributeValue::Bool(persona.status == AnimalStatus::Deleted),
+    );
+    let mut configuration = serde_json::Map::new();
+    if let Some(prompt) = &persona.system_prompt {
+        configuration.insert("systemPrompt".into(), prompt.clone().into());
+    }
+    if let Some(temperature) = persona.temperature {
+        configuration.insert("temperature".into(), f64::from(temperature).into());
+    }
+    if let Some(model) = &persona.model {
+        configuration.insert("aiModel".into(), model.clone().into());
+    }
+    if !configuration.is_empty() {
+        item.insert(
+            "configuration".into(),
+            from_json(&serde_json::Value::Object(configuration)),
+        );
+    }
+    item
 }
 
 fn lines(reader: &Reader<'_>, key: &str) -> Vec<String> {
@@ -83,24 +123,82 @@ fn lines(reader: &Reader<'_>, key: &str) -> Vec<String> {
     }
 }
 
+fn non_empty(value: Option<&str>) -> Option<String> {
+    value
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+}
+
+/// A number stored as `N`, or as a string of one (forms sometimes save `"0.7"`).
+fn number(value: Option<&AttributeValue>) -> Option<f64> {
+    match value? {
+        AttributeValue::N(n) | AttributeValue::S(n) => n.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// Whether the legacy item says the animal is offered. Not offered: `softDelete: true`,
+/// `active: false`, or a `status` (top level or under `configuration`) other than
+/// `active`; an unknown status counts as hidden.
+fn status_of(reader: &Reader<'_>, configuration: &Reader<'_>) -> AnimalStatus {
+    if reader.bool("softDelete") {
+        return AnimalStatus::Deleted;
+    }
+    let mut status = AnimalStatus::Active;
+    for value in [reader.opt_str("status"), configuration.opt_str("status")]
+        .into_iter()
+        .flatten()
+    {
+        match AnimalStatus::parse(value).unwrap_or(AnimalStatus::Hidden) {
+            AnimalStatus::Deleted => return AnimalStatus::Deleted,
+            AnimalStatus::Active => {}
+            other => status = other,
+        }
+    }
+    if matches!(reader.get("active"), Some(AttributeValue::Bool(false))) {
+        status = AnimalStatus::Hidden;
+    }
+    status
+}
+
+/// Reads an animal item as the legacy animal service writes it (`personality` a map
+/// `{description}` or a plain string, `configuration.{systemPrompt, temperature, aiModel,
+/// status}`, `species`, `description`, `status`, `active`, `softDelete`), and cmz's own
+/// `facts` and `guidelines`.
 fn persona_from_item(item: &Item) -> Result<Persona> {
     let reader = Reader::new(item, "animal");
     let animal_id = AnimalId::new(reader.str("animalId")?)?;
-    Ok(Persona {
-        name: reader
-            .opt_str("name")
-            .unwrap_or(animal_id.as_str())
+    let empty = Item::new();
+    let configuration = match reader.get("configuration") {
+        Some(AttributeValue::M(map)) => map,
+        _ => &empty,
+    };
+    let configuration = Reader::new(configuration, "animal configuration");
+    let personality = match reader.get("personality") {
+        Some(AttributeValue::M(map)) => Reader::new(map, "animal personality")
+            .opt_str("description")
+            .unwrap_or_default()
             .to_owned(),
+        Some(AttributeValue::S(text)) => text.clone(),
+        _ => String::new(),
+    };
+    let status = status_of(&reader, &configuration);
+    Ok(Persona {
+        name: non_empty(reader.opt_str("name")).unwrap_or_else(|| animal_id.as_str().to_owned()),
         animal_id,
-        personality: reader.opt_str("personality").unwrap_or_default().to_owned(),
+        personality,
         facts: lines(&reader, "facts"),
         guidelines: lines(&reader, "guidelines"),
-        species: None,
-        description: None,
-        status: Default::default(),
-        system_prompt: None,
-        temperature: None,
-        model: None,
+        species: non_empty(reader.opt_str("species")),
+        description: non_empty(reader.opt_str("description")),
+        status,
+        system_prompt: non_empty(configuration.opt_str("systemPrompt")),
+        // Out-of-range values are not passed on: the provider would refuse the request.
+        temperature: number(configuration.get("temperature"))
+            .filter(|t| (0.0..=2.0).contains(t))
+            .map(|t| t as f32),
+        model: non_empty(configuration.opt_str("aiModel")),
     })
 }
 
