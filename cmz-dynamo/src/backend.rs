@@ -16,6 +16,7 @@ use sha2::Sha256;
 use crate::attr::Item;
 use crate::config::{DynamoSettings, TableNames};
 use crate::error::map_sdk;
+use crate::tables::{TableEvent, TablesReport};
 use crate::{
     DynamoConversationStore, DynamoFamilyDirectory, DynamoPersonaDirectory, DynamoRateLimitStore,
     DynamoRevocationStore, DynamoUserStore, tables,
@@ -86,13 +87,27 @@ impl Dynamo {
         Ok(dynamo)
     }
 
-    /// Creates missing tables, GSIs and TTL settings (development and tests).
-    pub async fn ensure_tables(&self) -> Result<()> {
+    /// Creates missing tables and brings existing ones (a legacy deployment's) up to date
+    /// in place: missing GSIs and TTL settings, never rewriting or deleting anything.
+    /// Returns what changed; what cannot be done in place is an error listing it. See
+    /// [`ensure_tables_with_progress`](crate::ensure_tables_with_progress).
+    pub async fn ensure_tables(&self) -> Result<TablesReport> {
         tables::ensure_tables(&self.inner.client, &self.inner.tables).await
     }
 
-    /// Checks that every configured table exists with the keys and GSIs cmz needs; a
-    /// missing one is an error naming it and the existing tables with similar names.
+    /// [`ensure_tables`](Self::ensure_tables), telling `progress` what it does and waits
+    /// for; what cannot be done in place comes back in [`TablesReport::problems`] instead
+    /// of as an error (see [`TablesReport::into_result`]).
+    pub async fn ensure_tables_with_progress(
+        &self,
+        progress: &(dyn Fn(&TableEvent) + Sync),
+    ) -> Result<TablesReport> {
+        tables::ensure_tables_with_progress(&self.inner.client, &self.inner.tables, progress).await
+    }
+
+    /// Checks that every configured table exists with the keys and indexes cmz needs (what
+    /// the server does at startup); what is missing is an error naming the tables, the
+    /// existing tables with similar names, and the fix (`cmz-dynamo ensure-tables`).
     pub async fn check_tables(&self) -> Result<()> {
         tables::check_tables(&self.inner.client, &self.inner.tables).await
     }

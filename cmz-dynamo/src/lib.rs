@@ -22,6 +22,7 @@ pub use config::{DynamoSettings, TABLE_VARIABLES, TableNames};
 pub use conversations::DynamoConversationStore;
 pub use personas::DynamoPersonaDirectory;
 pub use tables::{
-    ANIMAL_INDEX, EMAIL_INDEX, TTL_ATTRIBUTE, TURN_KEY_INDEX, USER_INDEX, check_tables,
-    ensure_tables,
+    ANIMAL_INDEX, EMAIL_INDEX, ENSURE_TABLES_COMMAND, IndexBilling, TTL_ATTRIBUTE, TURN_KEY_INDEX,
+    TableChange, TableEvent, TableProblem, TablesReport, USER_INDEX, check_tables, ensure_tables,
+    ensure_tables_with_progress,
 };

@@ -1,17 +1,22 @@
-//! Creating the tables (for development and tests) and checking them at startup.
+//! The tables cmz needs: creating them, bringing existing ones (a legacy deployment's)
+//! up to date in place, and checking them at startup.
 
-use std::time::Duration;
+mod report;
+mod upgrade;
 
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType,
-    LocalSecondaryIndex, Projection, ProjectionType, ScalarAttributeType, TableStatus,
-    TimeToLiveSpecification,
+    LocalSecondaryIndex, Projection, ProjectionType, ScalarAttributeType, TableDescription,
 };
 use cmz_core::{Error, Result};
 
 use crate::config::TableNames;
 use crate::error::map_sdk;
+
+pub use report::{
+    ENSURE_TABLES_COMMAND, IndexBilling, TableChange, TableEvent, TableProblem, TablesReport,
+};
 
 /// The GSI listing a user's sessions by `lastActivity`.
 pub const USER_INDEX: &str = "userId-lastActivity-index";
@@ -24,13 +29,21 @@ pub const TURN_KEY_INDEX: &str = "turnKey-index";
 /// The attribute DynamoDB's TTL deletes by (epoch seconds).
 pub const TTL_ATTRIBUTE: &str = "ttl";
 
+/// What cmz needs of one table. Every index key is a string attribute.
 struct Spec {
     hash: (&'static str, ScalarAttributeType),
     range: Option<(&'static str, ScalarAttributeType)>,
-    indexes: &'static [(&'static str, &'static str, Option<&'static str>)],
+    /// Global secondary indexes: name, hash key, range key. These can be added in place.
+    indexes: &'static [Gsi],
+    /// Local secondary indexes: name, range key. DynamoDB makes these only with the
+    /// table, so only cmz's own new tables (never a legacy one) may have them.
     local_indexes: &'static [(&'static str, &'static str)],
+    /// Whether DynamoDB's TTL should delete by [`TTL_ATTRIBUTE`].
     ttl: bool,
 }
+
+/// A global secondary index: name, hash key, range key.
+type Gsi = (&'static str, &'static str, Option<&'static str>);
 
 fn specs(names: &TableNames) -> Vec<(&str, &'static str, Spec)> {
     use ScalarAttributeType::{N, S};
@@ -135,115 +148,144 @@ fn attr(name: &str, kind: ScalarAttributeType) -> Result<AttributeDefinition> {
         .map_err(|e| Error::internal(format!("attribute definition: {e}")))
 }
 
-/// Creates every table of `names` that does not exist yet, with its GSIs and TTL setting
-/// (on-demand billing), and waits until all are `ACTIVE`. Existing tables are left alone.
-/// Meant for development and tests; production tables come from infrastructure code.
+fn index_keys(hash: &str, range: Option<&str>) -> Result<Vec<KeySchemaElement>> {
+    let mut keys = vec![key(hash, KeyType::Hash)?];
+    if let Some(range) = range {
+        keys.push(key(range, KeyType::Range)?);
+    }
+    Ok(keys)
+}
+
+fn all_projected() -> Projection {
+    Projection::builder()
+        .projection_type(ProjectionType::All)
+        .build()
+}
+
+/// Creates every missing table and brings every existing one up to date in place, then
+/// returns what it changed; what cannot be done in place (a wrong key schema, a missing
+/// local secondary index) is an error listing it (see [`TablesReport::into_result`]).
+///
+/// This is [`ensure_tables_with_progress`] without a progress callback: progress goes to
+/// `tracing` (`info`) only.
+pub async fn ensure_tables(client: &Client, names: &TableNames) -> Result<TablesReport> {
+    ensure_tables_with_progress(client, names, &|_| {})
+        .await?
+        .into_result()
+}
+
+/// Creates every missing table of `names` and brings existing ones (a legacy
+/// deployment's, made without cmz's indexes) up to date in place, reporting progress to
+/// `progress` and to `tracing`.
+///
+/// - A missing table is created with its indexes, on-demand.
+/// - A missing global secondary index is added with `UpdateTable`, one at a time (as
+///   DynamoDB requires), billed like its table (a provisioned table's index gets the
+///   table's read and write units), and waited for until DynamoDB has filled it from the
+///   existing items and reports it `ACTIVE`. A run that is stopped while waiting can be
+///   started again: it waits for the index it started.
+/// - TTL on [`TTL_ATTRIBUTE`] is turned on where cmz wants it and it is off.
+///
+/// Nothing is ever rewritten or deleted: not an item, an index or a setting. A second run
+/// changes nothing and reports no changes. What cannot be done in place is not attempted
+/// and comes back in [`TablesReport::problems`]: a table whose keys are not cmz's
+/// (DynamoDB cannot change keys), a missing local secondary index (DynamoDB makes those
+/// only with the table, so only cmz's own new tables have them), an index of cmz's name
+/// with other keys. The other tables are still brought up to date. Errors are for
+/// DynamoDB failing (`unavailable`) or a wait that did not end (`unavailable`).
 #[tracing::instrument(name = "dynamodb.ensure_tables", skip_all)]
-pub async fn ensure_tables(client: &Client, names: &TableNames) -> Result<()> {
+pub async fn ensure_tables_with_progress(
+    client: &Client,
+    names: &TableNames,
+    progress: &(dyn Fn(&TableEvent) + Sync),
+) -> Result<TablesReport> {
     let existing = list_tables(client).await?;
-    for (table, _, spec) in specs(names) {
-        if existing.iter().any(|t| t == table) {
-            continue;
+    let mut run = upgrade::Upgrade::new(client, progress);
+    for (table, variable, spec) in specs(names) {
+        if !existing.iter().any(|t| t == table) && create_table(client, table, &spec).await? {
+            run.settle(table).await?;
+            run.changed(TableChange::CreatedTable {
+                table: table.to_owned(),
+                variable,
+            });
         }
-        let mut defs = vec![attr(spec.hash.0, spec.hash.1.clone())?];
-        let mut keys = vec![key(spec.hash.0, KeyType::Hash)?];
-        if let Some((name, kind)) = &spec.range {
-            defs.push(attr(name, kind.clone())?);
-            keys.push(key(name, KeyType::Range)?);
-        }
-        let mut request = client
-            .create_table()
-            .table_name(table)
-            .billing_mode(BillingMode::PayPerRequest)
-            .set_key_schema(Some(keys));
-        for (index, hash, range) in spec.indexes {
-            for name in std::iter::once(*hash).chain(*range) {
-                if !defs.iter().any(|d| d.attribute_name() == name) {
-                    defs.push(attr(name, ScalarAttributeType::S)?);
-                }
-            }
-            let mut index_keys = vec![key(hash, KeyType::Hash)?];
-            if let Some(range) = range {
-                index_keys.push(key(range, KeyType::Range)?);
-            }
-            request = request.global_secondary_indexes(
-                GlobalSecondaryIndex::builder()
-                    .index_name(*index)
-                    .set_key_schema(Some(index_keys))
-                    .projection(
-                        Projection::builder()
-                            .projection_type(ProjectionType::All)
-                            .build(),
-                    )
-                    .build()
-                    .map_err(|e| Error::internal(format!("index definition: {e}")))?,
-            );
-        }
-        for (index, range) in spec.local_indexes {
-            if !defs.iter().any(|d| d.attribute_name() == *range) {
-                defs.push(attr(range, ScalarAttributeType::S)?);
-            }
-            request = request.local_secondary_indexes(
-                LocalSecondaryIndex::builder()
-                    .index_name(*index)
-                    .key_schema(key(spec.hash.0, KeyType::Hash)?)
-                    .key_schema(key(range, KeyType::Range)?)
-                    .projection(
-                        Projection::builder()
-                            .projection_type(ProjectionType::All)
-                            .build(),
-                    )
-                    .build()
-                    .map_err(|e| Error::internal(format!("index definition: {e}")))?,
-            );
-        }
-        match request.set_attribute_definitions(Some(defs)).send().await {
-            Ok(_) => {}
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_resource_in_use_exception()) => {}
-            Err(e) => return Err(map_sdk("CreateTable", table, e)),
-        }
-        wait_active(client, table).await?;
-        if spec.ttl {
-            client
-                .update_time_to_live()
-                .table_name(table)
-                .time_to_live_specification(
-                    TimeToLiveSpecification::builder()
-                        .attribute_name(TTL_ATTRIBUTE)
-                        .enabled(true)
-                        .build()
-                        .map_err(|e| Error::internal(format!("ttl: {e}")))?,
-                )
-                .send()
-                .await
-                .map_err(|e| map_sdk("UpdateTimeToLive", table, e))?;
-        }
-        tracing::info!(table, "created DynamoDB table");
+        run.upgrade(table, variable, &spec).await?;
     }
-    Ok(())
+    let report = run.finish();
+    if report.is_unchanged() && report.problems.is_empty() {
+        tracing::info!("DynamoDB tables are up to date: nothing to change");
+    }
+    Ok(report)
 }
 
-async fn wait_active(client: &Client, table: &str) -> Result<()> {
-    for _ in 0..240 {
-        let described = client
-            .describe_table()
-            .table_name(table)
-            .send()
-            .await
-            .map_err(|e| map_sdk("DescribeTable", table, e))?;
-        if described.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+/// Creates `table` with its keys and indexes, on-demand; `false` when another process
+/// created it first.
+#[tracing::instrument(name = "dynamodb.create_table", skip_all, fields(table = %table))]
+async fn create_table(client: &Client, table: &str, spec: &Spec) -> Result<bool> {
+    let mut defs = vec![attr(spec.hash.0, spec.hash.1.clone())?];
+    let mut keys = vec![key(spec.hash.0, KeyType::Hash)?];
+    if let Some((name, kind)) = &spec.range {
+        defs.push(attr(name, kind.clone())?);
+        keys.push(key(name, KeyType::Range)?);
     }
-    Err(Error::unavailable(
-        format!("table {table} did not become ACTIVE within a minute"),
-        std::io::Error::other("table not active"),
-    ))
+    let mut request = client
+        .create_table()
+        .table_name(table)
+        .billing_mode(BillingMode::PayPerRequest)
+        .set_key_schema(Some(keys));
+    for (index, hash, range) in spec.indexes {
+        for name in std::iter::once(*hash).chain(*range) {
+            if !defs.iter().any(|d| d.attribute_name() == name) {
+                defs.push(attr(name, ScalarAttributeType::S)?);
+            }
+        }
+        request = request.global_secondary_indexes(
+            GlobalSecondaryIndex::builder()
+                .index_name(*index)
+                .set_key_schema(Some(index_keys(hash, *range)?))
+                .projection(all_projected())
+                .build()
+                .map_err(|e| Error::internal(format!("index definition: {e}")))?,
+        );
+    }
+    for (index, range) in spec.local_indexes {
+        if !defs.iter().any(|d| d.attribute_name() == *range) {
+            defs.push(attr(range, ScalarAttributeType::S)?);
+        }
+        request = request.local_secondary_indexes(
+            LocalSecondaryIndex::builder()
+                .index_name(*index)
+                .set_key_schema(Some(index_keys(spec.hash.0, Some(range))?))
+                .projection(all_projected())
+                .build()
+                .map_err(|e| Error::internal(format!("index definition: {e}")))?,
+        );
+    }
+    match request.set_attribute_definitions(Some(defs)).send().await {
+        Ok(_) => Ok(true),
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|e| e.is_resource_in_use_exception()) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(map_sdk("CreateTable", table, e)),
+    }
 }
 
+#[tracing::instrument(name = "dynamodb.describe_table", skip_all, fields(table = %table))]
+async fn describe(client: &Client, table: &str) -> Result<TableDescription> {
+    client
+        .describe_table()
+        .table_name(table)
+        .send()
+        .await
+        .map_err(|e| map_sdk("DescribeTable", table, e))?
+        .table
+        .ok_or_else(|| Error::internal(format!("DescribeTable on {table} described no table")))
+}
+
+#[tracing::instrument(name = "dynamodb.list_tables", skip_all)]
 async fn list_tables(client: &Client) -> Result<Vec<String>> {
     let mut names = Vec::new();
     let mut start: Option<String> = None;
@@ -262,14 +304,33 @@ async fn list_tables(client: &Client) -> Result<Vec<String>> {
     }
 }
 
-/// Checks at startup that every configured table exists with the keys and GSIs cmz uses.
+/// How to run [`ENSURE_TABLES_COMMAND`], for error messages.
+fn fix_command() -> String {
+    format!(
+        "`{ENSURE_TABLES_COMMAND}` (or the installed `cmz-dynamo ensure-tables`) with the same variables"
+    )
+}
+
+/// Checks at startup that every configured table exists with the keys and indexes cmz
+/// uses, and that no index of cmz's is still being built.
 ///
-/// A missing table is a `validation_error` naming it, the variable that configures it and
-/// the existing tables with similar names (`quest-dev-conversations` vs
-/// `quest-dev-conversation`). An unreachable endpoint is `unavailable`.
+/// Every problem found is listed in one `validation_error` (its field the first table's
+/// variable). A missing table is named with the variable that configures it and the
+/// existing tables with similar names (`quest-dev-conversations` vs
+/// `quest-dev-conversation`); a missing table or index names the fix, the command
+/// [`ENSURE_TABLES_COMMAND`], which adds indexes in place and keeps every item. An
+/// unreachable endpoint is `unavailable`.
 #[tracing::instrument(name = "dynamodb.check_tables", skip_all)]
 pub async fn check_tables(client: &Client, names: &TableNames) -> Result<()> {
     let existing = list_tables(client).await?;
+    let mut problems = Vec::new();
+    let mut problem = |table: &str, variable: &'static str, message: String| {
+        problems.push(TableProblem {
+            table: table.to_owned(),
+            variable,
+            message,
+        })
+    };
     for (table, variable, spec) in specs(names) {
         if !existing.iter().any(|t| t == table) {
             let similar = similar_names(table, &existing);
@@ -281,51 +342,53 @@ pub async fn check_tables(client: &Client, names: &TableNames) -> Result<()> {
             } else {
                 format!("tables with similar names: {}", similar.join(", "))
             };
-            return Err(Error::validation(
-                variable,
-                format!("DynamoDB table {table:?} ({variable}) does not exist; {hint}"),
-            ));
-        }
-        let described = client
-            .describe_table()
-            .table_name(table)
-            .send()
-            .await
-            .map_err(|e| map_sdk("DescribeTable", table, e))?;
-        let Some(description) = described.table() else {
-            continue;
-        };
-        let hash_key = description
-            .key_schema()
-            .iter()
-            .find(|k| k.key_type() == &KeyType::Hash)
-            .map(|k| k.attribute_name().to_owned());
-        if hash_key.as_deref() != Some(spec.hash.0) {
-            return Err(Error::validation(
+            problem(
+                table,
                 variable,
                 format!(
-                    "DynamoDB table {table:?} ({variable}) has hash key {:?}; cmz expects {:?}",
-                    hash_key.unwrap_or_default(),
-                    spec.hash.0
+                    "does not exist; {hint}. If the name is right, create it with {}",
+                    fix_command()
                 ),
-            ));
+            );
+            continue;
         }
-        for (index, ..) in spec.indexes {
-            if !description
-                .global_secondary_indexes()
-                .iter()
-                .any(|g| g.index_name() == Some(index))
-            {
-                return Err(Error::validation(
-                    variable,
-                    format!(
-                        "DynamoDB table {table:?} ({variable}) has no GSI {index:?}; create it (see cmz_dynamo::ensure_tables)"
-                    ),
-                ));
-            }
+        let plan = upgrade::plan(&spec, &describe(client, table).await?);
+        for message in plan.problems {
+            problem(table, variable, message);
+        }
+        for &(index, hash, range) in plan.missing {
+            problem(
+                table,
+                variable,
+                format!(
+                    "has no GSI {index:?} ({}); add it in place, keeping every item, with {}",
+                    upgrade::describe_keys(Some(hash), range, None),
+                    fix_command()
+                ),
+            );
+        }
+        for (index, status) in plan.pending {
+            problem(
+                table,
+                variable,
+                format!(
+                    "has GSI {index:?} still being built ({status}); {} waits for it and shows its progress",
+                    fix_command()
+                ),
+            );
         }
     }
-    Ok(())
+    match problems.first() {
+        None => Ok(()),
+        Some(first) => Err(Error::validation(
+            first.variable,
+            problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        )),
+    }
 }
 
 /// Existing names close to `wanted`: an edit distance of at most a quarter of its length

@@ -225,6 +225,30 @@ pub fn isolated_settings(endpoint: &str) -> DynamoSettings {
     }
 }
 
+/// The boto3 script beside cmz-dynamo's tests that writes tables and items the way the
+/// legacy Python services and the legacy CloudFormation stack do
+/// (`tests/fixtures/legacy_conversation_dynamo.py`; its docstring lists the commands).
+pub const LEGACY_FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/legacy_conversation_dynamo.py"
+);
+
+/// Runs [`LEGACY_FIXTURE`] with `args` (`python3` with `boto3` must be installed) and
+/// returns the JSON it printed. Panics, with the script's error output, when it fails.
+pub fn legacy_fixture(args: &[&str]) -> serde_json::Value {
+    let out = Command::new("python3")
+        .arg(LEGACY_FIXTURE)
+        .args(args)
+        .output()
+        .expect("python3 with boto3 (pip install boto3)");
+    assert!(
+        out.status.success(),
+        "the legacy fixture failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the legacy fixture prints JSON")
+}
+
 /// A connection to the shared server with freshly created tables of its own.
 pub async fn isolated() -> Dynamo {
     let dynamo = Dynamo::connect(isolated_settings(&shared_endpoint())).await;

@@ -1,8 +1,8 @@
 //! `cmz-dynamo`: table setup, checks and the legacy migration, from the command line.
 //!
 //! ```text
-//! cmz-dynamo check-tables              check that every configured table exists
-//! cmz-dynamo ensure-tables             create missing tables (development)
+//! cmz-dynamo check-tables              check the tables as the server does at startup
+//! cmz-dynamo ensure-tables             create missing tables, bring existing ones up to date
 //! cmz-dynamo migrate [--dry-run] [--page-size N] [--pause-ms N] [--no-progress]
 //! ```
 //! Configuration comes from the legacy variables (`DYNAMODB_ENDPOINT_URL`, `AWS_REGION`,
@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use cmz_dynamo::migrate::{MigrationOptions, migrate_legacy};
-use cmz_dynamo::{Dynamo, DynamoSettings};
+use cmz_dynamo::{Dynamo, DynamoSettings, TableEvent};
 
 const USAGE: &str = "usage: cmz-dynamo <check-tables | ensure-tables | migrate [--dry-run] [--page-size N] [--pause-ms N] [--no-progress]>";
 
@@ -38,12 +38,12 @@ async fn run(args: &[String]) -> Result<(), String> {
     match command.as_str() {
         "check-tables" => {
             dynamo.check_tables().await.map_err(|e| e.to_string())?;
-            println!("all {} tables exist", dynamo.tables().all().len());
+            println!(
+                "all {} tables exist with the keys and indexes cmz needs",
+                dynamo.tables().all().len()
+            );
         }
-        "ensure-tables" => {
-            dynamo.ensure_tables().await.map_err(|e| e.to_string())?;
-            println!("tables ready");
-        }
+        "ensure-tables" => ensure_tables(&dynamo).await?,
         "migrate" => {
             let mut options = MigrationOptions {
                 progress: true,
@@ -88,4 +88,36 @@ async fn run(args: &[String]) -> Result<(), String> {
         other => return Err(format!("unknown command {other:?}\n{USAGE}")),
     }
     Ok(())
+}
+
+/// Creates and upgrades the tables, printing progress while DynamoDB works, then each
+/// change made (or `nothing to change`); what cannot be done in place fails the command.
+async fn ensure_tables(dynamo: &Dynamo) -> Result<(), String> {
+    let report = dynamo
+        .ensure_tables_with_progress(&|event| {
+            // Finished changes are listed once, below.
+            if !matches!(event, TableEvent::Changed(_)) {
+                println!("{event}");
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    if report.changes.is_empty() {
+        println!("nothing to change");
+    }
+    for change in &report.changes {
+        println!("{change}");
+    }
+    for warning in &report.warnings {
+        eprintln!("warning: {warning}");
+    }
+    for problem in &report.problems {
+        eprintln!("error: {problem}");
+    }
+    match report.problems.len() {
+        0 => Ok(()),
+        n => Err(format!(
+            "{n} problem(s) cannot be fixed in place; nothing else is missing"
+        )),
+    }
 }
