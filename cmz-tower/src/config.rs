@@ -88,13 +88,21 @@ fn openai_model(
     Ok(None)
 }
 
-/// The process environment with the demos' one default: development users
-/// (`CMZ_DEV_USERS=embedded`) unless the variable is set. For examples and local runs;
-/// production passes the plain environment to [`state_from_env`].
+/// The origins the legacy React frontend is served from in development (its Vite dev
+/// server's port 3000, and the other ports the legacy backend allowed); it calls the API
+/// on `http://localhost:8080` from there.
+pub const LEGACY_FRONTEND_ORIGINS: &str =
+    "http://localhost:3000,http://localhost:3001,http://localhost:3005";
+
+/// The process environment with the demos' defaults, each used only when its variable is
+/// unset: development users (`CMZ_DEV_USERS=embedded`) and CORS for the legacy frontend's
+/// development origins (`CMZ_CORS_ORIGINS=`[`LEGACY_FRONTEND_ORIGINS`]). For examples and
+/// local runs; production passes the plain environment to [`state_from_env`].
 pub fn demo_env(name: &str) -> Option<String> {
     match std::env::var(name) {
         Ok(value) => Some(value),
         Err(_) if name == "CMZ_DEV_USERS" => Some("embedded".into()),
+        Err(_) if name == "CMZ_CORS_ORIGINS" => Some(LEGACY_FRONTEND_ORIGINS.into()),
         Err(_) => None,
     }
 }

@@ -1,10 +1,12 @@
 #![doc = include_str!("../README.md")]
 
+mod animals;
 mod auth_layer;
 mod config;
 mod error;
 mod metrics;
 mod routes;
+mod sessions;
 mod sse;
 mod state;
 
@@ -27,7 +29,8 @@ use tower_http::trace::TraceLayer;
 
 pub use auth_layer::{AccessToken, AuthLayer, RequireAuth};
 pub use config::{
-    SAMPLE_PERSONAS, cached, demo_env, offline_health, sample_personas, serve, state_from_env,
+    LEGACY_FRONTEND_ORIGINS, SAMPLE_PERSONAS, cached, demo_env, offline_health, sample_personas,
+    serve, state_from_env,
 };
 pub use error::{ApiError, ApiJson, ApiQuery, status_for};
 #[cfg(feature = "prometheus")]
@@ -57,7 +60,8 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 /// `Error = Infallible`, so it mounts in any axum, hyper or tower server (nest it under a
 /// prefix with `Router::nest`).
 ///
-/// Public: `POST /auth`, `POST /auth/refresh`, `GET /chatgpt/health`, `GET /system_health`.
+/// Public: `POST /auth`, `POST /auth/refresh`, `GET /chatgpt/health`, `GET /system_health`,
+/// `GET /animal_list` and `GET /animal/{animalId}` (the offered animals: no personal data).
 /// Everything else goes through [`AuthLayer`]. Every failure, including unknown routes,
 /// bad bodies, oversized bodies, timeouts and panics, is a JSON `Error` body.
 pub fn router(state: AppState) -> Router {
@@ -113,11 +117,17 @@ const TABLE: &[(Route, MakeHandler)] = &[
     (route("GET", "/system_health", true), || {
         get(routes::system_health)
     }),
+    (route("GET", "/animal_list", true), || {
+        get(animals::animal_list)
+    }),
+    (route("GET", "/animal/{animalId}", true), || {
+        get(animals::animal_get)
+    }),
     (route("POST", "/auth/logout", false), || {
         post(routes::logout)
     }),
     (route("GET", "/me", false), || get(routes::me)),
-    (route("GET", "/animals", false), || get(routes::animals)),
+    (route("GET", "/animals", false), || get(animals::animals)),
     (route("POST", "/convo_turn", false), || {
         post(routes::convo_turn)
     }),
@@ -134,11 +144,11 @@ const TABLE: &[(Route, MakeHandler)] = &[
         axum::routing::delete(routes::delete_history)
     }),
     (route("GET", "/conversations/sessions", false), || {
-        get(routes::list_sessions)
+        get(sessions::list_sessions)
     }),
     (
         route("GET", "/conversations/sessions/{sessionId}", false),
-        || get(routes::session_detail),
+        || get(sessions::session_detail),
     ),
     (route("POST", "/summarize_convo", false), || {
         post(routes::summarize)

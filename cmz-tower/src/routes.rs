@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 
-use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
+use axum::extract::{ConnectInfo, FromRequestParts, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
@@ -12,11 +12,12 @@ use cmz_core::access::{Action, Principal};
 use cmz_core::auth::{AuditEvent, AuditKind, AuditOutcome, Family, PublicUser};
 use cmz_core::ids::{AnimalId, MessageId, SessionId, UserId};
 use cmz_core::service::{TurnReply, TurnRequest};
-use cmz_core::store::{Cursor, DeleteScope, PageRequest, SessionScope};
+use cmz_core::store::{DeleteScope, PageRequest, SessionScope};
 use cmz_core::types::{Message, Session};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::animals::resolve_animal;
 use crate::auth_layer::AccessToken;
 use crate::error::{ApiError, ApiJson, ApiQuery};
 use crate::state::AppState;
@@ -38,7 +39,10 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientKey {
     }
 }
 
-fn id<T>(parse: impl FnOnce(String) -> cmz_core::Result<T>, value: String) -> ApiResult<T> {
+pub(crate) fn id<T>(
+    parse: impl FnOnce(String) -> cmz_core::Result<T>,
+    value: String,
+) -> ApiResult<T> {
     parse(value).map_err(ApiError::from)
 }
 
@@ -91,7 +95,35 @@ pub(crate) async fn login(
         auth.login(&email, &body.password, client.as_deref())
             .await?
     };
-    Ok(Json(response).into_response())
+    let mut body = to_json(&response)?;
+    body["user"]["name"] = display_name(&response.user).into();
+    Ok(Json(body).into_response())
+}
+
+fn to_json(value: &impl Serialize) -> ApiResult<Value> {
+    serde_json::to_value(value).map_err(|e| {
+        ApiError::from(cmz_core::Error::Internal {
+            message: "a response did not serialize".into(),
+            source: Some(Box::new(e)),
+        })
+    })
+}
+
+/// The user's name as the legacy pages read it (`user.name`): the display name, or the
+/// part of the email before `@` when there is none.
+fn display_name(user: &PublicUser) -> &str {
+    if user.display_name.is_empty() {
+        user.email.split('@').next().unwrap_or_default()
+    } else {
+        &user.display_name
+    }
+}
+
+/// A user with the legacy `name` beside cmz's fields.
+fn user_json(user: &PublicUser) -> ApiResult<Value> {
+    let mut body = to_json(user)?;
+    body["name"] = display_name(user).into();
+    Ok(body)
 }
 
 #[derive(Debug, Deserialize)]
@@ -118,7 +150,7 @@ pub(crate) async fn logout(
 pub(crate) async fn me(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-) -> ApiResult<Json<PublicUser>> {
+) -> ApiResult<Json<Value>> {
     let user = state
         .inner
         .auth
@@ -127,12 +159,7 @@ pub(crate) async fn me(
         .get_user(&principal.user_id)
         .await?
         .ok_or_else(|| ApiError::new("not_found", "user not found"))?;
-    Ok(Json(PublicUser::from(&user)))
-}
-
-pub(crate) async fn animals(State(state): State<AppState>) -> ApiResult<Json<Value>> {
-    let personas = state.inner.personas.list().await?;
-    Ok(Json(json!({ "animals": personas })))
+    Ok(Json(user_json(&PublicUser::from(&user))?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -239,14 +266,16 @@ pub(crate) async fn check_turn_limit(state: &AppState, principal: &Principal) ->
 pub(crate) async fn convo_turn(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-    ApiJson(body): ApiJson<ConvoTurnRequest>,
+    ApiJson(mut body): ApiJson<ConvoTurnRequest>,
 ) -> ApiResult<Response> {
+    body.animal_id = resolve_animal(&state, body.animal_id).await?;
     let turn = body.into_turn()?;
+    let animal = turn.animal_id.clone();
     check_turn_limit(&state, &principal).await?;
     let started = std::time::Instant::now();
     let reply = state.inner.conversations.turn(&principal, turn).await?;
     crate::metrics::turn(&reply, started.elapsed());
-    Ok(Json(TurnResponse::of(&reply)).into_response())
+    Ok(Json(TurnResponse::of(&reply, &animal)).into_response())
 }
 
 /// The body of `POST /convo_turn` (typed: it is built on every turn).
@@ -255,6 +284,11 @@ pub(crate) async fn convo_turn(
 struct TurnResponse<'a> {
     reply: &'a str,
     session_id: &'a SessionId,
+    /// The legacy page's names: the reply's message id, its time and the animal (a
+    /// `default` request names the animal it was mapped to).
+    turn_id: &'a MessageId,
+    timestamp: &'a DateTime<Utc>,
+    animal_id: &'a AnimalId,
     turn_number: u64,
     fallback: bool,
     interrupted: bool,
@@ -280,11 +314,14 @@ struct Moderation {
 }
 
 impl<'a> TurnResponse<'a> {
-    fn of(reply: &'a TurnReply) -> Self {
+    fn of(reply: &'a TurnReply, animal_id: &'a AnimalId) -> Self {
         let message = &reply.assistant_message;
         Self {
             reply: &reply.reply,
             session_id: &reply.session_id,
+            turn_id: &message.id,
+            timestamp: &message.created_at,
+            animal_id,
             turn_number: reply.turn,
             fallback: reply.fallback,
             interrupted: reply.interrupted,
@@ -312,7 +349,11 @@ fn turn_json(message: &Message, include_metadata: bool) -> Value {
     turn
 }
 
-fn history_json(session: &Session, messages: &[Message], include_metadata: bool) -> Value {
+pub(crate) fn history_json(
+    session: &Session,
+    messages: &[Message],
+    include_metadata: bool,
+) -> Value {
     json!({
         "sessionId": session.id,
         "animalId": session.animal_id,
@@ -324,7 +365,7 @@ fn history_json(session: &Session, messages: &[Message], include_metadata: bool)
     })
 }
 
-fn parse_date(field: &str, value: Option<String>) -> ApiResult<Option<DateTime<Utc>>> {
+pub(crate) fn parse_date(field: &str, value: Option<String>) -> ApiResult<Option<DateTime<Utc>>> {
     value
         .filter(|v| !v.is_empty())
         .map(|v| {
@@ -348,6 +389,7 @@ pub(crate) struct HistoryQuery {
     limit: Option<i64>,
     offset: Option<i64>,
     include_metadata: Option<bool>,
+    parent_user_id: Option<String>,
 }
 
 /// The most offset honoured (offsets page through the store from the start).
@@ -377,6 +419,16 @@ pub(crate) async fn convo_history(
         parse_date("startDate", q.start_date)?,
         parse_date("endDate", q.end_date)?,
     );
+    if let Some(parent) = q.parent_user_id.filter(|p| !p.is_empty()) {
+        let query = crate::sessions::FamilyQuery {
+            parent,
+            animal: q.animal_id,
+            start,
+            end,
+            limit: limit as usize,
+        };
+        return crate::sessions::family_sessions(&state, &principal, query).await;
+    }
     let animal = q
         .animal_id
         .filter(|a| !a.is_empty())
@@ -542,143 +594,6 @@ pub(crate) async fn delete_history(
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct SessionsQuery {
-    user_id: Option<String>,
-    animal_id: Option<String>,
-    start_date: Option<String>,
-    end_date: Option<String>,
-    limit: Option<i64>,
-    last_evaluated_key: Option<String>,
-    sort_by: Option<String>,
-    sort_order: Option<String>,
-}
-
-fn session_json(session: &Session) -> Value {
-    json!({
-        "sessionId": session.id,
-        "userId": session.user_id,
-        "animalId": session.animal_id,
-        "animalName": session.animal_name,
-        "startTime": session.started_at,
-        "lastMessageTime": session.last_activity,
-        "messageCount": session.message_count,
-        "duration": (session.last_activity - session.started_at).num_seconds().max(0),
-        "status": session.status,
-        "summary": session.summary,
-    })
-}
-
-pub(crate) async fn list_sessions(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
-    ApiQuery(q): ApiQuery<SessionsQuery>,
-) -> ApiResult<Json<Value>> {
-    let limit = q.limit.unwrap_or(20);
-    if !(1..=100).contains(&limit) {
-        return Err(ApiError::validation(
-            "limit",
-            "limit must be between 1 and 100",
-        ));
-    }
-    let sort_by = q.sort_by.as_deref().unwrap_or("timestamp");
-    if !matches!(sort_by, "timestamp" | "messageCount" | "duration") {
-        return Err(ApiError::validation(
-            "sortBy",
-            "sortBy must be timestamp, messageCount or duration",
-        ));
-    }
-    let descending = match q.sort_order.as_deref().unwrap_or("desc") {
-        "desc" => true,
-        "asc" => false,
-        _ => {
-            return Err(ApiError::validation(
-                "sortOrder",
-                "sortOrder must be asc or desc",
-            ));
-        }
-    };
-    let (start, end) = (
-        parse_date("startDate", q.start_date)?,
-        parse_date("endDate", q.end_date)?,
-    );
-    let animal = q
-        .animal_id
-        .filter(|a| !a.is_empty())
-        .map(|a| id(AnimalId::new, a))
-        .transpose()?;
-    let user = q
-        .user_id
-        .filter(|u| !u.is_empty())
-        .map(|u| id(UserId::new, u))
-        .transpose()?;
-    let scope = match (&user, &animal) {
-        (Some(user), _) => SessionScope::User(user.clone()),
-        (None, Some(animal)) if principal.role.sees_everything() => {
-            SessionScope::Animal(animal.clone())
-        }
-        (None, _) => SessionScope::User(principal.user_id.clone()),
-    };
-    let cursor = q
-        .last_evaluated_key
-        .filter(|k| !k.is_empty())
-        .map(Cursor::from_client);
-    let page = state
-        .inner
-        .conversations
-        .list_sessions(
-            &principal,
-            scope,
-            PageRequest {
-                limit: limit as usize,
-                cursor,
-            },
-        )
-        .await?;
-    let mut sessions: Vec<Session> = page
-        .items
-        .into_iter()
-        .filter(|s| animal.as_ref().is_none_or(|a| &s.animal_id == a))
-        .filter(|s| {
-            start.is_none_or(|d| s.last_activity >= d) && end.is_none_or(|d| s.started_at <= d)
-        })
-        .collect();
-    // The store pages by activity, newest first; other orders apply within the page.
-    match sort_by {
-        "messageCount" => sessions.sort_by_key(|s| s.message_count),
-        "duration" => sessions.sort_by_key(|s| s.last_activity - s.started_at),
-        _ => sessions.sort_by_key(|s| s.last_activity),
-    }
-    if descending {
-        sessions.reverse();
-    }
-    let mut body = json!({ "sessions": sessions.iter().map(session_json).collect::<Vec<_>>(), "totalCount": sessions.len() });
-    if let Some(next) = page.next {
-        body["lastEvaluatedKey"] = next.as_str().into();
-    }
-    Ok(Json(body))
-}
-
-pub(crate) async fn session_detail(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
-    Path(session_id): Path<String>,
-) -> ApiResult<Json<Value>> {
-    let conversations = &state.inner.conversations;
-    let session = conversations
-        .session(&principal, &id(SessionId::new, session_id)?)
-        .await?;
-    let page = conversations
-        .history(&principal, &session.id, PageRequest::first(500))
-        .await?;
-    let mut body = history_json(&session, &page.items, true);
-    if let Some(next) = page.next {
-        body["nextCursor"] = next.as_str().into();
-    }
-    Ok(Json(body))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
 pub(crate) struct SummarizeRequest {
     session_id: String,
     summary_type: Option<String>,
@@ -692,7 +607,13 @@ pub(crate) async fn summarize(
     let summary_type = body.summary_type.unwrap_or_else(|| "brief".into());
     if !matches!(
         summary_type.as_str(),
-        "brief" | "detailed" | "educational" | "parent_report" | "full"
+        "brief"
+            | "detailed"
+            | "educational"
+            | "parent_report"
+            | "full"
+            | "behavioral"
+            | "personalization"
     ) {
         return Err(ApiError::validation("summaryType", "unknown summaryType"));
     }

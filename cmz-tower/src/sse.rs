@@ -14,6 +14,7 @@ use futures::{Stream, StreamExt as _};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::animals::resolve_animal;
 use crate::error::{ApiError, ApiJson, ApiQuery};
 use crate::routes::{ConvoTurnRequest, check_turn_limit};
 use crate::state::AppState;
@@ -37,7 +38,7 @@ pub(crate) async fn stream_get(
     ApiQuery(q): ApiQuery<StreamQuery>,
 ) -> Result<Response, ApiError> {
     let request = ConvoTurnRequest {
-        animal_id: q.animal_id,
+        animal_id: resolve_animal(&state, q.animal_id).await?,
         message: q.message,
         session_id: q.session_id,
         context_summary: None,
@@ -56,8 +57,9 @@ pub(crate) async fn stream_get(
 pub(crate) async fn stream_post(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-    ApiJson(body): ApiJson<ConvoTurnRequest>,
+    ApiJson(mut body): ApiJson<ConvoTurnRequest>,
 ) -> Result<Response, ApiError> {
+    body.animal_id = resolve_animal(&state, body.animal_id).await?;
     run(state, principal, body.into_turn()?).await
 }
 

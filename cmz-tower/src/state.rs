@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use axum::http::HeaderValue;
 use cmz_core::auth::{AuthService, DynRateLimitStore};
+use cmz_core::ids::AnimalId;
 use cmz_core::persona::DynPersonaDirectory;
 use cmz_core::service::ConversationService;
 use cmz_core::{Error, Result};
@@ -52,6 +53,11 @@ pub struct HttpSettings {
     /// Pause between the offline model's streamed words (`CMZ_OFFLINE_CHUNK_DELAY_MS`,
     /// default 0), to demo or load-test long-lived streams.
     pub offline_chunk_delay: Duration,
+    /// The animal a turn with `animalId: "default"` talks to (`CMZ_DEFAULT_ANIMAL_ID`; the
+    /// legacy chat page sends `default` when it is opened without an animal). Unset: an
+    /// animal whose id is `default` if there is one, else the offered animal with the
+    /// smallest id.
+    pub default_animal: Option<AnimalId>,
 }
 
 impl Default for HttpSettings {
@@ -64,6 +70,7 @@ impl Default for HttpSettings {
             body_limit: 64 * 1024,
             request_timeout: Duration::from_secs(60),
             offline_chunk_delay: Duration::ZERO,
+            default_animal: None,
         }
     }
 }
@@ -120,6 +127,14 @@ impl HttpSettings {
         }
         if let Some(timeout) = number::<u64>(lookup, "CMZ_REQUEST_TIMEOUT_SECONDS")? {
             settings.request_timeout = Duration::from_secs(timeout.max(1));
+        }
+        if let Some(animal) = lookup("CMZ_DEFAULT_ANIMAL_ID").filter(|v| !v.trim().is_empty()) {
+            settings.default_animal = Some(AnimalId::new(animal.trim()).map_err(|_| {
+                Error::validation(
+                    "CMZ_DEFAULT_ANIMAL_ID",
+                    format!("CMZ_DEFAULT_ANIMAL_ID must be an animal id, got {animal:?}"),
+                )
+            })?);
         }
         Ok(settings)
     }

@@ -1,8 +1,9 @@
 //! The HTTP API on the DynamoDB stores (feature `dynamo`), built from the environment as
 //! the demo server builds it, over real loopback HTTP against DynamoDB Local.
 
+mod support;
+
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use eventsource_stream::Eventsource as _;
@@ -14,46 +15,16 @@ struct Server {
     client: reqwest::Client,
 }
 
-/// The environment of one test: its own tables on the shared DynamoDB Local.
 fn environment(extra: &[(&str, &str)]) -> HashMap<String, String> {
-    let settings = cmz_dynamo::testing::isolated_settings(&cmz_dynamo::testing::shared_endpoint());
-    let mut env: HashMap<String, String> = HashMap::new();
-    for (variable, table) in settings.tables.all() {
-        env.insert(variable.to_owned(), table.to_owned());
-    }
-    env.insert(
-        "DYNAMODB_ENDPOINT_URL".into(),
-        settings.endpoint_url.unwrap(),
-    );
-    env.insert("CMZ_DYNAMODB_CREATE_TABLES".into(), "1".into());
-    env.insert("CMZ_DEV_USERS".into(), "embedded".into());
-    env.insert(
-        "JWT_SECRET".into(),
-        "dynamo-http-test-secret-0123456789abcdef".into(),
-    );
-    for (k, v) in extra {
-        env.insert((*k).into(), (*v).into());
-    }
-    env
+    support::dynamo_environment(extra)
 }
 
 async fn start(env: &HashMap<String, String>) -> Server {
     let state = cmz_tower::state_from_env(&|name| env.get(name).cloned())
         .await
         .expect("state on DynamoDB");
-    let app = cmz_tower::router(state);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await
-        .unwrap();
-    });
     Server {
-        base: format!("http://{address}"),
+        base: support::serve(cmz_tower::router(state)).await,
         client: reqwest::Client::new(),
     }
 }

@@ -9,6 +9,7 @@ use cmz_core::auth::{AuthService, AuthSettings, AuthStores, DevDirectory, Passwo
 use cmz_core::memory::{InMemoryConversationStore, InMemoryPersonaDirectory};
 use cmz_core::service::{ConversationConfig, ConversationService};
 use cmz_core::testing::ScriptedModel;
+use cmz_core::types::{AnimalStatus, Persona};
 use cmz_tower::{AppState, HttpSettings};
 use eventsource_stream::Eventsource as _;
 use futures::StreamExt as _;
@@ -23,6 +24,14 @@ struct Server {
 }
 
 async fn start_with(model: ScriptedModel, settings: HttpSettings) -> Server {
+    start_with_personas(model, settings, cmz_tower::sample_personas()).await
+}
+
+async fn start_with_personas(
+    model: ScriptedModel,
+    settings: HttpSettings,
+    personas: Vec<Persona>,
+) -> Server {
     let auth_settings = AuthSettings {
         hasher: PasswordHasher::new(1024, 1, 1).unwrap(),
         dev_users: Some(DevDirectory::embedded()),
@@ -31,9 +40,7 @@ async fn start_with(model: ScriptedModel, settings: HttpSettings) -> Server {
     let auth = AuthService::new(auth_settings, AuthStores::in_memory())
         .await
         .unwrap();
-    let personas = Arc::new(InMemoryPersonaDirectory::with_personas(
-        cmz_tower::sample_personas(),
-    ));
+    let personas = Arc::new(InMemoryPersonaDirectory::with_personas(personas));
     let conversations = ConversationService::with(
         Arc::new(InMemoryConversationStore::new()),
         personas.clone(),
@@ -926,4 +933,351 @@ async fn cors_allows_only_the_configured_origins() {
             .get("access-control-allow-origin")
             .is_none()
     );
+}
+
+#[tokio::test]
+async fn a_client_chosen_session_id_starts_a_session_that_continues() {
+    let server = start().await;
+    let ana = server.login("student1@cmz.org", "student123").await;
+    let kim = server.login("other@cmz.org", "other123").await;
+    let admin = server.login("admin@cmz.org", "admin123").await;
+    let first = server
+        .turn(&ana, "cougar", "Hi Cora", Some("session_1730000000000"))
+        .await;
+    assert_eq!(first.0, 200, "{first:?}");
+    assert_eq!(first.1["sessionId"], "session_1730000000000");
+    assert_eq!(first.1["turnNumber"], 1);
+    assert_eq!(first.1["animalId"], "cougar");
+    assert_eq!(first.1["turnId"], first.1["turn"]["convoTurnId"]);
+    assert_eq!(first.1["timestamp"], first.1["turn"]["timestamp"]);
+    let again = server
+        .turn(
+            &ana,
+            "cougar",
+            "Can you jump?",
+            Some("session_1730000000000"),
+        )
+        .await;
+    assert_eq!((again.0, again.1["turnNumber"].as_u64()), (200, Some(2)));
+    let detail = server
+        .get("/conversations/sessions/session_1730000000000", Some(&ana))
+        .await;
+    assert_eq!(detail.1["userId"], "user_student_ana");
+    assert_eq!(detail.1["messages"].as_array().unwrap().len(), 4);
+
+    // A taken id is never a way into someone else's conversation, not even the admin's.
+    for token in [&kim, &admin] {
+        assert_error(
+            &server
+                .turn(token, "cougar", "let me in", Some("session_1730000000000"))
+                .await,
+            403,
+            "forbidden",
+        );
+    }
+    // A body userId naming someone else is ignored: the turn is the caller's own.
+    let spoofed = server
+        .post_json(
+            "/convo_turn",
+            Some(&kim),
+            json!({"message": "hi", "animalId": "porcupine", "sessionId": "session_42", "userId": "user_student_ana"}),
+        )
+        .await;
+    assert_eq!(spoofed.0, 200, "{spoofed:?}");
+    let owner = server
+        .get("/conversations/sessions/session_42", Some(&kim))
+        .await;
+    assert_eq!(owner.1["userId"], "user_student_kim");
+    assert_error(
+        &server
+            .get("/conversations/sessions/session_42", Some(&ana))
+            .await,
+        403,
+        "forbidden",
+    );
+    // Ids are still checked.
+    assert_error(
+        &server.turn(&ana, "cougar", "hi", Some("a b")).await,
+        400,
+        "validation_error",
+    );
+    assert_error(
+        &server.turn(&ana, "cougar", "hi", Some("x/../y")).await,
+        400,
+        "validation_error",
+    );
+
+    // The stream does the same: a `session` event names the client's id.
+    let response = server
+        .client
+        .get(server.url(&format!(
+            "/convo_turn/stream?animalId=cougar&message=hello&sessionId=session_1730000000001&token={ana}"
+        )))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    let events = sse_events(response).await;
+    assert_eq!(events[0].0, "session");
+    assert_eq!(events[0].1["sessionId"], "session_1730000000001");
+    assert_eq!(events.last().unwrap().0, "complete");
+    let stolen = server
+        .get(
+            &format!(
+                "/convo_turn/stream?animalId=cougar&message=hi&sessionId=session_1730000000001&token={kim}"
+            ),
+            None,
+        )
+        .await;
+    assert_error(&stolen, 403, "forbidden");
+}
+
+#[tokio::test]
+async fn the_default_animal_is_configurable() {
+    let server = start().await;
+    let ana = server.login("student1@cmz.org", "student123").await;
+    // Unset: the offered animal with the smallest id.
+    let turn = server.turn(&ana, "default", "hi", None).await;
+    assert_eq!((turn.0, turn.1["animalId"].as_str()), (200, Some("cougar")));
+    let session = turn.1["sessionId"].as_str().unwrap().to_owned();
+    let again = server.turn(&ana, "default", "more", Some(&session)).await;
+    assert_eq!(again.0, 200, "{again:?}");
+
+    let settings = HttpSettings {
+        default_animal: Some(cmz_core::ids::AnimalId::new("porcupine").unwrap()),
+        ..HttpSettings::default()
+    };
+    let server = start_with(ScriptedModel::echo(), settings).await;
+    let ana = server.login("student1@cmz.org", "student123").await;
+    let turn = server.turn(&ana, "default", "hi", None).await;
+    assert_eq!(turn.1["animalId"], "porcupine");
+    let detail = server
+        .get(
+            &format!(
+                "/conversations/sessions/{}",
+                turn.1["sessionId"].as_str().unwrap()
+            ),
+            Some(&ana),
+        )
+        .await;
+    assert_eq!(detail.1["sessionInfo"]["animalId"], "porcupine");
+    let response = server
+        .client
+        .get(server.url(&format!(
+            "/convo_turn/stream?animalId=default&message=hello&token={ana}"
+        )))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    let events = sse_events(response).await;
+    assert_eq!(events[1].1["animalId"], "porcupine");
+}
+
+fn persona(id: &str, status: AnimalStatus) -> Persona {
+    let mut persona = Persona::new(cmz_core::ids::AnimalId::new(id).unwrap(), id.to_uppercase());
+    persona.species = Some(format!("{id} species"));
+    persona.personality = "kind".into();
+    persona.system_prompt = Some("a prompt the zoo configured".into());
+    persona.status = status;
+    persona
+}
+
+#[tokio::test]
+async fn the_animal_list_is_public_and_offers_only_active_animals() {
+    let personas = vec![
+        persona("aardvark", AnimalStatus::Hidden),
+        persona("bear", AnimalStatus::Active),
+        persona("camel", AnimalStatus::Deleted),
+        persona("default", AnimalStatus::Active),
+    ];
+    let server =
+        start_with_personas(ScriptedModel::echo(), HttpSettings::default(), personas).await;
+    let list = server.get("/animal_list", None).await;
+    assert_eq!(list.0, 200);
+    let ids: Vec<&str> = list
+        .1
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["animalId"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["bear", "default"]);
+    let bear = &list.1[0];
+    assert_eq!(bear["name"], "BEAR");
+    assert_eq!(bear["species"], "bear species");
+    assert_eq!(bear["status"], "active");
+    assert_eq!(bear["personality"], "kind");
+    assert!(
+        bear.get("systemPrompt").is_none(),
+        "no configuration in public: {bear}"
+    );
+    // A token is not needed, and an expired or bad one is not looked at.
+    assert_eq!(server.get("/animal_list", Some("not.a.token")).await.0, 200);
+    assert_eq!(server.get("/animal/bear", None).await.1, *bear);
+    assert_error(
+        &server.get("/animal/aardvark", None).await,
+        404,
+        "not_found",
+    );
+    assert_error(&server.get("/animal/camel", None).await, 404, "not_found");
+    assert_error(&server.get("/animal/nobody", None).await, 404, "not_found");
+    assert_error(
+        &server.get("/animal/a%20b", None).await,
+        400,
+        "validation_error",
+    );
+    assert_eq!(
+        server.get("/animal_list?status=hidden", None).await.1,
+        json!([])
+    );
+    assert_eq!(
+        server.get("/animal_list?status=active", None).await.1,
+        list.1
+    );
+    assert_error(
+        &server.get("/animal_list?status=asleep", None).await,
+        400,
+        "validation_error",
+    );
+    // Hidden animals take no turns; an animal named `default` is the default.
+    let ana = server.login("student1@cmz.org", "student123").await;
+    assert_error(
+        &server.turn(&ana, "aardvark", "hi", None).await,
+        404,
+        "not_found",
+    );
+    assert_eq!(
+        server.turn(&ana, "default", "hi", None).await.1["animalId"],
+        "default"
+    );
+    let animals = server.get("/animals", Some(&ana)).await;
+    assert_eq!(animals.1["animals"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn the_history_pages_get_the_legacy_fields_beside_cmz_s_own() {
+    let server = start().await;
+    let ana = server.login("student1@cmz.org", "student123").await;
+    let leo = server.login("student2@cmz.org", "student123").await;
+    let kim = server.login("other@cmz.org", "other123").await;
+    let parent = server.login("parent@cmz.org", "parent123").await;
+    let admin = server.login("admin@cmz.org", "admin123").await;
+    let first = server.turn(&ana, "cougar", "Hi Cora", None).await.1;
+    server.turn(&leo, "porcupine", "Hi Pokey", None).await;
+    server.turn(&kim, "porcupine", "Hello", None).await;
+
+    let listing = server.get("/conversations/sessions", Some(&ana)).await;
+    let entry = &listing.1["sessions"][0];
+    assert_eq!(entry["sessionId"], first["sessionId"]);
+    assert_eq!(entry["userName"], "Ana Rivera");
+    assert_eq!(entry["status"], "active");
+    assert_eq!(entry["lastMessage"], "echo: Hi Cora");
+    assert_eq!(entry["timestamp"], entry["lastMessageTime"]);
+    assert_eq!(entry["createdAt"], entry["startTime"]);
+    assert_eq!(entry["messageCount"], 2);
+
+    let detail = server
+        .get(
+            &format!(
+                "/conversations/sessions/{}",
+                first["sessionId"].as_str().unwrap()
+            ),
+            Some(&parent),
+        )
+        .await
+        .1;
+    assert_eq!(
+        detail["turns"].as_array().unwrap().len(),
+        2,
+        "cmz's own field stays"
+    );
+    let messages = detail["messages"].as_array().unwrap();
+    assert_eq!(messages[0]["role"], "user");
+    assert_eq!(messages[0]["content"], "Hi Cora");
+    assert!(messages[0]["tokensUsed"].is_null());
+    assert_eq!(messages[1]["role"], "assistant");
+    assert_eq!(messages[1]["tokensUsed"], 15);
+    assert_eq!(messages[1]["timestamp"], first["timestamp"]);
+    let info = &detail["sessionInfo"];
+    assert_eq!(info["animalName"], "Cora the Cougar");
+    assert_eq!(info["animalId"], "cougar");
+    assert!(info["createdAt"].is_string() && info["updatedAt"].is_string());
+
+    // The family view: a parent reads their own family, nobody reads someone else's.
+    let family = server
+        .get(
+            "/convo_history?parentUserId=user_parent_rivera",
+            Some(&parent),
+        )
+        .await;
+    assert_eq!(family.0, 200, "{family:?}");
+    let names: Vec<&str> = family.1["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["userName"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["Leo Rivera", "Ana Rivera"], "newest first");
+    let one = server
+        .get(
+            "/convo_history?parentUserId=user_parent_rivera&animalId=cougar",
+            Some(&parent),
+        )
+        .await;
+    assert_eq!(one.1["sessions"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        server
+            .get(
+                "/convo_history?parentUserId=user_parent_rivera",
+                Some(&admin)
+            )
+            .await
+            .1["sessions"],
+        family.1["sessions"]
+    );
+    for token in [&ana, &kim] {
+        assert_error(
+            &server
+                .get(
+                    "/convo_history?parentUserId=user_parent_rivera",
+                    Some(token),
+                )
+                .await,
+            403,
+            "forbidden",
+        );
+    }
+    let none = server
+        .get("/convo_history?parentUserId=user_student_kim", Some(&kim))
+        .await;
+    assert_eq!(
+        none.1["sessions"],
+        json!([]),
+        "not a parent: no family sessions"
+    );
+
+    // Login and /me carry `name`; the summary types of the legacy pages are accepted.
+    let login = server
+        .post_json(
+            "/auth",
+            None,
+            json!({"username": "parent@cmz.org", "password": "parent123"}),
+        )
+        .await;
+    assert_eq!(login.1["user"]["name"], "Pat Rivera");
+    assert_eq!(
+        server.get("/me", Some(&parent)).await.1["name"],
+        "Pat Rivera"
+    );
+    for summary_type in ["behavioral", "personalization"] {
+        let summary = server
+            .post_json(
+                "/summarize_convo",
+                Some(&parent),
+                json!({"sessionId": first["sessionId"], "summaryType": summary_type}),
+            )
+            .await;
+        assert_eq!(summary.1["summaryType"], summary_type, "{summary:?}");
+    }
 }

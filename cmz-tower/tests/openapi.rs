@@ -84,7 +84,11 @@ async fn every_documented_operation_answers_over_http() {
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     let client = reqwest::Client::new();
     for (method, path, public) in documented() {
-        let url = format!("{base}{}", path.replace("{sessionId}", "conv_x_y_00000000"));
+        let url = format!(
+            "{base}{}",
+            path.replace("{sessionId}", "conv_x_y_00000000")
+                .replace("{animalId}", "cougar")
+        );
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let response = client.request(method.clone(), &url).send().await.unwrap();
         let status = response.status().as_u16();
