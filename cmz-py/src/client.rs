@@ -234,8 +234,17 @@ fn id<T>(make: fn(String) -> Result<T>, value: String) -> PyResult<T> {
     make(value).map_err(crate::errors::to_py)
 }
 
+/// A message as Python sees it: `metadata` is the caller's own map when one was stored
+/// (verbatim), else cmz's typed fields.
 fn message_json(message: &Message) -> Result<Value> {
-    to_json(message)
+    let mut value = to_json(message)?;
+    if let Some(object) = value.as_object_mut() {
+        object.insert(
+            "metadata".into(),
+            Value::Object(message.metadata.to_caller()),
+        );
+    }
+    Ok(value)
 }
 
 fn reply_json(reply: &TurnReply) -> Result<Value> {
@@ -323,6 +332,8 @@ async fn store_turn(
     let mut user = NewMessage::new(Role::User, user_message);
     user.metadata.turn_key = metadata.turn_key.clone();
     let mut assistant = NewMessage::new(Role::Assistant, assistant_reply);
+    // One timestamp for the turn, as the legacy writer stored it.
+    assistant.created_at = user.created_at;
     assistant.metadata = metadata;
     let messages = vec![user, assistant];
     // The count read with the access check serves the first attempt.
@@ -497,8 +508,9 @@ impl Conversations {
 
     /// Stores a turn whose reply was produced elsewhere (no model call): the user message
     /// and the reply, atomically, in `session_id` or in a new session of the principal.
-    /// `metadata` uses the legacy keys (`tokensPrompt`, `tokensCompletion`, `latencyMs`,
-    /// `model`, ...). Returns `sessionId`, `messages` and `messageCount`.
+    /// `metadata` (a dict, any keys, JSON values) is stored with the reply verbatim; the
+    /// keys cmz knows (`tokensPrompt`, `tokensCompletion`, `latencyMs`, `model`, ...) also
+    /// fill its usage fields. Returns `sessionId`, `messages` and `messageCount`.
     #[pyo3(signature = (principal, animal_id, user_message, assistant_reply, *, session_id=None, metadata=None))]
     fn store_turn(
         &self,
@@ -511,12 +523,16 @@ impl Conversations {
         metadata: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyAny>> {
         let metadata = match metadata {
-            Some(m) => {
-                serde_json::from_value::<MessageMetadata>(from_python(&m)?).map_err(|e| {
-                    crate::errors::to_py(Error::validation("metadata", format!("metadata: {e}")))
-                })?
-            }
-            None => MessageMetadata::default(),
+            Some(m) if !m.is_none() => match from_python(&m)? {
+                Value::Object(map) => MessageMetadata::from_caller(map),
+                _ => {
+                    return Err(crate::errors::to_py(Error::validation(
+                        "metadata",
+                        "metadata must be a dict",
+                    )));
+                }
+            },
+            _ => MessageMetadata::default(),
         };
         let session_id = session_id.map(|s| id(SessionId::new, s)).transpose()?;
         let animal_id = id(AnimalId::new, animal_id)?;
@@ -566,6 +582,25 @@ impl Conversations {
             to_json(&session)
         })?;
         Ok(to_python(py, &value)?.unbind())
+    }
+
+    /// Keeps an external thread id (an OpenAI Assistants thread, say) with a session; the
+    /// principal must be allowed to write to it. Read it back as the session's `threadId`.
+    fn set_thread_id(
+        &self,
+        py: Python<'_>,
+        principal: &Principal,
+        session_id: String,
+        thread_id: String,
+    ) -> PyResult<()> {
+        let id = id(SessionId::new, session_id)?;
+        let (state, principal) = (self.state.clone(), principal.inner.clone());
+        block_on(py, async move {
+            state
+                .conversations()
+                .set_thread_id(&principal, &id, &thread_id)
+                .await
+        })
     }
 
     /// One session (`sessionId`, `userId`, `animalId`, `messageCount`, ...).
@@ -1015,15 +1050,46 @@ impl Auth {
     }
 
     /// Issues an access token with the legacy claims for a user described by the
-    /// arguments (trusted server code; the user need not be stored).
-    #[pyo3(signature = (user_id, email, role, *, family_id=None))]
+    /// arguments (trusted server code; the user need not be stored). `expires_in` (seconds)
+    /// replaces the configured lifetime; `claims` (a dict) adds claims, as the legacy
+    /// `generate_jwt_token` copies extra user fields (those that decide validity or
+    /// identity, such as `exp`, `iss`, `sub`, `role`, are ignored there).
+    #[pyo3(signature = (user_id, email, role, *, family_id=None, expires_in=None, claims=None))]
     fn issue_token(
         &self,
         user_id: String,
         email: String,
         role: &str,
         family_id: Option<String>,
+        expires_in: Option<i128>,
+        claims: Option<Bound<'_, PyAny>>,
     ) -> PyResult<String> {
+        let ttl = expires_in
+            .map(|seconds| {
+                u64::try_from(seconds)
+                    .ok()
+                    .filter(|s| (1..=10 * 365 * 86_400).contains(s))
+                    .map(std::time::Duration::from_secs)
+                    .ok_or_else(|| {
+                        crate::errors::to_py(Error::validation(
+                            "expires_in",
+                            "expires_in must be 1 second to 10 years",
+                        ))
+                    })
+            })
+            .transpose()?;
+        let extra = match claims {
+            Some(c) if !c.is_none() => match from_python(&c)? {
+                Value::Object(map) => map,
+                _ => {
+                    return Err(crate::errors::to_py(Error::validation(
+                        "claims",
+                        "claims must be a dict",
+                    )));
+                }
+            },
+            _ => serde_json::Map::new(),
+        };
         let role: UserRole = role.parse().map_err(crate::errors::to_py)?;
         let user = User {
             user_id: id(UserId::new, user_id)?,
@@ -1043,7 +1109,7 @@ impl Auth {
             .state
             .auth()
             .codec()
-            .issue(&user, None)
+            .issue_with(&user, None, ttl, extra)
             .map_err(crate::errors::to_py)?;
         Ok(issued.token)
     }

@@ -165,8 +165,11 @@ def test_store_turn_keeps_metadata(client, admin):
     assert again["messageCount"] == 4
     messages = client.conversations.history(admin, stored["sessionId"])["messages"]
     assert messages[1]["metadata"] == {"tokensPrompt": 12, "tokensCompletion": 3, "latencyMs": 250, "model": "gpt-4o-mini"}
+    # Any keys and values are kept verbatim; a known key with another type fills no usage.
+    odd = client.conversations.store_turn(admin, "cougar", "x", "y", metadata={"tokensPrompt": "many", "runId": "r1"})
+    assert odd["messages"][1]["metadata"] == {"tokensPrompt": "many", "runId": "r1"}
     with pytest.raises(cmz.ValidationError):
-        client.conversations.store_turn(admin, "cougar", "x", "y", metadata={"tokensPrompt": "many"})
+        client.conversations.store_turn(admin, "cougar", "x", "y", metadata=["not", "a", "dict"])  # type: ignore[arg-type]
 
 
 def test_principals_are_validated():

@@ -38,15 +38,16 @@ def legacy_claims(**extra):
 def test_pyjwt_tokens_verify_and_forgeries_do_not(client):
     compat.configure(client)
     token = jwt.encode(legacy_claims(), JWT_SECRET, algorithm="HS256")
-    payload = compat.verify_jwt_token(token)
+    valid, payload = compat.verify_jwt_token(token)
+    assert valid and payload is not None
     assert payload["user_id"] == "legacy_kid" and payload["displayName"] == "Legacy Kid"
     assert client.auth.authenticate(token).role == "student"
     # Forged: another secret, alg none, an admin role slipped in, expired, wrong issuer.
-    assert compat.verify_jwt_token(jwt.encode(legacy_claims(role="admin"), "not-the-secret-0123456789abcdef", algorithm="HS256")) is None
+    assert compat.verify_jwt_token(jwt.encode(legacy_claims(role="admin"), "not-the-secret-0123456789abcdef", algorithm="HS256")) == (False, None)
     unsigned = jwt.encode(legacy_claims(role="admin"), None, algorithm="none")
-    assert compat.verify_jwt_token(unsigned) is None and compat.decode_jwt_payload(unsigned) is None
-    assert compat.verify_jwt_token(jwt.encode(legacy_claims(exp=int(time.time()) - 3600), JWT_SECRET, algorithm="HS256")) is None
-    assert compat.verify_jwt_token(jwt.encode(legacy_claims(iss="someone-else"), JWT_SECRET, algorithm="HS256")) is None
+    assert compat.verify_jwt_token(unsigned) == (False, None) and compat.decode_jwt_payload(unsigned) is None
+    assert compat.verify_jwt_token(jwt.encode(legacy_claims(exp=int(time.time()) - 3600), JWT_SECRET, algorithm="HS256")) == (False, None)
+    assert compat.verify_jwt_token(jwt.encode(legacy_claims(iss="someone-else"), JWT_SECRET, algorithm="HS256")) == (False, None)
     with pytest.raises(cmz.Unauthorized):
         client.auth.authenticate(unsigned)
 

@@ -275,7 +275,12 @@ impl TokenKeys {
         if secret.len() < MIN_SECRET_BYTES {
             return Err(Error::validation(
                 "JWT_SECRET",
-                format!("JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes"),
+                format!(
+                    "JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes (it has {}); set a longer \
+                     secret, e.g. the output of `python3 -c 'import secrets; print(secrets.token_urlsafe(48))'`, \
+                     in every service that shares it",
+                    secret.len()
+                ),
             ));
         }
         Ok(Self {
@@ -360,7 +365,12 @@ impl TokenKeys {
         if secret.len() < MIN_SECRET_BYTES {
             return Err(Error::validation(
                 "JWT_SECRET",
-                format!("JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes"),
+                format!(
+                    "JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes (it has {}); set a longer \
+                     secret, e.g. the output of `python3 -c 'import secrets; print(secrets.token_urlsafe(48))'`, \
+                     in every service that shares it",
+                    secret.len()
+                ),
             ));
         }
         self.verifying.push(VerificationKey {
@@ -484,15 +494,71 @@ impl TokenCodec {
 
     /// Issues a token for `user`, in refresh family `family` if any.
     pub fn issue(&self, user: &User, family: Option<&str>) -> Result<IssuedToken> {
+        self.issue_with(user, family, None, serde_json::Map::new())
+    }
+
+    /// Issues a token as [`issue`](Self::issue) does, valid for `ttl` instead of the
+    /// codec's lifetime when given, with `extra` claims copied in (the legacy
+    /// `generate_jwt_token` copies every other key of its `user_data`). Extra claims may
+    /// replace the descriptive ones (`user_type`, `familyId`, ...), never those that
+    /// decide validity or identity: `exp`, `iat`, `nbf`, `iss`, `sub`, `aud`, `jti`,
+    /// `sid`, `user_id`, `userId`, `email` and `role` are ignored in `extra`.
+    pub fn issue_with(
+        &self,
+        user: &User,
+        family: Option<&str>,
+        ttl: Option<Duration>,
+        mut extra: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<IssuedToken> {
+        const RESERVED: &[&str] = &[
+            "exp", "iat", "nbf", "iss", "sub", "aud", "jti", "sid", "user_id", "userId", "email",
+            "role",
+        ];
+        extra.retain(|key, _| !RESERVED.contains(&key.as_str()));
+        let user_type = match extra.remove("user_type") {
+            Some(serde_json::Value::String(kind)) => Some(kind),
+            Some(other) => {
+                extra.insert("user_type".into(), other);
+                None
+            }
+            None => None,
+        };
+        let family_claim = match extra.remove("familyId") {
+            Some(serde_json::Value::String(id)) => Some(id),
+            Some(other) => {
+                extra.insert("familyId".into(), other);
+                None
+            }
+            None => None,
+        };
+        let ttl = ttl.unwrap_or(self.ttl);
+        let mut claims = self.claims_for(user, family, ttl, extra)?;
+        if let Some(kind) = user_type {
+            claims.user_type = Some(kind);
+        }
+        if let Some(id) = family_claim {
+            claims.family_id = Some(id);
+        }
+        let token = self.sign(&claims)?;
+        Ok(IssuedToken { token, claims })
+    }
+
+    fn claims_for(
+        &self,
+        user: &User,
+        family: Option<&str>,
+        ttl: Duration,
+        extra: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<AccessClaims> {
         let now = Utc::now().timestamp();
         let role = user.role.as_str().to_owned();
-        let claims = AccessClaims {
+        Ok(AccessClaims {
             user_id: user.user_id.to_string(),
             user_id_camel: Some(user.user_id.to_string()),
             email: user.email.clone(),
             role: role.clone(),
             user_type: Some(role),
-            exp: now + i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX / 2),
+            exp: now + i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2),
             iat: now,
             nbf: None,
             iss: self.issuer.clone(),
@@ -500,10 +566,8 @@ impl TokenCodec {
             jti: Some(random_id()?),
             sid: family.map(str::to_owned),
             family_id: user.family_id.as_ref().map(ToString::to_string),
-            extra: serde_json::Map::new(),
-        };
-        let token = self.sign(&claims)?;
-        Ok(IssuedToken { token, claims })
+            extra,
+        })
     }
 
     /// Signs arbitrary claims with the signing key (for compatibility helpers and tests).

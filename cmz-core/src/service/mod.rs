@@ -255,8 +255,8 @@ struct Prepared {
 }
 
 enum Prepare {
-    Replay(TurnReply),
-    Run(Prepared),
+    Replay(Box<TurnReply>),
+    Run(Box<Prepared>),
 }
 
 fn span(kind: &'static str, op: &'static str, session: &SessionId) -> tracing::Span {
@@ -360,8 +360,8 @@ impl ConversationService {
     pub async fn turn(&self, principal: &Principal, request: TurnRequest) -> Result<TurnReply> {
         require_runtime()?;
         let prepared = match self.prepare(principal, request).await? {
-            Prepare::Replay(reply) => return Ok(reply),
-            Prepare::Run(prepared) => prepared,
+            Prepare::Replay(reply) => return Ok(*reply),
+            Prepare::Run(prepared) => *prepared,
         };
         // The model call and the write must not be cancelled by a caller that goes away
         // (a closed HTTP connection): that would lose the accepted message. A turn that
@@ -464,7 +464,7 @@ impl ConversationService {
                 session_created: false,
                 events: futures::stream::iter([
                     Ok(TurnEvent::Delta(reply.reply.clone())),
-                    Ok(TurnEvent::Complete(Box::new(reply))),
+                    Ok(TurnEvent::Complete(reply)),
                 ])
                 .boxed(),
             }),
@@ -474,7 +474,7 @@ impl ConversationService {
                 let (tx, rx) = mpsc::channel(self.inner.config.stream_buffer.max(1));
                 let service = self.clone();
                 tokio::spawn(
-                    async move { service.drive_stream(prepared, tx).await }.in_current_span(),
+                    async move { service.drive_stream(*prepared, tx).await }.in_current_span(),
                 );
                 let events = futures::stream::unfold(rx, |mut rx| async move {
                     rx.recv().await.map(|event| (event, rx))
@@ -810,22 +810,22 @@ impl ConversationService {
             if let Some(found) = self.find_turn(&id, key).await? {
                 match found.as_slice() {
                     [user_message, assistant, ..] => {
-                        return Ok(Prepare::Replay(TurnReply::new(
+                        return Ok(Prepare::Replay(Box::new(TurnReply::new(
                             false,
                             user_message.clone(),
                             assistant.clone(),
                             true,
-                        )));
+                        ))));
                     }
                     [user_message] => {
                         if let Some(reply) = self.find_turn(&id, &reply_key(key)).await? {
                             if let Some(assistant) = reply.into_iter().next() {
-                                return Ok(Prepare::Replay(TurnReply::new(
+                                return Ok(Prepare::Replay(Box::new(TurnReply::new(
                                     false,
                                     user_message.clone(),
                                     assistant,
                                     true,
-                                )));
+                                ))));
                             }
                         }
                         user = UserPart::Stored(user_message.clone());
@@ -874,7 +874,7 @@ impl ConversationService {
                 .or(inner.config.temperature),
             model: persona.model.clone(),
         };
-        Ok(Prepare::Run(Prepared {
+        Ok(Prepare::Run(Box::new(Prepared {
             _lease: lease,
             session,
             created,
@@ -882,7 +882,7 @@ impl ConversationService {
             user,
             prompt,
             turn_key: request.turn_key,
-        }))
+        })))
     }
 
     /// Stores the user message alone (unless an earlier attempt already did), so a failed
@@ -1043,6 +1043,30 @@ impl ConversationService {
     #[tracing::instrument(name = "cmz.session", skip_all, fields(user = %principal.user_id, session = %id))]
     pub async fn session(&self, principal: &Principal, id: &SessionId) -> Result<Session> {
         self.readable_session(principal, id, Action::Read).await
+    }
+
+    /// Keeps an external thread id with a session (the legacy `store_thread_id`); the
+    /// caller must be allowed to write to the session.
+    #[tracing::instrument(name = "cmz.set_thread_id", skip_all, fields(user = %principal.user_id, session = %id))]
+    pub async fn set_thread_id(
+        &self,
+        principal: &Principal,
+        id: &SessionId,
+        thread_id: &str,
+    ) -> Result<()> {
+        if thread_id.is_empty() || thread_id.len() > 256 || thread_id.chars().any(char::is_control)
+        {
+            return Err(Error::validation(
+                "threadId",
+                "threadId must be 1 to 256 characters without control characters",
+            ));
+        }
+        self.readable_session(principal, id, Action::Write).await?;
+        self.inner
+            .store
+            .set_thread_id(id, thread_id)
+            .instrument(span("store", "set_thread_id", id))
+            .await
     }
 
     /// A page of a session's messages, oldest first.
