@@ -966,6 +966,23 @@ impl ConversationService {
                     tokio::time::sleep(backoff).await;
                     // The session may have been created (or deleted) meanwhile.
                     match self.get_session(&session.id).await? {
+                        // Someone else created the session this turn meant to create
+                        // (another server, a client-chosen id): never write into theirs.
+                        Some(current) if current.user_id != session.user_id => {
+                            return Err(Error::forbidden(format!(
+                                "session {} belongs to another user",
+                                session.id
+                            )));
+                        }
+                        Some(current) if current.animal_id != session.animal_id => {
+                            return Err(Error::validation(
+                                "animalId",
+                                format!(
+                                    "session {} is a conversation with another animal",
+                                    session.id
+                                ),
+                            ));
+                        }
                         Some(current) => {
                             expected = current.message_count;
                             new_session = None;

@@ -1458,3 +1458,44 @@ async fn an_animals_configuration_reaches_the_model_and_hidden_animals_are_not_o
         "a hidden animal never reaches the model"
     );
 }
+
+#[tokio::test]
+async fn two_servers_racing_for_one_new_session_id_never_share_it() {
+    // Two engines on one store: no in-process lock between them, only the store's guard.
+    for round in 0..20 {
+        let store = Arc::new(InMemoryConversationStore::new());
+        let engine = |model: ScriptedModel| {
+            ConversationService::with(
+                store.clone(),
+                personas(),
+                Arc::new(model),
+                Arc::new(OwnerOrAdminPolicy),
+                ConversationConfig::default(),
+            )
+        };
+        let slow = || ScriptedModel::echo().with_chunk_delay(Duration::from_millis(2));
+        let (a, b) = (engine(slow()), engine(slow()));
+        let id = SessionId::new(format!("session_{round}")).unwrap();
+        let (k1, k2) = (kid("k1"), kid("k2"));
+        let (ra, rb) = tokio::join!(
+            a.turn(&k1, TurnRequest::new(lion(), "one").in_session(id.clone())),
+            b.turn(&k2, TurnRequest::new(lion(), "two").in_session(id.clone())),
+        );
+        let owner = store.get_session(&id).await.unwrap().unwrap().user_id;
+        let messages = store
+            .history(&id, PageRequest::first(100))
+            .await
+            .unwrap()
+            .items;
+        let mine = if owner.as_str() == "k1" { "one" } else { "two" };
+        assert!(
+            messages
+                .iter()
+                .filter(|m| m.role == Role::User)
+                .all(|m| m.content == mine),
+            "round {round}: another child's message in {owner}'s session: {messages:?} ({ra:?}, {rb:?})"
+        );
+        let loser = if owner.as_str() == "k1" { rb } else { ra };
+        assert_eq!(loser.unwrap_err().code(), "forbidden", "round {round}");
+    }
+}
