@@ -35,7 +35,7 @@ pub(crate) struct Inner {
     pub(crate) client: Client,
     pub(crate) tables: TableNames,
     pub(crate) retention: Option<Duration>,
-    pub(crate) cursor_key: Vec<u8>,
+    pub(crate) cursor_key: Option<Vec<u8>>,
     pub(crate) meter: Meter,
 }
 
@@ -58,16 +58,24 @@ impl Dynamo {
 
     /// Uses an SDK client you built; `settings` gives the tables, retention and cursor key.
     pub fn with_client(client: Client, settings: DynamoSettings) -> Self {
-        let cursor_key = settings.cursor_secret.clone().unwrap_or_else(|| {
-            let mut key = vec![0u8; 32];
-            for byte in &mut key {
-                *byte = fastrand::u8(..);
+        // Without a configured secret, a key from the OS CSPRNG; if the OS cannot give one,
+        // no key at all: listings that need a cursor then fail with `unavailable`, never
+        // with a cursor signed by a weaker key.
+        let cursor_key = match settings.cursor_secret.clone() {
+            Some(secret) => Some(secret),
+            None => {
+                tracing::warn!(
+                    "no CMZ_CURSOR_SECRET or JWT_SECRET: pagination cursors are signed with a random key and do not survive a restart"
+                );
+                match cmz_core::random::secret_bytes::<32>() {
+                    Ok(key) => Some(key.to_vec()),
+                    Err(error) => {
+                        tracing::error!(%error, "no cursor-signing key: the OS CSPRNG failed");
+                        None
+                    }
+                }
             }
-            tracing::warn!(
-                "no CMZ_CURSOR_SECRET or JWT_SECRET: pagination cursors are signed with a random key and do not survive a restart"
-            );
-            key
-        });
+        };
         Self {
             inner: Arc::new(Inner {
                 client,
@@ -207,26 +215,34 @@ impl Dynamo {
             .map(|r| chrono::Utc::now().timestamp() + r.as_secs() as i64)
     }
 
-    pub(crate) fn sign(&self, parts: &[&str]) -> String {
-        let mut mac =
-            Hmac::<Sha256>::new_from_slice(&self.inner.cursor_key).expect("any key length");
+    /// The keyed MAC of a cursor's parts; `unavailable` when there is no key.
+    fn mac(&self, parts: &[&str]) -> Result<Hmac<Sha256>> {
+        let key = self.inner.cursor_key.as_deref().ok_or_else(|| {
+            cmz_core::Error::unavailable(
+                "cursor signing",
+                std::io::Error::other("no cursor-signing key (the OS CSPRNG failed at startup)"),
+            )
+        })?;
+        let mut mac = Hmac::<Sha256>::new_from_slice(key)
+            .map_err(|e| cmz_core::Error::internal(format!("cursor key: {e}")))?;
         for part in parts {
             mac.update(part.as_bytes());
             mac.update(b"\n");
         }
-        hex::encode(&mac.finalize().into_bytes()[..16])
+        Ok(mac)
+    }
+
+    pub(crate) fn sign(&self, parts: &[&str]) -> Result<String> {
+        Ok(hex::encode(&self.mac(parts)?.finalize().into_bytes()[..16]))
     }
 
     pub(crate) fn verify(&self, parts: &[&str], signature: &str) -> bool {
         let Ok(given) = hex::decode(signature) else {
             return false;
         };
-        let mut mac =
-            Hmac::<Sha256>::new_from_slice(&self.inner.cursor_key).expect("any key length");
-        for part in parts {
-            mac.update(part.as_bytes());
-            mac.update(b"\n");
-        }
+        let Ok(mac) = self.mac(parts) else {
+            return false;
+        };
         mac.verify_truncated_left(&given).is_ok() && given.len() == 16
     }
 }

@@ -1028,7 +1028,7 @@ impl DynamoConversationStore {
             (true, Some((at, session))) => {
                 let signature =
                     self.db
-                        .sign(&[SESSIONS_CURSOR, scope_tag, at, session.id.as_str()]);
+                        .sign(&[SESSIONS_CURSOR, scope_tag, at, session.id.as_str()])?;
                 Some(Cursor::encode(
                     SESSIONS_CURSOR,
                     &[scope_tag, at, session.id.as_str(), &signature],
@@ -1659,7 +1659,7 @@ impl ConversationStore for DynamoConversationStore {
             (true, Some(last)) => {
                 let seq = last.seq.to_string();
                 let key = next_key.unwrap_or(last.seq + 1).to_string();
-                let signature = self.db.sign(&[HISTORY_CURSOR, id.as_str(), &seq, &key]);
+                let signature = self.db.sign(&[HISTORY_CURSOR, id.as_str(), &seq, &key])?;
                 Some(Cursor::encode(
                     HISTORY_CURSOR,
                     &[id.as_str(), &seq, &key, &signature],

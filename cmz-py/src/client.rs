@@ -9,9 +9,9 @@ use std::sync::Arc;
 use cmz_core::access::UserRole;
 use cmz_core::auth::{PasswordCheck, User, UserType};
 use cmz_core::ids::{AnimalId, FamilyId, SessionId, UserId};
-use cmz_core::service::{TurnEvent, TurnReply, TurnRequest};
-use cmz_core::store::{AppendOutcome, Cursor, DeleteScope, PageRequest, SessionScope, TurnAppend};
-use cmz_core::types::{Message, MessageMetadata, NewMessage, Role, Session};
+use cmz_core::service::{ExternalTurn, TurnEvent, TurnReply, TurnRequest};
+use cmz_core::store::{Cursor, DeleteScope, PageRequest, SessionScope};
+use cmz_core::types::{Message, MessageMetadata};
 use cmz_core::{Error, Result};
 use cmz_tower::AppState;
 use futures::StreamExt as _;
@@ -26,21 +26,9 @@ fn to_json<T: serde::Serialize>(value: &T) -> Result<Value> {
     serde_json::to_value(value).map_err(|e| Error::internal(format!("serialize: {e}")))
 }
 
-fn random_secret() -> String {
-    (0..48)
-        .map(|_| char::from(b"0123456789abcdef"[fastrand_index()]))
-        .collect()
-}
-
-fn fastrand_index() -> usize {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64),
-    );
-    (hasher.finish() % 16) as usize
+/// A random 48-character secret from the OS CSPRNG (for clients made without one).
+fn random_secret() -> PyResult<String> {
+    cmz_core::random::secret_hex(24).map_err(crate::errors::to_py)
 }
 
 /// A cmz instance: the conversation and auth services over one set of stores.
@@ -88,7 +76,10 @@ impl Client {
         let mut env = HashMap::new();
         env.insert(
             "JWT_SECRET".to_owned(),
-            jwt_secret.unwrap_or_else(random_secret),
+            match jwt_secret {
+                Some(secret) => secret,
+                None => random_secret()?,
+            },
         );
         if dev_users {
             env.insert("CMZ_DEV_USERS".to_owned(), "embedded".to_owned());
@@ -133,7 +124,10 @@ impl Client {
         }
         env.insert(
             "JWT_SECRET".to_owned(),
-            jwt_secret.unwrap_or_else(random_secret),
+            match jwt_secret {
+                Some(secret) => secret,
+                None => random_secret()?,
+            },
         );
         if dev_users {
             env.insert("CMZ_DEV_USERS".to_owned(), "embedded".to_owned());
@@ -321,88 +315,15 @@ fn turn_args(
 async fn store_turn(
     state: AppState,
     principal: cmz_core::access::Principal,
-    session_id: Option<SessionId>,
-    animal_id: AnimalId,
-    user_message: String,
-    assistant_reply: String,
-    metadata: MessageMetadata,
+    turn: ExternalTurn,
 ) -> Result<Value> {
-    let service = state.conversations();
-    let store = service.store().clone();
-    let mut user = NewMessage::new(Role::User, user_message);
-    user.metadata.turn_key = metadata.turn_key.clone();
-    let mut assistant = NewMessage::new(Role::Assistant, assistant_reply);
-    // One timestamp for the turn, as the legacy writer stored it.
-    assistant.created_at = user.created_at;
-    assistant.metadata = metadata;
-    let messages = vec![user, assistant];
-    // The count read with the access check serves the first attempt.
-    let mut known_count = None;
-    let (id, mut new_session) = match session_id {
-        Some(id) => {
-            let session = service.session(&principal, &id).await?;
-            if session.user_id != principal.user_id {
-                return Err(Error::forbidden(
-                    "only the session's owner may add turns to it",
-                ));
-            }
-            known_count = Some(session.message_count);
-            (id, None)
-        }
-        None => {
-            let id = SessionId::generate(&animal_id, &principal.user_id)?;
-            let name = state
-                .personas()
-                .persona(&animal_id)
-                .await?
-                .map_or_else(|| animal_id.to_string(), |p| p.name);
-            (
-                id.clone(),
-                Some(Session::new(id, principal.user_id.clone(), animal_id, name)),
-            )
-        }
-    };
-    for _ in 0..8 {
-        let expected = match (&new_session, known_count.take()) {
-            (Some(_), _) => 0,
-            (None, Some(count)) => count,
-            (None, None) => {
-                store
-                    .get_session(&id)
-                    .await?
-                    .ok_or_else(|| Error::not_found(format!("session {id}")))?
-                    .message_count
-            }
-        };
-        let append = TurnAppend {
-            session_id: id.clone(),
-            expected_count: expected,
-            messages: messages.clone(),
-            turn_key: messages[1].metadata.turn_key.clone(),
-            new_session: new_session.clone(),
-        };
-        match store.append_turn(append).await {
-            Ok(AppendOutcome::Appended(stored)) | Ok(AppendOutcome::Duplicate(stored)) => {
-                return Ok(json!({
-                    "sessionId": id,
-                    "messages": stored.iter().map(message_json).collect::<Result<Vec<_>>>()?,
-                    "messageCount": stored.last().map_or(expected, |m| m.seq),
-                }));
-            }
-            Err(Error::Conflict { .. }) => {
-                // Lost a race (or the session appeared meanwhile): re-read and go again.
-                new_session = None;
-                tokio::time::sleep(std::time::Duration::from_millis(
-                    fastrand_index() as u64 * 2,
-                ))
-                .await;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Err(Error::conflict(format!(
-        "session {id} is too busy; try again"
-    )))
+    let stored = state.conversations().store_turn(&principal, turn).await?;
+    let messages = [&stored.user_message, &stored.assistant_message];
+    Ok(json!({
+        "sessionId": stored.session_id,
+        "messages": messages.into_iter().map(message_json).collect::<Result<Vec<_>>>()?,
+        "messageCount": stored.assistant_message.seq,
+    }))
 }
 
 #[pymethods]
@@ -534,21 +455,14 @@ impl Conversations {
             },
             _ => MessageMetadata::default(),
         };
-        let session_id = session_id.map(|s| id(SessionId::new, s)).transpose()?;
-        let animal_id = id(AnimalId::new, animal_id)?;
+        let mut turn =
+            ExternalTurn::new(id(AnimalId::new, animal_id)?, user_message, assistant_reply)
+                .with_metadata(metadata);
+        if let Some(session) = session_id {
+            turn = turn.in_session(id(SessionId::new, session)?);
+        }
         let (state, principal) = (self.state.clone(), principal.inner.clone());
-        let value = block_on(
-            py,
-            store_turn(
-                state,
-                principal,
-                session_id,
-                animal_id,
-                user_message,
-                assistant_reply,
-                metadata,
-            ),
-        )?;
+        let value = block_on(py, store_turn(state, principal, turn))?;
         Ok(to_python(py, &value)?.unbind())
     }
 
@@ -564,22 +478,12 @@ impl Conversations {
         let animal_id = id(AnimalId::new, animal_id)?;
         let (state, principal) = (self.state.clone(), principal.inner.clone());
         let value = block_on(py, async move {
-            let name = match animal_name {
-                Some(name) => name,
-                None => state
-                    .personas()
-                    .persona(&animal_id)
-                    .await?
-                    .map_or_else(|| animal_id.to_string(), |p| p.name),
-            };
-            let id = SessionId::generate(&animal_id, &principal.user_id)?;
-            let session = Session::new(id, principal.user_id.clone(), animal_id, name);
-            state
-                .conversations()
-                .store()
-                .create_session(&session)
-                .await?;
-            to_json(&session)
+            to_json(
+                &state
+                    .conversations()
+                    .create_session(&principal, &animal_id, animal_name)
+                    .await?,
+            )
         })?;
         Ok(to_python(py, &value)?.unbind())
     }
@@ -631,12 +535,7 @@ impl Conversations {
         let id = id(SessionId::new, session_id)?;
         let (state, principal) = (self.state.clone(), principal.inner.clone());
         let value = block_on(py, async move {
-            state.conversations().session(&principal, &id).await?;
-            let messages = state
-                .conversations()
-                .store()
-                .recent_messages(&id, limit)
-                .await?;
+            let messages = state.conversations().recent(&principal, &id, limit).await?;
             Ok(Value::Array(
                 messages
                     .iter()

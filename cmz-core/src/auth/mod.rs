@@ -106,11 +106,7 @@ pub struct AuthSettings {
 }
 
 fn random_bytes<const N: usize>() -> Result<[u8; N]> {
-    let mut bytes = [0u8; N];
-    getrandom::getrandom(&mut bytes).map_err(|e| {
-        Error::unavailable("system randomness", std::io::Error::other(e.to_string()))
-    })?;
-    Ok(bytes)
+    crate::random::secret_bytes()
 }
 
 fn seconds_var(

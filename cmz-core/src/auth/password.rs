@@ -69,10 +69,7 @@ impl PasswordHasher {
     /// A new argon2id PHC hash of `password`, computed right here (blocking).
     pub fn hash_blocking(&self, password: &str) -> Result<String> {
         check_length(password)?;
-        let mut salt = [0u8; 16];
-        getrandom::getrandom(&mut salt).map_err(|e| {
-            Error::unavailable("system randomness", std::io::Error::other(e.to_string()))
-        })?;
+        let salt: [u8; 16] = crate::random::secret_bytes()?;
         let salt =
             SaltString::encode_b64(&salt).map_err(|e| Error::internal(format!("salt: {e}")))?;
         self.argon2()

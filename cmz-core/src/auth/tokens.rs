@@ -427,11 +427,7 @@ pub struct IssuedToken {
 }
 
 fn random_id() -> Result<String> {
-    let mut bytes = [0u8; 16];
-    getrandom::getrandom(&mut bytes).map_err(|e| {
-        Error::unavailable("system randomness", std::io::Error::other(e.to_string()))
-    })?;
-    Ok(hex::encode(bytes))
+    crate::random::secret_hex(16)
 }
 
 impl TokenCodec {

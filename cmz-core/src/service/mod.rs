@@ -33,6 +33,7 @@
 //! ```
 
 mod config;
+mod external;
 mod locks;
 pub mod prompt;
 
@@ -47,6 +48,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
 pub use config::{ConversationConfig, ModelFailurePolicy};
+pub use external::ExternalTurn;
 use locks::{SessionLease, SessionLocks};
 
 use crate::access::{Action, DynAccessPolicy, OwnerOrAdminPolicy, Principal};
@@ -901,7 +903,6 @@ impl ConversationService {
         prepared: Prepared,
         assistant: Option<NewMessage>,
     ) -> Result<TurnReply> {
-        let inner = &self.inner;
         let Prepared {
             session,
             created,
@@ -924,10 +925,59 @@ impl ConversationService {
                 None => return Err(Error::internal("nothing to store for a resumed turn")),
             },
         };
+        let stored = match self
+            .append_guarded(&session, created, messages, key)
+            .await?
+        {
+            AppendOutcome::Appended(stored) => stored,
+            AppendOutcome::Duplicate(stored) => {
+                // Another server stored this turn key first; answer with its turn.
+                return match (stored_user, stored.as_slice()) {
+                    (Some(user), [assistant, ..]) => {
+                        Ok(TurnReply::new(created, user, assistant.clone(), true))
+                    }
+                    (None, [user, assistant, ..]) => Ok(TurnReply::new(
+                        created,
+                        user.clone(),
+                        assistant.clone(),
+                        true,
+                    )),
+                    _ => Err(Error::conflict(
+                        "this turn is being stored by another request; retry it",
+                    )),
+                };
+            }
+        };
+        let mut stored = stored.into_iter();
+        let (user, assistant) = match stored_user {
+            Some(user) => (Some(user), stored.next()),
+            None => (stored.next(), stored.next()),
+        };
+        match (user, assistant) {
+            (Some(user), Some(assistant)) => Ok(TurnReply::new(created, user, assistant, false)),
+            // Only the user message was stored (model error mode); the caller returns the error.
+            (Some(user), None) => Ok(TurnReply::new(created, user.clone(), user, false)),
+            _ => Err(Error::internal(
+                "the store returned fewer messages than were appended",
+            )),
+        }
+    }
+
+    /// Appends `messages` to `session` under the store's sequence guard, creating the
+    /// session in the same step when `created`; on a lost race re-reads the session and
+    /// tries again (up to `max_append_attempts`). The one retry loop for every write.
+    async fn append_guarded(
+        &self,
+        session: &Session,
+        created: bool,
+        messages: Vec<NewMessage>,
+        key: Option<String>,
+    ) -> Result<AppendOutcome> {
+        let inner = &self.inner;
         let mut expected = session.message_count;
         let mut new_session = created.then(|| session.clone());
         let mut attempt = 0;
-        let stored = loop {
+        loop {
             attempt += 1;
             let append = TurnAppend {
                 session_id: session.id.clone(),
@@ -942,24 +992,7 @@ impl ConversationService {
                 .instrument(span("store", "append_turn", &session.id))
                 .await
             {
-                Ok(AppendOutcome::Appended(stored)) => break stored,
-                Ok(AppendOutcome::Duplicate(stored)) => {
-                    // Another server stored this turn key first; answer with its turn.
-                    return match (stored_user, stored.as_slice()) {
-                        (Some(user), [assistant, ..]) => {
-                            Ok(TurnReply::new(created, user, assistant.clone(), true))
-                        }
-                        (None, [user, assistant, ..]) => Ok(TurnReply::new(
-                            created,
-                            user.clone(),
-                            assistant.clone(),
-                            true,
-                        )),
-                        _ => Err(Error::conflict(
-                            "this turn is being stored by another request; retry it",
-                        )),
-                    };
-                }
+                Ok(outcome) => return Ok(outcome),
                 Err(Error::Conflict { .. }) if attempt < inner.config.max_append_attempts => {
                     tracing::debug!(attempt, "sequence conflict; re-reading the session");
                     let backoff = Duration::from_millis(fastrand::u64(1..=5) * u64::from(attempt));
@@ -993,19 +1026,6 @@ impl ConversationService {
                 }
                 Err(error) => return Err(error),
             }
-        };
-        let mut stored = stored.into_iter();
-        let (user, assistant) = match stored_user {
-            Some(user) => (Some(user), stored.next()),
-            None => (stored.next(), stored.next()),
-        };
-        match (user, assistant) {
-            (Some(user), Some(assistant)) => Ok(TurnReply::new(created, user, assistant, false)),
-            // Only the user message was stored (model error mode); the caller returns the error.
-            (Some(user), None) => Ok(TurnReply::new(created, user.clone(), user, false)),
-            _ => Err(Error::internal(
-                "the store returned fewer messages than were appended",
-            )),
         }
     }
 

@@ -10,7 +10,7 @@ use crate::access::UserRole;
 use crate::memory::{InMemoryConversationStore, InMemoryPersonaDirectory};
 use crate::store::{ConversationStore, Cursor};
 use crate::testing::{Failure, ScriptedModel, Step};
-use crate::types::MAX_CONTENT_BYTES;
+use crate::types::{MAX_CONTENT_BYTES, MessageMetadata};
 
 fn lion() -> AnimalId {
     AnimalId::new("lion").unwrap()
@@ -1498,4 +1498,191 @@ async fn two_servers_racing_for_one_new_session_id_never_share_it() {
         let loser = if owner.as_str() == "k1" { rb } else { ra };
         assert_eq!(loser.unwrap_err().code(), "forbidden", "round {round}");
     }
+}
+
+/// A deployment policy that lets nobody write (a read-only maintenance window, say).
+#[derive(Debug)]
+struct ReadOnlyPolicy;
+
+#[async_trait]
+impl crate::access::AccessPolicy for ReadOnlyPolicy {
+    async fn authorize(&self, principal: &Principal, action: Action, owner: &UserId) -> Result<()> {
+        match action {
+            Action::Read if &principal.user_id == owner => Ok(()),
+            _ => Err(Error::forbidden("read only")),
+        }
+    }
+}
+
+#[tokio::test]
+async fn turns_made_elsewhere_are_stored_through_the_policy() {
+    let f = fixture();
+    let me = kid("k1");
+    let mut metadata = serde_json::Map::new();
+    metadata.insert("threadId".into(), "thread_1".into());
+    metadata.insert("tokensPrompt".into(), 7.into());
+    let first = f
+        .service
+        .store_turn(
+            &me,
+            ExternalTurn::new(lion(), "hi", "hello")
+                .with_metadata(MessageMetadata::from_caller(metadata.clone())),
+        )
+        .await
+        .unwrap();
+    assert!(first.session_created);
+    assert_eq!(
+        first.user_message.created_at,
+        first.assistant_message.created_at
+    );
+    assert_eq!(
+        first.assistant_message.metadata.custom.as_ref(),
+        Some(&metadata)
+    );
+    assert_eq!(first.assistant_message.metadata.tokens_prompt, Some(7));
+    let session = f
+        .store
+        .get_session(&first.session_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (session.user_id.as_str(), session.animal_name.as_str()),
+        ("k1", "Leo")
+    );
+    assert_eq!(f.model.calls(), 0, "no model call");
+
+    let second = f
+        .service
+        .store_turn(
+            &me,
+            ExternalTurn::new(lion(), "more", "sure")
+                .in_session(first.session_id.clone())
+                .with_turn_key("t-2"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(second.assistant_message.seq, 4);
+    let again = f
+        .service
+        .store_turn(
+            &me,
+            ExternalTurn::new(lion(), "more", "sure")
+                .in_session(first.session_id.clone())
+                .with_turn_key("t-2"),
+        )
+        .await
+        .unwrap();
+    assert!(again.replayed);
+    assert_eq!(again.assistant_message.id, second.assistant_message.id);
+    assert_eq!(
+        all_messages(&f, &first.session_id).await.len(),
+        4,
+        "stored once"
+    );
+
+    let cases = [
+        (
+            kid("k2"),
+            ExternalTurn::new(lion(), "x", "y").in_session(first.session_id.clone()),
+            "forbidden",
+        ),
+        (
+            admin(),
+            ExternalTurn::new(lion(), "x", "y").in_session(first.session_id.clone()),
+            "forbidden",
+        ),
+        (
+            me.clone(),
+            ExternalTurn::new(AnimalId::new("tiger").unwrap(), "x", "y")
+                .in_session(first.session_id.clone()),
+            "validation_error",
+        ),
+        (
+            me.clone(),
+            ExternalTurn::new(lion(), "x", "y")
+                .in_session(SessionId::new("conv_lion_k1_00000000").unwrap()),
+            "not_found",
+        ),
+    ];
+    for (who, turn, code) in cases {
+        let err = f.service.store_turn(&who, turn.clone()).await.unwrap_err();
+        assert_eq!(err.code(), code, "{turn:?}");
+    }
+    assert_eq!(all_messages(&f, &first.session_id).await.len(), 4);
+
+    let recent = f.service.recent(&me, &first.session_id, 2).await.unwrap();
+    assert_eq!(
+        recent
+            .iter()
+            .map(|m| m.content.as_str())
+            .collect::<Vec<_>>(),
+        ["more", "sure"]
+    );
+    assert_eq!(
+        f.service
+            .recent(&kid("k2"), &first.session_id, 2)
+            .await
+            .unwrap_err()
+            .code(),
+        "forbidden"
+    );
+}
+
+#[tokio::test]
+async fn sessions_and_external_turns_obey_the_deployment_policy() {
+    let store = Arc::new(InMemoryConversationStore::new());
+    let service = ConversationService::with(
+        store.clone(),
+        personas(),
+        Arc::new(ScriptedModel::echo()),
+        Arc::new(ReadOnlyPolicy),
+        ConversationConfig::default(),
+    );
+    let me = kid("k1");
+    let err = service
+        .create_session(&me, &lion(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "forbidden");
+    let err = service
+        .store_turn(&me, ExternalTurn::new(lion(), "hi", "hello"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "forbidden");
+    let listed = store
+        .list_sessions(
+            crate::store::SessionScope::User(me.user_id.clone()),
+            PageRequest::first(10),
+        )
+        .await
+        .unwrap();
+    assert!(listed.items.is_empty(), "nothing was created");
+
+    // With a policy that allows it, the name comes from the argument, the persona, or the id.
+    let f = fixture();
+    let named = f
+        .service
+        .create_session(&me, &lion(), Some("Leo the Great".into()))
+        .await
+        .unwrap();
+    assert_eq!(named.animal_name, "Leo the Great");
+    assert_eq!(
+        f.service
+            .create_session(&me, &lion(), None)
+            .await
+            .unwrap()
+            .animal_name,
+        "Leo"
+    );
+    let unknown = AnimalId::new("yak").unwrap();
+    assert_eq!(
+        f.service
+            .create_session(&me, &unknown, None)
+            .await
+            .unwrap()
+            .animal_name,
+        "yak"
+    );
+    assert!(f.store.get_session(&named.id).await.unwrap().is_some());
 }
