@@ -772,10 +772,12 @@ impl ConversationService {
                         .authorize(principal, Action::Write, &session.user_id)
                         .await?;
                     if &session.animal_id != animal {
-                        return Err(Error::validation(
-                            "animalId",
-                            format!("session {id} is a conversation with another animal"),
-                        ));
+                        // The legacy page keeps one session id while the child moves to
+                        // another animal: that is a new conversation with this animal, under
+                        // a new id (the reply's `sessionId`, which the page adopts).
+                        drop(lease);
+                        id = SessionId::generate(animal, &principal.user_id)?;
+                        continue;
                     }
                     break (lease, session, false);
                 }

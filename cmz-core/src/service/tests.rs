@@ -273,7 +273,9 @@ async fn bad_input_gets_the_right_error_code() {
             .code(),
         "forbidden"
     );
-    let err = f
+    // The same session id with another animal (the legacy page keeps its id when the
+    // child moves on) starts a new conversation with that animal and leaves this one alone.
+    let moved = f
         .service
         .turn(
             &me,
@@ -281,13 +283,33 @@ async fn bad_input_gets_the_right_error_code() {
                 .in_session(mine.session_id.clone()),
         )
         .await
-        .unwrap_err();
-    assert_eq!(err.code(), "validation_error");
+        .unwrap();
+    assert_ne!(moved.session_id, mine.session_id);
+    assert!(moved.session_created);
+    let tiger_session = f
+        .store
+        .get_session(&moved.session_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(tiger_session.animal_id.as_str(), "tiger");
+    assert_eq!(tiger_session.user_id, me.user_id);
     assert_eq!(
         all_messages(&f, &mine.session_id).await.len(),
         2,
-        "rejected turns store nothing"
+        "the lion conversation is untouched"
     );
+    // Someone else's session id with another animal is still refused.
+    let err = f
+        .service
+        .turn(
+            &kid("k9"),
+            TurnRequest::new(AnimalId::new("tiger").unwrap(), "hi")
+                .in_session(mine.session_id.clone()),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "forbidden");
     let err = f
         .service
         .history(
