@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cmz_core::access::UserRole;
-use cmz_core::auth::{PasswordCheck, User, UserType};
+use cmz_core::auth::TokenRequest;
 use cmz_core::ids::{AnimalId, FamilyId, SessionId, UserId};
 use cmz_core::service::{ExternalTurn, TurnEvent, TurnReply, TurnRequest};
 use cmz_core::store::{Cursor, DeleteScope, PageRequest, SessionScope};
@@ -301,7 +301,8 @@ fn turn_args(
         request = request.in_session(id(SessionId::new, session)?);
     }
     if let Some(window) = context_window {
-        request = request.with_context_window(limit("context_window", window, 20)?);
+        // Bounds are the engine's, the same as over HTTP.
+        request = request.with_context_window(usize::try_from(window).unwrap_or(0));
     }
     if let Some(key) = turn_key {
         request = request.with_turn_key(key);
@@ -990,25 +991,14 @@ impl Auth {
             _ => serde_json::Map::new(),
         };
         let role: UserRole = role.parse().map_err(crate::errors::to_py)?;
-        let user = User {
-            user_id: id(UserId::new, user_id)?,
-            email,
-            display_name: String::new(),
-            role,
-            user_type: match role {
-                UserRole::Parent => UserType::Parent,
-                UserRole::Student => UserType::Student,
-                _ => UserType::None,
-            },
-            family_id: family_id.map(|f| id(FamilyId::new, f)).transpose()?,
-            password_hash: None,
-            soft_delete: false,
-        };
+        let mut request = TokenRequest::new(id(UserId::new, user_id)?, email, role);
+        request.family_id = family_id.map(|f| id(FamilyId::new, f)).transpose()?;
+        request.expires_in = ttl;
+        request.claims = extra;
         let issued = self
             .state
             .auth()
-            .codec()
-            .issue_with(&user, None, ttl, extra)
+            .issue_token(request)
             .map_err(crate::errors::to_py)?;
         Ok(issued.token)
     }
@@ -1018,7 +1008,7 @@ impl Auth {
         let state = self.state.clone();
         block_on(
             py,
-            async move { state.auth().hasher().hash(&password).await },
+            async move { state.auth().hash_password(&password).await },
         )
     }
 
@@ -1030,9 +1020,8 @@ impl Auth {
         stored_hash: String,
     ) -> PyResult<bool> {
         let state = self.state.clone();
-        let check = block_on(py, async move {
-            state.auth().hasher().verify(&password, &stored_hash).await
-        })?;
-        Ok(matches!(check, PasswordCheck::Valid { .. }))
+        block_on(py, async move {
+            state.auth().verify_password(&password, &stored_hash).await
+        })
     }
 }

@@ -215,6 +215,7 @@ pub async fn state_from_env(lookup: &(dyn Fn(&str) -> Option<String> + Sync)) ->
         Some(backends) => backends,
         None => in_memory_backends(),
     };
+    let audit = backends.auth.audit.clone();
     let auth = AuthService::new(AuthSettings::from_lookup(lookup)?, backends.auth).await?;
     let personas = backends.personas;
     let (model, health) = match openai_model(lookup)? {
@@ -233,7 +234,8 @@ pub async fn state_from_env(lookup: &(dyn Fn(&str) -> Option<String> + Sync)) ->
         model,
         Arc::new(auth.policy()),
         ConversationConfig::default(),
-    );
+    )
+    .with_audit(audit);
     let state = AppState::new(conversations, auth, personas, health, settings);
     #[cfg(feature = "dynamo")]
     let state = match backends.dynamo {

@@ -8,8 +8,8 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
-use cmz_core::access::{Action, Principal};
-use cmz_core::auth::{AuditEvent, AuditKind, AuditOutcome, Family, PublicUser};
+use cmz_core::access::Principal;
+use cmz_core::auth::{Family, PublicUser};
 use cmz_core::ids::{AnimalId, MessageId, SessionId, UserId};
 use cmz_core::service::{TurnReply, TurnRequest};
 use cmz_core::store::{DeleteScope, PageRequest, SessionScope};
@@ -151,14 +151,7 @@ pub(crate) async fn me(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
 ) -> ApiResult<Json<Value>> {
-    let user = state
-        .inner
-        .auth
-        .stores()
-        .users
-        .get_user(&principal.user_id)
-        .await?
-        .ok_or_else(|| ApiError::new("not_found", "user not found"))?;
+    let user = state.inner.auth.me(&principal).await?;
     Ok(Json(user_json(&PublicUser::from(&user))?))
 }
 
@@ -199,31 +192,12 @@ impl ConvoTurnRequest {
                 ));
             }
         }
-        let max_tokens = self.max_tokens.unwrap_or(300);
-        if !(10..=1000).contains(&max_tokens) {
-            return Err(ApiError::validation(
-                "maxTokens",
-                "maxTokens must be between 10 and 1000",
-            ));
-        }
-        let temperature = self.temperature.unwrap_or(0.7);
-        if !(0.0..=2.0).contains(&temperature) {
-            return Err(ApiError::validation(
-                "temperature",
-                "temperature must be between 0 and 2",
-            ));
-        }
-        let window = self.context_window.unwrap_or(5);
-        if !(1..=20).contains(&window) {
-            return Err(ApiError::validation(
-                "contextWindow",
-                "contextWindow must be between 1 and 20",
-            ));
-        }
-        let mut turn = TurnRequest::new(id(AnimalId::new, self.animal_id)?, self.message)
-            .with_context_window(window as usize);
-        turn.max_tokens = Some(max_tokens as u32);
-        turn.temperature = Some(temperature as f32);
+        // Defaults and bounds are the engine's (`ConversationConfig`), the same for every
+        // front end; out-of-range numbers only need to survive the conversion.
+        let mut turn = TurnRequest::new(id(AnimalId::new, self.animal_id)?, self.message);
+        turn.context_window = self.context_window.map(|w| usize::try_from(w).unwrap_or(0));
+        turn.max_tokens = self.max_tokens.map(|t| u32::try_from(t).unwrap_or(0));
+        turn.temperature = self.temperature.map(|t| t as f32);
         if let Some(session) = self.session_id.filter(|s| !s.is_empty()) {
             turn = turn.in_session(id(SessionId::new, session)?);
         }
@@ -571,24 +545,11 @@ pub(crate) async fn delete_history(
         )
         .with_details(json!({ "required_parameter": "confirmGDPR" })));
     }
-    let report = state
+    state
         .inner
         .conversations
-        .delete(&principal, scope.clone())
+        .delete_with_reason(&principal, scope, q.audit_reason.as_deref())
         .await?;
-    let mut event = AuditEvent::new(
-        AuditKind::BulkAccess(Action::Delete),
-        AuditOutcome::Allowed,
-        format!(
-            "delete {scope:?}: {} sessions, {} messages; reason: {}",
-            report.sessions,
-            report.messages,
-            q.audit_reason.as_deref().unwrap_or("(none given)")
-        ),
-    );
-    event.actor = Some(principal.user_id.clone());
-    event.actor_role = Some(principal.role);
-    state.inner.auth.stores().audit.record(event).await;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -638,13 +599,7 @@ pub(crate) async fn family_list(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
 ) -> ApiResult<Json<Vec<Family>>> {
-    let families = &state.inner.auth.stores().families;
-    let list = if principal.role.sees_everything() {
-        families.list_families().await?
-    } else {
-        families.families_of(&principal.user_id).await?
-    };
-    Ok(Json(list.into_iter().filter(|f| !f.soft_delete).collect()))
+    Ok(Json(state.inner.auth.visible_families(&principal).await?))
 }
 
 pub(crate) async fn chatgpt_health(State(state): State<AppState>) -> Json<Value> {
@@ -661,15 +616,10 @@ pub(crate) async fn chatgpt_health(State(state): State<AppState>) -> Json<Value>
 }
 
 pub(crate) async fn system_health(State(state): State<AppState>) -> Json<Value> {
-    let store = match state
-        .inner
-        .conversations
-        .store()
-        .get_session(&SessionId::new("health_check").expect("valid id"))
-        .await
-    {
-        Ok(_) => "ok",
-        Err(_) => "error",
+    let store = if state.inner.conversations.store_is_reachable().await {
+        "ok"
+    } else {
+        "error"
     };
     let model = (state.inner.health)().await;
     let ai = if model.status == "ok" { "ok" } else { "error" };

@@ -2,8 +2,6 @@
 //! (`timestamp`, `createdAt`, `lastMessage`, `userName`, a legacy `status`; `messages` and
 //! `sessionInfo` on a detail), and a parent's family listing for `GET /convo_history`.
 
-use std::collections::HashMap;
-
 use axum::Extension;
 use axum::Json;
 use axum::extract::{Path, State};
@@ -12,7 +10,6 @@ use cmz_core::access::Principal;
 use cmz_core::ids::{AnimalId, SessionId, UserId};
 use cmz_core::store::{Cursor, PageRequest, SessionScope};
 use cmz_core::types::{Message, Session, SessionStatus};
-use futures::{StreamExt as _, TryStreamExt as _};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -24,9 +21,6 @@ type ApiResult<T> = Result<T, ApiError>;
 
 /// The longest `lastMessage` in a listing, in characters (longer ones end with `…`).
 const LAST_MESSAGE_CHARS: usize = 200;
-
-/// How many store reads a listing runs at once (user names, last messages).
-const CONCURRENT_READS: usize = 8;
 
 /// The legacy session status: `active`, `completed` or `archived` (the history page knows
 /// no other value).
@@ -71,42 +65,19 @@ fn session_json(session: &Session, user_name: Option<&str>, last: Option<&Messag
 
 /// The listing entries of `sessions`, which the caller was authorized to list: each with
 /// its owner's display name (when the user store knows one) and its last message.
-async fn entries(state: &AppState, sessions: &[Session]) -> ApiResult<Vec<Value>> {
-    // Owned ids and store handles: the futures must be `Send` for any lifetime.
+async fn entries(
+    state: &AppState,
+    principal: &Principal,
+    sessions: &[Session],
+) -> ApiResult<Vec<Value>> {
     let mut owners: Vec<UserId> = sessions.iter().map(|s| s.user_id.clone()).collect();
     owners.sort();
     owners.dedup();
-    let users = state.inner.auth.stores().users.clone();
-    let names: HashMap<UserId, String> = futures::stream::iter(owners)
-        .map(move |owner| {
-            let users = users.clone();
-            async move {
-                let name = users
-                    .get_user(&owner)
-                    .await?
-                    .map(|u| u.display_name)
-                    .filter(|n| !n.is_empty());
-                Ok::<_, cmz_core::Error>(name.map(|n| (owner, n)))
-            }
-        })
-        .buffer_unordered(CONCURRENT_READS)
-        .try_filter_map(|found| async move { Ok(found) })
-        .try_collect()
-        .await?;
-    // The listing already passed the access policy for every owner in it, so the last
-    // messages are read from the store directly (one query each, not a policy check each).
-    let store = state.inner.conversations.store().clone();
-    let ids: Vec<SessionId> = sessions.iter().map(|s| s.id.clone()).collect();
-    let lasts: Vec<Option<Message>> = futures::stream::iter(ids)
-        .map(move |id| {
-            let store = store.clone();
-            async move {
-                let mut recent = store.recent_messages(&id, 1).await?;
-                Ok::<_, cmz_core::Error>(recent.pop())
-            }
-        })
-        .buffered(CONCURRENT_READS)
-        .try_collect()
+    let names = state.inner.auth.display_names(&owners).await?;
+    let lasts = state
+        .inner
+        .conversations
+        .last_messages(principal, sessions)
         .await?;
     Ok(sessions
         .iter()
@@ -223,7 +194,7 @@ pub(crate) async fn list_sessions(
     if descending {
         sessions.reverse();
     }
-    let listed = entries(&state, &sessions).await?;
+    let listed = entries(&state, &principal, &sessions).await?;
     let mut body = json!({ "sessions": listed, "totalCount": sessions.len() });
     if let Some(next) = page.next {
         body["lastEvaluatedKey"] = next.as_str().into();
@@ -297,27 +268,8 @@ pub(crate) async fn family_sessions(
     query: FamilyQuery,
 ) -> ApiResult<Json<Value>> {
     let parent = id(UserId::new, query.parent)?;
-    if parent != principal.user_id && !principal.role.sees_everything() {
-        return Err(ApiError::new(
-            "forbidden",
-            "you may only read your own family's conversations",
-        ));
-    }
     let animal = optional_animal(query.animal)?;
-    let families = state
-        .inner
-        .auth
-        .stores()
-        .families
-        .families_of(&parent)
-        .await?;
-    let mut students: Vec<UserId> = families
-        .into_iter()
-        .filter(|f| !f.soft_delete && f.parents.contains(&parent))
-        .flat_map(|f| f.students)
-        .collect();
-    students.sort();
-    students.dedup();
+    let students = state.inner.auth.students_of(principal, &parent).await?;
     let mut sessions = Vec::new();
     for student in students {
         // Each student's listing passes the access policy again.
@@ -352,7 +304,7 @@ pub(crate) async fn family_sessions(
     }
     sessions.sort_by_key(|s| std::cmp::Reverse(s.last_activity));
     sessions.truncate(query.limit);
-    let listed = entries(state, &sessions).await?;
+    let listed = entries(state, principal, &sessions).await?;
     Ok(Json(json!({
         "parentUserId": parent,
         "sessions": listed,

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cmz_core::auth::{AuthService, AuthSettings, AuthStores, DevDirectory, PasswordHasher};
+use cmz_core::ids::AnimalId;
 use cmz_core::memory::{InMemoryConversationStore, InMemoryPersonaDirectory};
-use cmz_core::service::{ConversationConfig, ConversationService};
+use cmz_core::service::{ConversationConfig, ConversationService, TurnRequest};
 use cmz_core::testing::ScriptedModel;
 use cmz_core::types::{AnimalStatus, Persona};
 use cmz_tower::{AppState, HttpSettings};
@@ -1279,5 +1280,64 @@ async fn the_history_pages_get_the_legacy_fields_beside_cmz_s_own() {
             )
             .await;
         assert_eq!(summary.1["summaryType"], summary_type, "{summary:?}");
+    }
+}
+
+#[tokio::test]
+async fn the_same_turn_from_http_and_from_python_reaches_the_model_identically() {
+    let model = ScriptedModel::echo();
+    let server = start_with(model.clone(), HttpSettings::default()).await;
+    let token = server.login("student1@cmz.org", "student123").await;
+    let (status, body) = server
+        .post_json(
+            "/convo_turn",
+            Some(&token),
+            json!({"animalId": "cougar", "message": "Can you roar?"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body:?}");
+    let over_http = model.last_request().unwrap();
+    // What cmz-py's `Conversations.turn(principal, "cougar", "Can you roar?")` builds.
+    let principal = server.state.auth().authenticate(&token).await.unwrap();
+    server
+        .state
+        .conversations()
+        .turn(
+            &principal,
+            TurnRequest::new(AnimalId::new("cougar").unwrap(), "Can you roar?"),
+        )
+        .await
+        .unwrap();
+    let from_python = model.last_request().unwrap();
+    assert_eq!(over_http, from_python);
+    // The engine's defaults, which are the legacy API's.
+    assert_eq!(over_http.temperature, Some(0.7));
+    assert_eq!(over_http.max_tokens, Some(300));
+    // And the legacy bounds hold over HTTP, with the field named.
+    for (body, field) in [
+        (
+            json!({"animalId": "cougar", "message": "x", "contextWindow": 21}),
+            "contextWindow",
+        ),
+        (
+            json!({"animalId": "cougar", "message": "x", "contextWindow": -1}),
+            "contextWindow",
+        ),
+        (
+            json!({"animalId": "cougar", "message": "x", "maxTokens": 5}),
+            "maxTokens",
+        ),
+        (
+            json!({"animalId": "cougar", "message": "x", "temperature": 3.5}),
+            "temperature",
+        ),
+    ] {
+        let (status, error) = server.post_json("/convo_turn", Some(&token), body).await;
+        assert_eq!(status, 400, "{error:?}");
+        assert_eq!(error["code"], "validation_error");
+        assert!(
+            error["message"].as_str().unwrap().contains(field),
+            "{error:?}"
+        );
     }
 }

@@ -19,6 +19,7 @@
 
 mod audit;
 mod dev;
+mod directory;
 mod memory;
 mod model;
 mod password;
@@ -42,6 +43,7 @@ pub use audit::{
     TracingAuditSink,
 };
 pub use dev::{DevDirectory, DevUser, EMBEDDED_DEV_USERS};
+pub use directory::TokenRequest;
 pub use memory::{
     InMemoryFamilyDirectory, InMemoryRateLimitStore, InMemoryRevocationStore, InMemoryUserStore,
 };
@@ -383,17 +385,9 @@ impl AuthService {
         })
     }
 
-    /// The token codec (to issue or verify tokens directly).
-    pub fn codec(&self) -> &TokenCodec {
-        &self.inner.codec
-    }
-
-    /// The password hasher.
-    pub fn hasher(&self) -> &PasswordHasher {
-        &self.inner.hasher
-    }
-
-    /// The stores.
+    /// The stores. Front ends do not need them (every operation they make is a method of
+    /// this service or of [`ConversationService`](crate::service::ConversationService));
+    /// the HTTP layer still takes the shared rate-limit store from here.
     pub fn stores(&self) -> &AuthStores {
         &self.inner.stores
     }

@@ -17,9 +17,11 @@ pub enum ModelFailurePolicy {
 /// Settings of [`ConversationService`](super::ConversationService).
 #[derive(Debug, Clone)]
 pub struct ConversationConfig {
-    /// How many earlier turns (user + assistant pairs) the model sees. Default 10.
+    /// How many earlier turns (user + assistant pairs) the model sees. Default 5 (the
+    /// legacy API's `contextWindow` default).
     pub context_window: usize,
-    /// The most a request may ask for with its own `context_window`. Default 50.
+    /// The most a request may ask for with its own `context_window` (at least 1). Default
+    /// 20 (the legacy API's bound).
     pub max_context_window: usize,
     /// How long the model may take for a whole reply, and between two streamed chunks.
     /// Default 30 s.
@@ -33,7 +35,11 @@ pub struct ConversationConfig {
     pub max_append_attempts: u32,
     /// Reply-token limit passed to the model. Default `Some(300)` (the legacy default).
     pub max_tokens: Option<u32>,
-    /// Sampling temperature passed to the model. Default `None` (the model's own).
+    /// The most a request may ask for with its own `max_tokens` (at least 10). Default
+    /// 1,000 (the legacy API's bound).
+    pub max_reply_tokens: u32,
+    /// Sampling temperature passed to the model when neither the request nor the animal
+    /// sets one. Default `Some(0.7)` (the legacy default); requests may ask for 0 to 2.
     pub temperature: Option<f32>,
     /// Streamed deltas buffered for a slow consumer before the model is paused. Default 32.
     pub stream_buffer: usize,
@@ -42,14 +48,15 @@ pub struct ConversationConfig {
 impl Default for ConversationConfig {
     fn default() -> Self {
         Self {
-            context_window: 10,
-            max_context_window: 50,
+            context_window: 5,
+            max_context_window: 20,
             model_timeout: Duration::from_secs(30),
             on_model_failure: ModelFailurePolicy::Fallback,
             max_message_chars: 4_000,
             max_append_attempts: 8,
             max_tokens: Some(300),
-            temperature: None,
+            max_reply_tokens: 1_000,
+            temperature: Some(0.7),
             stream_buffer: 32,
         }
     }

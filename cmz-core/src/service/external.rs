@@ -2,6 +2,7 @@
 //! produced elsewhere, an empty session, the last messages. Each applies the access policy
 //! here, once, so no front end needs the raw store.
 
+use futures::{StreamExt as _, TryStreamExt as _};
 use tracing::Instrument as _;
 
 use super::{ConversationService, TurnReply, span};
@@ -173,6 +174,41 @@ impl ConversationService {
             .store
             .recent_messages(id, limit)
             .instrument(span("store", "recent_messages", id))
+            .await
+    }
+
+    /// The last message of each of `sessions` (`None` for an empty one), for listings:
+    /// the caller must be allowed to read every owner among them (checked once per owner,
+    /// then one query per session, at most 8 at a time).
+    pub async fn last_messages(
+        &self,
+        principal: &Principal,
+        sessions: &[Session],
+    ) -> Result<Vec<Option<Message>>> {
+        let mut owners: Vec<&crate::ids::UserId> = sessions.iter().map(|s| &s.user_id).collect();
+        owners.sort();
+        owners.dedup();
+        for owner in owners {
+            self.inner
+                .policy
+                .authorize(principal, Action::Read, owner)
+                .await?;
+        }
+        let store = self.inner.store.clone();
+        let ids: Vec<SessionId> = sessions.iter().map(|s| s.id.clone()).collect();
+        futures::stream::iter(ids)
+            .map(move |id| {
+                let store = store.clone();
+                async move {
+                    let mut recent = store
+                        .recent_messages(&id, 1)
+                        .instrument(span("store", "recent_messages", &id))
+                        .await?;
+                    Ok::<_, Error>(recent.pop())
+                }
+            })
+            .buffered(8)
+            .try_collect()
             .await
     }
 }

@@ -340,14 +340,26 @@ impl ConversationService {
         }
     }
 
+    /// Records bulk deletes (and moderation flags) in `audit`.
+    pub fn with_audit(self, audit: DynAuditSink) -> Self {
+        let inner = &self.inner;
+        Self {
+            inner: Arc::new(Inner {
+                store: inner.store.clone(),
+                personas: inner.personas.clone(),
+                model: inner.model.clone(),
+                policy: inner.policy.clone(),
+                config: inner.config.clone(),
+                locks: inner.locks.clone(),
+                moderator: inner.moderator.clone(),
+                audit: Some(audit),
+            }),
+        }
+    }
+
     /// The config in force.
     pub fn config(&self) -> &ConversationConfig {
         &self.inner.config
-    }
-
-    /// The store the service writes to.
-    pub fn store(&self) -> &DynConversationStore {
-        &self.inner.store
     }
 
     /// Runs one turn: authorize, load or create the session, build the prompt from the
@@ -724,17 +736,38 @@ impl ConversationService {
                 ));
             }
         }
-        let window = request.context_window.unwrap_or(config.context_window);
-        if window > config.max_context_window {
-            return Err(Error::validation(
-                "contextWindow",
-                format!(
-                    "contextWindow must be at most {}",
-                    config.max_context_window
-                ),
-            ));
+        // The bounds of the legacy API, enforced here for every front end.
+        if let Some(window) = request.context_window {
+            if !(1..=config.max_context_window).contains(&window) {
+                return Err(Error::validation(
+                    "contextWindow",
+                    format!(
+                        "contextWindow must be between 1 and {}",
+                        config.max_context_window
+                    ),
+                ));
+            }
         }
-        Ok(window)
+        if let Some(tokens) = request.max_tokens {
+            if !(10..=config.max_reply_tokens).contains(&tokens) {
+                return Err(Error::validation(
+                    "maxTokens",
+                    format!(
+                        "maxTokens must be between 10 and {}",
+                        config.max_reply_tokens
+                    ),
+                ));
+            }
+        }
+        if let Some(temperature) = request.temperature {
+            if !(0.0..=2.0).contains(&temperature) {
+                return Err(Error::validation(
+                    "temperature",
+                    "temperature must be between 0 and 2",
+                ));
+            }
+        }
+        Ok(request.context_window.unwrap_or(config.context_window))
     }
 
     async fn prepare(&self, principal: &Principal, request: TurnRequest) -> Result<Prepare> {
@@ -1162,8 +1195,19 @@ impl ConversationService {
     /// Deletes conversations. One session or one user's sessions need delete access to
     /// their owner; all of an animal's, or everything older than a date, need an admin-like
     /// role.
-    #[tracing::instrument(name = "cmz.delete", skip_all, fields(user = %principal.user_id, scope = ?scope))]
     pub async fn delete(&self, principal: &Principal, scope: DeleteScope) -> Result<DeleteReport> {
+        self.delete_with_reason(principal, scope, None).await
+    }
+
+    /// [`delete`](Self::delete), recording `reason` (the caller's, for example a GDPR
+    /// request number) in the audit event every delete writes.
+    #[tracing::instrument(name = "cmz.delete", skip_all, fields(user = %principal.user_id, scope = ?scope))]
+    pub async fn delete_with_reason(
+        &self,
+        principal: &Principal,
+        scope: DeleteScope,
+        reason: Option<&str>,
+    ) -> Result<DeleteReport> {
         let inner = &self.inner;
         match &scope {
             DeleteScope::Session(id) => {
@@ -1184,7 +1228,7 @@ impl ConversationService {
         }
         let report = inner
             .store
-            .delete(scope)
+            .delete(scope.clone())
             .instrument(tracing::debug_span!(
                 "cmz.backend",
                 kind = "store",
@@ -1196,7 +1240,30 @@ impl ConversationService {
             messages = report.messages,
             "conversations deleted"
         );
+        if let Some(audit) = &inner.audit {
+            let mut event = AuditEvent::new(
+                AuditKind::BulkAccess(Action::Delete),
+                AuditOutcome::Allowed,
+                format!(
+                    "delete {scope:?}: {} sessions, {} messages; reason: {}",
+                    report.sessions,
+                    report.messages,
+                    reason.unwrap_or("(none given)")
+                ),
+            );
+            event.actor = Some(principal.user_id.clone());
+            event.actor_role = Some(principal.role);
+            audit.record(event).await;
+        }
         Ok(report)
+    }
+
+    /// Whether the conversation store answers (one cheap read), for health checks.
+    pub async fn store_is_reachable(&self) -> bool {
+        match SessionId::new("health_check") {
+            Ok(probe) => self.get_session(&probe).await.is_ok(),
+            Err(_) => false,
+        }
     }
 
     /// Writes a summary of a session with the model and stores it on the session; when the

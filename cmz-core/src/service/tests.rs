@@ -171,18 +171,36 @@ async fn the_model_sees_persona_prompt_and_the_last_window_of_turns() {
             &me,
             TurnRequest::new(lion(), "m5")
                 .in_session(first.session_id.clone())
-                .with_context_window(0),
+                .with_context_window(1),
         )
         .await
         .unwrap();
-    assert_eq!(f.model.last_request().unwrap().messages.len(), 2);
+    assert_eq!(f.model.last_request().unwrap().messages.len(), 4);
+    for (window, tokens, temperature, field) in [
+        (0, None, None, "contextWindow"),
+        (21, None, None, "contextWindow"),
+        (5, Some(9), None, "maxTokens"),
+        (5, Some(1001), None, "maxTokens"),
+        (5, None, Some(2.5), "temperature"),
+        (5, None, Some(-0.1), "temperature"),
+    ] {
+        let mut request = TurnRequest::new(lion(), "m")
+            .in_session(first.session_id.clone())
+            .with_context_window(window);
+        request.max_tokens = tokens;
+        request.temperature = temperature;
+        match f.service.turn(&me, request).await {
+            Err(Error::Validation { field: Some(f), .. }) => assert_eq!(f, field),
+            other => panic!("{field}: {other:?}"),
+        }
+    }
     let err = f
         .service
         .turn(
             &me,
             TurnRequest::new(lion(), "m6")
                 .in_session(first.session_id.clone())
-                .with_context_window(51),
+                .with_context_window(21),
         )
         .await
         .unwrap_err();
@@ -1707,4 +1725,45 @@ async fn sessions_and_external_turns_obey_the_deployment_policy() {
         "yak"
     );
     assert!(f.store.get_session(&named.id).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn every_delete_is_audited_with_its_reason_whatever_the_front_end() {
+    let audit = Arc::new(crate::auth::InMemoryAuditSink::default());
+    let f = fixture();
+    let service = f.service.clone().with_audit(audit.clone());
+    let me = kid("k1");
+    let reply = service
+        .turn(&me, TurnRequest::new(lion(), "hi"))
+        .await
+        .unwrap();
+    service
+        .delete_with_reason(
+            &me,
+            crate::store::DeleteScope::Session(reply.session_id.clone()),
+            Some("parent request 42"),
+        )
+        .await
+        .unwrap();
+    service
+        .delete(&me, crate::store::DeleteScope::User(me.user_id.clone()))
+        .await
+        .unwrap();
+    let events = audit.events();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(events.iter().all(|e| e.actor.as_ref() == Some(&me.user_id)));
+    assert!(
+        events[0].reason.contains("1 sessions, 2 messages"),
+        "{:?}",
+        events[0]
+    );
+    assert!(events[0].reason.contains("parent request 42"));
+    assert!(events[1].reason.contains("(none given)"));
+    assert!(
+        f.store
+            .get_session(&reply.session_id)
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
