@@ -4,7 +4,7 @@ use futures::stream::BoxStream;
 
 use crate::chat::{ChatChunk, ChatCompletion, ChatModel, ChatRequest};
 use crate::error::{Error, Result};
-use crate::service::prompt::parse_system_prompt;
+use crate::service::prompt::{is_persona_prompt, parse_system_prompt};
 use crate::types::Role;
 
 /// A chat model that needs no network and no LLM: it answers in character with the
@@ -35,15 +35,19 @@ impl OfflinePersonaModel {
     }
 
     fn reply(request: &ChatRequest) -> Result<String> {
-        let (name, facts) = request
+        let system = request
             .messages
             .first()
             .filter(|m| m.role == Role::System)
-            .and_then(|m| parse_system_prompt(&m.content))
+            .map(|m| m.content.as_str())
+            .filter(|prompt| is_persona_prompt(prompt))
             .ok_or_else(|| Error::Unavailable {
                 message: "the offline persona model only answers persona conversations".into(),
                 source: None,
             })?;
+        // A configured prompt (the zoo's own text) says nothing the model can read back:
+        // answer without a name or facts rather than quote it.
+        let (name, facts) = parse_system_prompt(system).unwrap_or(("", Vec::new()));
         let question = request
             .messages
             .iter()
@@ -57,6 +61,8 @@ impl OfflinePersonaModel {
             .count();
         let greeting = if request.messages.iter().any(|m| m.role == Role::Assistant) {
             String::new()
+        } else if name.is_empty() {
+            "Hi there! ".to_owned()
         } else {
             format!("Hi, I'm {name}! ")
         };
@@ -158,6 +164,32 @@ mod tests {
     use crate::memory::{InMemoryConversationStore, InMemoryPersonaDirectory};
     use crate::service::{ConversationService, TurnEvent, TurnRequest};
     use crate::types::Persona;
+
+    #[tokio::test]
+    async fn never_quotes_a_configured_prompt() {
+        let leo = AnimalId::new("leo_001").unwrap();
+        let mut persona = Persona::new(leo.clone(), "Leo");
+        persona.system_prompt = Some(
+            "You are Leo, the lion of Cougar Mountain Zoo. You are sleepy and proud.\n".into(),
+        );
+        let service = ConversationService::new(
+            Arc::new(InMemoryConversationStore::new()),
+            Arc::new(InMemoryPersonaDirectory::with_personas([persona])),
+            Arc::new(OfflinePersonaModel::default()),
+        );
+        let kid = Principal::new(UserId::new("k1").unwrap(), UserRole::Student);
+        let reply = service
+            .turn(&kid, TurnRequest::new(leo, "Hello Leo! Do you nap?"))
+            .await
+            .unwrap();
+        assert!(
+            !reply.fallback,
+            "the offline model answers configured animals"
+        );
+        for leaked in ["sleepy", "GUIDELINES", "You are"] {
+            assert!(!reply.reply.contains(leaked), "{}", reply.reply);
+        }
+    }
 
     #[tokio::test]
     async fn answers_in_character_from_the_persona_facts() {

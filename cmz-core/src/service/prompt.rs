@@ -70,8 +70,10 @@ fn push_guidelines(prompt: &mut String, persona: &Persona) {
 /// together.
 pub fn parse_system_prompt(prompt: &str) -> Option<(&str, Vec<&str>)> {
     let rest = prompt.strip_prefix("You are ")?;
-    let name = rest.split(", an animal ambassador").next()?.trim();
-    if name.is_empty() || name.len() == rest.len() {
+    // Only the prompt built here: a configured prompt may also begin "You are ...".
+    let (name, _) = rest.split_once(", an animal ambassador at ")?;
+    let name = name.trim();
+    if name.is_empty() || name.contains('\n') {
         return None;
     }
     let facts = prompt
@@ -85,6 +87,12 @@ pub fn parse_system_prompt(prompt: &str) -> Option<(&str, Vec<&str>)> {
         })
         .unwrap_or_default();
     Some((name, facts))
+}
+
+/// Whether `prompt` is a persona prompt made by [`system_prompt`] (built or configured):
+/// it ends with cmz's guidelines.
+pub fn is_persona_prompt(prompt: &str) -> bool {
+    prompt.contains("\nGUIDELINES:\n") && prompt.contains(CHILD_SAFETY_GUIDELINES[0])
 }
 
 /// The in-character reply used when the model fails or times out.
@@ -176,5 +184,16 @@ mod tests {
             Vec::<String>::new()
         );
         assert!(parse_system_prompt("Summarize this").is_none());
+        // A configured prompt that happens to start the same way is not read as one of ours.
+        let custom = Persona {
+            system_prompt: Some(
+                "You are Leo, the lion of Cougar Mountain Zoo. You are sleepy.".into(),
+            ),
+            ..bare
+        };
+        let prompt = system_prompt(&custom);
+        assert!(parse_system_prompt(&prompt).is_none(), "{prompt}");
+        assert!(is_persona_prompt(&prompt));
+        assert!(!is_persona_prompt("Summarize this"));
     }
 }
