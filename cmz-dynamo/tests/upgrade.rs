@@ -15,7 +15,7 @@ use cmz_core::auth::UserStore;
 use cmz_core::ids::{AnimalId, SessionId, UserId};
 use cmz_core::store::{AppendOutcome, ConversationStore, PageRequest, SessionScope, TurnAppend};
 use cmz_core::types::{NewMessage, Role};
-use cmz_dynamo::testing::{isolated_settings, legacy_fixture, shared_endpoint};
+use cmz_dynamo::testing::{DynamoLocal, isolated_settings, legacy_fixture};
 use cmz_dynamo::{
     ANIMAL_INDEX, Dynamo, EMAIL_INDEX, ENSURE_TABLES_COMMAND, IndexBilling, TTL_ATTRIBUTE,
     TableChange, TableEvent, USER_INDEX,
@@ -24,6 +24,15 @@ use cmz_dynamo::{
 type Item = HashMap<String, AttributeValue>;
 
 /// The variables naming `dynamo`'s tables, as the server and the command read them.
+/// A DynamoDB Local of this test process's own. DynamoDB Local builds an index added to an
+/// existing table on the same small job pool that sweeps every TTL-enabled table, so on
+/// the server the whole suite shares (hundreds of TTL tables) a new index can wait for
+/// minutes; on a fresh one it is ready in about a second.
+fn endpoint() -> String {
+    static SERVER: std::sync::OnceLock<DynamoLocal> = std::sync::OnceLock::new();
+    SERVER.get_or_init(|| DynamoLocal::start(None)).endpoint()
+}
+
 fn environment(dynamo: &Dynamo) -> HashMap<String, String> {
     let mut env: HashMap<String, String> = dynamo
         .tables()
@@ -31,7 +40,7 @@ fn environment(dynamo: &Dynamo) -> HashMap<String, String> {
         .iter()
         .map(|(variable, table)| (variable.to_string(), table.to_string()))
         .collect();
-    env.insert("DYNAMODB_ENDPOINT_URL".into(), shared_endpoint());
+    env.insert("DYNAMODB_ENDPOINT_URL".into(), endpoint());
     env.insert("CMZ_CURSOR_SECRET".into(), "cmz-test-cursor-secret".into());
     env
 }
@@ -52,9 +61,9 @@ fn stdout(out: &Output) -> String {
 /// Tables of a test's own, made and filled the legacy way: a parent, their family, an
 /// animal; two conversations with session items and one without.
 async fn legacy_deployment(provisioned: Option<(i64, i64)>) -> (Dynamo, Vec<SessionId>) {
-    let dynamo = Dynamo::connect(isolated_settings(&shared_endpoint())).await;
+    let dynamo = Dynamo::connect(isolated_settings(&endpoint())).await;
     let t = dynamo.tables();
-    let endpoint = shared_endpoint();
+    let endpoint = endpoint();
     let mut args = vec![
         "legacy-tables",
         "--endpoint",
@@ -546,7 +555,7 @@ async fn create_plain_table(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_cannot_be_done_in_place_is_reported_and_left_alone() {
     use ScalarAttributeType::{N, S};
-    let dynamo = Dynamo::connect(isolated_settings(&shared_endpoint())).await;
+    let dynamo = Dynamo::connect(isolated_settings(&endpoint())).await;
     let t = dynamo.tables().clone();
     // The conversation table of the legacy "cmz-conversations" stack (one item per message,
     // keyed by user), configured as the conversation table: its keys are not cmz's.
