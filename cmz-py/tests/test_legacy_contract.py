@@ -520,3 +520,89 @@ def test_real_animal_items_drive_turns():
     assert client.conversations.session(me, reply["sessionId"])["animalName"] == "Leo"
     with pytest.raises(cmz.NotFound):
         client.conversations.turn(me, "charlie_003", "Hello Charlie")
+
+
+# ---- a legacy deployment's tables, upgraded in place ----------------------------------
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "..", "..", "cmz-dynamo", "tests", "fixtures",
+                       "legacy_conversation_dynamo.py")
+
+
+@pytest.fixture(scope="module")
+def own_dynamodb():
+    """A DynamoDB Local of this module's own: on the server the suite shares, with hundreds
+    of TTL tables, DynamoDB Local queues a new index for minutes."""
+    import socket
+
+    emulator = os.environ.get("CMZ_DYNAMODB_LOCAL_DIR") or os.path.join(
+        os.path.dirname(__file__), "..", "..", "target", "dynamodb-local", "package", "emulator"
+    )
+    jar = os.path.join(emulator, "DynamoDBLocal.jar")
+    if not os.path.exists(jar):
+        pytest.fail(f"DynamoDB Local is not at {emulator}: set CMZ_DYNAMODB_LOCAL_DIR (bash .ci/run does)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        ["java", "-Xmx512m", f"-Djava.library.path={os.path.join(emulator, 'DynamoDBLocal_lib')}", "-jar", jar,
+         "-inMemory", "-sharedDb", "-port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 1).close()
+            break
+        except OSError:
+            if time.time() > deadline:
+                server.kill()
+                pytest.fail("DynamoDB Local did not start")
+            time.sleep(0.2)
+    yield f"http://127.0.0.1:{port}"
+    server.kill()
+    server.wait()
+
+
+def test_a_legacy_deployment_upgrades_in_place_and_compat_continues_it(own_dynamodb):
+    tables = {var: "legacy-" + uuid.uuid4().hex[:6] + "-" + name for var, name in [
+        ("CONVERSATION_DYNAMO_TABLE_NAME", "conversation"), ("CONVERSATION_SESSION_TABLE_NAME", "session"),
+        ("USER_DYNAMO_TABLE_NAME", "user"), ("FAMILY_DYNAMO_TABLE_NAME", "family"),
+        ("ANIMAL_DYNAMO_TABLE_NAME", "animal"), ("CONVERSATION_MESSAGE_TABLE_NAME", "message"),
+        ("CMZ_META_TABLE_NAME", "cmz"),
+    ]}
+
+    def fixture(*args):
+        out = subprocess.run([sys.executable, FIXTURE, *args], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)
+
+    fixture("legacy-tables", "--endpoint", own_dynamodb,
+            "--conversations", tables["CONVERSATION_DYNAMO_TABLE_NAME"],
+            "--sessions", tables["CONVERSATION_SESSION_TABLE_NAME"],
+            "--users", tables["USER_DYNAMO_TABLE_NAME"], "--families", tables["FAMILY_DYNAMO_TABLE_NAME"],
+            "--animals", tables["ANIMAL_DYNAMO_TABLE_NAME"])
+    written = fixture("write", "--endpoint", own_dynamodb,
+                      "--conversations", tables["CONVERSATION_DYNAMO_TABLE_NAME"],
+                      "--sessions", tables["CONVERSATION_SESSION_TABLE_NAME"],
+                      "--count", "1", "--turns", "2", "--user", "legacy_kid")
+    sid = written[0]["conversationId"]
+    env = dict(tables, DYNAMODB_ENDPOINT_URL=own_dynamodb, JWT_SECRET=JWT_SECRET,
+               AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x")
+
+    # Without the upgrade, cmz refuses to start and names the command.
+    with pytest.raises(cmz.CmzError) as refused:
+        cmz.Client.from_env(env)
+    assert "ensure-tables" in str(refused.value)
+
+    # The server's create-tables setting (like `cmz-dynamo ensure-tables`) upgrades in place.
+    cmz.Client.from_env(dict(env, CMZ_DYNAMODB_CREATE_TABLES="1"))
+    client = cmz.Client.from_env(env)  # and now it starts as it is
+    compat.configure(client)
+    try:
+        before = compat.get_conversation_history(sid, limit=0)
+        assert len(before) == 4 and [m["role"] for m in before] == ["user", "assistant"] * 2
+        compat.store_conversation_turn(sid, "and now?", "still here!")
+        after = compat.get_conversation_history(sid, limit=0)
+        assert after[:4] == before and [m["text"] for m in after[4:]] == ["and now?", "still here!"]
+        assert compat.get_user_sessions("legacy_kid")[0]["sessionId"] == sid
+    finally:
+        compat._client = None
