@@ -34,6 +34,7 @@
 
 mod config;
 mod external;
+mod limit;
 mod locks;
 pub mod prompt;
 
@@ -49,10 +50,12 @@ use tracing::Instrument as _;
 
 pub use config::{ConversationConfig, ModelFailurePolicy};
 pub use external::ExternalTurn;
+use limit::TurnLimit;
+pub use limit::{TURN_LIMIT_MESSAGE, TurnLimitStatus};
 use locks::{SessionLease, SessionLocks};
 
 use crate::access::{Action, DynAccessPolicy, OwnerOrAdminPolicy, Principal};
-use crate::auth::{AuditEvent, AuditKind, AuditOutcome, DynAuditSink};
+use crate::auth::{AuditEvent, AuditKind, AuditOutcome, DynAuditSink, DynRateLimitStore};
 use crate::chat::{ChatChunk, ChatMessage, ChatRequest, DynChatModel};
 use crate::error::{Error, Result};
 use crate::ids::{AnimalId, SessionId, UserId};
@@ -223,7 +226,7 @@ pub struct ConversationService {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Inner {
     store: DynConversationStore,
     personas: DynPersonaDirectory,
@@ -233,6 +236,7 @@ struct Inner {
     locks: Arc<SessionLocks>,
     moderator: Option<DynModerator>,
     audit: Option<DynAuditSink>,
+    turn_limit: Option<TurnLimit>,
 }
 
 /// What a turn's message is, before the model runs.
@@ -315,6 +319,7 @@ impl ConversationService {
                 locks: Arc::default(),
                 moderator: None,
                 audit: None,
+                turn_limit: None,
             }),
         }
     }
@@ -325,35 +330,55 @@ impl ConversationService {
     /// goes as if the model had failed (fallback or error): no unchecked message reaches
     /// the model.
     pub fn with_moderation(self, moderator: DynModerator, audit: DynAuditSink) -> Self {
-        let inner = &self.inner;
-        Self {
-            inner: Arc::new(Inner {
-                store: inner.store.clone(),
-                personas: inner.personas.clone(),
-                model: inner.model.clone(),
-                policy: inner.policy.clone(),
-                config: inner.config.clone(),
-                locks: inner.locks.clone(),
-                moderator: Some(moderator),
-                audit: Some(audit),
-            }),
-        }
+        self.rebuilt(|inner| {
+            inner.moderator = Some(moderator);
+            inner.audit = Some(audit);
+        })
     }
 
     /// Records bulk deletes (and moderation flags) in `audit`.
     pub fn with_audit(self, audit: DynAuditSink) -> Self {
-        let inner = &self.inner;
+        self.rebuilt(|inner| inner.audit = Some(audit))
+    }
+
+    /// Limits each user to `limit` model calls (turns, streamed turns and summaries) per
+    /// `window`, counted in `store` so the limit holds across processes sharing it. A call
+    /// over the limit fails with `rate_limit_exceeded` (and the wait until the window ends)
+    /// before anything is read or stored. A `limit` of 0 counts as 1.
+    pub fn with_turn_limit(self, store: DynRateLimitStore, limit: u32, window: Duration) -> Self {
+        self.rebuilt(|inner| {
+            inner.turn_limit = Some(TurnLimit {
+                store,
+                limit: limit.max(1),
+                window: window.max(Duration::from_secs(1)),
+            });
+        })
+    }
+
+    fn rebuilt(self, change: impl FnOnce(&mut Inner)) -> Self {
+        let mut inner = Arc::unwrap_or_clone(self.inner);
+        change(&mut inner);
         Self {
-            inner: Arc::new(Inner {
-                store: inner.store.clone(),
-                personas: inner.personas.clone(),
-                model: inner.model.clone(),
-                policy: inner.policy.clone(),
-                config: inner.config.clone(),
-                locks: inner.locks.clone(),
-                moderator: inner.moderator.clone(),
-                audit: Some(audit),
-            }),
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// Where `principal` stands against the turn limit (read without counting), or None
+    /// when there is no limit.
+    pub async fn turn_limit_status(
+        &self,
+        principal: &Principal,
+    ) -> Result<Option<TurnLimitStatus>> {
+        match &self.inner.turn_limit {
+            Some(limit) => Ok(Some(limit.status(principal).await?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn count_model_call(&self, principal: &Principal) -> Result<()> {
+        match &self.inner.turn_limit {
+            Some(limit) => limit.hit(principal).await,
+            None => Ok(()),
         }
     }
 
@@ -373,6 +398,7 @@ impl ConversationService {
     #[tracing::instrument(name = "cmz.turn", skip_all, fields(user = %principal.user_id, animal = %request.animal_id))]
     pub async fn turn(&self, principal: &Principal, request: TurnRequest) -> Result<TurnReply> {
         require_runtime()?;
+        self.count_model_call(principal).await?;
         let prepared = match self.prepare(principal, request).await? {
             Prepare::Replay(reply) => return Ok(*reply),
             Prepare::Run(prepared) => *prepared,
@@ -472,6 +498,7 @@ impl ConversationService {
         request: TurnRequest,
     ) -> Result<TurnStream> {
         require_runtime()?;
+        self.count_model_call(principal).await?;
         match self.prepare(principal, request).await? {
             Prepare::Replay(reply) => Ok(TurnStream {
                 session_id: reply.session_id.clone(),
@@ -1270,6 +1297,7 @@ impl ConversationService {
     /// model is unavailable, stores a deterministic summary instead (marked `fallback`).
     #[tracing::instrument(name = "cmz.summarize", skip_all, fields(user = %principal.user_id, session = %id))]
     pub async fn summarize(&self, principal: &Principal, id: &SessionId) -> Result<Summary> {
+        self.count_model_call(principal).await?;
         let inner = &self.inner;
         let session = self.readable_session(principal, id, Action::Read).await?;
         let recent = inner

@@ -1767,3 +1767,69 @@ async fn every_delete_is_audited_with_its_reason_whatever_the_front_end() {
             .is_none()
     );
 }
+
+#[tokio::test]
+async fn the_turn_limit_counts_turns_streamed_turns_and_summaries_per_user() {
+    let limits = Arc::new(crate::auth::InMemoryRateLimitStore::new());
+    let f = fixture();
+    let service = f
+        .service
+        .clone()
+        .with_turn_limit(limits, 3, Duration::from_secs(3600));
+    let me = kid("k1");
+    let first = service
+        .turn(&me, TurnRequest::new(lion(), "one"))
+        .await
+        .unwrap();
+    let stream = service
+        .stream_turn(
+            &me,
+            TurnRequest::new(lion(), "two").in_session(first.session_id.clone()),
+        )
+        .await
+        .unwrap();
+    let _: Vec<_> = stream.collect().await;
+    service.summarize(&me, &first.session_id).await.unwrap();
+    let status = service.turn_limit_status(&me).await.unwrap().unwrap();
+    assert_eq!((status.limit, status.used), (3, 3));
+    assert!(status.exceeded());
+
+    let stored = all_messages(&f, &first.session_id).await.len();
+    let err = service
+        .turn(&me, TurnRequest::new(lion(), "three"))
+        .await
+        .unwrap_err();
+    let Error::RateLimited {
+        message,
+        retry_after,
+    } = &err
+    else {
+        panic!("expected rate_limit_exceeded, got {err:?}");
+    };
+    assert_eq!(message, TURN_LIMIT_MESSAGE);
+    assert!(retry_after.is_some_and(|wait| wait > Duration::ZERO));
+    let err = service.summarize(&me, &first.session_id).await.unwrap_err();
+    assert_eq!(err.code(), "rate_limit_exceeded");
+    assert!(
+        service
+            .stream_turn(&me, TurnRequest::new(lion(), "four"))
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        all_messages(&f, &first.session_id).await.len(),
+        stored,
+        "nothing stored"
+    );
+
+    // Another user has a counter of their own; without a limit nothing is counted.
+    service
+        .turn(&kid("k2"), TurnRequest::new(lion(), "hi"))
+        .await
+        .unwrap();
+    assert!(f.service.turn_limit_status(&me).await.unwrap().is_none());
+    f.service
+        .turn(&me, TurnRequest::new(lion(), "free"))
+        .await
+        .unwrap();
+}

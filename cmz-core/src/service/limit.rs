@@ -1,0 +1,71 @@
+//! The per-user limit on model calls (turns and summaries), shared across processes
+//! through a [`RateLimitStore`](crate::auth::RateLimitStore).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::access::Principal;
+use crate::auth::DynRateLimitStore;
+use crate::error::{Error, Result};
+
+/// How many model calls a user may make per window (the legacy API's default: 50 an hour).
+#[derive(Debug, Clone)]
+pub(super) struct TurnLimit {
+    pub(super) store: DynRateLimitStore,
+    pub(super) limit: u32,
+    pub(super) window: Duration,
+}
+
+/// Where a user stands against the turn limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TurnLimitStatus {
+    /// Model calls allowed per window.
+    pub limit: u32,
+    /// The window's length.
+    pub window: Duration,
+    /// Calls counted in the current window (above `limit` once a call was refused).
+    pub used: u32,
+    /// When the current window ends.
+    pub resets_at: DateTime<Utc>,
+}
+
+impl TurnLimitStatus {
+    /// Whether the next call is refused.
+    pub fn exceeded(&self) -> bool {
+        self.used >= self.limit
+    }
+}
+
+/// The message of the error a refused call gets (the legacy API's).
+pub const TURN_LIMIT_MESSAGE: &str = "API rate limit exceeded. Please try again later.";
+
+fn key(principal: &Principal) -> String {
+    format!("turns:{}", principal.user_id)
+}
+
+impl TurnLimit {
+    /// Counts one model call; `rate_limit_exceeded` with the wait when over the limit.
+    pub(super) async fn hit(&self, principal: &Principal) -> Result<()> {
+        let count = self.store.hit(&key(principal), self.window).await?;
+        if count.count > self.limit {
+            let wait = (count.resets_at - Utc::now()).num_seconds().max(1) as u64;
+            return Err(Error::RateLimited {
+                message: TURN_LIMIT_MESSAGE.into(),
+                retry_after: Some(Duration::from_secs(wait)),
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads the user's counter without counting.
+    pub(super) async fn status(&self, principal: &Principal) -> Result<TurnLimitStatus> {
+        let count = self.store.peek(&key(principal), self.window).await?;
+        Ok(TurnLimitStatus {
+            limit: self.limit,
+            window: self.window,
+            used: count.count,
+            resets_at: count.resets_at,
+        })
+    }
+}
