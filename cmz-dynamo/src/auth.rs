@@ -797,4 +797,30 @@ impl RateLimitStore for DynamoRateLimitStore {
             .map_err(|e| map_sdk("DeleteItem", meta, e))?;
         Ok(())
     }
+
+    #[tracing::instrument(name = "dynamodb.rate_release", skip_all)]
+    async fn release(&self, key: &str) -> Result<()> {
+        let meta = &self.db.inner.tables.meta;
+        let released = self
+            .db
+            .inner
+            .client
+            .update_item()
+            .table_name(meta)
+            .key("pk", s(format!("rate#{key}")))
+            .update_expression("ADD #count :minus")
+            .condition_expression("#count > :zero AND resetsAt > :now")
+            .expression_attribute_names("#count", "count")
+            .expression_attribute_values(":minus", n(-1))
+            .expression_attribute_values(":zero", n(0))
+            .expression_attribute_values(":now", n(Utc::now().timestamp_millis()))
+            .send()
+            .await;
+        match released {
+            Ok(_) => Ok(()),
+            // Nothing to give back: the window ended or the count is 0.
+            Err(e) if is_condition_failure(&e) => Ok(()),
+            Err(e) => Err(map_sdk("UpdateItem", meta, e)),
+        }
+    }
 }

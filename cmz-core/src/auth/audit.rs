@@ -55,8 +55,14 @@ pub struct AuditEvent {
     pub reason: String,
 }
 
+/// The longest audit reason kept, in characters; longer text is cut and marked.
+pub const MAX_AUDIT_REASON_CHARS: usize = 500;
+
 impl AuditEvent {
-    /// An event stamped now.
+    /// An event stamped now. The reason may carry text a caller supplied (a delete's
+    /// reason), so it is made safe here for every sink: control characters (newlines,
+    /// terminal escapes) are written as `\u{..}` escapes and the text is cut at
+    /// [`MAX_AUDIT_REASON_CHARS`].
     pub fn new(kind: AuditKind, outcome: AuditOutcome, reason: impl Into<String>) -> Self {
         Self {
             at: Utc::now(),
@@ -65,9 +71,29 @@ impl AuditEvent {
             actor: None,
             actor_role: None,
             subject: None,
-            reason: reason.into(),
+            reason: audit_text(&reason.into()),
         }
     }
+}
+
+/// `text` with control characters escaped and cut at [`MAX_AUDIT_REASON_CHARS`], so it
+/// reads as one field of one line wherever it is written.
+pub fn audit_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_AUDIT_REASON_CHARS));
+    for (count, c) in text.chars().enumerate() {
+        if count == MAX_AUDIT_REASON_CHARS {
+            out.push_str("…(cut)");
+            break;
+        }
+        if c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Where audit events go.
@@ -85,6 +111,10 @@ pub trait AuditSink: Debug + Send + Sync + 'static {
 pub type DynAuditSink = Arc<dyn AuditSink>;
 
 /// Writes audit events as `tracing` events on the `cmz::audit` target.
+///
+/// Each field is its own structured field; the reason is written quoted and escaped (its
+/// `Debug` form), so text inside it cannot end the field or start a new one
+/// (`actor="user_admin"` inside a reason stays inside the quotes).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct TracingAuditSink;
 
@@ -95,10 +125,10 @@ impl AuditSink for TracingAuditSink {
         let subject = event.subject.as_ref().map(UserId::as_str);
         match event.outcome {
             AuditOutcome::Denied => tracing::warn!(
-                target: "cmz::audit", kind = ?event.kind, actor, role = ?event.actor_role, subject, reason = %event.reason, "denied"
+                target: "cmz::audit", kind = ?event.kind, actor, role = ?event.actor_role, subject, reason = ?event.reason, "denied"
             ),
             AuditOutcome::Allowed => tracing::info!(
-                target: "cmz::audit", kind = ?event.kind, actor, role = ?event.actor_role, subject, reason = %event.reason, "allowed"
+                target: "cmz::audit", kind = ?event.kind, actor, role = ?event.actor_role, subject, reason = ?event.reason, "allowed"
             ),
         }
     }
@@ -139,5 +169,38 @@ impl AuditSink for InMemoryAuditSink {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forged_lines_and_terminal_escapes_stay_inside_the_reason() {
+        let forged = "GDPR-1\n2024-01-01T00:00:00Z  INFO cmz::audit: kind=Logout actor=\"user_admin\" reason=\"ok\" allowed\x1b[2K\x1b[1A\r\u{202e}";
+        let event = AuditEvent::new(
+            AuditKind::BulkAccess(Action::Delete),
+            AuditOutcome::Allowed,
+            forged,
+        );
+        assert!(
+            !event.reason.chars().any(char::is_control),
+            "{:?}",
+            event.reason
+        );
+        assert!(!event.reason.contains('\u{202e}'));
+        assert!(event.reason.contains("\\u{1b}[2K"), "{}", event.reason);
+        assert!(event.reason.contains("\\u{a}2024"), "{}", event.reason);
+        // Written as a field, the quotes are escaped: no second `actor=` field appears.
+        let written = format!("reason={:?}", event.reason);
+        assert!(written.contains(r#"actor=\"user_admin\""#), "{written}");
+        assert!(!written.contains(r#" actor="user_admin""#), "{written}");
+        assert_eq!(written.lines().count(), 1);
+
+        let long = AuditEvent::new(AuditKind::Logout, AuditOutcome::Allowed, "x".repeat(10_000));
+        assert!(long.reason.chars().count() <= MAX_AUDIT_REASON_CHARS + 6);
+        assert!(long.reason.ends_with("…(cut)"));
+        assert_eq!(audit_text("plain reason"), "plain reason");
     }
 }

@@ -248,4 +248,11 @@ impl RateLimitStore for InMemoryRateLimitStore {
         lock(&self.counters).remove(key);
         Ok(())
     }
+
+    async fn release(&self, key: &str) -> Result<()> {
+        if let Some(counter) = lock(&self.counters).get_mut(key) {
+            counter.count = counter.count.saturating_sub(1);
+        }
+        Ok(())
+    }
 }

@@ -40,7 +40,7 @@ use tracing::Instrument as _;
 
 pub use audit::{
     AuditEvent, AuditKind, AuditOutcome, AuditSink, DynAuditSink, InMemoryAuditSink,
-    TracingAuditSink,
+    MAX_AUDIT_REASON_CHARS, TracingAuditSink, audit_text,
 };
 pub use dev::{DevDirectory, DevUser, EMBEDDED_DEV_USERS};
 pub use directory::TokenRequest;
@@ -49,7 +49,8 @@ pub use memory::{
 };
 pub use model::{Family, RefreshRecord, RefreshState, User, UserType, normalize_email};
 pub use password::{
-    LEGACY_PBKDF2_ITERATIONS, MAX_PASSWORD_BYTES, PasswordCheck, PasswordHasher, legacy_hash,
+    HashGate, HashGateStats, LEGACY_PBKDF2_ITERATIONS, MAX_PASSWORD_BYTES, PasswordCheck,
+    PasswordHasher, legacy_hash,
 };
 pub use policy::PlatformPolicy;
 pub use stores::{
@@ -65,12 +66,32 @@ use crate::access::{Principal, UserRole};
 use crate::error::{Error, Result};
 use crate::ids::UserId;
 
-/// Limits on failed logins, per account and per client (an IP address or API key).
+/// Limits on login attempts, counted per window before the password is checked.
+///
+/// The policy:
+/// - **Per account and client** (`per_account`, default 5): the attempts one client (an
+///   IP address or API key) makes on one account. This is the limit an attacker meets;
+///   it locks nobody else out, so the owner logging in from another address still gets
+///   in. A successful login clears it.
+/// - **Per account** (`per_account_total`, default 100): attempts on one account from all
+///   clients together, so spreading a guessing attack over many addresses only slows to
+///   this rate. It is high enough that a handful of hostile clients cannot reach it by
+///   accident.
+/// - **Per client** (`per_client`, default 300): attempts from one client across all
+///   accounts (credential stuffing). It is sized for a school group behind one NAT
+///   address: a class of 30 children mistyping their passwords several times each stays
+///   well under it.
+///
+/// Every attempt is counted before its password is hashed, so concurrent attempts cannot
+/// all pass a check made before any of them was counted; a successful login gives its
+/// attempt back on the account-wide and per-client counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoginLimits {
-    /// Failed logins allowed per account in a window. Default 5.
+    /// Attempts allowed per account from one client in a window. Default 5.
     pub per_account: u32,
-    /// Failed logins allowed per client key in a window. Default 30.
+    /// Attempts allowed per account from all clients together in a window. Default 100.
+    pub per_account_total: u32,
+    /// Attempts allowed per client key across all accounts in a window. Default 300.
     pub per_client: u32,
     /// The window. Default 15 minutes.
     pub window: Duration,
@@ -80,7 +101,8 @@ impl Default for LoginLimits {
     fn default() -> Self {
         Self {
             per_account: 5,
-            per_client: 30,
+            per_account_total: 100,
+            per_client: 300,
             window: Duration::from_secs(15 * 60),
         }
     }
@@ -413,17 +435,19 @@ impl AuthService {
         self.inner.stores.audit.record(event).await;
     }
 
-    async fn throttle_check(&self, keys: &[(String, u32)]) -> Result<()> {
+    /// Counts one attempt on each key (in order) and refuses once a key is over its limit;
+    /// the count is taken before any password work, so concurrent attempts are all seen.
+    async fn reserve_attempt(&self, keys: &[(String, u32)]) -> Result<()> {
         let window = self.inner.limits.window;
         for (key, max) in keys {
             let count = self
                 .inner
                 .stores
                 .limits
-                .peek(key, window)
-                .instrument(span("rate_peek"))
+                .hit(key, window)
+                .instrument(span("rate_hit"))
                 .await?;
-            if count.count >= *max {
+            if count.count > *max {
                 let retry = (count.resets_at - Utc::now())
                     .to_std()
                     .unwrap_or(Duration::from_secs(1));
@@ -439,11 +463,12 @@ impl AuthService {
         Ok(())
     }
 
-    /// Logs in with email and password. `client` (an IP address or API key) gets its own
-    /// failed-login limit besides the account's.
+    /// Logs in with email and password. `client` (an IP address or API key) keys the
+    /// attempt limits of [`LoginLimits`]; an unknown account costs one hash like a known one.
     ///
     /// Errors: `unauthorized` for a wrong email or password (the same message for both),
-    /// `rate_limit_exceeded` with a retry time after too many failures.
+    /// `rate_limit_exceeded` with a retry time after too many attempts, or when too many
+    /// password hashes are running or waiting already ([`HashGate`]).
     #[tracing::instrument(name = "cmz.login", skip_all)]
     pub async fn login(
         &self,
@@ -453,11 +478,18 @@ impl AuthService {
     ) -> Result<LoginResponse> {
         let inner = &self.inner;
         let email = normalize_email(email).map_err(|_| invalid_credentials())?;
-        let mut keys = vec![(format!("login:account:{email}"), inner.limits.per_account)];
-        if let Some(client) = client {
-            keys.push((format!("login:client:{client}"), inner.limits.per_client));
-        }
-        self.throttle_check(&keys).await?;
+        // Per account and client first: the attacker's own counter fills before the shared ones.
+        let limits = &inner.limits;
+        let client = client.unwrap_or("-");
+        let keys = [
+            (
+                format!("login:account:{email}:client:{client}"),
+                limits.per_account,
+            ),
+            (format!("login:client:{client}"), limits.per_client),
+            (format!("login:account:{email}"), limits.per_account_total),
+        ];
+        self.reserve_attempt(&keys).await?;
         let user = inner
             .stores
             .users
@@ -477,14 +509,6 @@ impl AuthService {
                 (user, needs_rehash)
             }
             (user, _) => {
-                for (key, _) in &keys {
-                    inner
-                        .stores
-                        .limits
-                        .hit(key, inner.limits.window)
-                        .instrument(span("rate_hit"))
-                        .await?;
-                }
                 self.audit(
                     AuditKind::LoginFailed,
                     AuditOutcome::Denied,
@@ -495,12 +519,17 @@ impl AuthService {
                 return Err(invalid_credentials());
             }
         };
-        inner
-            .stores
-            .limits
+        let throttle = &inner.stores.limits;
+        throttle
             .reset(&keys[0].0)
             .instrument(span("rate_reset"))
             .await?;
+        for (key, _) in &keys[1..] {
+            throttle
+                .release(key)
+                .instrument(span("rate_release"))
+                .await?;
+        }
         if needs_rehash {
             // Upgrade legacy PBKDF2 (or weaker argon2) hashes while we have the password.
             match inner.hasher.hash(password).await {

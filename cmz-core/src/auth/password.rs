@@ -1,6 +1,10 @@
 //! Password hashing: argon2id for new hashes; the legacy PBKDF2 format verified and
 //! flagged for upgrade.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
 use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 use sha2::Sha256;
@@ -26,11 +30,115 @@ pub enum PasswordCheck {
     },
 }
 
+/// Bounds how many password hashes run at once, and how many wait for a turn.
+///
+/// One argon2id hash at OWASP's cost holds 19 MiB for its whole run, so unbounded
+/// concurrent logins are unbounded memory. Hashes beyond `concurrent` wait, at most
+/// `queued` of them and at most [`HashGate::MAX_WAIT`]; beyond that a hash fails at once
+/// with `rate_limit_exceeded`. Every [`PasswordHasher`] shares
+/// [`HashGate::process`] unless given its own.
+#[derive(Debug)]
+pub struct HashGate {
+    permits: tokio::sync::Semaphore,
+    queued: usize,
+    waiting: AtomicUsize,
+    running: AtomicUsize,
+    peak: AtomicUsize,
+    started: AtomicU64,
+    refused: AtomicU64,
+}
+
+/// What a [`HashGate`] has let through so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashGateStats {
+    /// Hashes started.
+    pub started: u64,
+    /// The most hashes that ran at the same time.
+    pub peak_running: usize,
+    /// Hashes refused because too many were waiting (or waited too long).
+    pub refused: u64,
+}
+
+impl HashGate {
+    /// The longest a hash waits for a turn before it is refused.
+    pub const MAX_WAIT: Duration = Duration::from_secs(5);
+
+    /// A gate running at most `concurrent` hashes (at least 1) with at most `queued`
+    /// waiting.
+    pub fn new(concurrent: usize, queued: usize) -> Arc<Self> {
+        Arc::new(Self {
+            permits: tokio::sync::Semaphore::new(concurrent.max(1)),
+            queued,
+            waiting: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            started: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        })
+    }
+
+    /// The process-wide gate: one hash per CPU, eight per CPU waiting.
+    pub fn process() -> Arc<Self> {
+        static GATE: OnceLock<Arc<HashGate>> = OnceLock::new();
+        GATE.get_or_init(|| {
+            let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+            Self::new(cpus, cpus * 8)
+        })
+        .clone()
+    }
+
+    /// Counters since the gate was made.
+    pub fn stats(&self) -> HashGateStats {
+        HashGateStats {
+            started: self.started.load(Ordering::Relaxed),
+            peak_running: self.peak.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+        }
+    }
+
+    fn busy() -> Error {
+        Error::RateLimited {
+            message: "Too many logins at once; try again in a second".into(),
+            retry_after: Some(Duration::from_secs(1)),
+        }
+    }
+
+    async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let permit = match self.permits.try_acquire() {
+            Ok(permit) => permit,
+            Err(_) => {
+                if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.queued {
+                    self.waiting.fetch_sub(1, Ordering::AcqRel);
+                    self.refused.fetch_add(1, Ordering::Relaxed);
+                    return Err(Self::busy());
+                }
+                let acquired = tokio::time::timeout(Self::MAX_WAIT, self.permits.acquire()).await;
+                self.waiting.fetch_sub(1, Ordering::AcqRel);
+                match acquired {
+                    Ok(Ok(permit)) => permit,
+                    _ => {
+                        self.refused.fetch_add(1, Ordering::Relaxed);
+                        return Err(Self::busy());
+                    }
+                }
+            }
+        };
+        self.started.fetch_add(1, Ordering::Relaxed);
+        let running = self.running.fetch_add(1, Ordering::AcqRel) + 1;
+        self.peak.fetch_max(running, Ordering::AcqRel);
+        let result = off_executor(work).await;
+        self.running.fetch_sub(1, Ordering::AcqRel);
+        drop(permit);
+        result
+    }
+}
+
 /// Hashes and verifies passwords. Hashing runs on tokio's blocking pool, off the async
-/// executor.
+/// executor, through a [`HashGate`] that bounds how many run at once.
 #[derive(Debug, Clone)]
 pub struct PasswordHasher {
     params: Params,
+    gate: Arc<HashGate>,
 }
 
 impl Default for PasswordHasher {
@@ -50,7 +158,21 @@ impl PasswordHasher {
     pub fn new(memory_kib: u32, iterations: u32, lanes: u32) -> Result<Self> {
         let params = Params::new(memory_kib, iterations, lanes, None)
             .map_err(|e| Error::validation("argon2", format!("invalid argon2 parameters: {e}")))?;
-        Ok(Self { params })
+        Ok(Self {
+            params,
+            gate: HashGate::process(),
+        })
+    }
+
+    /// This hasher with its own gate instead of the process-wide one.
+    pub fn with_gate(mut self, gate: Arc<HashGate>) -> Self {
+        self.gate = gate;
+        self
+    }
+
+    /// The gate this hasher's async hashes pass through.
+    pub fn gate(&self) -> &Arc<HashGate> {
+        &self.gate
     }
 
     /// The parameters in force: (memory KiB, iterations, lanes).
@@ -114,18 +236,28 @@ impl PasswordHasher {
         }
     }
 
-    /// [`hash_blocking`](Self::hash_blocking) on the blocking pool.
+    /// [`hash_blocking`](Self::hash_blocking) on the blocking pool, through the gate
+    /// (`rate_limit_exceeded` when it is full).
     pub async fn hash(&self, password: &str) -> Result<String> {
+        check_length(password)?;
         let hasher = self.clone();
         let password = password.to_owned();
-        off_executor(move || hasher.hash_blocking(&password)).await?
+        self.gate
+            .run(move || hasher.hash_blocking(&password))
+            .await?
     }
 
-    /// [`verify_blocking`](Self::verify_blocking) on the blocking pool.
+    /// [`verify_blocking`](Self::verify_blocking) on the blocking pool, through the gate
+    /// (`rate_limit_exceeded` when it is full).
     pub async fn verify(&self, password: &str, stored: &str) -> Result<PasswordCheck> {
+        if password.len() > MAX_PASSWORD_BYTES {
+            return Ok(PasswordCheck::Invalid);
+        }
         let hasher = self.clone();
         let (password, stored) = (password.to_owned(), stored.to_owned());
-        off_executor(move || hasher.verify_blocking(&password, &stored)).await
+        self.gate
+            .run(move || hasher.verify_blocking(&password, &stored))
+            .await
     }
 }
 
@@ -257,5 +389,28 @@ mod tests {
             fast().hash_blocking(&"x".repeat(2000)).unwrap_err().code(),
             "validation_error"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_gate_bounds_running_and_waiting_hashes() {
+        let gate = HashGate::new(2, 3);
+        let hasher = PasswordHasher::new(4096, 2, 1)
+            .unwrap()
+            .with_gate(gate.clone());
+        let stored = hasher.hash_blocking("right").unwrap();
+        let checks = (0..20).map(|_| {
+            let (hasher, stored) = (hasher.clone(), stored.clone());
+            tokio::spawn(async move { hasher.verify("wrong", &stored).await })
+        });
+        let results = futures::future::join_all(checks).await;
+        let refused = results
+            .iter()
+            .filter(|r| matches!(r, Ok(Err(e)) if e.code() == "rate_limit_exceeded"))
+            .count();
+        let stats = gate.stats();
+        assert!(stats.peak_running <= 2, "{stats:?}");
+        assert_eq!(stats.started + stats.refused, 20, "{stats:?}");
+        assert!(refused > 0, "2 running and 3 waiting at most: {stats:?}");
+        assert_eq!(refused as u64, stats.refused);
     }
 }

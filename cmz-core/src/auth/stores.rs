@@ -87,6 +87,8 @@ pub struct RateCount {
 ///   count after it; concurrent hits are all counted.
 /// - `peek` reads without counting; a key never hit (or whose window ended) has count 0.
 /// - `reset` clears a key.
+/// - `release` takes back one hit in the current window (never below 0); a backend that
+///   cannot may leave the count as it is (the default), which only makes a limit stricter.
 #[async_trait]
 pub trait RateLimitStore: Debug + Send + Sync + 'static {
     /// Counts a hit.
@@ -95,6 +97,11 @@ pub trait RateLimitStore: Debug + Send + Sync + 'static {
     async fn peek(&self, key: &str, window: Duration) -> Result<RateCount>;
     /// Clears a counter.
     async fn reset(&self, key: &str) -> Result<()>;
+    /// Takes back one hit (a login attempt that succeeded).
+    async fn release(&self, key: &str) -> Result<()> {
+        let _ = key;
+        Ok(())
+    }
 }
 
 /// A shared, type-erased user store.

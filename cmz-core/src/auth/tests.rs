@@ -375,6 +375,7 @@ fn fast_settings() -> AuthSettings {
         hasher: PasswordHasher::new(1024, 1, 1).unwrap(),
         login_limits: LoginLimits {
             per_account: 3,
+            per_account_total: 8,
             per_client: 5,
             window: Duration::from_secs(60),
         },
@@ -445,7 +446,7 @@ async fn login_issues_tokens_for_the_dev_admin_and_rejects_wrong_passwords_alike
 }
 
 #[tokio::test]
-async fn failed_logins_are_throttled_per_account_and_per_client() {
+async fn failed_logins_are_throttled_per_account_and_client_without_locking_the_owner_out() {
     let f = fixture(fast_settings()).await;
     for _ in 0..3 {
         assert_eq!(
@@ -457,10 +458,10 @@ async fn failed_logins_are_throttled_per_account_and_per_client() {
             "unauthorized"
         );
     }
-    // Locked: even the right password waits, with a retry time.
+    // The client that failed waits, even with the right password, with a retry time.
     let err = f
         .auth
-        .login("parent@cmz.org", "parent123", Some("10.0.0.2"))
+        .login("parent@cmz.org", "parent123", Some("10.0.0.1"))
         .await
         .unwrap_err();
     let Error::RateLimited {
@@ -472,22 +473,20 @@ async fn failed_logins_are_throttled_per_account_and_per_client() {
     };
     assert!(*retry <= Duration::from_secs(60) && *retry > Duration::ZERO);
     assert_eq!(err.code(), "rate_limit_exceeded");
-    // Other accounts are fine until the client's own limit (5) is reached.
+    // The owner on another client still gets in.
     assert!(
         f.auth
-            .login("admin@cmz.org", "admin123", Some("10.0.0.1"))
+            .login("parent@cmz.org", "parent123", Some("10.0.0.2"))
             .await
             .is_ok()
     );
+    // The failing client reached its per-client ceiling (5 attempts): other accounts wait
+    // too, from that client only. (The refused attempt above stopped at its first limit.)
     for _ in 0..2 {
-        assert_eq!(
-            f.auth
-                .login("student1@cmz.org", "guess", Some("10.0.0.1"))
-                .await
-                .unwrap_err()
-                .code(),
-            "unauthorized"
-        );
+        f.auth
+            .login("student1@cmz.org", "guess", Some("10.0.0.1"))
+            .await
+            .unwrap_err();
     }
     let err = f
         .auth
@@ -497,13 +496,142 @@ async fn failed_logins_are_throttled_per_account_and_per_client() {
     assert_eq!(
         err.code(),
         "rate_limit_exceeded",
-        "the client made 5 failed attempts"
+        "6 attempts from 10.0.0.1"
     );
     assert!(
         f.auth
             .login("student2@cmz.org", "student123", Some("10.0.0.9"))
             .await
             .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn an_account_wide_ceiling_slows_attacks_spread_over_clients() {
+    let f = fixture(fast_settings()).await;
+    // 8 attempts on the account from 4 clients: each under its own limit of 3.
+    for client in ["10.0.1.1", "10.0.1.2", "10.0.1.3", "10.0.1.4"] {
+        for _ in 0..2 {
+            assert_eq!(
+                f.auth
+                    .login("admin@cmz.org", "guess", Some(client))
+                    .await
+                    .unwrap_err()
+                    .code(),
+                "unauthorized"
+            );
+        }
+    }
+    assert_eq!(
+        f.auth
+            .login("admin@cmz.org", "admin123", Some("10.0.1.5"))
+            .await
+            .unwrap_err()
+            .code(),
+        "rate_limit_exceeded",
+        "the 9th attempt on the account in the window"
+    );
+    // Other accounts are not affected.
+    assert!(
+        f.auth
+            .login("parent@cmz.org", "parent123", Some("10.0.1.5"))
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn a_school_behind_one_address_is_not_locked_out_by_default() {
+    let mut settings = fast_settings();
+    settings.login_limits = LoginLimits::default();
+    let f = fixture(settings).await;
+    // 30 children behind one NAT address, each mistyping twice: 60 failures.
+    for _ in 0..30 {
+        for _ in 0..2 {
+            f.auth
+                .login("student1@cmz.org", "typo", Some("198.51.100.7"))
+                .await
+                .unwrap_err();
+        }
+        f.auth
+            .login("student2@cmz.org", "oops", Some("198.51.100.7"))
+            .await
+            .unwrap_err();
+        f.auth
+            .login("student2@cmz.org", "student123", Some("198.51.100.7"))
+            .await
+            .unwrap();
+    }
+    // student1's own counter from this address is full, but another account is fine.
+    assert!(
+        f.auth
+            .login("parent@cmz.org", "parent123", Some("198.51.100.7"))
+            .await
+            .is_ok()
+    );
+}
+
+/// 100 simultaneous wrong logins for one account from one client: the attempt count is
+/// taken before the hash, so only the limit's worth are hashed, and the hash gate bounds
+/// how many run at once (argon2id at OWASP's cost holds 19 MiB each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_wrong_logins_cannot_pass_the_limit_or_the_hash_gate() {
+    let gate = HashGate::new(2, 4);
+    let mut settings = fast_settings();
+    settings.hasher = PasswordHasher::new(8 * 1024, 1, 1)
+        .unwrap()
+        .with_gate(gate.clone());
+    settings.login_limits = LoginLimits::default();
+    let f = fixture(settings).await;
+    let before = gate.stats();
+    let attempts = (0..100).map(|_| {
+        let auth = f.auth.clone();
+        tokio::spawn(async move {
+            auth.login("student1@cmz.org", "guess", Some("203.0.113.5"))
+                .await
+                .unwrap_err()
+                .code()
+        })
+    });
+    let codes = futures::future::join_all(attempts).await;
+    let checked = codes
+        .iter()
+        .filter(|c| *c.as_ref().unwrap() == "unauthorized")
+        .count();
+    let throttled = codes
+        .iter()
+        .filter(|c| *c.as_ref().unwrap() == "rate_limit_exceeded")
+        .count();
+    let after = gate.stats();
+    assert_eq!(checked + throttled, 100, "{codes:?}");
+    assert!(checked <= 5, "{checked} checked");
+    assert!(after.started - before.started <= 5, "{after:?}");
+    assert!(after.peak_running <= 2, "{after:?}");
+
+    // 100 simultaneous logins on 100 accounts from 100 clients: every one is within its
+    // limits, so the gate alone bounds the work: at most 2 running, 4 waiting, the rest
+    // refused at once.
+    let attempts = (0..100).map(|i| {
+        let auth = f.auth.clone();
+        tokio::spawn(async move {
+            auth.login(
+                &format!("ghost{i}@cmz.org"),
+                "guess",
+                Some(&format!("192.0.2.{i}")),
+            )
+            .await
+            .unwrap_err()
+            .code()
+        })
+    });
+    let codes = futures::future::join_all(attempts).await;
+    let stats = gate.stats();
+    assert!(stats.peak_running <= 2, "{stats:?}");
+    assert!(
+        codes
+            .iter()
+            .all(|c| matches!(*c.as_ref().unwrap(), "unauthorized" | "rate_limit_exceeded")),
+        "{codes:?}"
     );
 }
 
