@@ -13,7 +13,7 @@ use cmz_core::service::{ExternalTurn, TurnEvent, TurnReply, TurnRequest};
 use cmz_core::store::{Cursor, DeleteScope, PageRequest, SessionScope};
 use cmz_core::types::{Message, MessageMetadata};
 use cmz_core::{Error, Result};
-use cmz_tower::AppState;
+use cmz_env::Services;
 use futures::StreamExt as _;
 use pyo3::exceptions::PyStopAsyncIteration;
 use pyo3::prelude::*;
@@ -38,7 +38,7 @@ fn random_secret() -> PyResult<String> {
 /// `OPENAI_BASE_URL` is set, else the offline persona model). Thread-safe: share one.
 #[pyclass(frozen, module = "cmz._cmz")]
 pub(crate) struct Client {
-    state: AppState,
+    state: Services,
 }
 
 fn build(py: Python<'_>, env: HashMap<String, String>, use_process_env: bool) -> PyResult<Client> {
@@ -51,7 +51,7 @@ fn build(py: Python<'_>, env: HashMap<String, String>, use_process_env: bool) ->
             }
         })
     };
-    let state = block_on(py, async move { cmz_tower::state_from_env(&lookup).await })?;
+    let state = block_on(py, async move { cmz_env::services_from_env(&lookup).await })?;
     Ok(Client { state })
 }
 
@@ -154,9 +154,8 @@ impl Client {
     /// Capacity DynamoDB reported for this client's calls so far (`readUnits`,
     /// `writeUnits`, `requests`), or None when the stores are in memory.
     fn capacity(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        let value = match self.state.dynamo() {
-            Some(dynamo) => {
-                let c = dynamo.capacity();
+        let value = match self.state.capacity() {
+            Some(c) => {
                 json!({"readUnits": c.read_units, "writeUnits": c.write_units, "requests": c.requests})
             }
             None => Value::Null,
@@ -280,7 +279,7 @@ fn page(value: i128, cursor: Option<String>) -> PyResult<PageRequest> {
 /// administrators), as the HTTP API does.
 #[pyclass(frozen, module = "cmz._cmz")]
 pub(crate) struct Conversations {
-    state: AppState,
+    state: Services,
 }
 
 struct TurnArgs {
@@ -314,7 +313,7 @@ fn turn_args(
 }
 
 async fn store_turn(
-    state: AppState,
+    state: Services,
     principal: cmz_core::access::Principal,
     turn: ExternalTurn,
 ) -> Result<Value> {
@@ -695,7 +694,7 @@ where
 }
 
 fn sessions(
-    state: AppState,
+    state: Services,
     principal: &Principal,
     user_id: Option<String>,
     request: PageRequest,
@@ -718,7 +717,7 @@ fn sessions(
 }
 
 async fn delete(
-    state: AppState,
+    state: Services,
     principal: cmz_core::access::Principal,
     id: SessionId,
 ) -> Result<Value> {
@@ -730,7 +729,7 @@ async fn delete(
 }
 
 async fn summarize(
-    state: AppState,
+    state: Services,
     principal: cmz_core::access::Principal,
     id: SessionId,
 ) -> Result<Value> {
@@ -739,7 +738,7 @@ async fn summarize(
 }
 
 async fn history(
-    state: AppState,
+    state: Services,
     principal: cmz_core::access::Principal,
     id: SessionId,
     page: PageRequest,
@@ -832,7 +831,7 @@ impl TurnStream {
 /// Logins, tokens and passwords.
 #[pyclass(frozen, module = "cmz._cmz")]
 pub(crate) struct Auth {
-    state: AppState,
+    state: Services,
 }
 
 #[pymethods]

@@ -73,7 +73,7 @@ pub(crate) async fn animal_list(
     // Only offered animals are public; asking for any other status lists none.
     let wanted = status.is_none_or(|s| s == "active");
     let personas = if wanted {
-        state.inner.personas.list().await?
+        state.inner.services.personas().list().await?
     } else {
         Vec::new()
     };
@@ -94,7 +94,8 @@ pub(crate) async fn animal_get(
     let animal = AnimalId::new(animal)?;
     let persona = state
         .inner
-        .personas
+        .services
+        .personas()
         .persona(&animal)
         .await?
         .filter(Persona::is_offered)
@@ -104,7 +105,7 @@ pub(crate) async fn animal_get(
 
 /// `GET /animals`: the personas one can chat with (the offered ones), in cmz's shape.
 pub(crate) async fn animals(State(state): State<AppState>) -> ApiResult<Json<Value>> {
-    let mut personas = state.inner.personas.list().await?;
+    let mut personas = state.inner.services.personas().list().await?;
     personas.retain(Persona::is_offered);
     Ok(Json(json!({ "animals": personas })))
 }
@@ -119,7 +120,7 @@ pub(crate) async fn resolve_animal(state: &AppState, animal: String) -> ApiResul
     if let Some(configured) = &state.inner.settings.default_animal {
         return Ok(configured.to_string());
     }
-    let directory = &state.inner.personas;
+    let directory = &state.inner.services.personas();
     let own = AnimalId::new(DEFAULT_ANIMAL)?;
     if directory
         .persona(&own)

@@ -28,14 +28,14 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 pub use auth_layer::{AccessToken, AuthLayer, RequireAuth};
-pub use config::{
-    LEGACY_FRONTEND_ORIGINS, SAMPLE_PERSONAS, cached, demo_env, offline_health, sample_personas,
-    serve, state_from_env,
-};
+pub use cmz_env::{HealthCheck, ModelHealth, Services, cached, offline_health};
+#[cfg(feature = "dev")]
+pub use cmz_env::{SAMPLE_PERSONAS, sample_personas};
+pub use config::{LEGACY_FRONTEND_ORIGINS, demo_env, serve, state_from_env};
 pub use error::{ApiError, ApiJson, ApiQuery, status_for};
 #[cfg(feature = "prometheus")]
 pub use metrics::prometheus_router;
-pub use state::{AppState, HealthCheck, HttpSettings, ModelHealth};
+pub use state::{AppState, HttpSettings};
 
 /// Request ids as UUID v4 from [`cmz_core::ids::fast_uuid_v4`]: they only need to be
 /// unique enough to find a request in the logs, and tower-http's `MakeRequestUuid` makes a

@@ -62,7 +62,7 @@ pub(crate) async fn login(
     ClientKey(client): ClientKey,
     ApiJson(body): ApiJson<AuthRequest>,
 ) -> ApiResult<Response> {
-    let auth = &state.inner.auth;
+    let auth = &state.inner.services.auth();
     let email = body
         .email
         .or(body.username)
@@ -72,7 +72,8 @@ pub(crate) async fn login(
         let key = format!("register:{}", client.as_deref().unwrap_or("unknown"));
         let count = state
             .inner
-            .limits
+            .services
+            .rate_limits()
             .hit(&key, std::time::Duration::from_secs(3600))
             .await?;
         if count.count > 20 {
@@ -136,14 +137,22 @@ pub(crate) async fn refresh(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<RefreshRequest>,
 ) -> ApiResult<Response> {
-    Ok(Json(state.inner.auth.refresh(&body.refresh_token).await?).into_response())
+    Ok(Json(
+        state
+            .inner
+            .services
+            .auth()
+            .refresh(&body.refresh_token)
+            .await?,
+    )
+    .into_response())
 }
 
 pub(crate) async fn logout(
     State(state): State<AppState>,
     Extension(token): Extension<AccessToken>,
 ) -> ApiResult<StatusCode> {
-    state.inner.auth.logout(&token.0).await?;
+    state.inner.services.auth().logout(&token.0).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -151,7 +160,7 @@ pub(crate) async fn me(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
 ) -> ApiResult<Json<Value>> {
-    let user = state.inner.auth.me(&principal).await?;
+    let user = state.inner.services.auth().me(&principal).await?;
     Ok(Json(user_json(&PublicUser::from(&user))?))
 }
 
@@ -208,33 +217,31 @@ impl ConvoTurnRequest {
     }
 }
 
-/// Counts a turn against the user's hourly limit; 429 with the legacy details when over.
-pub(crate) async fn check_turn_limit(state: &AppState, principal: &Principal) -> ApiResult<()> {
-    let settings = &state.inner.settings;
-    let count = state
-        .inner
-        .limits
-        .hit(
-            &format!("turns:{}", principal.user_id),
-            settings.turn_window,
-        )
-        .await?;
-    if count.count > settings.turn_limit {
-        let wait = (count.resets_at - Utc::now()).num_seconds().max(1) as u64;
-        return Err(ApiError {
-            retry_after: Some(wait),
-            ..ApiError::new(
-                "rate_limit_exceeded",
-                "API rate limit exceeded. Please try again later.",
-            )
-            .with_details(json!({
-                "limit": settings.turn_limit,
-                "window": settings.turn_window.as_secs(),
-                "resetTime": count.resets_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            }))
-        });
+/// The error of a model call (turn, streamed turn, summary). A call the service's turn
+/// limit refused keeps the legacy 429 body: details `limit`, `window` and `resetTime`.
+pub(crate) async fn model_call_error(
+    state: &AppState,
+    principal: &Principal,
+    error: cmz_core::Error,
+) -> ApiError {
+    let cmz_core::Error::RateLimited { retry_after, .. } = &error else {
+        return error.into();
+    };
+    let retry_after = retry_after.map(|wait| wait.as_secs().max(1));
+    // A refused call is counted too, so the counter is past the limit only when the turn
+    // limit refused it (not when the model provider answered 429).
+    let status = match state.conversations().turn_limit_status(principal).await {
+        Ok(Some(status)) if status.used > status.limit => status,
+        _ => return error.into(),
+    };
+    ApiError {
+        retry_after,
+        ..ApiError::new("rate_limit_exceeded", error.to_string()).with_details(json!({
+            "limit": status.limit,
+            "window": status.window.as_secs(),
+            "resetTime": status.resets_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        }))
     }
-    Ok(())
 }
 
 pub(crate) async fn convo_turn(
@@ -245,9 +252,11 @@ pub(crate) async fn convo_turn(
     body.animal_id = resolve_animal(&state, body.animal_id).await?;
     let turn = body.into_turn()?;
     let animal = turn.animal_id.clone();
-    check_turn_limit(&state, &principal).await?;
     let started = std::time::Instant::now();
-    let reply = state.inner.conversations.turn(&principal, turn).await?;
+    let reply = match state.conversations().turn(&principal, turn).await {
+        Ok(reply) => reply,
+        Err(error) => return Err(model_call_error(&state, &principal, error).await),
+    };
     crate::metrics::turn(&reply, started.elapsed());
     Ok(Json(TurnResponse::of(&reply, &animal)).into_response())
 }
@@ -374,7 +383,7 @@ pub(crate) async fn convo_history(
     Extension(principal): Extension<Principal>,
     ApiQuery(q): ApiQuery<HistoryQuery>,
 ) -> ApiResult<Json<Value>> {
-    let conversations = &state.inner.conversations;
+    let conversations = &state.inner.services.conversations();
     let limit = q.limit.unwrap_or(100);
     if !(1..=500).contains(&limit) {
         return Err(ApiError::validation(
@@ -547,7 +556,8 @@ pub(crate) async fn delete_history(
     }
     state
         .inner
-        .conversations
+        .services
+        .conversations()
         .delete_with_reason(&principal, scope, q.audit_reason.as_deref())
         .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -579,13 +589,15 @@ pub(crate) async fn summarize(
         return Err(ApiError::validation("summaryType", "unknown summaryType"));
     }
     let session_id = id(SessionId::new, body.session_id)?;
-    // A summary is a model call: it counts against the same per-user limit as a turn.
-    check_turn_limit(&state, &principal).await?;
-    let summary = state
-        .inner
-        .conversations
+    // A summary is a model call: the service counts it against the turn limit.
+    let summary = match state
+        .conversations()
         .summarize(&principal, &session_id)
-        .await?;
+        .await
+    {
+        Ok(summary) => summary,
+        Err(error) => return Err(model_call_error(&state, &principal, error).await),
+    };
     Ok(Json(json!({
         "sessionId": session_id,
         "summaryType": summary_type,
@@ -599,11 +611,18 @@ pub(crate) async fn family_list(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
 ) -> ApiResult<Json<Vec<Family>>> {
-    Ok(Json(state.inner.auth.visible_families(&principal).await?))
+    Ok(Json(
+        state
+            .inner
+            .services
+            .auth()
+            .visible_families(&principal)
+            .await?,
+    ))
 }
 
 pub(crate) async fn chatgpt_health(State(state): State<AppState>) -> Json<Value> {
-    let health = (state.inner.health)().await;
+    let health = (state.inner.services.health())().await;
     Json(json!({
         "status": if health.status == "ok" { "healthy" } else { "error" },
         "api_key_configured": !health.offline,
@@ -616,12 +635,18 @@ pub(crate) async fn chatgpt_health(State(state): State<AppState>) -> Json<Value>
 }
 
 pub(crate) async fn system_health(State(state): State<AppState>) -> Json<Value> {
-    let store = if state.inner.conversations.store_is_reachable().await {
+    let store = if state
+        .inner
+        .services
+        .conversations()
+        .store_is_reachable()
+        .await
+    {
         "ok"
     } else {
         "error"
     };
-    let model = (state.inner.health)().await;
+    let model = (state.inner.services.health())().await;
     let ai = if model.status == "ok" { "ok" } else { "error" };
     Json(json!({
         "status": if store == "ok" && ai == "ok" { "ok" } else { "degraded" },

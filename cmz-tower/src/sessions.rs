@@ -73,10 +73,11 @@ async fn entries(
     let mut owners: Vec<UserId> = sessions.iter().map(|s| s.user_id.clone()).collect();
     owners.sort();
     owners.dedup();
-    let names = state.inner.auth.display_names(&owners).await?;
+    let names = state.inner.services.auth().display_names(&owners).await?;
     let lasts = state
         .inner
-        .conversations
+        .services
+        .conversations()
         .last_messages(principal, sessions)
         .await?;
     Ok(sessions
@@ -169,7 +170,8 @@ pub(crate) async fn list_sessions(
         .map(Cursor::from_client);
     let page = state
         .inner
-        .conversations
+        .services
+        .conversations()
         .list_sessions(
             &principal,
             scope,
@@ -226,7 +228,7 @@ pub(crate) async fn session_detail(
     Extension(principal): Extension<Principal>,
     Path(session_id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let conversations = &state.inner.conversations;
+    let conversations = &state.inner.services.conversations();
     let session = conversations
         .session(&principal, &id(SessionId::new, session_id)?)
         .await?;
@@ -269,7 +271,12 @@ pub(crate) async fn family_sessions(
 ) -> ApiResult<Json<Value>> {
     let parent = id(UserId::new, query.parent)?;
     let animal = optional_animal(query.animal)?;
-    let students = state.inner.auth.students_of(principal, &parent).await?;
+    let students = state
+        .inner
+        .services
+        .auth()
+        .students_of(principal, &parent)
+        .await?;
     let mut sessions = Vec::new();
     for student in students {
         // Each student's listing passes the access policy again.
@@ -278,7 +285,8 @@ pub(crate) async fn family_sessions(
         loop {
             let page = state
                 .inner
-                .conversations
+                .services
+                .conversations()
                 .list_sessions(
                     principal,
                     SessionScope::User(student.clone()),

@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::animals::resolve_animal;
 use crate::error::{ApiError, ApiJson, ApiQuery};
-use crate::routes::{ConvoTurnRequest, check_turn_limit};
+use crate::routes::{ConvoTurnRequest, model_call_error};
 use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
@@ -73,13 +73,12 @@ async fn run(
     turn: TurnRequest,
 ) -> Result<Response, ApiError> {
     let animal = turn.animal_id.clone();
-    check_turn_limit(&state, &principal).await?;
-    // Request errors (validation, access, unknown session) are plain JSON errors.
-    let stream = state
-        .inner
-        .conversations
-        .stream_turn(&principal, turn)
-        .await?;
+    // Request errors (validation, access, unknown session, the turn limit) are plain JSON
+    // errors.
+    let stream = match state.conversations().stream_turn(&principal, turn).await {
+        Ok(stream) => stream,
+        Err(error) => return Err(model_call_error(&state, &principal, error).await),
+    };
     let session_id = stream.session_id.clone();
     let now = || Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let mut head = Vec::new();

@@ -1,38 +1,16 @@
-//! What the HTTP layer needs: the services, the personas, the limits and a model health check.
+//! What the HTTP layer needs: the services and its own settings.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::HeaderValue;
-use cmz_core::auth::{AuthService, DynRateLimitStore};
+use cmz_core::auth::AuthService;
 use cmz_core::ids::AnimalId;
 use cmz_core::persona::DynPersonaDirectory;
 use cmz_core::service::ConversationService;
 use cmz_core::{Error, Result};
-use futures::future::BoxFuture;
-use serde::Serialize;
-
-/// The outcome of a model health check (`GET /chatgpt/health`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ModelHealth {
-    /// `ok`, `degraded` or `unavailable`.
-    pub status: String,
-    /// The model name.
-    pub model: String,
-    /// True for the offline persona model (no LLM behind it).
-    pub offline: bool,
-    /// How long the check took.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub latency_ms: Option<u64>,
-    /// Why it is not ok.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-/// Checks the chat model.
-pub type HealthCheck = Arc<dyn Fn() -> BoxFuture<'static, ModelHealth> + Send + Sync>;
+use cmz_env::{Services, number};
 
 /// HTTP settings, from `CMZ_*` variables.
 #[derive(Debug, Clone)]
@@ -42,17 +20,10 @@ pub struct HttpSettings {
     /// Origins allowed by CORS (`CMZ_CORS_ORIGINS`, comma-separated; default none: same
     /// origin only).
     pub cors_origins: Vec<HeaderValue>,
-    /// Turns per user per window (`CMZ_TURN_RATE_LIMIT`, default 50, the legacy limit).
-    pub turn_limit: u32,
-    /// The rate-limit window (`CMZ_TURN_RATE_WINDOW_SECONDS`, default 3,600).
-    pub turn_window: Duration,
     /// Largest request body (`CMZ_BODY_LIMIT_BYTES`, default 64 KiB).
     pub body_limit: usize,
     /// Time to produce a response head (`CMZ_REQUEST_TIMEOUT_SECONDS`, default 60).
     pub request_timeout: Duration,
-    /// Pause between the offline model's streamed words (`CMZ_OFFLINE_CHUNK_DELAY_MS`,
-    /// default 0), to demo or load-test long-lived streams.
-    pub offline_chunk_delay: Duration,
     /// The animal a turn with `animalId: "default"` talks to (`CMZ_DEFAULT_ANIMAL_ID`; the
     /// legacy chat page sends `default` when it is opened without an animal). Unset: an
     /// animal whose id is `default` if there is one, else the offered animal with the
@@ -65,28 +36,11 @@ impl Default for HttpSettings {
         Self {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
             cors_origins: Vec::new(),
-            turn_limit: 50,
-            turn_window: Duration::from_secs(3600),
             body_limit: 64 * 1024,
             request_timeout: Duration::from_secs(60),
-            offline_chunk_delay: Duration::ZERO,
             default_animal: None,
         }
     }
-}
-
-fn number<T: std::str::FromStr>(
-    lookup: &dyn Fn(&str) -> Option<String>,
-    name: &'static str,
-) -> Result<Option<T>> {
-    lookup(name)
-        .filter(|v| !v.trim().is_empty())
-        .map(|v| {
-            v.trim().parse::<T>().map_err(|_| {
-                Error::validation(name, format!("{name} must be a positive number, got {v:?}"))
-            })
-        })
-        .transpose()
 }
 
 impl HttpSettings {
@@ -113,17 +67,8 @@ impl HttpSettings {
                 })
                 .collect::<Result<_>>()?;
         }
-        if let Some(limit) = number::<u32>(lookup, "CMZ_TURN_RATE_LIMIT")? {
-            settings.turn_limit = limit.max(1);
-        }
-        if let Some(window) = number::<u64>(lookup, "CMZ_TURN_RATE_WINDOW_SECONDS")? {
-            settings.turn_window = Duration::from_secs(window.max(1));
-        }
         if let Some(limit) = number::<usize>(lookup, "CMZ_BODY_LIMIT_BYTES")? {
             settings.body_limit = limit.max(1024);
-        }
-        if let Some(ms) = number::<u64>(lookup, "CMZ_OFFLINE_CHUNK_DELAY_MS")? {
-            settings.offline_chunk_delay = Duration::from_millis(ms);
         }
         if let Some(timeout) = number::<u64>(lookup, "CMZ_REQUEST_TIMEOUT_SECONDS")? {
             settings.request_timeout = Duration::from_secs(timeout.max(1));
@@ -140,22 +85,16 @@ impl HttpSettings {
     }
 }
 
-/// Everything the routes need. Cheap to clone.
+/// Everything the routes need: the services and the HTTP settings. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
     pub(crate) inner: Arc<StateInner>,
 }
 
 pub(crate) struct StateInner {
-    pub(crate) conversations: ConversationService,
-    pub(crate) auth: AuthService,
-    pub(crate) personas: DynPersonaDirectory,
-    pub(crate) limits: DynRateLimitStore,
-    pub(crate) health: HealthCheck,
+    pub(crate) services: Services,
     pub(crate) settings: HttpSettings,
     pub(crate) started: Instant,
-    #[cfg(feature = "dynamo")]
-    pub(crate) dynamo: Option<cmz_dynamo::Dynamo>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -167,26 +106,14 @@ impl std::fmt::Debug for AppState {
 }
 
 impl AppState {
-    /// State over these services. `health` checks the chat model for `/chatgpt/health`.
-    pub fn new(
-        conversations: ConversationService,
-        auth: AuthService,
-        personas: DynPersonaDirectory,
-        health: HealthCheck,
-        settings: HttpSettings,
-    ) -> Self {
-        let limits = auth.stores().limits.clone();
+    /// State over these services (see [`cmz_env::services_from_env`], or
+    /// [`Services::new`] to assemble them by hand).
+    pub fn new(services: Services, settings: HttpSettings) -> Self {
         Self {
             inner: Arc::new(StateInner {
-                conversations,
-                auth,
-                personas,
-                limits,
-                health,
+                services,
                 settings,
                 started: Instant::now(),
-                #[cfg(feature = "dynamo")]
-                dynamo: None,
             }),
         }
     }
@@ -196,44 +123,23 @@ impl AppState {
         &self.inner.settings
     }
 
+    /// The services.
+    pub fn services(&self) -> &Services {
+        &self.inner.services
+    }
+
     /// The conversation service.
     pub fn conversations(&self) -> &ConversationService {
-        &self.inner.conversations
+        self.inner.services.conversations()
     }
 
     /// The auth service.
     pub fn auth(&self) -> &AuthService {
-        &self.inner.auth
-    }
-
-    /// The DynamoDB connection behind the stores, when they are DynamoDB's (its
-    /// [`capacity`](cmz_dynamo::Dynamo::capacity) sums what the calls consumed).
-    #[cfg(feature = "dynamo")]
-    pub fn dynamo(&self) -> Option<&cmz_dynamo::Dynamo> {
-        self.inner.dynamo.as_ref()
-    }
-
-    /// Records the DynamoDB connection the stores use (see [`dynamo`](Self::dynamo)).
-    #[cfg(feature = "dynamo")]
-    pub fn with_dynamo(self, dynamo: cmz_dynamo::Dynamo) -> Self {
-        let mut inner = Arc::try_unwrap(self.inner).unwrap_or_else(|shared| StateInner {
-            conversations: shared.conversations.clone(),
-            auth: shared.auth.clone(),
-            personas: shared.personas.clone(),
-            limits: shared.limits.clone(),
-            health: shared.health.clone(),
-            settings: shared.settings.clone(),
-            started: shared.started,
-            dynamo: shared.dynamo.clone(),
-        });
-        inner.dynamo = Some(dynamo);
-        Self {
-            inner: Arc::new(inner),
-        }
+        self.inner.services.auth()
     }
 
     /// The animal personas.
     pub fn personas(&self) -> &DynPersonaDirectory {
-        &self.inner.personas
+        self.inner.services.personas()
     }
 }

@@ -33,14 +33,24 @@ async fn start_with_personas(
     settings: HttpSettings,
     personas: Vec<Persona>,
 ) -> Server {
+    start_limited(model, settings, personas, 50).await
+}
+
+/// A server whose users may make `turn_limit` model calls an hour.
+async fn start_limited(
+    model: ScriptedModel,
+    settings: HttpSettings,
+    personas: Vec<Persona>,
+    turn_limit: u32,
+) -> Server {
+    let stores = AuthStores::in_memory();
+    let rate_limits = stores.limits.clone();
     let auth_settings = AuthSettings {
         hasher: PasswordHasher::new(1024, 1, 1).unwrap(),
         dev_users: Some(DevDirectory::embedded()),
         ..AuthSettings::with_secret(SECRET).unwrap()
     };
-    let auth = AuthService::new(auth_settings, AuthStores::in_memory())
-        .await
-        .unwrap();
+    let auth = AuthService::new(auth_settings, stores).await.unwrap();
     let personas = Arc::new(InMemoryPersonaDirectory::with_personas(personas));
     let conversations = ConversationService::with(
         Arc::new(InMemoryConversationStore::new()),
@@ -48,14 +58,16 @@ async fn start_with_personas(
         Arc::new(model),
         Arc::new(auth.policy()),
         ConversationConfig::default(),
-    );
-    let state = AppState::new(
+    )
+    .with_turn_limit(rate_limits.clone(), turn_limit, Duration::from_secs(3600));
+    let services = cmz_tower::Services::new(
         conversations,
         auth,
         personas,
         cmz_tower::offline_health(),
-        settings,
+        rate_limits,
     );
+    let state = AppState::new(services, settings);
     let app = cmz_tower::router(state.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
@@ -684,11 +696,13 @@ async fn deletes_need_gdpr_confirmation_for_bulk_and_are_audited() {
 
 #[tokio::test]
 async fn turns_are_rate_limited_per_user_with_the_legacy_details() {
-    let settings = HttpSettings {
-        turn_limit: 2,
-        ..HttpSettings::default()
-    };
-    let server = start_with(ScriptedModel::echo(), settings).await;
+    let server = start_limited(
+        ScriptedModel::echo(),
+        HttpSettings::default(),
+        cmz_tower::sample_personas(),
+        2,
+    )
+    .await;
     let ana = server.login("student1@cmz.org", "student123").await;
     let leo = server.login("student2@cmz.org", "student123").await;
     for _ in 0..2 {

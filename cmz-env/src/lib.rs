@@ -1,0 +1,217 @@
+#![doc = include_str!("../README.md")]
+
+mod backends;
+#[cfg(feature = "dev")]
+mod dev;
+mod health;
+mod model;
+mod settings;
+
+use std::sync::Arc;
+
+use cmz_core::auth::{AuthService, AuthSettings, DynRateLimitStore};
+use cmz_core::persona::DynPersonaDirectory;
+use cmz_core::service::{ConversationConfig, ConversationService};
+use cmz_core::{Error, Result};
+
+#[cfg(feature = "dev")]
+pub use dev::{SAMPLE_PERSONAS, sample_personas};
+pub use health::{HealthCheck, ModelHealth, cached, offline_health};
+pub use settings::{Lookup, ServiceSettings, number};
+
+/// Capacity a DynamoDB backend reported for the calls made so far.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Capacity {
+    /// Read capacity units.
+    pub read_units: f64,
+    /// Write capacity units.
+    pub write_units: f64,
+    /// Requests sent.
+    pub requests: u64,
+}
+
+/// The services over one set of backends: what a front end (HTTP, Python, your own)
+/// translates to and from. Cheap to clone.
+#[derive(Clone)]
+pub struct Services {
+    conversations: ConversationService,
+    auth: AuthService,
+    personas: DynPersonaDirectory,
+    health: HealthCheck,
+    rate_limits: DynRateLimitStore,
+    #[cfg(feature = "dynamo")]
+    dynamo: Option<cmz_dynamo::Dynamo>,
+}
+
+impl std::fmt::Debug for Services {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Services")
+            .field("conversations", &self.conversations)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Services {
+    /// Services assembled by hand. `health` checks the chat model; `rate_limits` holds the
+    /// counters front ends use for limits of their own (such as registrations per address).
+    pub fn new(
+        conversations: ConversationService,
+        auth: AuthService,
+        personas: DynPersonaDirectory,
+        health: HealthCheck,
+        rate_limits: DynRateLimitStore,
+    ) -> Self {
+        Self {
+            conversations,
+            auth,
+            personas,
+            health,
+            rate_limits,
+            #[cfg(feature = "dynamo")]
+            dynamo: None,
+        }
+    }
+
+    /// Turns, history, sessions, deletes and summaries, under the access policy and the
+    /// turn limit.
+    pub fn conversations(&self) -> &ConversationService {
+        &self.conversations
+    }
+
+    /// Logins, tokens, passwords and the access policy.
+    pub fn auth(&self) -> &AuthService {
+        &self.auth
+    }
+
+    /// The animal personas.
+    pub fn personas(&self) -> &DynPersonaDirectory {
+        &self.personas
+    }
+
+    /// The chat model's health check.
+    pub fn health(&self) -> &HealthCheck {
+        &self.health
+    }
+
+    /// Shared rate-limit counters.
+    pub fn rate_limits(&self) -> &DynRateLimitStore {
+        &self.rate_limits
+    }
+
+    /// Capacity DynamoDB reported for these services' calls so far, or None when the
+    /// stores are not DynamoDB's.
+    pub fn capacity(&self) -> Option<Capacity> {
+        #[cfg(feature = "dynamo")]
+        if let Some(dynamo) = &self.dynamo {
+            let report = dynamo.capacity();
+            return Some(Capacity {
+                read_units: report.read_units,
+                write_units: report.write_units,
+                requests: report.requests,
+            });
+        }
+        None
+    }
+}
+
+/// Development users (`CMZ_DEV_USERS`) are seeded only by builds with the `dev` feature;
+/// elsewhere the variable is a startup error rather than silently ignored.
+fn check_dev_users(lookup: &Lookup<'_>) -> Result<()> {
+    let wanted = lookup("CMZ_DEV_USERS").is_some_and(|v| !v.trim().is_empty());
+    if wanted && !cfg!(feature = "dev") {
+        return Err(Error::validation(
+            "CMZ_DEV_USERS",
+            "CMZ_DEV_USERS is set but this build has no `dev` feature (development users)",
+        ));
+    }
+    Ok(())
+}
+
+/// Builds the services from environment-style variables, with embedded defaults.
+///
+/// - Stores: in memory, unless the `dynamo` feature is on and `DYNAMODB_ENDPOINT_URL` or a
+///   legacy table variable is set (then conversations, users, families, personas,
+///   revocations and rate limits live in DynamoDB; see `cmz_dynamo::DynamoSettings`).
+///   In memory, the `dev` feature offers the sample animals.
+/// - Model: OpenAI(-compatible) when the `openai` feature is on and `OPENAI_API_KEY` /
+///   `OPENAI_BASE_URL` are set, else the offline persona model.
+/// - Auth: [`AuthSettings::from_lookup`] (production needs `JWT_SECRET`; development
+///   users need `CMZ_DEV_USERS` and the `dev` feature).
+/// - Policy and defaults: the platform policy, [`ConversationConfig::default`] and the
+///   per-user turn limit of [`ServiceSettings`].
+///
+/// Reads no HTTP settings: a front end parses its own.
+pub async fn services_from_env(lookup: &Lookup<'_>) -> Result<Services> {
+    let settings = ServiceSettings::from_lookup(lookup)?;
+    check_dev_users(lookup)?;
+    let backends = match backends::dynamo(lookup, &settings).await? {
+        Some(backends) => backends,
+        None => backends::in_memory(),
+    };
+    let audit = backends.auth.audit.clone();
+    let rate_limits = backends.auth.limits.clone();
+    let auth = AuthService::new(AuthSettings::from_lookup(lookup)?, backends.auth).await?;
+    let (model, health) = model::chat_model(lookup, settings.offline_chunk_delay)?;
+    tracing::info!(model = model.name(), "chat model");
+    let conversations = ConversationService::with(
+        backends.store,
+        backends.personas.clone(),
+        model,
+        Arc::new(auth.policy()),
+        ConversationConfig::default(),
+    )
+    .with_audit(audit)
+    .with_turn_limit(
+        rate_limits.clone(),
+        settings.turn_limit,
+        settings.turn_window,
+    );
+    #[cfg_attr(not(feature = "dynamo"), allow(unused_mut))]
+    let mut services = Services::new(conversations, auth, backends.personas, health, rate_limits);
+    #[cfg(feature = "dynamo")]
+    {
+        services.dynamo = backends.dynamo;
+    }
+    Ok(services)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn http_variables_are_not_read() {
+        let env = env(&[
+            ("JWT_SECRET", "a-test-secret-a-test-secret-0123456789ab"),
+            ("CMZ_BIND", "not an address"),
+            ("CMZ_CORS_ORIGINS", "\u{7f}"),
+            ("CMZ_BODY_LIMIT_BYTES", "lots"),
+        ]);
+        let services = services_from_env(&|name| env.get(name).cloned())
+            .await
+            .unwrap();
+        assert!(services.capacity().is_none());
+        assert!((services.health())().await.offline);
+    }
+
+    #[tokio::test]
+    async fn dev_users_need_the_dev_feature() {
+        let env = env(&[("CMZ_DEV_USERS", "embedded")]);
+        let built = services_from_env(&|name| env.get(name).cloned()).await;
+        if cfg!(feature = "dev") {
+            let services = built.unwrap();
+            assert!(!services.personas().list().await.unwrap().is_empty());
+        } else {
+            assert_eq!(built.unwrap_err().code(), "validation_error");
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! The service settings read from the environment (the HTTP ones live in cmz-tower).
+
+use std::time::Duration;
+
+use cmz_core::{Error, Result};
+
+/// Where settings come from: a function from a variable name to its value, such as
+/// `|name| std::env::var(name).ok()` or a lookup in a map.
+pub type Lookup<'a> = dyn Fn(&str) -> Option<String> + Sync + 'a;
+
+/// The settings of the services that are not the backends' own (the backends read
+/// theirs: `cmz_core::auth::AuthSettings`, `cmz_dynamo::DynamoSettings`,
+/// `cmz_openai::OpenAiConfig`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSettings {
+    /// Model calls (turns and summaries) per user per window (`CMZ_TURN_RATE_LIMIT`,
+    /// default 50, the legacy limit).
+    pub turn_limit: u32,
+    /// The turn limit's window (`CMZ_TURN_RATE_WINDOW_SECONDS`, default 3,600).
+    pub turn_window: Duration,
+    /// Pause between the offline model's streamed words (`CMZ_OFFLINE_CHUNK_DELAY_MS`,
+    /// default 0), to demo or load-test long-lived streams.
+    pub offline_chunk_delay: Duration,
+    /// Create missing DynamoDB tables, and fill an empty animal table with the sample
+    /// animals when built with `dev` (`CMZ_DYNAMODB_CREATE_TABLES=1`; development).
+    pub create_tables: bool,
+}
+
+impl Default for ServiceSettings {
+    fn default() -> Self {
+        Self {
+            turn_limit: 50,
+            turn_window: Duration::from_secs(3600),
+            offline_chunk_delay: Duration::ZERO,
+            create_tables: false,
+        }
+    }
+}
+
+/// A number variable, when set and not blank.
+pub fn number<T: std::str::FromStr>(
+    lookup: &dyn Fn(&str) -> Option<String>,
+    name: &'static str,
+) -> Result<Option<T>> {
+    lookup(name)
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| {
+            v.trim().parse::<T>().map_err(|_| {
+                Error::validation(name, format!("{name} must be a positive number, got {v:?}"))
+            })
+        })
+        .transpose()
+}
+
+impl ServiceSettings {
+    /// Settings from environment-style variables (see the field docs).
+    pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self> {
+        let mut settings = Self::default();
+        if let Some(limit) = number::<u32>(lookup, "CMZ_TURN_RATE_LIMIT")? {
+            settings.turn_limit = limit.max(1);
+        }
+        if let Some(window) = number::<u64>(lookup, "CMZ_TURN_RATE_WINDOW_SECONDS")? {
+            settings.turn_window = Duration::from_secs(window.max(1));
+        }
+        if let Some(ms) = number::<u64>(lookup, "CMZ_OFFLINE_CHUNK_DELAY_MS")? {
+            settings.offline_chunk_delay = Duration::from_millis(ms);
+        }
+        settings.create_tables =
+            lookup("CMZ_DYNAMODB_CREATE_TABLES").is_some_and(|v| v == "1" || v == "true");
+        Ok(settings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_bounds_and_bad_numbers() {
+        let none = ServiceSettings::from_lookup(&|_| None).unwrap();
+        assert_eq!(none, ServiceSettings::default());
+        let set = ServiceSettings::from_lookup(&|name| match name {
+            "CMZ_TURN_RATE_LIMIT" => Some("0".into()),
+            "CMZ_TURN_RATE_WINDOW_SECONDS" => Some(" 60 ".into()),
+            "CMZ_DYNAMODB_CREATE_TABLES" => Some("1".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(set.turn_limit, 1);
+        assert_eq!(set.turn_window, Duration::from_secs(60));
+        assert!(set.create_tables);
+        let bad = ServiceSettings::from_lookup(&|name| {
+            (name == "CMZ_TURN_RATE_LIMIT").then(|| "many".into())
+        })
+        .unwrap_err();
+        assert_eq!(bad.code(), "validation_error");
+    }
+}
