@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::error::ProvideErrorMetadata as _;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
-    AttributeValue, KeysAndAttributes, Put, ReturnConsumedCapacity, ReturnValue,
-    ReturnValuesOnConditionCheckFailure, TransactWriteItem,
+    AttributeValue, Put, ReturnConsumedCapacity, ReturnValue, ReturnValuesOnConditionCheckFailure,
+    TransactWriteItem,
 };
 use chrono::{DateTime, TimeZone as _, Utc};
 use cmz_core::auth::{
@@ -253,43 +253,15 @@ impl DynamoFamilyDirectory {
             return Ok(Vec::new());
         }
         let table = &self.db.inner.tables.families;
-        let mut families = Vec::new();
-        let ids: Vec<String> = ids.into_iter().collect();
-        for chunk in ids.chunks(100) {
-            let mut keys = KeysAndAttributes::builder().consistent_read(true);
-            for id in chunk {
-                keys = keys.keys(
-                    [("familyId".to_owned(), s(id.clone()))]
-                        .into_iter()
-                        .collect(),
-                );
-            }
-            let mut request = Some(
-                keys.build()
-                    .map_err(|e| Error::internal(format!("keys: {e}")))?,
-            );
-            for _ in 0..10 {
-                let Some(pending) = request.take() else { break };
-                let out = self
-                    .db
-                    .inner
-                    .client
-                    .batch_get_item()
-                    .request_items(table, pending)
-                    .send()
-                    .await
-                    .map_err(|e| map_sdk("BatchGetItem", table, e))?;
-                if let Some(items) = out.responses.as_ref().and_then(|r| r.get(table)) {
-                    for item in items {
-                        families.push(Self::family_from(item)?);
-                    }
-                }
-                request = out.unprocessed_keys.and_then(|mut u| u.remove(table));
-                if request.is_some() {
-                    tokio::time::sleep(Duration::from_millis(fastrand::u64(20..100))).await;
-                }
-            }
-        }
+        let keys = ids
+            .into_iter()
+            .map(|id| [("familyId".to_owned(), s(id))].into_iter().collect())
+            .collect();
+        let mut families = crate::batch::get_all(&self.db, table, keys)
+            .await?
+            .iter()
+            .map(Self::family_from)
+            .collect::<Result<Vec<_>>>()?;
         families.sort_by(|a, b| a.family_id.cmp(&b.family_id));
         Ok(families)
     }
@@ -611,55 +583,17 @@ impl RevocationStore for DynamoRevocationStore {
             return Ok(false);
         }
         let meta = &self.db.inner.tables.meta;
-        let mut keys = KeysAndAttributes::builder().consistent_read(true);
-        for pk in pks {
-            keys = keys.keys([("pk".to_owned(), s(pk))].into_iter().collect());
-        }
-        let mut request = Some(
-            keys.build()
-                .map_err(|e| Error::internal(format!("keys: {e}")))?,
-        );
+        let keys = pks
+            .into_iter()
+            .map(|pk| [("pk".to_owned(), s(pk))].into_iter().collect())
+            .collect();
         let now = Utc::now().timestamp_millis();
-        for _ in 0..10 {
-            let Some(pending) = request.take() else {
-                return Ok(false);
-            };
-            let out = self
-                .db
-                .inner
-                .client
-                .batch_get_item()
-                .request_items(meta, pending)
-                .return_consumed_capacity(ReturnConsumedCapacity::Total)
-                .send()
-                .await
-                .map_err(|e| map_sdk("BatchGetItem", meta, e))?;
-            self.db.inner.meter.record(out.consumed_capacity(), false);
-            let revoked = out
-                .responses
-                .as_ref()
-                .and_then(|r| r.get(meta.as_str()))
-                .is_some_and(|items| {
-                    items.iter().any(|i| {
-                        Reader::new(i, "revocation")
-                            .opt_i64("until")
-                            .is_some_and(|u| u > now)
-                    })
-                });
-            if revoked {
-                return Ok(true);
-            }
-            request = out
-                .unprocessed_keys
-                .and_then(|mut u| u.remove(meta.as_str()));
-            if request.is_some() {
-                tokio::time::sleep(Duration::from_millis(fastrand::u64(20..100))).await;
-            }
-        }
-        Err(Error::unavailable(
-            "dynamodb BatchGetItem: revocation keys still unprocessed",
-            std::io::Error::other("unprocessed keys"),
-        ))
+        let items = crate::batch::get_all(&self.db, meta, keys).await?;
+        Ok(items.iter().any(|i| {
+            Reader::new(i, "revocation")
+                .opt_i64("until")
+                .is_some_and(|u| u > now)
+        }))
     }
 }
 

@@ -1,13 +1,73 @@
-//! Batched deletes: `BatchWriteItem` in groups of 25, retrying unprocessed items.
+//! Batched reads and writes: `BatchGetItem` in groups of 100 and `BatchWriteItem` in
+//! groups of 25, retrying unprocessed keys and items; all or `unavailable`, never part.
 
 use std::time::Duration;
 
-use aws_sdk_dynamodb::types::{DeleteRequest, PutRequest, ReturnConsumedCapacity, WriteRequest};
+use aws_sdk_dynamodb::types::{
+    DeleteRequest, KeysAndAttributes, PutRequest, ReturnConsumedCapacity, WriteRequest,
+};
 use cmz_core::{Error, Result};
 
 use crate::attr::Item;
 use crate::backend::Dynamo;
 use crate::error::map_sdk;
+
+/// Keys per `BatchGetItem`, DynamoDB's limit.
+const GET_BATCH_SIZE: usize = 100;
+
+/// Reads the items with these primary `keys` from `table` (consistently), 100 keys per
+/// `BatchGetItem`. Unprocessed keys (throttling, response size) are asked for again with
+/// exponential backoff and jitter; after ten rounds the read fails with `unavailable`:
+/// a caller gets every item that exists, or an error, never a silently shorter list.
+/// Missing items are simply absent; order is not kept.
+#[tracing::instrument(name = "dynamodb.batch_get", skip_all, fields(table, keys = keys.len()))]
+pub(crate) async fn get_all(db: &Dynamo, table: &str, keys: Vec<Item>) -> Result<Vec<Item>> {
+    let mut found = Vec::with_capacity(keys.len());
+    for chunk in keys.chunks(GET_BATCH_SIZE) {
+        let mut pending = Some(
+            KeysAndAttributes::builder()
+                .set_keys(Some(chunk.to_vec()))
+                .consistent_read(true)
+                .build()
+                .map_err(|e| Error::internal(format!("batch keys: {e}")))?,
+        );
+        let mut round = 0;
+        while let Some(request) = pending.take() {
+            if round >= MAX_ROUNDS {
+                return Err(Error::unavailable(
+                    format!(
+                        "dynamodb BatchGetItem on {table}: {} keys still unprocessed after {MAX_ROUNDS} rounds",
+                        request.keys().len()
+                    ),
+                    std::io::Error::other("unprocessed keys"),
+                ));
+            }
+            if round > 0 {
+                let cap = 50u64 << round.min(6);
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(cap / 2..=cap))).await;
+            }
+            round += 1;
+            let out = db
+                .inner
+                .client
+                .batch_get_item()
+                .request_items(table, request)
+                .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                .send()
+                .await
+                .map_err(|e| map_sdk("BatchGetItem", table, e))?;
+            db.inner.meter.record(out.consumed_capacity(), false);
+            if let Some(items) = out.responses.and_then(|mut r| r.remove(table)) {
+                found.extend(items);
+            }
+            pending = out
+                .unprocessed_keys
+                .and_then(|mut u| u.remove(table))
+                .filter(|k| !k.keys().is_empty());
+        }
+    }
+    Ok(found)
+}
 
 /// Items per `BatchWriteItem`, DynamoDB's limit.
 pub(crate) const BATCH_SIZE: usize = 25;

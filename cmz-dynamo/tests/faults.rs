@@ -357,3 +357,113 @@ async fn retention_sets_ttl_and_tables_expire_by_it() {
         );
     }
 }
+
+/// A loopback proxy that answers the first `unprocessed` `BatchGetItem` requests with
+/// every key unprocessed (what DynamoDB does under throttling or a large response), and
+/// forwards everything else to DynamoDB Local.
+async fn unprocessing_proxy(unprocessed: usize) -> (String, Arc<AtomicUsize>) {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let upstream = shared_endpoint();
+    let client = reqwest::Client::new();
+    let counter = seen.clone();
+    let app = axum::Router::new().fallback(move |headers: HeaderMap, body: Bytes| {
+        let (client, upstream, counter) = (client.clone(), upstream.clone(), counter.clone());
+        async move {
+            let target = headers
+                .get("x-amz-target")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            if target.ends_with(".BatchGetItem")
+                && counter.fetch_add(1, Ordering::SeqCst) < unprocessed
+            {
+                let request: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                let reply = serde_json::json!({
+                    "Responses": {},
+                    "UnprocessedKeys": request["RequestItems"],
+                });
+                let mut h = HeaderMap::new();
+                h.insert(
+                    "content-type",
+                    "application/x-amz-json-1.0".parse().unwrap(),
+                );
+                return (StatusCode::OK, h, Bytes::from(reply.to_string()));
+            }
+            let mut request = client.post(&upstream).body(body);
+            for (name, value) in &headers {
+                if name != "host" && name != "content-length" {
+                    request = request.header(name.as_str(), value.as_bytes());
+                }
+            }
+            let response = request.send().await.unwrap();
+            let status = StatusCode::from_u16(response.status().as_u16()).unwrap();
+            let mut h = HeaderMap::new();
+            for (name, value) in response.headers() {
+                if name.as_str().starts_with("x-amz") || name == "content-type" {
+                    h.insert(
+                        axum::http::HeaderName::from_bytes(name.as_str().as_bytes()).unwrap(),
+                        value.as_bytes().try_into().unwrap(),
+                    );
+                }
+            }
+            (status, h, response.bytes().await.unwrap())
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address: SocketAddr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{address}"), seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unprocessed_batch_keys_are_fetched_again_or_the_read_fails_never_part_of_it() {
+    use cmz_core::auth::{Family, FamilyDirectory, RevocationStore};
+    use cmz_core::ids::FamilyId;
+
+    let real = cmz_dynamo::testing::isolated().await;
+    let parent = UserId::new("batch-parent").unwrap();
+    for n in 0..3 {
+        real.families()
+            .put_family(&Family {
+                family_id: FamilyId::new(format!("batch-family-{n}")).unwrap(),
+                family_name: format!("Family {n}"),
+                parents: vec![parent.clone()],
+                students: vec![UserId::new(format!("batch-kid-{n}")).unwrap()],
+                soft_delete: false,
+            })
+            .await
+            .unwrap();
+    }
+    let through = |proxy: String| {
+        let settings = DynamoSettings {
+            endpoint_url: Some(proxy.clone()),
+            tables: real.tables().clone(),
+            ..isolated_settings(&proxy)
+        };
+        Dynamo::connect(settings)
+    };
+    // A few rounds of unprocessed keys: asked again, and the whole family list comes back.
+    let (proxy, seen) = unprocessing_proxy(3).await;
+    let families = through(proxy)
+        .await
+        .families()
+        .families_of(&parent)
+        .await
+        .unwrap();
+    assert_eq!(families.len(), 3, "{families:?}");
+    assert!(
+        seen.load(Ordering::SeqCst) >= 4,
+        "unprocessed keys were asked for again"
+    );
+    // Never processed: `unavailable`, not a shorter list (a parent's view never shrinks).
+    let (proxy, _) = unprocessing_proxy(usize::MAX).await;
+    let stuck = through(proxy).await;
+    let error = stuck.families().families_of(&parent).await.unwrap_err();
+    assert_eq!(error.code(), "unavailable", "{error:?}");
+    let error = stuck
+        .revocations()
+        .is_revoked(Some("some-jti"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), "unavailable", "{error:?}");
+}
