@@ -37,6 +37,7 @@ mod external;
 mod limit;
 mod locks;
 pub mod prompt;
+mod tombstones;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,6 +54,7 @@ pub use external::ExternalTurn;
 use limit::TurnLimit;
 pub use limit::{TURN_LIMIT_MESSAGE, TurnLimitStatus};
 use locks::{SessionLease, SessionLocks};
+use tombstones::Tombstones;
 
 use crate::access::{Action, DynAccessPolicy, OwnerOrAdminPolicy, Principal};
 use crate::auth::{AuditEvent, AuditKind, AuditOutcome, DynAuditSink, DynRateLimitStore};
@@ -234,6 +236,7 @@ struct Inner {
     policy: DynAccessPolicy,
     config: ConversationConfig,
     locks: Arc<SessionLocks>,
+    tombstones: Arc<Tombstones>,
     moderator: Option<DynModerator>,
     audit: Option<DynAuditSink>,
     turn_limit: Option<TurnLimit>,
@@ -258,6 +261,8 @@ struct Prepared {
     user: UserPart,
     prompt: ChatRequest,
     turn_key: Option<String>,
+    /// Deletes after this generation refuse the turn's write.
+    since: u64,
 }
 
 enum Prepare {
@@ -317,6 +322,7 @@ impl ConversationService {
                 policy,
                 config,
                 locks: Arc::default(),
+                tombstones: Arc::default(),
                 moderator: None,
                 audit: None,
                 turn_limit: None,
@@ -799,6 +805,7 @@ impl ConversationService {
 
     async fn prepare(&self, principal: &Principal, request: TurnRequest) -> Result<Prepare> {
         let inner = &self.inner;
+        let since = inner.tombstones.generation();
         let window = self.validate(&request)?;
         let animal = &request.animal_id;
         let persona = inner
@@ -946,6 +953,7 @@ impl ConversationService {
             user,
             prompt,
             turn_key: request.turn_key,
+            since,
         })))
     }
 
@@ -970,6 +978,7 @@ impl ConversationService {
             created,
             user,
             turn_key,
+            since,
             ..
         } = prepared;
         let (messages, key, stored_user) = match user {
@@ -987,10 +996,11 @@ impl ConversationService {
                 None => return Err(Error::internal("nothing to store for a resumed turn")),
             },
         };
-        let stored = match self
-            .append_guarded(&session, created, messages, key)
-            .await?
-        {
+        // A delete of this session or its user since the turn began wins: store nothing.
+        let not_deleted = self.inner.tombstones.write_guard(since, &session).await?;
+        let appended = self.append_guarded(&session, created, messages, key).await;
+        drop(not_deleted);
+        let stored = match appended? {
             AppendOutcome::Appended(stored) => stored,
             AppendOutcome::Duplicate(stored) => {
                 // Another server stored this turn key first; answer with its turn.
@@ -1253,6 +1263,8 @@ impl ConversationService {
                     .await?;
             }
         }
+        // Turns already running on these conversations must not write them back.
+        inner.tombstones.record(&scope).await;
         let report = inner
             .store
             .delete(scope.clone())

@@ -1833,3 +1833,80 @@ async fn the_turn_limit_counts_turns_streamed_turns_and_summaries_per_user() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_delete_during_a_streaming_turn_is_final() {
+    let f = fixture_with(
+        ScriptedModel::echo().with_chunk_delay(Duration::from_millis(40)),
+        ConversationConfig::default(),
+    );
+    let child = kid("k1");
+    // The user's first turn is still streaming when an admin deletes the user's data.
+    let mut stream = f
+        .service
+        .stream_turn(&child, TurnRequest::new(lion(), "my first message"))
+        .await
+        .unwrap();
+    let id = stream.session_id.clone();
+    assert!(matches!(stream.next().await, Some(Ok(TurnEvent::Delta(_)))));
+    f.service
+        .delete_with_reason(
+            &admin(),
+            DeleteScope::User(child.user_id.clone()),
+            Some("GDPR-7"),
+        )
+        .await
+        .unwrap();
+    let mut last = None;
+    while let Some(event) = stream.next().await {
+        last = Some(event);
+    }
+    let error = match last {
+        Some(Err(error)) => error,
+        other => panic!("the turn must fail after the delete: {other:?}"),
+    };
+    assert_eq!(error.code(), "not_found");
+    assert!(f.store.get_session(&id).await.unwrap().is_none());
+    assert!(stored_nothing(&f, &id).await);
+
+    // A later turn of the same user is a new conversation and is stored normally.
+    let reply = f
+        .service
+        .turn(&child, TurnRequest::new(lion(), "hello again"))
+        .await
+        .unwrap();
+    assert_eq!(all_messages(&f, &reply.session_id).await.len(), 2);
+
+    // Deleting one session while its next turn streams, then dropping the stream: the
+    // interrupted reply is not stored either.
+    let mut stream = f
+        .service
+        .stream_turn(
+            &child,
+            TurnRequest::new(lion(), "more").in_session(reply.session_id.clone()),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(stream.next().await, Some(Ok(TurnEvent::Delta(_)))));
+    f.service
+        .delete(&child, DeleteScope::Session(reply.session_id.clone()))
+        .await
+        .unwrap();
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        f.store
+            .get_session(&reply.session_id)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(stored_nothing(&f, &reply.session_id).await);
+}
+
+async fn stored_nothing(f: &Fixture, id: &SessionId) -> bool {
+    f.store
+        .history(id, PageRequest::first(10))
+        .await
+        .map_or(true, |page| page.items.is_empty())
+}
