@@ -227,20 +227,13 @@ pub fn bench_animal() -> AnimalId {
 /// A persona directory with the benchmark's lion.
 pub fn bench_personas() -> InMemoryPersonaDirectory {
     InMemoryPersonaDirectory::with_personas([Persona {
-        animal_id: bench_animal(),
-        name: "Leo".into(),
         personality: "proud, warm and a little sleepy".into(),
         facts: vec![
             "Lions sleep up to 20 hours a day.".into(),
             "A lion's roar can be heard 8 kilometres away.".into(),
         ],
         guidelines: vec![],
-        species: None,
-        description: None,
-        status: Default::default(),
-        system_prompt: None,
-        temperature: None,
-        model: None,
+        ..Persona::new(bench_animal(), "Leo")
     }])
 }
 

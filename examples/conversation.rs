@@ -13,20 +13,13 @@ use futures::StreamExt as _;
 async fn main() -> Result<()> {
     let otter = AnimalId::new("otter")?;
     let personas = InMemoryPersonaDirectory::with_personas([Persona {
-        animal_id: otter.clone(),
-        name: "Ollie the River Otter".into(),
         personality: "playful, quick and a little bit silly".into(),
         facts: vec![
             "Otters hold hands while they sleep so they don't drift apart.".into(),
             "My fur has about a million hairs per square inch.".into(),
         ],
         guidelines: vec![],
-        species: None,
-        description: None,
-        status: Default::default(),
-        system_prompt: None,
-        temperature: None,
-        model: None,
+        ..Persona::new(otter.clone(), "Ollie the River Otter")
     }]);
     // Scripted replies stand in for an LLM, in order: three turns, then the summary.
     let model = ScriptedModel::echo();

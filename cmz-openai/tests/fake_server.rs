@@ -428,17 +428,10 @@ async fn turns_through_the_conversation_service_store_the_servers_usage() {
     let model = Arc::new(model(&server));
     let lion = AnimalId::new("lion").unwrap();
     let personas = InMemoryPersonaDirectory::with_personas([Persona {
-        animal_id: lion.clone(),
-        name: "Leo".into(),
         personality: "proud".into(),
         facts: vec!["I sleep a lot.".into()],
         guidelines: vec![],
-        species: None,
-        description: None,
-        status: Default::default(),
-        system_prompt: None,
-        temperature: None,
-        model: None,
+        ..Persona::new(lion.clone(), "Leo")
     }]);
     let service = ConversationService::new(
         Arc::new(InMemoryConversationStore::new()),

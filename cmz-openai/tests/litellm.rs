@@ -63,17 +63,10 @@ async fn raw_usage(body: serde_json::Value) -> (u64, u64) {
 
 fn lion() -> Persona {
     Persona {
-        animal_id: AnimalId::new("lion").unwrap(),
-        name: "Leo".into(),
         personality: "proud".into(),
         facts: vec!["I sleep twenty hours a day.".into()],
         guidelines: vec![],
-        species: None,
-        description: None,
-        status: Default::default(),
-        system_prompt: None,
-        temperature: None,
-        model: None,
+        ..Persona::new(AnimalId::new("lion").unwrap(), "Leo")
     }
 }
 

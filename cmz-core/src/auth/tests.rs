@@ -1262,17 +1262,10 @@ async fn the_conversation_service_enforces_the_platform_policy() {
     let f = fixture(fast_settings()).await;
     let lion = crate::ids::AnimalId::new("lion").unwrap();
     let personas = InMemoryPersonaDirectory::with_personas([Persona {
-        animal_id: lion.clone(),
-        name: "Leo".into(),
         personality: String::new(),
         facts: vec![],
         guidelines: vec![],
-        species: None,
-        description: None,
-        status: Default::default(),
-        system_prompt: None,
-        temperature: None,
-        model: None,
+        ..Persona::new(lion.clone(), "Leo")
     }]);
     let service = ConversationService::with(
         Arc::new(InMemoryConversationStore::new()),

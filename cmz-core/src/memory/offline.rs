@@ -195,20 +195,13 @@ mod tests {
     async fn answers_in_character_from_the_persona_facts() {
         let otter = AnimalId::new("otter").unwrap();
         let personas = InMemoryPersonaDirectory::with_personas([Persona {
-            animal_id: otter.clone(),
-            name: "Ollie".into(),
             personality: "playful".into(),
             facts: vec![
                 "I hold hands with my friends while I sleep.".into(),
                 "I crack open clams with a rock.".into(),
             ],
             guidelines: vec![],
-            species: None,
-            description: None,
-            status: Default::default(),
-            system_prompt: None,
-            temperature: None,
-            model: None,
+            ..Persona::new(otter.clone(), "Ollie")
         }]);
         let service = ConversationService::new(
             Arc::new(InMemoryConversationStore::new()),

@@ -7,17 +7,10 @@
 //! use cmz_core::testing::ScriptedModel;
 //!
 //! let personas = InMemoryPersonaDirectory::with_personas([Persona {
-//!     animal_id: AnimalId::new("lion")?,
-//!     name: "Leo".into(),
 //!     personality: "proud and sleepy".into(),
 //!     facts: vec!["I sleep up to 20 hours a day.".into()],
 //!     guidelines: vec![],
-//!     species: None,
-//!     description: None,
-//!     status: Default::default(),
-//!     system_prompt: None,
-//!     temperature: None,
-//!     model: None,
+//!     ..Persona::new(AnimalId::new("lion")?, "Leo")
 //! }]);
 //! let service = ConversationService::new(
 //!     Arc::new(InMemoryConversationStore::new()),

@@ -148,17 +148,10 @@ mod tests {
     #[test]
     fn prompt_has_persona_facts_and_safety() {
         let persona = Persona {
-            animal_id: AnimalId::new("cougar").unwrap(),
-            name: "Cora".into(),
             personality: "sleepy but proud".into(),
             facts: vec!["I can jump 6 metres high.".into()],
             guidelines: vec!["Mention the keeper talk at 2pm.".into()],
-            species: None,
-            description: None,
-            status: Default::default(),
-            system_prompt: None,
-            temperature: None,
-            model: None,
+            ..Persona::new(AnimalId::new("cougar").unwrap(), "Cora")
         };
         let prompt = system_prompt(&persona);
         assert!(prompt.starts_with("You are Cora"));

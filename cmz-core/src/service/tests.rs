@@ -19,30 +19,16 @@ fn lion() -> AnimalId {
 fn personas() -> Arc<InMemoryPersonaDirectory> {
     Arc::new(InMemoryPersonaDirectory::with_personas([
         Persona {
-            animal_id: lion(),
-            name: "Leo".into(),
             personality: "proud".into(),
             facts: vec!["Lions sleep 20 hours a day.".into()],
             guidelines: vec![],
-            species: None,
-            description: None,
-            status: Default::default(),
-            system_prompt: None,
-            temperature: None,
-            model: None,
+            ..Persona::new(lion(), "Leo")
         },
         Persona {
-            animal_id: AnimalId::new("tiger").unwrap(),
-            name: "Tara".into(),
             personality: "stripy".into(),
             facts: vec![],
             guidelines: vec![],
-            species: None,
-            description: None,
-            status: Default::default(),
-            system_prompt: None,
-            temperature: None,
-            model: None,
+            ..Persona::new(AnimalId::new("tiger").unwrap(), "Tara")
         },
     ]))
 }
