@@ -39,6 +39,33 @@ fn turn(id: &SessionId, expected: u64, text: &str, new_session: Option<Session>)
     }
 }
 
+/// Sends a request the proxy got on to DynamoDB Local, and its answer back.
+async fn forward(
+    client: &reqwest::Client,
+    upstream: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> (StatusCode, HeaderMap, Bytes) {
+    let mut request = client.post(upstream).body(body);
+    for (name, value) in headers {
+        if name != "host" && name != "content-length" {
+            request = request.header(name.as_str(), value.as_bytes());
+        }
+    }
+    let response = request.send().await.unwrap();
+    let status = StatusCode::from_u16(response.status().as_u16()).unwrap();
+    let mut h = HeaderMap::new();
+    for (name, value) in response.headers() {
+        if name.as_str().starts_with("x-amz") || name == "content-type" {
+            h.insert(
+                axum::http::HeaderName::from_bytes(name.as_str().as_bytes()).unwrap(),
+                value.as_bytes().try_into().unwrap(),
+            );
+        }
+    }
+    (status, h, response.bytes().await.unwrap())
+}
+
 /// A loopback proxy that answers the first requests with a 500 and a throttling error,
 /// then forwards to DynamoDB Local.
 async fn flaky_proxy(failures: usize) -> (String, Arc<AtomicUsize>) {
@@ -58,21 +85,7 @@ async fn flaky_proxy(failures: usize) -> (String, Arc<AtomicUsize>) {
                 h.insert("content-type", "application/x-amz-json-1.0".parse().unwrap());
                 return (StatusCode::BAD_REQUEST, h, Bytes::from_static(b"{\"__type\":\"com.amazonaws.dynamodb.v20120810#ThrottlingException\",\"message\":\"slow down\"}"));
             }
-            let mut request = client.post(&upstream).body(body);
-            for (name, value) in &headers {
-                if name != "host" && name != "content-length" {
-                    request = request.header(name.as_str(), value.as_bytes());
-                }
-            }
-            let response = request.send().await.unwrap();
-            let status = StatusCode::from_u16(response.status().as_u16()).unwrap();
-            let mut h = HeaderMap::new();
-            for (name, value) in response.headers() {
-                if name.as_str().starts_with("x-amz") || name == "content-type" {
-                    h.insert(axum::http::HeaderName::from_bytes(name.as_str().as_bytes()).unwrap(), value.as_bytes().try_into().unwrap());
-                }
-            }
-            (status, h, response.bytes().await.unwrap())
+            forward(&client, &upstream, &headers, body).await
         }
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
