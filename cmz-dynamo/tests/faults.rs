@@ -402,24 +402,7 @@ async fn unprocessing_proxy(unprocessed: usize) -> (String, Arc<AtomicUsize>) {
                 );
                 return (StatusCode::OK, h, Bytes::from(reply.to_string()));
             }
-            let mut request = client.post(&upstream).body(body);
-            for (name, value) in &headers {
-                if name != "host" && name != "content-length" {
-                    request = request.header(name.as_str(), value.as_bytes());
-                }
-            }
-            let response = request.send().await.unwrap();
-            let status = StatusCode::from_u16(response.status().as_u16()).unwrap();
-            let mut h = HeaderMap::new();
-            for (name, value) in response.headers() {
-                if name.as_str().starts_with("x-amz") || name == "content-type" {
-                    h.insert(
-                        axum::http::HeaderName::from_bytes(name.as_str().as_bytes()).unwrap(),
-                        value.as_bytes().try_into().unwrap(),
-                    );
-                }
-            }
-            (status, h, response.bytes().await.unwrap())
+            forward(&client, &upstream, &headers, body).await
         }
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
