@@ -39,7 +39,8 @@ pub async fn state_from_env(lookup: &Lookup<'_>) -> Result<AppState> {
 }
 
 /// Serves `app` on `bind` until Ctrl-C (or SIGTERM), finishing requests in flight.
-/// A port already in use is a one-line error naming `CMZ_BIND`.
+/// A port already in use is a one-line error naming `CMZ_BIND`. Connections are timed
+/// out and capped by [`ConnectionLimits`](crate::ConnectionLimits) from the process environment.
 pub async fn serve(app: Router, bind: SocketAddr) -> Result<()> {
     let listener = listen(bind).map_err(|e| Error::Unavailable {
         message: format!("cannot listen on {bind}: {e}; set CMZ_BIND to another address (for example 127.0.0.1:8081)"),
@@ -47,16 +48,7 @@ pub async fn serve(app: Router, bind: SocketAddr) -> Result<()> {
     })?;
     let started = Instant::now();
     tracing::info!(%bind, "listening");
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown_signal())
-    .await
-    .map_err(|e| Error::Unavailable {
-        message: "the server stopped".into(),
-        source: Some(Box::new(e)),
-    })?;
+    crate::serve::serve_until(listener, app, shutdown_signal()).await?;
     tracing::info!(uptime_seconds = started.elapsed().as_secs(), "stopped");
     Ok(())
 }

@@ -6,6 +6,7 @@ mod config;
 mod error;
 mod metrics;
 mod routes;
+mod serve;
 mod sessions;
 mod sse;
 mod state;
@@ -35,6 +36,7 @@ pub use config::{LEGACY_FRONTEND_ORIGINS, demo_env, serve, state_from_env};
 pub use error::{ApiError, ApiJson, ApiQuery, status_for};
 #[cfg(feature = "prometheus")]
 pub use metrics::prometheus_router;
+pub use serve::{ConnectionLimits, serve_with};
 pub use state::{AppState, HttpSettings};
 
 /// Request ids as UUID v4 from [`cmz_core::ids::fast_uuid_v4`]: they only need to be

@@ -1,0 +1,370 @@
+//! The accept loop: connection limits and timeouts a server on the open internet needs.
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use cmz_tower::ConnectionLimits;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+//! let limits = ConnectionLimits::from_lookup(&|name| std::env::var(name).ok())
+//!     .expect("valid limits");
+//! cmz_tower::serve_with(listener, app, limits, std::future::pending()).await;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use cmz_core::{Error, Result};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tower::ServiceExt as _;
+
+/// Limits on connections, from the legacy-style variables of
+/// [`from_lookup`](Self::from_lookup).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// How long a client has to send a request's headers, from their first byte
+    /// (`CMZ_HEADER_TIMEOUT_MS`, default 10,000).
+    pub header_read_timeout: Duration,
+    /// How long a connection may sit with no request running and no bytes moving before
+    /// it is closed (`CMZ_IDLE_TIMEOUT_MS`, default 60,000). A streaming reply keeps its
+    /// connection busy with its own keep-alive comments.
+    pub idle_timeout: Duration,
+    /// Open connections in all (`CMZ_MAX_CONNECTIONS`, default 4,096); further ones are
+    /// closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Open connections from one IP address (`CMZ_MAX_CONNECTIONS_PER_IP`, default 512:
+    /// a school behind one NAT address opens several per browser).
+    pub max_connections_per_ip: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 4096,
+            max_connections_per_ip: 512,
+        }
+    }
+}
+
+fn positive(
+    lookup: &dyn Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: u64,
+) -> Result<u64> {
+    match lookup(name).filter(|v| !v.trim().is_empty()) {
+        None => Ok(default),
+        Some(value) => value
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|v| *v > 0)
+            .ok_or_else(|| {
+                Error::validation(
+                    name,
+                    format!("{name} must be a positive whole number, got {value:?}"),
+                )
+            }),
+    }
+}
+
+impl ConnectionLimits {
+    /// Limits from environment-style variables (`CMZ_HEADER_TIMEOUT_MS`,
+    /// `CMZ_IDLE_TIMEOUT_MS`, `CMZ_MAX_CONNECTIONS`, `CMZ_MAX_CONNECTIONS_PER_IP`); an
+    /// unset variable keeps its default, a bad one is a `validation_error` naming it.
+    pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self> {
+        let defaults = Self::default();
+        let millis = |name, default: Duration| {
+            positive(lookup, name, default.as_millis() as u64).map(Duration::from_millis)
+        };
+        let count = |name, default: usize| {
+            positive(lookup, name, default as u64).map(|v| usize::try_from(v).unwrap_or(usize::MAX))
+        };
+        Ok(Self {
+            header_read_timeout: millis("CMZ_HEADER_TIMEOUT_MS", defaults.header_read_timeout)?,
+            idle_timeout: millis("CMZ_IDLE_TIMEOUT_MS", defaults.idle_timeout)?,
+            max_connections: count("CMZ_MAX_CONNECTIONS", defaults.max_connections)?,
+            max_connections_per_ip: count(
+                "CMZ_MAX_CONNECTIONS_PER_IP",
+                defaults.max_connections_per_ip,
+            )?,
+        })
+    }
+}
+
+/// Open connections per address.
+#[derive(Debug, Default)]
+struct PerAddress {
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One open connection's place in the per-address count.
+struct AddressSlot {
+    table: Arc<PerAddress>,
+    ip: IpAddr,
+}
+
+impl PerAddress {
+    fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<AddressSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(ip).or_default();
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot {
+            table: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self.table.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// When a connection last moved bytes, and how many of its requests are running.
+#[derive(Debug)]
+struct Activity {
+    started: Instant,
+    last_millis: AtomicU64,
+    running: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            started: Instant::now(),
+            last_millis: AtomicU64::new(0),
+            running: AtomicUsize::new(0),
+        })
+    }
+
+    fn touch(&self) {
+        let now = self.started.elapsed().as_millis() as u64;
+        self.last_millis.store(now, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_millis.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+}
+
+/// Counts a request as running until dropped.
+struct Running(Arc<Activity>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::AcqRel);
+        self.0.touch();
+    }
+}
+
+/// The connection's socket, noting every read and write in its [`Activity`].
+struct Watched {
+    io: TokioIo<TcpStream>,
+    activity: Arc<Activity>,
+}
+
+impl hyper::rt::Read for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if polled.is_ready() {
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl hyper::rt::Write for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+/// Serves `app` on `listener` over HTTP/1.1 under `limits` until `shutdown` completes, then
+/// finishes the requests in flight (connections idle between requests close at once) and
+/// returns. Each request carries [`ConnectInfo<SocketAddr>`](ConnectInfo).
+///
+/// - a client that has not sent a whole request head within `header_read_timeout` is
+///   disconnected (slow-header attacks);
+/// - a connection with no request running and no bytes moving for `idle_timeout` is
+///   closed;
+/// - connections beyond `max_connections`, or beyond `max_connections_per_ip` from one
+///   address, are closed as soon as they are accepted.
+pub async fn serve_with(
+    listener: TcpListener,
+    app: Router,
+    limits: ConnectionLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let per_address = Arc::new(PerAddress::default());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(true);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, remote) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::debug!("connection limit reached; closing a new connection");
+            metrics::counter!("cmz_connections_refused_total", "reason" => "total").increment(1);
+            continue;
+        };
+        let Some(slot) = per_address.take(remote.ip(), limits.max_connections_per_ip) else {
+            tracing::debug!("per-address connection limit reached; closing a new connection");
+            metrics::counter!("cmz_connections_refused_total", "reason" => "address").increment(1);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let activity = Activity::new();
+        let io = Watched {
+            io: TokioIo::new(stream),
+            activity: activity.clone(),
+        };
+        let service = {
+            let (app, activity) = (app.clone(), activity.clone());
+            hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+                activity.running.fetch_add(1, Ordering::AcqRel);
+                let running = Running(activity.clone());
+                request.extensions_mut().insert(ConnectInfo(remote));
+                let app = app.clone();
+                async move {
+                    let response = app.oneshot(request).await;
+                    drop(running);
+                    response
+                }
+            })
+        };
+        let connection = graceful.watch(http.serve_connection(io, service));
+        tokio::spawn(run_connection(
+            connection,
+            activity,
+            limits.idle_timeout,
+            permit,
+            slot,
+        ));
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// Drives one connection until it ends or sits idle too long.
+async fn run_connection(
+    connection: impl Future<Output = hyper::Result<()>>,
+    activity: Arc<Activity>,
+    idle_timeout: Duration,
+    _permit: OwnedSemaphorePermit,
+    _slot: AddressSlot,
+) {
+    tokio::pin!(connection);
+    let check = (idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            result = &mut connection => {
+                if let Err(error) = result {
+                    tracing::debug!(%error, "connection ended with an error");
+                }
+                return;
+            }
+            () = tokio::time::sleep(check) => {
+                if activity.running.load(Ordering::Acquire) == 0
+                    && activity.idle_for() >= idle_timeout
+                {
+                    tracing::debug!("closing an idle connection");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// `serve`'s loop over an already bound address, returning when the shutdown signal came.
+pub(crate) async fn serve_until(
+    listener: TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let limits = ConnectionLimits::from_lookup(&|name| std::env::var(name).ok())?;
+    tracing::info!(
+        header_read_timeout_ms = limits.header_read_timeout.as_millis() as u64,
+        idle_timeout_ms = limits.idle_timeout.as_millis() as u64,
+        max_connections = limits.max_connections,
+        max_connections_per_ip = limits.max_connections_per_ip,
+        "connection limits"
+    );
+    serve_with(listener, app, limits, shutdown).await;
+    Ok(())
+}
