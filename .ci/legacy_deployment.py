@@ -79,8 +79,10 @@ def start_dynamodb_local(logs):
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             ["java", "-Xmx256m", f"-Djava.library.path={os.path.join(root, 'DynamoDBLocal_lib')}", "-jar", jar,
-             "-inMemory", "-sharedDb", "-port", str(port)],
+             "-inMemory", "-sharedDb", "-disableTelemetry", "-port", str(port)],
             stdout=log, stderr=subprocess.STDOUT,
+            # Its telemetry id file lands in the working directory: keep it out of the tree.
+            cwd=root, env=dict(os.environ, DDB_LOCAL_TELEMETRY="0"),
         )
     for _ in range(240):
         check(process.poll() is None, f"DynamoDB Local exited; its log:\n{open(log_path).read()}")

@@ -109,7 +109,7 @@ impl DynamoLocal {
         // The shell stops the server when this process ends, even if it is killed, so no
         // server outlives its tests.
         let script = format!(
-            "java -Xmx512m -Djava.library.path={lib} -jar {jar} {storage} -port {port} > /dev/null 2>&1 & j=$!; \
+            "java -Xmx512m -Djava.library.path={lib} -jar {jar} {storage} -disableTelemetry -port {port} > /dev/null 2>&1 & j=$!; \
              trap 'kill $j 2>/dev/null' EXIT TERM INT; \
              while kill -0 {parent} 2>/dev/null && kill -0 $j 2>/dev/null; do sleep 0.5; done",
             lib = shell_quote(&emulator.join("DynamoDBLocal_lib").display().to_string()),
@@ -119,6 +119,10 @@ impl DynamoLocal {
         let child = Command::new("sh")
             .arg("-c")
             .arg(script)
+            // DynamoDB Local writes a telemetry id file into its working directory even
+            // with telemetry off: keep it in the emulator's folder, out of the source tree.
+            .current_dir(&emulator)
+            .env("DDB_LOCAL_TELEMETRY", "0")
             .stdin(Stdio::null())
             // Not the test's own output: a watchdog that outlives it by half a second must
             // not hold the test runner's pipes open.

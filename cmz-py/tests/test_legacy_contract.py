@@ -545,8 +545,9 @@ def own_dynamodb():
         port = s.getsockname()[1]
     server = subprocess.Popen(
         ["java", "-Xmx512m", f"-Djava.library.path={os.path.join(emulator, 'DynamoDBLocal_lib')}", "-jar", jar,
-         "-inMemory", "-sharedDb", "-port", str(port)],
+         "-inMemory", "-sharedDb", "-disableTelemetry", "-port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=emulator, env=dict(os.environ, DDB_LOCAL_TELEMETRY="0"),
     )
     deadline = time.time() + 60
     while True:
