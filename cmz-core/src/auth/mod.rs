@@ -127,6 +127,11 @@ pub struct AuthSettings {
     pub login_limits: LoginLimits,
     /// Password hashing parameters.
     pub hasher: PasswordHasher,
+    /// Keep legacy PBKDF2 hashes as they are after a successful login instead of replacing
+    /// them with argon2id (`CMZ_KEEP_LEGACY_PASSWORD_HASHES`, default off). Set it while
+    /// the legacy login still runs on the same user table: it only reads PBKDF2, so an
+    /// upgraded user could no longer log in there.
+    pub keep_legacy_hashes: bool,
 }
 
 fn random_bytes<const N: usize>() -> Result<[u8; N]> {
@@ -180,6 +185,7 @@ impl AuthSettings {
             dev_users: Some(DevDirectory::embedded()),
             login_limits: LoginLimits::default(),
             hasher: PasswordHasher::owasp(),
+            keep_legacy_hashes: false,
         }
     }
 
@@ -207,6 +213,8 @@ impl AuthSettings {
     /// - `JWT_PRIVATE_KEY_FILE`, `JWT_PUBLIC_KEY_FILE`, `JWT_KEY_ID`: the asymmetric key.
     /// - `TOKEN_EXPIRATION_SECONDS`, `CMZ_REFRESH_TOKEN_SECONDS`, `CMZ_JWT_LEEWAY_SECONDS`.
     /// - `CMZ_ALLOW_REGISTRATION` (true/false).
+    /// - `CMZ_KEEP_LEGACY_PASSWORD_HASHES` (true/false): see
+    ///   [`keep_legacy_hashes`](Self::keep_legacy_hashes).
     /// - `CMZ_DEV_USERS`: `embedded` or a JSON file; development mode. Without it, a
     ///   missing or short `JWT_SECRET` is an error, not a silent default.
     pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self> {
@@ -271,6 +279,7 @@ impl AuthSettings {
             dev_users,
             login_limits: LoginLimits::default(),
             hasher: PasswordHasher::owasp(),
+            keep_legacy_hashes: flag_var(&get, "CMZ_KEEP_LEGACY_PASSWORD_HASHES")?,
         })
     }
 }
@@ -362,6 +371,7 @@ struct AuthInner {
     hasher: PasswordHasher,
     refresh_ttl: Duration,
     registration: bool,
+    keep_legacy_hashes: bool,
     limits: LoginLimits,
     /// Verified against when the account does not exist, so a login takes as long either way.
     dummy_hash: String,
@@ -400,6 +410,7 @@ impl AuthService {
                 hasher: settings.hasher,
                 refresh_ttl: settings.refresh_ttl,
                 registration: settings.registration,
+                keep_legacy_hashes: settings.keep_legacy_hashes,
                 limits: settings.login_limits,
                 dummy_hash,
                 verified: verified::VerifiedTokens::default(),
@@ -407,10 +418,10 @@ impl AuthService {
         })
     }
 
-    /// The stores. Front ends do not need them (every operation they make is a method of
-    /// this service or of [`ConversationService`](crate::service::ConversationService));
-    /// the HTTP layer still takes the shared rate-limit store from here.
-    pub fn stores(&self) -> &AuthStores {
+    /// The stores (for this crate's tests; front ends go through this service's methods
+    /// and [`ConversationService`](crate::service::ConversationService)'s).
+    #[cfg(test)]
+    pub(crate) fn stores(&self) -> &AuthStores {
         &self.inner.stores
     }
 
@@ -530,7 +541,11 @@ impl AuthService {
                 .instrument(span("rate_release"))
                 .await?;
         }
-        if needs_rehash {
+        let legacy_hash = user
+            .password_hash
+            .as_deref()
+            .is_some_and(|h| !h.starts_with("$argon2"));
+        if needs_rehash && !(legacy_hash && inner.keep_legacy_hashes) {
             // Upgrade legacy PBKDF2 (or weaker argon2) hashes while we have the password.
             match inner.hasher.hash(password).await {
                 Ok(hash) => {

@@ -1332,3 +1332,40 @@ async fn the_in_memory_auth_stores_pass_the_conformance_suite() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn legacy_hashes_can_be_kept_while_the_legacy_login_still_runs() {
+    let f = fixture(AuthSettings {
+        keep_legacy_hashes: true,
+        ..fast_settings()
+    })
+    .await;
+    let mut legacy = user("legacy_keeper", UserRole::Member);
+    let hash = legacy_hash("old-password", "00112233445566778899aabbccddeeff").unwrap();
+    legacy.password_hash = Some(hash.clone());
+    f.auth.stores().users.create_user(&legacy).await.unwrap();
+    for _ in 0..2 {
+        f.auth
+            .login("legacy_keeper@cmz.org", "old-password", None)
+            .await
+            .unwrap();
+    }
+    let stored = f
+        .auth
+        .stores()
+        .users
+        .get_user(&legacy.user_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .password_hash
+        .unwrap();
+    assert_eq!(stored, hash, "the legacy login can still read it");
+    let from_env = AuthSettings::from_lookup(&|name| match name {
+        "JWT_SECRET" => Some("x".repeat(40)),
+        "CMZ_KEEP_LEGACY_PASSWORD_HASHES" => Some("true".into()),
+        _ => None,
+    })
+    .unwrap();
+    assert!(from_env.keep_legacy_hashes);
+}
