@@ -2,6 +2,7 @@
 
 mod animals;
 mod auth_layer;
+mod client_ip;
 mod config;
 mod error;
 mod metrics;
@@ -29,6 +30,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 pub use auth_layer::{AccessToken, AuthLayer, RequireAuth};
+pub use client_ip::TrustedProxies;
 pub use cmz_env::{HealthCheck, ModelHealth, Services, cached, offline_health};
 #[cfg(feature = "dev")]
 pub use cmz_env::{SAMPLE_PERSONAS, sample_personas};

@@ -24,18 +24,25 @@ use crate::state::AppState;
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// The client key for login throttling: the peer address when the server knows it.
+/// The client key for login throttling: the client's address when the server knows it
+/// (the peer, or behind trusted proxies the address they forwarded for).
 pub(crate) struct ClientKey(Option<String>);
 
-impl<S: Send + Sync> FromRequestParts<S> for ClientKey {
+impl FromRequestParts<AppState> for ClientKey {
     type Rejection = std::convert::Infallible;
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(Self(
-            parts
-                .extensions
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0.ip().to_string()),
-        ))
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Self(parts.extensions.get::<ConnectInfo<SocketAddr>>().map(
+            |c| {
+                state
+                    .settings()
+                    .trusted_proxies
+                    .client_address(c.0.ip(), &parts.headers)
+                    .to_string()
+            },
+        )))
     }
 }
 

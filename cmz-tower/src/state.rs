@@ -1,5 +1,6 @@
 //! What the HTTP layer needs: the services and its own settings.
 
+use crate::client_ip::TrustedProxies;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +30,10 @@ pub struct HttpSettings {
     /// animal whose id is `default` if there is one, else the offered animal with the
     /// smallest id.
     pub default_animal: Option<AnimalId>,
+    /// Proxies whose `Forwarded` / `X-Forwarded-For` headers name the client
+    /// (`CMZ_TRUSTED_PROXIES`, addresses or CIDR ranges; default none: the client is the
+    /// peer). Login and registration throttles, audit events and logs use that address.
+    pub trusted_proxies: TrustedProxies,
 }
 
 impl Default for HttpSettings {
@@ -39,6 +44,7 @@ impl Default for HttpSettings {
             body_limit: 64 * 1024,
             request_timeout: Duration::from_secs(60),
             default_animal: None,
+            trusted_proxies: TrustedProxies::none(),
         }
     }
 }
@@ -80,6 +86,9 @@ impl HttpSettings {
                     format!("CMZ_DEFAULT_ANIMAL_ID must be an animal id, got {animal:?}"),
                 )
             })?);
+        }
+        if let Some(list) = lookup("CMZ_TRUSTED_PROXIES") {
+            settings.trusted_proxies = TrustedProxies::parse(&list)?;
         }
         Ok(settings)
     }

@@ -1355,3 +1355,71 @@ async fn the_same_turn_from_http_and_from_python_reaches_the_model_identically()
         );
     }
 }
+
+/// Logs in as `email` through a proxy that says the client is `forwarded_for`.
+async fn login_via(server: &Server, email: &str, password: &str, forwarded_for: &str) -> u16 {
+    let request = server
+        .client
+        .post(server.url("/auth"))
+        .header("content-type", "application/json")
+        .header("x-forwarded-for", forwarded_for)
+        .body(json!({"username": email, "password": password}).to_string());
+    server.send(request).await.0
+}
+
+#[tokio::test]
+async fn clients_behind_a_trusted_proxy_have_their_own_login_buckets_and_spoofing_is_ignored() {
+    // Behind the zoo's load balancer (here: loopback, trusted).
+    let behind = start_with(
+        ScriptedModel::echo(),
+        HttpSettings {
+            trusted_proxies: cmz_tower::TrustedProxies::parse("127.0.0.1/32").unwrap(),
+            ..HttpSettings::default()
+        },
+    )
+    .await;
+    for _ in 0..5 {
+        assert_eq!(
+            login_via(&behind, "parent@cmz.org", "wrong", "203.0.113.1").await,
+            401
+        );
+    }
+    assert_eq!(
+        login_via(&behind, "parent@cmz.org", "parent123", "203.0.113.1").await,
+        429,
+        "the mistyping client is throttled"
+    );
+    assert_eq!(
+        login_via(&behind, "parent@cmz.org", "parent123", "203.0.113.2").await,
+        200,
+        "another visitor behind the same balancer is not"
+    );
+
+    // Without trusted proxies the header is the client's own claim: ignored.
+    let direct = start().await;
+    for _ in 0..5 {
+        assert_eq!(
+            login_via(&direct, "parent@cmz.org", "wrong", "203.0.113.1").await,
+            401
+        );
+    }
+    assert_eq!(
+        login_via(&direct, "parent@cmz.org", "parent123", "203.0.113.2").await,
+        429,
+        "a spoofed X-Forwarded-For does not buy a fresh bucket"
+    );
+}
+
+#[test]
+fn trusted_proxies_come_from_cmz_trusted_proxies() {
+    let settings = HttpSettings::from_lookup(&|name| {
+        (name == "CMZ_TRUSTED_PROXIES").then(|| "10.0.0.0/8, 192.0.2.7".to_owned())
+    })
+    .unwrap();
+    assert!(!settings.trusted_proxies.is_empty());
+    let err = HttpSettings::from_lookup(&|name| {
+        (name == "CMZ_TRUSTED_PROXIES").then(|| "balancer.internal".to_owned())
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("CMZ_TRUSTED_PROXIES"), "{err}");
+}
