@@ -1,0 +1,228 @@
+//! Preparing a turn: checking the request, loading or creating the session under the
+//! policy, and building the prompt from the persona and the context window.
+
+use super::*;
+
+impl ConversationService {
+    pub(super) fn validate(&self, request: &TurnRequest) -> Result<usize> {
+        let config = &self.inner.config;
+        if request.message.trim().is_empty() {
+            return Err(Error::validation("message", "message must not be empty"));
+        }
+        let chars = request.message.chars().count();
+        if chars > config.max_message_chars {
+            return Err(Error::validation(
+                "message",
+                format!(
+                    "message is {chars} characters; the limit is {}",
+                    config.max_message_chars
+                ),
+            ));
+        }
+        if let Some(key) = &request.turn_key {
+            if key.is_empty()
+                || key.len() > MAX_TURN_KEY_LEN
+                || !key
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+            {
+                return Err(Error::validation(
+                    "turnKey",
+                    format!(
+                        "turn key must be 1 to {MAX_TURN_KEY_LEN} characters of A-Z, a-z, 0-9, '-', '_', '.' and ':'"
+                    ),
+                ));
+            }
+        }
+        // The bounds of the legacy API, enforced here for every front end.
+        if let Some(window) = request.context_window {
+            if !(1..=config.max_context_window).contains(&window) {
+                return Err(Error::validation(
+                    "contextWindow",
+                    format!(
+                        "contextWindow must be between 1 and {}",
+                        config.max_context_window
+                    ),
+                ));
+            }
+        }
+        if let Some(tokens) = request.max_tokens {
+            if !(10..=config.max_reply_tokens).contains(&tokens) {
+                return Err(Error::validation(
+                    "maxTokens",
+                    format!(
+                        "maxTokens must be between 10 and {}",
+                        config.max_reply_tokens
+                    ),
+                ));
+            }
+        }
+        if let Some(temperature) = request.temperature {
+            if !(0.0..=2.0).contains(&temperature) {
+                return Err(Error::validation(
+                    "temperature",
+                    "temperature must be between 0 and 2",
+                ));
+            }
+        }
+        Ok(request.context_window.unwrap_or(config.context_window))
+    }
+
+    pub(super) async fn prepare(
+        &self,
+        principal: &Principal,
+        request: TurnRequest,
+    ) -> Result<Prepare> {
+        let inner = &self.inner;
+        let since = inner.tombstones.generation();
+        let window = self.validate(&request)?;
+        let animal = &request.animal_id;
+        let persona = inner
+            .personas
+            .persona(animal)
+            .instrument(tracing::debug_span!("cmz.backend", kind = "personas", op = "persona", animal = %animal))
+            .await?
+            .filter(Persona::is_offered)
+            .ok_or_else(|| Error::not_found(format!("animal {animal}")))?;
+
+        let requested = request.session_id.is_some();
+        let mut id = match (&request.session_id, &request.turn_key) {
+            (Some(id), _) => id.clone(),
+            // The same key finds the same session again, so a retried first turn does not
+            // start a second session.
+            (None, Some(key)) => SessionId::with_suffix(
+                animal,
+                &principal.user_id,
+                stable_hash(&[principal.user_id.as_str(), animal.as_str(), key]),
+            )?,
+            (None, None) => SessionId::generate(animal, &principal.user_id)?,
+        };
+        let mut attempts = 0;
+        let (lease, session, created) = loop {
+            attempts += 1;
+            let lease = self.lock_session(&id).await?;
+            match self.get_session(&id).await? {
+                Some(session) if requested || request.turn_key.is_some() => {
+                    inner
+                        .policy
+                        .authorize(principal, Action::Write, &session.user_id)
+                        .await?;
+                    if &session.animal_id != animal {
+                        // The legacy page keeps one session id while the child moves to
+                        // another animal: that is a new conversation with this animal, under
+                        // a new id (the reply's `sessionId`, which the page adopts).
+                        drop(lease);
+                        id = SessionId::generate(animal, &principal.user_id)?;
+                        continue;
+                    }
+                    break (lease, session, false);
+                }
+                // A new random id that is already taken: draw another.
+                Some(_) if attempts < 4 => id = SessionId::generate(animal, &principal.user_id)?,
+                Some(_) => return Err(Error::internal("could not draw an unused session id")),
+                // An unknown id is a new conversation under that id, as the legacy
+                // backend did for the ids the frontend makes up (`session_<ms>`); the
+                // store's guarded create keeps two callers from sharing one.
+                None => {
+                    inner
+                        .policy
+                        .authorize(principal, Action::Write, &principal.user_id)
+                        .await?;
+                    // Stored together with the first message, so a failed first turn
+                    // leaves no empty session behind.
+                    let session = Session::new(
+                        id.clone(),
+                        principal.user_id.clone(),
+                        animal.clone(),
+                        persona.name.clone(),
+                    );
+                    break (lease, session, true);
+                }
+            }
+        };
+
+        let mut user = UserPart::New({
+            let mut message = NewMessage::new(Role::User, request.message);
+            message.metadata.turn_key = request.turn_key.clone();
+            message
+        });
+        if let (Some(key), false) = (&request.turn_key, created) {
+            if let Some(found) = self.find_turn(&id, key).await? {
+                match found.as_slice() {
+                    [user_message, assistant, ..] => {
+                        return Ok(Prepare::Replay(Box::new(TurnReply::new(
+                            false,
+                            user_message.clone(),
+                            assistant.clone(),
+                            true,
+                        ))));
+                    }
+                    [user_message] => {
+                        if let Some(reply) = self.find_turn(&id, &reply_key(key)).await? {
+                            if let Some(assistant) = reply.into_iter().next() {
+                                return Ok(Prepare::Replay(Box::new(TurnReply::new(
+                                    false,
+                                    user_message.clone(),
+                                    assistant,
+                                    true,
+                                ))));
+                            }
+                        }
+                        user = UserPart::Stored(user_message.clone());
+                    }
+                    [] => {}
+                }
+            }
+        }
+
+        let mut history = if window == 0 || created {
+            Vec::new()
+        } else {
+            inner
+                .store
+                .recent_messages(&id, window * 2)
+                .instrument(span("store", "recent_messages", &id))
+                .await?
+        };
+        let content = match &user {
+            UserPart::New(message) => message.content.clone(),
+            UserPart::Stored(message) => {
+                history.retain(|m| m.seq < message.seq);
+                message.content.clone()
+            }
+        };
+        let mut messages = Vec::with_capacity(history.len() + 2);
+        messages.push(ChatMessage::new(
+            Role::System,
+            prompt::system_prompt(&persona),
+        ));
+        // Empty replies (a stream dropped before any text) carry nothing for the model,
+        // and some providers reject empty assistant messages.
+        messages.extend(
+            history
+                .into_iter()
+                .filter(|m| !m.content.trim().is_empty())
+                .map(|m| ChatMessage::new(m.role, m.content)),
+        );
+        messages.push(ChatMessage::new(Role::User, content));
+        let prompt = ChatRequest {
+            messages,
+            max_tokens: request.max_tokens.or(inner.config.max_tokens),
+            temperature: request
+                .temperature
+                .or(persona.temperature)
+                .or(inner.config.temperature),
+            model: persona.model.clone(),
+        };
+        Ok(Prepare::Run(Box::new(Prepared {
+            _lease: lease,
+            session,
+            created,
+            persona,
+            user,
+            prompt,
+            turn_key: request.turn_key,
+            since,
+        })))
+    }
+}

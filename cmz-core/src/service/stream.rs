@@ -1,0 +1,205 @@
+//! Streamed turns: the reply as it is produced, stored when the stream ends (and what was
+//! produced, marked `interrupted`, when the client goes away).
+
+use super::*;
+
+impl ConversationService {
+    /// Runs one turn, yielding the reply as the model produces it.
+    ///
+    /// Request errors (validation, access, unknown animal or session) come back at once.
+    /// Then the stream yields [`TurnEvent::Delta`]s and ends with [`TurnEvent::Complete`]
+    /// once the turn is stored. Dropping the stream early cancels the model call and stores
+    /// the partial reply marked `interrupted`. Needs a tokio runtime (it spawns the task
+    /// that drives the model).
+    #[tracing::instrument(name = "cmz.stream_turn", skip_all, fields(user = %principal.user_id, animal = %request.animal_id))]
+    pub async fn stream_turn(
+        &self,
+        principal: &Principal,
+        request: TurnRequest,
+    ) -> Result<TurnStream> {
+        require_runtime()?;
+        self.count_model_call(principal).await?;
+        match self.prepare(principal, request).await? {
+            Prepare::Replay(reply) => Ok(TurnStream {
+                session_id: reply.session_id.clone(),
+                session_created: false,
+                events: futures::stream::iter([
+                    Ok(TurnEvent::Delta(reply.reply.clone())),
+                    Ok(TurnEvent::Complete(reply)),
+                ])
+                .boxed(),
+            }),
+            Prepare::Run(prepared) => {
+                let session_id = prepared.session.id.clone();
+                let session_created = prepared.created;
+                let (tx, rx) = mpsc::channel(self.inner.config.stream_buffer.max(1));
+                let service = self.clone();
+                tokio::spawn(
+                    async move { service.drive_stream(*prepared, tx).await }.in_current_span(),
+                );
+                let events = futures::stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|event| (event, rx))
+                })
+                .boxed();
+                Ok(TurnStream {
+                    session_id,
+                    session_created,
+                    events,
+                })
+            }
+        }
+    }
+
+    pub(super) async fn drive_stream(
+        self,
+        mut prepared: Prepared,
+        tx: mpsc::Sender<Result<TurnEvent>>,
+    ) {
+        enum End {
+            Completed(Option<Usage>, Option<String>),
+            Failed(Error),
+            Interrupted,
+        }
+        let inner = &self.inner;
+        let timeout = inner.config.model_timeout;
+        let started = Instant::now();
+        let mut text = String::new();
+        let model_span = span("model", "stream", &prepared.session.id);
+        let moderation_failure = match self.moderate(&prepared).await {
+            Ok(None) => None,
+            Ok(Some(refusal)) => {
+                let _ = tx.send(Ok(TurnEvent::Delta(refusal.content.clone()))).await;
+                let event = self
+                    .persist(prepared, Some(refusal))
+                    .await
+                    .map(|reply| TurnEvent::Complete(Box::new(reply)));
+                let _ = tx.send(event).await;
+                return;
+            }
+            Err(error) => Some(error),
+        };
+        let opened = match moderation_failure {
+            // Treated like a model that failed before its first chunk.
+            Some(error) => Some(Ok(Err(error))),
+            None => tokio::select! {
+                biased;
+                () = tx.closed() => None,
+                opened = tokio::time::timeout(timeout, inner.model.stream(std::mem::take(&mut prepared.prompt))).instrument(model_span.clone()) => Some(opened),
+            },
+        };
+        let end = match opened {
+            None => End::Interrupted,
+            Some(Err(_)) => End::Failed(self.model_timeout()),
+            Some(Ok(Err(error))) => End::Failed(error),
+            Some(Ok(Ok(mut chunks))) => loop {
+                let next = tokio::select! {
+                    biased;
+                    () = tx.closed() => break End::Interrupted,
+                    next = tokio::time::timeout(timeout, chunks.next()).instrument(model_span.clone()) => next,
+                };
+                match next {
+                    Err(_) => break End::Failed(self.model_timeout()),
+                    Ok(None) => {
+                        break End::Failed(Error::Unavailable {
+                            message: "the model's stream ended before the reply was complete"
+                                .into(),
+                            source: None,
+                        });
+                    }
+                    Ok(Some(Err(error))) => break End::Failed(error),
+                    Ok(Some(Ok(ChatChunk::Done { usage, model }))) => {
+                        break End::Completed(usage, model);
+                    }
+                    Ok(Some(Ok(ChatChunk::Delta(delta)))) => {
+                        if delta.is_empty() {
+                            continue;
+                        }
+                        let mut delta = delta;
+                        let room = MAX_CONTENT_BYTES.saturating_sub(text.len());
+                        let full = delta.len() >= room;
+                        if full {
+                            let mut cut = room;
+                            while !delta.is_char_boundary(cut) {
+                                cut -= 1;
+                            }
+                            delta.truncate(cut);
+                        }
+                        text.push_str(&delta);
+                        // A consumer that stops reading for as long as the model may take
+                        // counts as gone, so it cannot hold the session's queue forever.
+                        let sent =
+                            tokio::time::timeout(timeout, tx.send(Ok(TurnEvent::Delta(delta))))
+                                .await;
+                        if !matches!(sent, Ok(Ok(()))) {
+                            break End::Interrupted;
+                        }
+                        if full {
+                            tracing::warn!(
+                                "model reply reached the stored-message size limit; cut"
+                            );
+                            break End::Interrupted;
+                        }
+                    }
+                }
+            },
+        };
+        // The model stream is dropped here (cancelling the call) before anything is stored.
+        let latency = started.elapsed();
+        let mut assistant = NewMessage::new(Role::Assistant, text);
+        assistant.metadata.latency_ms = Some(millis(latency));
+        assistant.metadata.model = Some(inner.model.name().to_owned());
+        let end = match end {
+            End::Completed(..) if assistant.content.trim().is_empty() => {
+                End::Failed(Error::Unavailable {
+                    message: format!("model {} returned an empty reply", inner.model.name()),
+                    source: None,
+                })
+            }
+            other => other,
+        };
+        match end {
+            End::Completed(usage, model) => {
+                assistant.metadata.set_usage(usage);
+                if model.is_some() {
+                    assistant.metadata.model = model;
+                }
+            }
+            End::Interrupted => {
+                tracing::info!("stream consumer went away; storing the partial reply");
+                assistant.metadata.interrupted = true;
+            }
+            End::Failed(error) => {
+                tracing::warn!(code = error.code(), error = %error, "model stream failed");
+                match inner.config.on_model_failure {
+                    // The child saw part of a reply: keep exactly that, marked as cut short.
+                    ModelFailurePolicy::Fallback if !assistant.content.is_empty() => {
+                        assistant.metadata.interrupted = true;
+                    }
+                    ModelFailurePolicy::Fallback => {
+                        assistant = self.fallback_message(&prepared.persona, latency);
+                        let _ = tx
+                            .send(Ok(TurnEvent::Delta(assistant.content.clone())))
+                            .await;
+                    }
+                    // Keep the user message only, so a retry with the turn key completes
+                    // the turn instead of replaying a broken reply.
+                    ModelFailurePolicy::Error => {
+                        if let Err(store_error) = self.keep_user_message(prepared).await {
+                            tracing::error!(code = store_error.code(), error = %store_error, "storing the user message failed");
+                        }
+                        let _ = tx.send(Err(error)).await;
+                        return;
+                    }
+                }
+            }
+        }
+        let event = match self.persist(prepared, Some(assistant)).await {
+            Ok(reply) => Ok(TurnEvent::Complete(Box::new(reply))),
+            Err(error) => {
+                tracing::error!(code = error.code(), error = %error, "storing the streamed turn failed");
+                Err(error)
+            }
+        };
+        let _ = tx.send(event).await;
+    }
+}
