@@ -1,8 +1,13 @@
 #![doc = include_str!("../README.md")]
 
+mod auth;
 mod client;
+mod conversations;
+mod convert;
 mod errors;
+mod principal;
 mod runtime;
+mod stream;
 
 use pyo3::prelude::*;
 
@@ -11,10 +16,10 @@ use pyo3::prelude::*;
 fn _cmz(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<client::Client>()?;
-    m.add_class::<client::Conversations>()?;
-    m.add_class::<client::Auth>()?;
-    m.add_class::<client::Principal>()?;
-    m.add_class::<client::TurnStream>()?;
+    m.add_class::<conversations::Conversations>()?;
+    m.add_class::<auth::Auth>()?;
+    m.add_class::<principal::Principal>()?;
+    m.add_class::<stream::TurnStream>()?;
     errors::register(m)?;
     Ok(())
 }
