@@ -511,30 +511,17 @@ impl TokenCodec {
             "role",
         ];
         extra.retain(|key, _| !RESERVED.contains(&key.as_str()));
-        let user_type = match extra.remove("user_type") {
-            Some(serde_json::Value::String(kind)) => Some(kind),
-            Some(other) => {
-                extra.insert("user_type".into(), other);
-                None
-            }
-            None => None,
+        // These two are typed claims: a string replaces cmz's value; anything else is
+        // dropped (kept in `extra` it would be written as a second key of the same name).
+        let mut take = |key: &str| match extra.remove(key) {
+            Some(serde_json::Value::String(value)) => Some(value),
+            _ => None,
         };
-        let family_claim = match extra.remove("familyId") {
-            Some(serde_json::Value::String(id)) => Some(id),
-            Some(other) => {
-                extra.insert("familyId".into(), other);
-                None
-            }
-            None => None,
-        };
-        let ttl = ttl.unwrap_or(self.ttl);
-        let mut claims = self.claims_for(user, family, ttl, extra)?;
-        if let Some(kind) = user_type {
-            claims.user_type = Some(kind);
-        }
-        if let Some(id) = family_claim {
-            claims.family_id = Some(id);
-        }
+        let user_type = take("user_type");
+        let family_claim = take("familyId");
+        let mut claims = self.claims_for(user, family, ttl.unwrap_or(self.ttl), extra)?;
+        claims.user_type = user_type.or(claims.user_type);
+        claims.family_id = family_claim.or(claims.family_id);
         let token = self.sign(&claims)?;
         Ok(IssuedToken { token, claims })
     }

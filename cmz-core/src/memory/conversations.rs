@@ -89,6 +89,17 @@ impl InMemoryConversationStore {
         self.shard(id).write().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Changes one session in place; `not_found` if there is none.
+    fn update_session(&self, id: &SessionId, change: impl FnOnce(&mut Session)) -> Result<()> {
+        let mut state = self.write(id);
+        let entry = state
+            .sessions
+            .get_mut(id)
+            .ok_or_else(|| session_not_found(id))?;
+        change(&mut entry.session);
+        Ok(())
+    }
+
     fn all_read(&self) -> impl Iterator<Item = RwLockReadGuard<'_, State>> {
         self.shards
             .iter()
@@ -353,23 +364,11 @@ impl ConversationStore for InMemoryConversationStore {
     }
 
     async fn set_summary(&self, id: &SessionId, summary: &str) -> Result<()> {
-        let mut state = self.write(id);
-        let entry = state
-            .sessions
-            .get_mut(id)
-            .ok_or_else(|| session_not_found(id))?;
-        entry.session.summary = Some(summary.to_owned());
-        Ok(())
+        self.update_session(id, |s| s.summary = Some(summary.to_owned()))
     }
 
     async fn set_thread_id(&self, id: &SessionId, thread_id: &str) -> Result<()> {
-        let mut state = self.write(id);
-        let entry = state
-            .sessions
-            .get_mut(id)
-            .ok_or_else(|| session_not_found(id))?;
-        entry.session.thread_id = Some(thread_id.to_owned());
-        Ok(())
+        self.update_session(id, |s| s.thread_id = Some(thread_id.to_owned()))
     }
 
     async fn delete(&self, scope: DeleteScope) -> Result<DeleteReport> {
