@@ -33,7 +33,7 @@ async fn main() {
     let state = match cmz_tower::state_from_env(&|name| env.lookup(name)).await {
         Ok(state) => state,
         Err(error) => {
-            eprintln!("cmz demo: {error}");
+            eprintln!("cmz demo: {}", error.report());
             std::process::exit(1);
         }
     };
@@ -44,7 +44,7 @@ async fn main() {
     if cmz_tower::demo_env("CMZ_METRICS").is_some_and(|v| v == "1" || v == "true") {
         match cmz_tower::prometheus_router() {
             Ok(metrics) => app = app.merge(metrics),
-            Err(error) => eprintln!("cmz demo: metrics disabled: {error}"),
+            Err(error) => eprintln!("cmz demo: metrics disabled: {}", error.report()),
         }
     }
     println!("cmz demo on http://{bind}/  (log in as admin@cmz.org / admin123)");
@@ -52,7 +52,7 @@ async fn main() {
         println!("conversations are kept in DynamoDB at {endpoint}");
     }
     if let Err(error) = cmz_tower::serve(app, bind).await {
-        eprintln!("cmz demo: {error}");
+        eprintln!("cmz demo: {}", error.report());
         std::process::exit(1);
     }
 }

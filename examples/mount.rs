@@ -12,7 +12,7 @@ async fn main() {
     let state = match cmz_tower::state_from_env(&cmz_tower::demo_env).await {
         Ok(state) => state,
         Err(error) => {
-            eprintln!("mount example: {error}");
+            eprintln!("mount example: {}", error.report());
             std::process::exit(1);
         }
     };
@@ -30,7 +30,7 @@ async fn main() {
     let app = mine.nest("/api", cmz_tower::router(state));
     println!("my app on http://{bind}/hello, cmz under http://{bind}/api/");
     if let Err(error) = cmz_tower::serve(app, bind).await {
-        eprintln!("mount example: {error}");
+        eprintln!("mount example: {}", error.report());
         std::process::exit(1);
     }
 }

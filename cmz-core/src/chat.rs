@@ -42,6 +42,51 @@ pub struct ChatRequest {
     /// The model to ask, when it is not the backend's configured one (an animal's
     /// configured `aiModel`). Backends that serve one model ignore it.
     pub model: Option<String>,
+    /// How the backend should treat this request when it is busy. Backends without a
+    /// queue ignore it.
+    pub priority: Priority,
+}
+
+/// A request's place when the model backend is busy (the legacy API's `priority`): under
+/// load, `Low` requests are turned away first and `High` ones last. It never reorders
+/// requests already waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[non_exhaustive]
+pub enum Priority {
+    /// Shed first when the backend's queue fills.
+    Low,
+    /// The default.
+    #[default]
+    Normal,
+    /// Admitted after the queue is full for normal requests (within a margin).
+    High,
+}
+
+impl Priority {
+    /// The priority's name on the wire: `low`, `normal` or `high`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::High => "high",
+        }
+    }
+}
+
+impl std::str::FromStr for Priority {
+    type Err = crate::Error;
+
+    fn from_str(text: &str) -> crate::Result<Self> {
+        match text {
+            "low" => Ok(Priority::Low),
+            "normal" => Ok(Priority::Normal),
+            "high" => Ok(Priority::High),
+            _ => Err(crate::Error::validation(
+                "priority",
+                "priority must be low, normal or high",
+            )),
+        }
+    }
 }
 
 /// A whole reply.

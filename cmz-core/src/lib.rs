@@ -16,7 +16,7 @@ pub mod types;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
-pub use error::{BoxError, Error, Result};
+pub use error::{BoxError, Code, Error, Result};
 
 /// The names most programs need, in one import.
 pub mod prelude {

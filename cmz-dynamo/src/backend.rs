@@ -224,7 +224,7 @@ impl Dynamo {
             )
         })?;
         let mut mac = Hmac::<Sha256>::new_from_slice(key)
-            .map_err(|e| cmz_core::Error::internal(format!("cursor key: {e}")))?;
+            .map_err(|e| cmz_core::Error::internal("cursor key").with_source(e))?;
         for part in parts {
             mac.update(part.as_bytes());
             mac.update(b"\n");

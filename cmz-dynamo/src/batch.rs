@@ -29,7 +29,7 @@ pub(crate) async fn get_all(db: &Dynamo, table: &str, keys: Vec<Item>) -> Result
                 .set_keys(Some(chunk.to_vec()))
                 .consistent_read(true)
                 .build()
-                .map_err(|e| Error::internal(format!("batch keys: {e}")))?,
+                .map_err(|e| Error::internal("batch keys").with_source(e))?,
         );
         let mut round = 0;
         while let Some(request) = pending.take() {
@@ -83,7 +83,7 @@ pub(crate) async fn delete_keys(db: &Dynamo, table: &str, keys: Vec<Item>) -> Re
                 .set_key(Some(key))
                 .build()
                 .map(|d| WriteRequest::builder().delete_request(d).build())
-                .map_err(|e| Error::internal(format!("delete request: {e}")))
+                .map_err(|e| Error::internal("delete request").with_source(e))
         })
         .collect::<Result<Vec<_>>>()?;
     write_all(db, table, requests).await
@@ -99,7 +99,7 @@ pub(crate) async fn put_items(db: &Dynamo, table: &str, items: Vec<Item>) -> Res
                 .set_item(Some(item))
                 .build()
                 .map(|p| WriteRequest::builder().put_request(p).build())
-                .map_err(|e| Error::internal(format!("put request: {e}")))
+                .map_err(|e| Error::internal("put request").with_source(e))
         })
         .collect::<Result<Vec<_>>>()?;
     write_all(db, table, requests).await

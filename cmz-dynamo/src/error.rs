@@ -56,10 +56,7 @@ where
                 );
             }
             "ValidationException" => {
-                return Error::Internal {
-                    message: format!("dynamodb {op} on {table} rejected the request: {message}"),
-                    source: Some(Box::new(err)),
-                };
+                return Error::internal(format!("dynamodb {op} on {table} rejected the request: {message}")).with_source(err);
             }
             "ResourceNotFoundException" => {
                 return Error::unavailable(

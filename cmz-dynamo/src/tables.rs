@@ -137,7 +137,7 @@ fn key(name: &str, kind: KeyType) -> Result<KeySchemaElement> {
         .attribute_name(name)
         .key_type(kind)
         .build()
-        .map_err(|e| Error::internal(format!("key schema: {e}")))
+        .map_err(|e| Error::internal("key schema").with_source(e))
 }
 
 fn attr(name: &str, kind: ScalarAttributeType) -> Result<AttributeDefinition> {
@@ -145,7 +145,7 @@ fn attr(name: &str, kind: ScalarAttributeType) -> Result<AttributeDefinition> {
         .attribute_name(name)
         .attribute_type(kind)
         .build()
-        .map_err(|e| Error::internal(format!("attribute definition: {e}")))
+        .map_err(|e| Error::internal("attribute definition").with_source(e))
 }
 
 fn index_keys(hash: &str, range: Option<&str>) -> Result<Vec<KeySchemaElement>> {
@@ -245,7 +245,7 @@ async fn create_table(client: &Client, table: &str, spec: &Spec) -> Result<bool>
                 .set_key_schema(Some(index_keys(hash, *range)?))
                 .projection(all_projected())
                 .build()
-                .map_err(|e| Error::internal(format!("index definition: {e}")))?,
+                .map_err(|e| Error::internal("index definition").with_source(e))?,
         );
     }
     for (index, range) in spec.local_indexes {
@@ -258,7 +258,7 @@ async fn create_table(client: &Client, table: &str, spec: &Spec) -> Result<bool>
                 .set_key_schema(Some(index_keys(spec.hash.0, Some(range))?))
                 .projection(all_projected())
                 .build()
-                .map_err(|e| Error::internal(format!("index definition: {e}")))?,
+                .map_err(|e| Error::internal("index definition").with_source(e))?,
         );
     }
     match request.set_attribute_definitions(Some(defs)).send().await {

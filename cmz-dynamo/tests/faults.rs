@@ -238,7 +238,7 @@ async fn a_server_killed_mid_turn_loses_nothing_acknowledged_and_leaves_nothing_
         assert!(!failures.is_empty(), "the kill was seen");
         for code in &failures {
             assert!(
-                ["unavailable", "timeout"].contains(code),
+                ["unavailable", "timeout"].contains(&code.as_str()),
                 "failure code {code}"
             );
         }

@@ -37,7 +37,7 @@ fn openai_model(lookup: &Lookup<'_>) -> Result<Option<(DynChatModel, HealthCheck
                     offline: false,
                     latency_ms: None,
                     // The code only: upstream messages can name internal hosts.
-                    error: Some(error.code().to_owned()),
+                    error: Some(error.code().as_str().to_owned()),
                 },
             }
         })

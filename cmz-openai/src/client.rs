@@ -12,7 +12,7 @@ use futures::{Stream, StreamExt as _};
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument as _;
 
-use cmz_core::chat::{ChatChunk, ChatCompletion, ChatModel, ChatRequest};
+use cmz_core::chat::{ChatChunk, ChatCompletion, ChatModel, ChatRequest, Priority};
 use cmz_core::{Error, Result};
 
 use crate::config::{AuthStyle, OpenAiConfig};
@@ -77,10 +77,7 @@ impl OpenAiChatModel {
             .connect_timeout(config.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
             .build()
-            .map_err(|e| Error::Internal {
-                message: "could not build the HTTP client".into(),
-                source: Some(Box::new(e)),
-            })?;
+            .map_err(|e| Error::internal("could not build the HTTP client").with_source(e))?;
         let cache = config.cache.map(|c| {
             moka::future::Cache::builder()
                 .max_capacity(c.capacity)
@@ -174,11 +171,12 @@ impl OpenAiChatModel {
         url: &str,
         body: Bytes,
         stream: bool,
+        priority: Priority,
     ) -> std::result::Result<(OwnedSemaphorePermit, reqwest::Response), OpenAiError> {
         let config = &self.inner.config;
         let mut attempt = 0;
         loop {
-            let permit = self.inner.queue.acquire().await?;
+            let permit = self.inner.queue.acquire(priority).await?;
             let mut request = self
                 .authorize(self.inner.http.post(url))
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -292,7 +290,7 @@ impl ChatModel for OpenAiChatModel {
         let span = tracing::debug_span!("cmz.backend", kind = "model", op = "chat.completions", model = %inner.config.model);
         let completion = async {
             let (_permit, response) = self
-                .send_with_retries(&inner.chat_url, Bytes::from(body), false)
+                .send_with_retries(&inner.chat_url, Bytes::from(body), false, request.priority)
                 .await?;
             let bytes = read_limited(response, MAX_RESPONSE_BODY).await?;
             let parsed: WireResponse = serde_json::from_slice(&bytes).map_err(decode_error)?;
@@ -334,7 +332,7 @@ impl ChatModel for OpenAiChatModel {
         let span = tracing::debug_span!("cmz.backend", kind = "model", op = "chat.completions.stream", model = %inner.config.model);
         let (permit, response) = async {
             // Retries happen here, before the first byte of the stream; never after.
-            self.send_with_retries(&inner.chat_url, Bytes::from(body), true)
+            self.send_with_retries(&inner.chat_url, Bytes::from(body), true, request.priority)
                 .await
         }
         .instrument(span.clone())

@@ -118,51 +118,46 @@ impl OpenAiError {
         )
     }
 
-    /// The cmz error this becomes (this error kept as its source where the variant has one).
+    /// The cmz error this becomes, with this error kept as its source.
     pub fn into_error(self, model: &str, timeout: Duration) -> Error {
         let status = self
             .status
             .map(|s| format!(" (HTTP {s})"))
             .unwrap_or_default();
-        match self.kind {
-            OpenAiErrorKind::RateLimited | OpenAiErrorKind::QueueFull => Error::RateLimited {
-                message: format!("model {model} is busy{status}: {}", self.message),
-                retry_after: self.retry_after,
-            },
-            OpenAiErrorKind::ContextLength => Error::Validation {
-                message: format!(
+        let error = match self.kind {
+            OpenAiErrorKind::RateLimited | OpenAiErrorKind::QueueFull => Error::rate_limited(
+                format!("model {model} is busy{status}: {}", self.message),
+                self.retry_after,
+            ),
+            OpenAiErrorKind::ContextLength => Error::validation(
+                "message",
+                format!(
                     "the conversation is too long for model {model}: {}",
                     self.message
                 ),
-                field: Some("message"),
-            },
-            OpenAiErrorKind::ContentFilter => Error::Validation {
-                message: format!(
+            ),
+            OpenAiErrorKind::ContentFilter => Error::validation(
+                "message",
+                format!(
                     "the model's content filter refused this message: {}",
                     self.message
                 ),
-                field: Some("message"),
-            },
-            OpenAiErrorKind::Timeout => Error::Timeout {
-                what: format!("model {model}"),
-                after: timeout,
-            },
-            OpenAiErrorKind::BadRequest => Error::Internal {
-                message: format!(
-                    "model {model} rejected the request{status}: {}",
-                    self.message
-                ),
-                source: Some(Box::new(self)),
-            },
+            ),
+            OpenAiErrorKind::Timeout => Error::timeout(format!("model {model}"), timeout),
+            OpenAiErrorKind::BadRequest => Error::internal(format!(
+                "model {model} rejected the request{status}: {}",
+                self.message
+            )),
             OpenAiErrorKind::Authentication => Error::Unavailable {
                 message: format!("model {model}: the provider rejected the API key{status}"),
-                source: Some(Box::new(self)),
+                source: None,
             },
             _ => Error::Unavailable {
                 message: format!("model {model} failed{status}: {}", self.message),
-                source: Some(Box::new(self)),
+                source: None,
             },
-        }
+        };
+        error.with_source(self)
     }
 }
 

@@ -5,6 +5,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use tracing::Instrument as _;
 
+use cmz_core::chat::Priority;
 use cmz_core::moderation::{ModerationVerdict, Moderator};
 use cmz_core::{Error, Result};
 
@@ -59,7 +60,7 @@ impl Moderator for OpenAiModerator {
         let result = async {
             let (_permit, response) = self
                 .model
-                .send_with_retries(&url, Bytes::from(body.to_string()), false)
+                .send_with_retries(&url, Bytes::from(body.to_string()), false, Priority::Normal)
                 .await?;
             let bytes = response.bytes().await.map_err(|e| {
                 OpenAiError::new(

@@ -24,6 +24,7 @@ fn request(text: &str) -> ChatRequest {
         max_tokens: Some(50),
         temperature: Some(0.3),
         model: None,
+        priority: Default::default(),
     }
 }
 
@@ -263,7 +264,7 @@ async fn client_errors_are_not_retried_and_map_to_codes() {
     server.push(Behavior::Malformed);
     let err = model.complete(request("hi")).await.unwrap_err();
     assert_eq!(
-        (err.code(), source_kind(&err)),
+        (err.code().as_str(), source_kind(&err)),
         ("unavailable", Some(OpenAiErrorKind::Decode))
     );
     server.push(Behavior::Malformed);

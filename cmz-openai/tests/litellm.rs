@@ -195,7 +195,7 @@ async fn litellm_faults_map_to_codes() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err.code(), "unavailable" | "internal_error"),
+        matches!(err.code().as_str(), "unavailable" | "internal_error"),
         "{err:?}"
     );
 }

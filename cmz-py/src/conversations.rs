@@ -32,6 +32,15 @@ pub(crate) struct TurnArgs {
     request: TurnRequest,
 }
 
+/// The keyword arguments of a turn beyond its message and session, as over HTTP.
+pub(crate) struct TurnOptions {
+    pub(crate) max_tokens: Option<i128>,
+    pub(crate) temperature: Option<f64>,
+    pub(crate) context_summary: Option<String>,
+    pub(crate) moderation_level: Option<String>,
+    pub(crate) priority: Option<String>,
+}
+
 pub(crate) fn turn_args(
     principal: &Principal,
     animal_id: String,
@@ -39,6 +48,7 @@ pub(crate) fn turn_args(
     session_id: Option<String>,
     context_window: Option<i128>,
     turn_key: Option<String>,
+    options: TurnOptions,
 ) -> PyResult<TurnArgs> {
     let mut request = TurnRequest::new(id(AnimalId::new, animal_id)?, message);
     if let Some(session) = session_id {
@@ -50,6 +60,19 @@ pub(crate) fn turn_args(
     }
     if let Some(key) = turn_key {
         request = request.with_turn_key(key);
+    }
+    // Bounds are the engine's, the same as over HTTP: out-of-range numbers only need to
+    // survive the conversion to be refused there with the same message.
+    request.max_tokens = options
+        .max_tokens
+        .map(|tokens| u32::try_from(tokens).unwrap_or(0));
+    request.temperature = options.temperature.map(|t| t as f32);
+    request.context_summary = options.context_summary;
+    if let Some(level) = options.moderation_level {
+        request = request.with_moderation_level(level.parse().map_err(crate::errors::to_py)?);
+    }
+    if let Some(priority) = options.priority {
+        request = request.with_priority(priority.parse().map_err(crate::errors::to_py)?);
     }
     Ok(TurnArgs {
         principal: principal.inner.clone(),
@@ -74,8 +97,13 @@ pub(crate) async fn store_turn(
 #[pymethods]
 impl Conversations {
     /// Runs a turn: persona prompt, context window, model, atomic persist. Returns a dict
-    /// (`reply`, `sessionId`, `userMessage`, `assistantMessage`, `usage`, ...).
-    #[pyo3(signature = (principal, animal_id, message, *, session_id=None, context_window=None, turn_key=None))]
+    /// (`reply`, `sessionId`, `userMessage`, `assistantMessage`, `usage`, `moderation`,
+    /// ...). The keyword arguments are the HTTP API's, with its defaults and bounds:
+    /// `context_window` (1-20), `max_tokens` (10-1000), `temperature` (0-2),
+    /// `context_summary` (the client's summary of earlier turns, moderated, 2,000
+    /// characters at most), `moderation_level` (`permissive`, `standard`, `strict`; never
+    /// below the deployment's), `priority` (`low`, `normal`, `high`) and `turn_key`.
+    #[pyo3(signature = (principal, animal_id, message, *, session_id=None, context_window=None, turn_key=None, max_tokens=None, temperature=None, context_summary=None, moderation_level=None, priority=None))]
     fn turn(
         &self,
         py: Python<'_>,
@@ -85,6 +113,11 @@ impl Conversations {
         session_id: Option<String>,
         context_window: Option<i128>,
         turn_key: Option<String>,
+        max_tokens: Option<i128>,
+        temperature: Option<f64>,
+        context_summary: Option<String>,
+        moderation_level: Option<String>,
+        priority: Option<String>,
     ) -> PyResult<Py<PyAny>> {
         let args = turn_args(
             principal,
@@ -93,6 +126,13 @@ impl Conversations {
             session_id,
             context_window,
             turn_key,
+            TurnOptions {
+                max_tokens,
+                temperature,
+                context_summary,
+                moderation_level,
+                priority,
+            },
         )?;
         let state = self.state.clone();
         let value = block_on(py, async move {
@@ -106,7 +146,7 @@ impl Conversations {
     }
 
     /// `turn` as an asyncio coroutine.
-    #[pyo3(signature = (principal, animal_id, message, *, session_id=None, context_window=None, turn_key=None))]
+    #[pyo3(signature = (principal, animal_id, message, *, session_id=None, context_window=None, turn_key=None, max_tokens=None, temperature=None, context_summary=None, moderation_level=None, priority=None))]
     fn aturn<'py>(
         &self,
         py: Python<'py>,
@@ -116,6 +156,11 @@ impl Conversations {
         session_id: Option<String>,
         context_window: Option<i128>,
         turn_key: Option<String>,
+        max_tokens: Option<i128>,
+        temperature: Option<f64>,
+        context_summary: Option<String>,
+        moderation_level: Option<String>,
+        priority: Option<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let args = turn_args(
             principal,
@@ -124,6 +169,13 @@ impl Conversations {
             session_id,
             context_window,
             turn_key,
+            TurnOptions {
+                max_tokens,
+                temperature,
+                context_summary,
+                moderation_level,
+                priority,
+            },
         )?;
         let state = self.state.clone();
         awaitable(py, async move {
@@ -139,7 +191,7 @@ impl Conversations {
     /// dicts, then one `{"type": "complete", ...}` with the stored turn. Abandoning it
     /// (or `close()`) cancels the model call and stores the partial reply, marked
     /// interrupted.
-    #[pyo3(signature = (principal, animal_id, message, *, session_id=None, context_window=None, turn_key=None))]
+    #[pyo3(signature = (principal, animal_id, message, *, session_id=None, context_window=None, turn_key=None, max_tokens=None, temperature=None, context_summary=None, moderation_level=None, priority=None))]
     fn stream_turn(
         &self,
         py: Python<'_>,
@@ -149,6 +201,11 @@ impl Conversations {
         session_id: Option<String>,
         context_window: Option<i128>,
         turn_key: Option<String>,
+        max_tokens: Option<i128>,
+        temperature: Option<f64>,
+        context_summary: Option<String>,
+        moderation_level: Option<String>,
+        priority: Option<String>,
     ) -> PyResult<TurnStream> {
         let args = turn_args(
             principal,
@@ -157,6 +214,13 @@ impl Conversations {
             session_id,
             context_window,
             turn_key,
+            TurnOptions {
+                max_tokens,
+                temperature,
+                context_summary,
+                moderation_level,
+                priority,
+            },
         )?;
         let state = self.state.clone();
         let stream = block_on(py, async move {

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use crate::runtime::{block_on, to_python};
 
 pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> Result<Value> {
-    serde_json::to_value(value).map_err(|e| Error::internal(format!("serialize: {e}")))
+    serde_json::to_value(value).map_err(|e| Error::internal("serialize").with_source(e))
 }
 
 pub(crate) fn id<T>(make: fn(String) -> Result<T>, value: String) -> PyResult<T> {
@@ -42,6 +42,10 @@ pub(crate) fn reply_json(reply: &TurnReply) -> Result<Value> {
         "fallback": reply.fallback,
         "interrupted": reply.interrupted,
         "replayed": reply.replayed,
+        "moderation": {
+            "flagged": reply.moderation.flagged,
+            "categories": reply.moderation.categories,
+        },
     }))
 }
 

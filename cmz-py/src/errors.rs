@@ -3,6 +3,7 @@
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
+use cmz_core::Code;
 use pyo3::types::PyDict;
 
 create_exception!(
@@ -66,23 +67,30 @@ create_exception!(
     "A bug or broken invariant (`internal_error`)."
 );
 
+/// The exception class of each code: the one table Python errors come from.
+fn exception_for(code: Code, message: String) -> PyErr {
+    match code {
+        Code::Validation => ValidationError::new_err(message),
+        Code::NotFound => NotFound::new_err(message),
+        Code::Forbidden => Forbidden::new_err(message),
+        Code::Unauthorized => Unauthorized::new_err(message),
+        Code::RateLimited => RateLimited::new_err(message),
+        Code::Conflict => Conflict::new_err(message),
+        Code::Unavailable => Unavailable::new_err(message),
+        Code::Timeout => Timeout::new_err(message),
+        _ => InternalError::new_err(message),
+    }
+}
+
 /// Converts a cmz error into its Python exception: the subclass for its code, with
 /// `.code`, `.message`, `.details` (a dict) and, for rate limits, `.retry_after` (seconds).
+/// The message is the error's [`report`](cmz_core::Error::report): its own text and its
+/// causes', for the calling service's logs.
 pub(crate) fn to_py(error: cmz_core::Error) -> PyErr {
     Python::attach(|py| {
-        let message = error.to_string();
+        let message = error.report();
         let code = error.code();
-        let err = match code {
-            "validation_error" => ValidationError::new_err(message.clone()),
-            "not_found" => NotFound::new_err(message.clone()),
-            "forbidden" => Forbidden::new_err(message.clone()),
-            "unauthorized" => Unauthorized::new_err(message.clone()),
-            "rate_limit_exceeded" => RateLimited::new_err(message.clone()),
-            "conflict" => Conflict::new_err(message.clone()),
-            "unavailable" => Unavailable::new_err(message.clone()),
-            "timeout" => Timeout::new_err(message.clone()),
-            _ => InternalError::new_err(message.clone()),
-        };
+        let err = exception_for(code, message.clone());
         let value = err.value(py);
         let details = PyDict::new(py);
         let mut retry_after: Option<f64> = None;
@@ -101,7 +109,7 @@ pub(crate) fn to_py(error: cmz_core::Error) -> PyErr {
             }
             _ => {}
         }
-        let _ = value.setattr("code", code);
+        let _ = value.setattr("code", code.as_str());
         let _ = value.setattr("message", message);
         let _ = value.setattr("details", details);
         let _ = value.setattr("retry_after", retry_after);
@@ -114,29 +122,15 @@ pub(crate) fn to_py(error: cmz_core::Error) -> PyErr {
 #[pyfunction]
 #[pyo3(signature = (code, message="test"))]
 pub(crate) fn _raise_error(code: &str, message: &str) -> PyResult<()> {
+    let code: Code = code
+        .parse()
+        .map_err(|e: cmz_core::error::UnknownCode| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
     let error = match code {
-        "validation_error" => cmz_core::Error::validation("field", message),
-        "not_found" => cmz_core::Error::not_found(message),
-        "forbidden" => cmz_core::Error::forbidden(message),
-        "unauthorized" => cmz_core::Error::Unauthorized {
-            message: message.to_owned(),
-        },
-        "rate_limit_exceeded" => cmz_core::Error::RateLimited {
-            message: message.to_owned(),
-            retry_after: Some(std::time::Duration::from_secs(30)),
-        },
-        "conflict" => cmz_core::Error::conflict(message),
-        "unavailable" => cmz_core::Error::unavailable(message, std::io::Error::other("down")),
-        "timeout" => cmz_core::Error::Timeout {
-            what: message.to_owned(),
-            after: std::time::Duration::from_secs(1),
-        },
-        "internal_error" => cmz_core::Error::internal(message),
-        other => {
-            return Err(pyo3::exceptions::PyValueError::new_err(format!(
-                "unknown code {other:?}"
-            )));
+        Code::Validation => cmz_core::Error::validation("field", message),
+        Code::RateLimited => {
+            cmz_core::Error::rate_limited(message, Some(std::time::Duration::from_secs(30)))
         }
+        other => cmz_core::Error::new(other, message),
     };
     Err(to_py(error))
 }
@@ -158,6 +152,8 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     ] {
         m.add(name, class)?;
     }
+    let codes: Vec<&str> = Code::ALL.iter().map(|code| code.as_str()).collect();
+    m.add("ERROR_CODES", pyo3::types::PyTuple::new(py, codes)?)?;
     m.add_function(pyo3::wrap_pyfunction!(_raise_error, m)?)?;
     Ok(())
 }

@@ -42,9 +42,12 @@ pub async fn state_from_env(lookup: &Lookup<'_>) -> Result<AppState> {
 /// A port already in use is a one-line error naming `CMZ_BIND`. Connections are timed
 /// out and capped by [`ConnectionLimits`](crate::ConnectionLimits) from the process environment.
 pub async fn serve(app: Router, bind: SocketAddr) -> Result<()> {
-    let listener = listen(bind).map_err(|e| Error::Unavailable {
-        message: format!("cannot listen on {bind}: {e}; set CMZ_BIND to another address (for example 127.0.0.1:8081)"),
-        source: Some(Box::new(e)),
+    let listener = listen(bind).map_err(|e| {
+        let hint = format!(
+            "cannot listen on {bind} ({}); set CMZ_BIND to another address (for example 127.0.0.1:8081)",
+            e.kind()
+        );
+        Error::unavailable(hint, e)
     })?;
     let started = Instant::now();
     tracing::info!(%bind, "listening");

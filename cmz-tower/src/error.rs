@@ -7,6 +7,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
+use cmz_core::Code;
 use serde_json::{Value, json};
 
 /// An HTTP error with the legacy body.
@@ -24,22 +25,40 @@ pub struct ApiError {
     pub retry_after: Option<u64>,
 }
 
-/// The status a cmz error code maps to.
-pub fn status_for(code: &str) -> StatusCode {
+/// The status of each of cmz's own error codes.
+pub fn status_of(code: Code) -> StatusCode {
     match code {
-        "validation_error" | "gdpr_confirmation_required" => StatusCode::BAD_REQUEST,
-        "unauthorized" => StatusCode::UNAUTHORIZED,
-        "forbidden" => StatusCode::FORBIDDEN,
-        "not_found" => StatusCode::NOT_FOUND,
-        "method_not_allowed" => StatusCode::METHOD_NOT_ALLOWED,
-        "conflict" => StatusCode::CONFLICT,
-        "payload_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
-        "unsupported_media_type" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        "rate_limit_exceeded" => StatusCode::TOO_MANY_REQUESTS,
-        "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
-        "timeout" => StatusCode::GATEWAY_TIMEOUT,
-        "request_timeout" => StatusCode::REQUEST_TIMEOUT,
+        Code::Validation => StatusCode::BAD_REQUEST,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::Forbidden => StatusCode::FORBIDDEN,
+        Code::Unauthorized => StatusCode::UNAUTHORIZED,
+        Code::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        Code::Conflict => StatusCode::CONFLICT,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::Timeout => StatusCode::GATEWAY_TIMEOUT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// The codes only the HTTP layer answers with (a request refused before any service saw
+/// it, or the legacy GDPR confirmation), with their statuses.
+pub const HTTP_CODES: [(&str, StatusCode); 5] = [
+    ("gdpr_confirmation_required", StatusCode::BAD_REQUEST),
+    ("method_not_allowed", StatusCode::METHOD_NOT_ALLOWED),
+    ("payload_too_large", StatusCode::PAYLOAD_TOO_LARGE),
+    ("unsupported_media_type", StatusCode::UNSUPPORTED_MEDIA_TYPE),
+    ("request_timeout", StatusCode::REQUEST_TIMEOUT),
+];
+
+/// The status an error code maps to: [`status_of`] for cmz's codes, [`HTTP_CODES`] for
+/// the HTTP layer's own; anything else is a 500.
+pub fn status_for(code: &str) -> StatusCode {
+    match code.parse::<Code>() {
+        Ok(code) => status_of(code),
+        Err(_) => HTTP_CODES
+            .iter()
+            .find(|(name, _)| *name == code)
+            .map_or(StatusCode::INTERNAL_SERVER_ERROR, |(_, status)| *status),
     }
 }
 
@@ -69,7 +88,7 @@ impl ApiError {
 
 impl From<cmz_core::Error> for ApiError {
     fn from(error: cmz_core::Error) -> Self {
-        let code = error.code();
+        let code = error.code().as_str();
         let mut api = ApiError::new(code, error.to_string());
         match &error {
             cmz_core::Error::Validation {
@@ -84,11 +103,11 @@ impl From<cmz_core::Error> for ApiError {
             }
             // Backend details (table names, upstream URLs, provider messages) stay in the logs.
             cmz_core::Error::Internal { .. } => {
-                tracing::error!(code, error = %error, source = ?std::error::Error::source(&error), "request failed");
+                tracing::error!(code, error = %error.report(), "request failed");
                 api.message = "internal error".into();
             }
             cmz_core::Error::Unavailable { .. } => {
-                tracing::error!(code, error = %error, source = ?std::error::Error::source(&error), "request failed");
+                tracing::error!(code, error = %error.report(), "request failed");
                 api.message = "a service this request needs is unavailable; try again later".into();
             }
             cmz_core::Error::Timeout { .. } => {

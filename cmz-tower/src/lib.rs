@@ -35,7 +35,7 @@ pub use cmz_env::{HealthCheck, ModelHealth, Services, cached, offline_health};
 #[cfg(feature = "dev")]
 pub use cmz_env::{SAMPLE_PERSONAS, sample_personas};
 pub use config::{LEGACY_FRONTEND_ORIGINS, demo_env, serve, state_from_env};
-pub use error::{ApiError, ApiJson, ApiQuery, status_for};
+pub use error::{ApiError, ApiJson, ApiQuery, HTTP_CODES, status_for, status_of};
 #[cfg(feature = "prometheus")]
 pub use metrics::prometheus_router;
 pub use serve::{ConnectionLimits, serve_with};

@@ -56,7 +56,7 @@ pub fn prometheus_router() -> cmz_core::Result<axum::Router> {
         })
         .clone()
         .map_err(|e| {
-            cmz_core::Error::internal(format!("cannot install the Prometheus recorder: {e}"))
+            cmz_core::Error::internal("cannot install the Prometheus recorder").with_source(e)
         })?;
     Ok(axum::Router::new().route(
         "/metrics",

@@ -110,10 +110,7 @@ pub(crate) async fn login(
 
 fn to_json(value: &impl Serialize) -> ApiResult<Value> {
     serde_json::to_value(value).map_err(|e| {
-        ApiError::from(cmz_core::Error::Internal {
-            message: "a response did not serialize".into(),
-            source: Some(Box::new(e)),
-        })
+        ApiError::from(cmz_core::Error::internal("a response did not serialize").with_source(e))
     })
 }
 
@@ -177,7 +174,6 @@ pub(crate) struct ConvoTurnRequest {
     pub(crate) animal_id: String,
     pub(crate) message: String,
     pub(crate) session_id: Option<String>,
-    #[allow(dead_code)]
     pub(crate) context_summary: Option<String>,
     #[allow(dead_code)]
     pub(crate) metadata: Option<Value>,
@@ -192,25 +188,16 @@ pub(crate) struct ConvoTurnRequest {
 impl ConvoTurnRequest {
     /// Checks the legacy bounds and builds the engine's request.
     pub(crate) fn into_turn(self) -> ApiResult<TurnRequest> {
-        if let Some(p) = &self.priority {
-            if !matches!(p.as_str(), "low" | "normal" | "high") {
-                return Err(ApiError::validation(
-                    "priority",
-                    "priority must be low, normal or high",
-                ));
-            }
-        }
-        if let Some(level) = &self.moderation_level {
-            if !matches!(level.as_str(), "permissive" | "standard" | "strict") {
-                return Err(ApiError::validation(
-                    "moderationLevel",
-                    "moderationLevel must be permissive, standard or strict",
-                ));
-            }
-        }
         // Defaults and bounds are the engine's (`ConversationConfig`), the same for every
         // front end; out-of-range numbers only need to survive the conversion.
         let mut turn = TurnRequest::new(id(AnimalId::new, self.animal_id)?, self.message);
+        if let Some(priority) = &self.priority {
+            turn = turn.with_priority(priority.parse()?);
+        }
+        if let Some(level) = &self.moderation_level {
+            turn = turn.with_moderation_level(level.parse()?);
+        }
+        turn.context_summary = self.context_summary;
         turn.context_window = self.context_window.map(|w| usize::try_from(w).unwrap_or(0));
         turn.max_tokens = self.max_tokens.map(|t| u32::try_from(t).unwrap_or(0));
         turn.temperature = self.temperature.map(|t| t as f32);
@@ -284,7 +271,7 @@ struct TurnResponse<'a> {
     interrupted: bool,
     replayed: bool,
     turn: TurnMeta<'a>,
-    moderation: Moderation,
+    moderation: Moderation<'a>,
 }
 
 #[derive(Serialize)]
@@ -298,9 +285,9 @@ struct TurnMeta<'a> {
 }
 
 #[derive(Serialize)]
-struct Moderation {
+struct Moderation<'a> {
     flagged: bool,
-    categories: [&'static str; 0],
+    categories: &'a [String],
 }
 
 impl<'a> TurnResponse<'a> {
@@ -324,8 +311,8 @@ impl<'a> TurnResponse<'a> {
                 latency_ms: message.metadata.latency_ms,
             },
             moderation: Moderation {
-                flagged: message.metadata.moderated,
-                categories: [],
+                flagged: reply.moderation.flagged,
+                categories: &reply.moderation.categories,
             },
         }
     }

@@ -103,3 +103,42 @@ async fn every_documented_operation_answers_over_http() {
         }
     }
 }
+
+/// The values of the `Error` schema's `code` enum.
+fn documented_codes() -> BTreeSet<String> {
+    let start = SPEC.find("\n    Error:\n").expect("an Error schema");
+    let schema = &SPEC[start..];
+    let enum_at = schema.find("enum:").expect("the Error code enum");
+    schema[enum_at + "enum:".len()..]
+        .lines()
+        .skip(1)
+        .map_while(|line| line.trim().strip_prefix("- ").map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn every_error_code_has_one_status_and_is_documented() {
+    use axum::http::StatusCode;
+    let documented = documented_codes();
+    let mut answered = BTreeSet::new();
+    for code in cmz_core::Code::ALL {
+        let status = cmz_tower::status_of(code);
+        assert_eq!(cmz_tower::status_for(code.as_str()), status);
+        assert_eq!(
+            status == StatusCode::INTERNAL_SERVER_ERROR,
+            code == cmz_core::Code::Internal,
+            "{code} answers {status}"
+        );
+        answered.insert(code.as_str().to_owned());
+    }
+    for (code, status) in cmz_tower::HTTP_CODES {
+        assert!(status.is_client_error(), "{code} answers {status}");
+        assert_eq!(cmz_tower::status_for(code), status);
+        assert!(code.parse::<cmz_core::Code>().is_err(), "{code} is listed twice");
+        answered.insert(code.to_owned());
+    }
+    assert_eq!(
+        answered, documented,
+        "the codes answered and the codes in openapi.yaml's Error schema differ"
+    );
+}

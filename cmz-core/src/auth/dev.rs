@@ -60,7 +60,7 @@ impl DevDirectory {
     /// Parses a JSON document of the embedded set's shape; `origin` names it in errors.
     pub fn parse(json: &str, origin: &str) -> Result<Self> {
         let directory: Self = serde_json::from_str(json)
-            .map_err(|e| Error::validation("CMZ_DEV_USERS", format!("{origin}: {e}")))?;
+            .map_err(|e| Error::validation("CMZ_DEV_USERS", origin).with_source(e))?;
         for user in &directory.users {
             normalize_email(&user.email)?;
         }
@@ -75,8 +75,9 @@ impl DevDirectory {
                 let json = std::fs::read_to_string(path).map_err(|e| {
                     Error::validation(
                         "CMZ_DEV_USERS",
-                        format!("cannot read dev users file {path:?}: {e}"),
+                        format!("cannot read dev users file {path:?}"),
                     )
+                    .with_source(e)
                 })?;
                 Self::parse(&json, path)
             }

@@ -165,9 +165,7 @@ struct AuthInner {
 }
 
 fn invalid_credentials() -> Error {
-    Error::Unauthorized {
-        message: "Invalid email or password".into(),
-    }
+    Error::unauthorized("Invalid email or password")
 }
 
 fn hash_refresh(token: &str) -> String {
@@ -247,13 +245,10 @@ impl AuthService {
                 let retry = (count.resets_at - Utc::now())
                     .to_std()
                     .unwrap_or(Duration::from_secs(1));
-                return Err(Error::RateLimited {
-                    message: format!(
+                return Err(Error::rate_limited(format!(
                         "Too many failed logins; try again in {} seconds",
                         retry.as_secs().max(1)
-                    ),
-                    retry_after: Some(retry),
-                });
+                    ), Some(retry)));
             }
         }
         Ok(())
@@ -341,7 +336,7 @@ impl AuthService {
                         .instrument(span("set_password_hash"))
                         .await
                     {
-                        tracing::warn!(code = e.code(), error = %e, "password hash upgrade failed; will retry at next login");
+                        tracing::warn!(code = e.code().as_str(), error = %e, "password hash upgrade failed; will retry at next login");
                     } else {
                         tracing::info!(user = %user.user_id, "password hash upgraded to argon2id");
                     }
@@ -390,9 +385,7 @@ impl AuthService {
     #[tracing::instrument(name = "cmz.refresh", skip_all)]
     pub async fn refresh(&self, refresh_token: &str) -> Result<LoginResponse> {
         let inner = &self.inner;
-        let rejected = || Error::Unauthorized {
-            message: "Invalid or expired refresh token".into(),
-        };
+        let rejected = || Error::unauthorized("Invalid or expired refresh token");
         if refresh_token.len() > 256 || !refresh_token.starts_with("cmzr_") {
             return Err(rejected());
         }

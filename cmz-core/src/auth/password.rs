@@ -97,10 +97,7 @@ impl HashGate {
     }
 
     fn busy() -> Error {
-        Error::RateLimited {
-            message: "Too many logins at once; try again in a second".into(),
-            retry_after: Some(Duration::from_secs(1)),
-        }
+        Error::rate_limited("Too many logins at once; try again in a second", Some(Duration::from_secs(1)))
     }
 
     async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T> {
@@ -157,7 +154,7 @@ impl PasswordHasher {
     /// argon2id with explicit parameters (memory in KiB).
     pub fn new(memory_kib: u32, iterations: u32, lanes: u32) -> Result<Self> {
         let params = Params::new(memory_kib, iterations, lanes, None)
-            .map_err(|e| Error::validation("argon2", format!("invalid argon2 parameters: {e}")))?;
+            .map_err(|e| Error::validation("argon2", "invalid argon2 parameters").with_source(e))?;
         Ok(Self {
             params,
             gate: HashGate::process(),
@@ -193,11 +190,11 @@ impl PasswordHasher {
         check_length(password)?;
         let salt: [u8; 16] = crate::random::secret_bytes()?;
         let salt =
-            SaltString::encode_b64(&salt).map_err(|e| Error::internal(format!("salt: {e}")))?;
+            SaltString::encode_b64(&salt).map_err(|e| Error::internal("salt").with_source(e))?;
         self.argon2()
             .hash_password(password.as_bytes(), &salt)
             .map(|hash| hash.to_string())
-            .map_err(|e| Error::internal(format!("argon2 hashing failed: {e}")))
+            .map_err(|e| Error::internal("argon2 hashing failed").with_source(e))
     }
 
     /// Checks `password` against a stored hash, computed right here (blocking).
@@ -277,10 +274,7 @@ async fn off_executor<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'stat
     }
     tokio::task::spawn_blocking(work)
         .await
-        .map_err(|e| Error::Internal {
-            message: "password hashing task failed".into(),
-            source: Some(Box::new(e)),
-        })
+        .map_err(|e| Error::internal("password hashing task failed").with_source(e))
 }
 
 fn parse_legacy(stored: &str) -> Option<(&str, Vec<u8>)> {

@@ -630,7 +630,7 @@ async fn concurrent_wrong_logins_cannot_pass_the_limit_or_the_hash_gate() {
     assert!(
         codes
             .iter()
-            .all(|c| matches!(*c.as_ref().unwrap(), "unauthorized" | "rate_limit_exceeded")),
+            .all(|c| matches!(c.as_ref().unwrap().as_str(), "unauthorized" | "rate_limit_exceeded")),
         "{codes:?}"
     );
 }

@@ -205,9 +205,7 @@ impl TokenRejection {
     /// The error sent to the client: the same for every reason.
     pub fn into_error(self) -> Error {
         tracing::warn!(reason = self.as_str(), "access token rejected");
-        Error::Unauthorized {
-            message: "Invalid or expired token".into(),
-        }
+        Error::unauthorized("Invalid or expired token")
     }
 }
 
@@ -261,10 +259,7 @@ fn ensure_crypto_provider() {
 }
 
 fn key_error(what: &str, error: jsonwebtoken::errors::Error) -> Error {
-    Error::Validation {
-        message: format!("invalid {what}: {error}"),
-        field: Some("jwtKey"),
-    }
+    Error::validation("jwtKey", format!("invalid {what}")).with_source(error)
 }
 
 impl TokenKeys {
@@ -557,10 +552,7 @@ impl TokenCodec {
     pub fn sign(&self, claims: &AccessClaims) -> Result<String> {
         let mut header = Header::new(self.keys.algorithm.jwt());
         header.kid = self.keys.kid.clone();
-        jsonwebtoken::encode(&header, claims, &self.keys.signing).map_err(|e| Error::Internal {
-            message: "signing the access token failed".into(),
-            source: Some(Box::new(e)),
-        })
+        jsonwebtoken::encode(&header, claims, &self.keys.signing).map_err(|e| Error::internal("signing the access token failed").with_source(e))
     }
 
     /// HS256, the common case, verified in one pass: the header and the claims are each

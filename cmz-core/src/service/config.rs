@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::moderation::ModerationLevel;
+
 /// What a turn does when the model fails or times out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ModelFailurePolicy {
@@ -43,6 +45,12 @@ pub struct ConversationConfig {
     pub temperature: Option<f32>,
     /// Streamed deltas buffered for a slow consumer before the model is paused. Default 32.
     pub stream_buffer: usize,
+    /// The least moderation every turn gets when a moderator is configured; a request may
+    /// ask for more, never less. Default [`ModerationLevel::Standard`].
+    pub moderation_level: ModerationLevel,
+    /// The longest context summary a client may send with a turn, in characters. Default
+    /// 2,000.
+    pub max_context_summary_chars: usize,
 }
 
 impl Default for ConversationConfig {
@@ -58,6 +66,8 @@ impl Default for ConversationConfig {
             max_reply_tokens: 1_000,
             temperature: Some(0.7),
             stream_buffer: 32,
+            moderation_level: ModerationLevel::Standard,
+            max_context_summary_chars: 2_000,
         }
     }
 }

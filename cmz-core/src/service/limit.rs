@@ -50,10 +50,7 @@ impl TurnLimit {
         let count = self.store.hit(&key(principal), self.window).await?;
         if count.count > self.limit {
             let wait = (count.resets_at - Utc::now()).num_seconds().max(1) as u64;
-            return Err(Error::RateLimited {
-                message: TURN_LIMIT_MESSAGE.into(),
-                retry_after: Some(Duration::from_secs(wait)),
-            });
+            return Err(Error::rate_limited(TURN_LIMIT_MESSAGE, Some(Duration::from_secs(wait))));
         }
         Ok(())
     }

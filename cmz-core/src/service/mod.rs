@@ -58,10 +58,10 @@ use tombstones::Tombstones;
 
 use crate::access::{Action, DynAccessPolicy, OwnerOrAdminPolicy, Principal};
 use crate::auth::{AuditEvent, AuditKind, AuditOutcome, DynAuditSink, DynRateLimitStore};
-use crate::chat::{ChatChunk, ChatMessage, ChatRequest, DynChatModel};
+use crate::chat::{ChatChunk, ChatMessage, ChatRequest, DynChatModel, Priority};
 use crate::error::{Error, Result};
 use crate::ids::{AnimalId, SessionId, UserId};
-use crate::moderation::DynModerator;
+use crate::moderation::{DynModerator, ModerationLevel, ModerationVerdict};
 use crate::persona::DynPersonaDirectory;
 use crate::store::{
     AppendOutcome, DeleteReport, DeleteScope, DynConversationStore, Page, PageRequest,
@@ -104,7 +104,7 @@ enum UserPart {
 
 /// A turn ready for the model.
 #[derive(Debug)]
-struct Prepared {
+struct ReadyTurn {
     _lease: SessionLease,
     session: Session,
     created: bool,
@@ -114,11 +114,15 @@ struct Prepared {
     turn_key: Option<String>,
     /// Deletes after this generation refuse the turn's write.
     since: u64,
+    /// The client's context summary, moderated with the message.
+    context_summary: Option<String>,
+    /// The moderation this turn gets (the request's, never below the configured level).
+    moderation: ModerationLevel,
 }
 
-enum Prepare {
+enum TurnStart {
     Replay(Box<TurnReply>),
-    Run(Box<Prepared>),
+    Run(Box<ReadyTurn>),
 }
 
 fn span(kind: &'static str, op: &'static str, session: &SessionId) -> tracing::Span {
@@ -257,8 +261,8 @@ impl ConversationService {
         require_runtime()?;
         self.count_model_call(principal).await?;
         let prepared = match self.prepare(principal, request).await? {
-            Prepare::Replay(reply) => return Ok(*reply),
-            Prepare::Run(prepared) => *prepared,
+            TurnStart::Replay(reply) => return Ok(*reply),
+            TurnStart::Run(prepared) => *prepared,
         };
         // The model call and the write must not be cancelled by a caller that goes away
         // (a closed HTTP connection): that would lose the accepted message. A turn that
@@ -270,31 +274,16 @@ impl ConversationService {
         }
         tokio::spawn(turn.in_current_span())
             .await
-            .map_err(|e| Error::Internal {
-                message: "the turn task failed".into(),
-                source: Some(Box::new(e)),
-            })?
+            .map_err(|e| Error::internal("the turn task failed").with_source(e))?
     }
 
-    async fn run_turn(self, mut prepared: Prepared) -> Result<TurnReply> {
+    async fn run_turn(self, mut prepared: ReadyTurn) -> Result<TurnReply> {
         let inner = &self.inner;
         let started = Instant::now();
         match self.moderate(&prepared).await {
             Ok(None) => {}
-            Ok(Some(refusal)) => return self.persist(prepared, Some(refusal)).await,
-            Err(error) => {
-                tracing::warn!(code = error.code(), error = %error, "moderation failed");
-                return match inner.config.on_model_failure {
-                    ModelFailurePolicy::Fallback => {
-                        let fallback = self.fallback_message(&prepared.persona, started.elapsed());
-                        self.persist(prepared, Some(fallback)).await
-                    }
-                    ModelFailurePolicy::Error => {
-                        self.keep_user_message(prepared).await?;
-                        Err(error)
-                    }
-                };
-            }
+            Ok(Some(refusal)) => return self.finish_refused(prepared, refusal).await,
+            Err(error) => return self.finish_failed(prepared, error, None, started).await,
         }
         let result = tokio::time::timeout(
             inner.config.model_timeout,
@@ -305,61 +294,129 @@ impl ConversationService {
         .unwrap_or_else(|_| Err(self.model_timeout()))
         .and_then(|completion| {
             if completion.content.trim().is_empty() {
-                Err(Error::Unavailable {
-                    message: format!("model {} returned an empty reply", inner.model.name()),
-                    source: None,
-                })
+                Err(self.empty_reply())
             } else {
                 Ok(completion)
             }
         });
-        let latency = started.elapsed();
-        let assistant = match result {
-            Ok(completion) => {
-                let mut message = NewMessage::new(Role::Assistant, completion.content);
-                message.metadata.interrupted = truncate_to_limit(&mut message.content);
-                message.metadata.set_usage(completion.usage);
-                message.metadata.model = completion
-                    .model
-                    .or_else(|| Some(inner.model.name().to_owned()));
-                message.metadata.latency_ms = Some(millis(latency));
-                message
-            }
-            Err(error) => {
-                tracing::warn!(code = error.code(), error = %error, "model call failed");
-                match inner.config.on_model_failure {
-                    ModelFailurePolicy::Fallback => {
-                        self.fallback_message(&prepared.persona, latency)
-                    }
-                    ModelFailurePolicy::Error => {
-                        self.keep_user_message(prepared).await?;
-                        return Err(error);
-                    }
-                }
-            }
+        let completion = match result {
+            Ok(completion) => completion,
+            Err(error) => return self.finish_failed(prepared, error, None, started).await,
         };
-        self.persist(prepared, Some(assistant)).await
+        let mut message = NewMessage::new(Role::Assistant, completion.content);
+        message.metadata.interrupted = truncate_to_limit(&mut message.content);
+        message.metadata.set_usage(completion.usage);
+        message.metadata.model = completion
+            .model
+            .or_else(|| Some(inner.model.name().to_owned()));
+        message.metadata.latency_ms = Some(millis(started.elapsed()));
+        self.finish(prepared, message, started).await
     }
 
-    /// Runs the moderator, if any, on the turn's user message: `Ok(Some(refusal))` when it
-    /// is flagged, `Ok(None)` when it may go to the model.
-    async fn moderate(&self, prepared: &Prepared) -> Result<Option<NewMessage>> {
-        let Some(moderator) = &self.inner.moderator else {
-            return Ok(None);
-        };
-        let text = match &prepared.user {
+    /// Stores a reply the model produced, after the strict level's check of it: the one
+    /// way a turn that reached the model ends well.
+    async fn finish(
+        &self,
+        prepared: ReadyTurn,
+        reply: NewMessage,
+        started: Instant,
+    ) -> Result<TurnReply> {
+        match self.screen_reply(&prepared, &reply.content).await {
+            Ok(None) => self.persist(prepared, Some(reply)).await,
+            Ok(Some(refusal)) => self.finish_refused(prepared, refusal).await,
+            Err(error) => self.finish_failed(prepared, error, None, started).await,
+        }
+    }
+
+    /// The one failure policy, for a model or moderation call that failed: with
+    /// [`ModelFailurePolicy::Fallback`] the in-character fallback is stored (or, when the
+    /// child already saw part of a streamed reply, exactly that part, marked interrupted);
+    /// with [`ModelFailurePolicy::Error`] the user message is kept alone (so a retry with
+    /// the turn key completes the turn) and the error returned.
+    async fn finish_failed(
+        &self,
+        prepared: ReadyTurn,
+        error: Error,
+        seen: Option<NewMessage>,
+        started: Instant,
+    ) -> Result<TurnReply> {
+        tracing::warn!(code = error.code().as_str(), error = %error.report(), "model call failed");
+        match self.inner.config.on_model_failure {
+            ModelFailurePolicy::Fallback => {
+                let reply = match seen {
+                    Some(mut seen) if !seen.content.is_empty() => {
+                        seen.metadata.interrupted = true;
+                        seen
+                    }
+                    _ => self.fallback_message(&prepared.persona, started.elapsed()),
+                };
+                self.persist(prepared, Some(reply)).await
+            }
+            ModelFailurePolicy::Error => {
+                self.keep_user_message(prepared).await?;
+                Err(error)
+            }
+        }
+    }
+
+    /// Stores the persona's refusal in place of a flagged message or reply, with the
+    /// verdict in the answer.
+    async fn finish_refused(
+        &self,
+        prepared: ReadyTurn,
+        (refusal, verdict): (NewMessage, ModerationVerdict),
+    ) -> Result<TurnReply> {
+        let mut reply = self.persist(prepared, Some(refusal)).await?;
+        reply.moderation = verdict;
+        Ok(reply)
+    }
+
+    /// Runs the moderator, if any, on the turn's user message and the client's context
+    /// summary: `Ok(Some(refusal))` when either is flagged, `Ok(None)` when they may go to
+    /// the model.
+    async fn moderate(
+        &self,
+        prepared: &ReadyTurn,
+    ) -> Result<Option<(NewMessage, ModerationVerdict)>> {
+        let message = match &prepared.user {
             UserPart::New(message) => &message.content,
             UserPart::Stored(message) => &message.content,
         };
-        let verdict = tokio::time::timeout(self.inner.config.model_timeout, moderator.check(text))
+        let texts = std::iter::once(message.as_str()).chain(prepared.context_summary.as_deref());
+        for text in texts {
+            if let Some(refusal) = self.check(prepared, text, "message flagged").await? {
+                return Ok(Some(refusal));
+            }
+        }
+        Ok(None)
+    }
+
+    /// At the strict level, checks the model's reply before anyone sees it.
+    async fn screen_reply(
+        &self,
+        prepared: &ReadyTurn,
+        reply: &str,
+    ) -> Result<Option<(NewMessage, ModerationVerdict)>> {
+        if !prepared.moderation.checks_replies() || reply.trim().is_empty() {
+            return Ok(None);
+        }
+        self.check(prepared, reply, "reply flagged").await
+    }
+
+    async fn check(
+        &self,
+        prepared: &ReadyTurn,
+        text: &str,
+        what: &str,
+    ) -> Result<Option<(NewMessage, ModerationVerdict)>> {
+        let Some(moderator) = &self.inner.moderator else {
+            return Ok(None);
+        };
+        let timeout = self.inner.config.model_timeout;
+        let verdict = tokio::time::timeout(timeout, moderator.check(text))
             .instrument(span("moderator", "check", &prepared.session.id))
             .await
-            .unwrap_or_else(|_| {
-                Err(Error::Timeout {
-                    what: "moderation".into(),
-                    after: self.inner.config.model_timeout,
-                })
-            })?;
+            .unwrap_or_else(|_| Err(Error::timeout("moderation", timeout)))?;
         if !verdict.flagged {
             return Ok(None);
         }
@@ -367,7 +424,7 @@ impl ConversationService {
             let mut event = AuditEvent::new(
                 AuditKind::ContentFlagged,
                 AuditOutcome::Denied,
-                format!("message flagged: {}", verdict.categories.join(", ")),
+                format!("{what}: {}", verdict.categories.join(", ")),
             );
             event.actor = Some(prepared.session.user_id.clone());
             event.subject = Some(prepared.session.user_id.clone());
@@ -378,14 +435,21 @@ impl ConversationService {
             prompt::moderation_refusal(&prepared.persona),
         );
         refusal.metadata.moderated = true;
-        Ok(Some(refusal))
+        Ok(Some((refusal, verdict)))
+    }
+
+    fn empty_reply(&self) -> Error {
+        Error::Unavailable {
+            message: format!("model {} returned an empty reply", self.inner.model.name()),
+            source: None,
+        }
     }
 
     fn model_timeout(&self) -> Error {
-        Error::Timeout {
-            what: format!("model {}", self.inner.model.name()),
-            after: self.inner.config.model_timeout,
-        }
+        Error::timeout(
+            format!("model {}", self.inner.model.name()),
+            self.inner.config.model_timeout,
+        )
     }
 
     fn fallback_message(&self, persona: &Persona, latency: Duration) -> NewMessage {

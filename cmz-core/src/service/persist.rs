@@ -5,7 +5,7 @@ use super::*;
 impl ConversationService {
     /// Stores the user message alone (unless an earlier attempt already did), so a failed
     /// turn loses nothing the user said.
-    pub(super) async fn keep_user_message(&self, prepared: Prepared) -> Result<()> {
+    pub(super) async fn keep_user_message(&self, prepared: ReadyTurn) -> Result<()> {
         match prepared.user {
             UserPart::Stored(_) => Ok(()),
             UserPart::New(_) => self.persist(prepared, None).await.map(drop),
@@ -16,10 +16,10 @@ impl ConversationService {
     /// reply, in one guarded append, re-reading and retrying when another writer won.
     pub(super) async fn persist(
         &self,
-        prepared: Prepared,
+        prepared: ReadyTurn,
         assistant: Option<NewMessage>,
     ) -> Result<TurnReply> {
-        let Prepared {
+        let ReadyTurn {
             session,
             created,
             user,

@@ -65,6 +65,18 @@ impl ConversationService {
                 ));
             }
         }
+        if let Some(summary) = &request.context_summary {
+            let chars = summary.chars().count();
+            if chars > config.max_context_summary_chars {
+                return Err(Error::validation(
+                    "contextSummary",
+                    format!(
+                        "contextSummary is {chars} characters; the limit is {}",
+                        config.max_context_summary_chars
+                    ),
+                ));
+            }
+        }
         Ok(request.context_window.unwrap_or(config.context_window))
     }
 
@@ -72,7 +84,7 @@ impl ConversationService {
         &self,
         principal: &Principal,
         request: TurnRequest,
-    ) -> Result<Prepare> {
+    ) -> Result<TurnStart> {
         let inner = &self.inner;
         let since = inner.tombstones.generation();
         let window = self.validate(&request)?;
@@ -150,7 +162,7 @@ impl ConversationService {
             if let Some(found) = self.find_turn(&id, key).await? {
                 match found.as_slice() {
                     [user_message, assistant, ..] => {
-                        return Ok(Prepare::Replay(Box::new(TurnReply::new(
+                        return Ok(TurnStart::Replay(Box::new(TurnReply::new(
                             false,
                             user_message.clone(),
                             assistant.clone(),
@@ -160,7 +172,7 @@ impl ConversationService {
                     [user_message] => {
                         if let Some(reply) = self.find_turn(&id, &reply_key(key)).await? {
                             if let Some(assistant) = reply.into_iter().next() {
-                                return Ok(Prepare::Replay(Box::new(TurnReply::new(
+                                return Ok(TurnStart::Replay(Box::new(TurnReply::new(
                                     false,
                                     user_message.clone(),
                                     assistant,
@@ -196,6 +208,15 @@ impl ConversationService {
             Role::System,
             prompt::system_prompt(&persona),
         ));
+        let context_summary = request
+            .context_summary
+            .filter(|summary| !summary.trim().is_empty());
+        if let Some(summary) = &context_summary {
+            messages.push(ChatMessage::new(
+                Role::System,
+                prompt::client_context(summary),
+            ));
+        }
         // Empty replies (a stream dropped before any text) carry nothing for the model,
         // and some providers reject empty assistant messages.
         messages.extend(
@@ -213,8 +234,14 @@ impl ConversationService {
                 .or(persona.temperature)
                 .or(inner.config.temperature),
             model: persona.model.clone(),
+            priority: request.priority,
         };
-        Ok(Prepare::Run(Box::new(Prepared {
+        let moderation = request
+            .moderation_level
+            .map_or(inner.config.moderation_level, |level| {
+                level.max(inner.config.moderation_level)
+            });
+        Ok(TurnStart::Run(Box::new(ReadyTurn {
             _lease: lease,
             session,
             created,
@@ -223,6 +250,8 @@ impl ConversationService {
             prompt,
             turn_key: request.turn_key,
             since,
+            context_summary,
+            moderation,
         })))
     }
 }

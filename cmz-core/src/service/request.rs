@@ -6,7 +6,11 @@ use super::*;
 pub const MAX_TURN_KEY_LEN: usize = 128;
 
 /// One message from a user to an animal.
+///
+/// Every field takes effect; the defaults and bounds are the engine's
+/// ([`ConversationConfig`]), the same for every front end.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct TurnRequest {
     /// The animal spoken to.
     pub animal_id: AnimalId,
@@ -23,6 +27,15 @@ pub struct TurnRequest {
     pub max_tokens: Option<u32>,
     /// Sampling temperature for this turn (overrides the configured default).
     pub temperature: Option<f32>,
+    /// What the client says happened earlier in the conversation (the legacy
+    /// `contextSummary`): given to the model after the persona prompt, as context from the
+    /// client and never as instructions, and moderated like the message. At most
+    /// [`ConversationConfig::max_context_summary_chars`] characters.
+    pub context_summary: Option<String>,
+    /// How much of this turn is moderated; never less than the configured level.
+    pub moderation_level: Option<ModerationLevel>,
+    /// The model call's place when the model backend is busy.
+    pub priority: Priority,
 }
 
 impl TurnRequest {
@@ -36,7 +49,28 @@ impl TurnRequest {
             context_window: None,
             max_tokens: None,
             temperature: None,
+            context_summary: None,
+            moderation_level: None,
+            priority: Priority::Normal,
         }
+    }
+
+    /// Sets the client's summary of the conversation so far.
+    pub fn with_context_summary(mut self, summary: impl Into<String>) -> Self {
+        self.context_summary = Some(summary.into());
+        self
+    }
+
+    /// Asks for `level` of moderation (the configured level if that is higher).
+    pub fn with_moderation_level(mut self, level: ModerationLevel) -> Self {
+        self.moderation_level = Some(level);
+        self
+    }
+
+    /// Sets the model call's priority.
+    pub fn with_priority(mut self, priority: Priority) -> Self {
+        self.priority = priority;
+        self
     }
 
     /// Continues `session_id`.
@@ -83,6 +117,9 @@ pub struct TurnReply {
     pub interrupted: bool,
     /// This is the stored result of an earlier request with the same turn key.
     pub replayed: bool,
+    /// What moderation decided: `flagged` when the message (or, at the strict level, the
+    /// reply) was refused, with the categories that fired (empty for a replayed turn).
+    pub moderation: ModerationVerdict,
 }
 
 impl TurnReply {
@@ -100,6 +137,10 @@ impl TurnReply {
             usage: assistant.metadata.usage(),
             fallback: assistant.metadata.fallback,
             interrupted: assistant.metadata.interrupted,
+            moderation: ModerationVerdict {
+                flagged: assistant.metadata.moderated,
+                categories: Vec::new(),
+            },
             user_message: user,
             assistant_message: assistant,
             replayed,

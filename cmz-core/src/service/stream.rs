@@ -20,7 +20,7 @@ impl ConversationService {
         require_runtime()?;
         self.count_model_call(principal).await?;
         match self.prepare(principal, request).await? {
-            Prepare::Replay(reply) => Ok(TurnStream {
+            TurnStart::Replay(reply) => Ok(TurnStream {
                 session_id: reply.session_id.clone(),
                 session_created: false,
                 events: futures::stream::iter([
@@ -29,7 +29,7 @@ impl ConversationService {
                 ])
                 .boxed(),
             }),
-            Prepare::Run(prepared) => {
+            TurnStart::Run(prepared) => {
                 let session_id = prepared.session.id.clone();
                 let session_created = prepared.created;
                 let (tx, rx) = mpsc::channel(self.inner.config.stream_buffer.max(1));
@@ -52,7 +52,7 @@ impl ConversationService {
 
     pub(super) async fn drive_stream(
         self,
-        mut prepared: Prepared,
+        mut prepared: ReadyTurn,
         tx: mpsc::Sender<Result<TurnEvent>>,
     ) {
         enum End {
@@ -63,143 +63,139 @@ impl ConversationService {
         let inner = &self.inner;
         let timeout = inner.config.model_timeout;
         let started = Instant::now();
+        // At the strict level nothing is shown before the whole reply has been checked.
+        let held = prepared.moderation.checks_replies();
         let mut text = String::new();
         let model_span = span("model", "stream", &prepared.session.id);
-        let moderation_failure = match self.moderate(&prepared).await {
-            Ok(None) => None,
+        let end = match self.moderate(&prepared).await {
             Ok(Some(refusal)) => {
-                let _ = tx.send(Ok(TurnEvent::Delta(refusal.content.clone()))).await;
-                let event = self
-                    .persist(prepared, Some(refusal))
-                    .await
-                    .map(|reply| TurnEvent::Complete(Box::new(reply)));
-                let _ = tx.send(event).await;
-                return;
+                let result = self.finish_refused(prepared, refusal).await;
+                return send_outcome(&tx, result, true).await;
             }
-            Err(error) => Some(error),
-        };
-        let opened = match moderation_failure {
             // Treated like a model that failed before its first chunk.
-            Some(error) => Some(Ok(Err(error))),
-            None => tokio::select! {
-                biased;
-                () = tx.closed() => None,
-                opened = tokio::time::timeout(timeout, inner.model.stream(std::mem::take(&mut prepared.prompt))).instrument(model_span.clone()) => Some(opened),
-            },
-        };
-        let end = match opened {
-            None => End::Interrupted,
-            Some(Err(_)) => End::Failed(self.model_timeout()),
-            Some(Ok(Err(error))) => End::Failed(error),
-            Some(Ok(Ok(mut chunks))) => loop {
-                let next = tokio::select! {
+            Err(error) => End::Failed(error),
+            Ok(None) => {
+                let opened = tokio::select! {
                     biased;
-                    () = tx.closed() => break End::Interrupted,
-                    next = tokio::time::timeout(timeout, chunks.next()).instrument(model_span.clone()) => next,
+                    () = tx.closed() => None,
+                    opened = tokio::time::timeout(timeout, inner.model.stream(std::mem::take(&mut prepared.prompt))).instrument(model_span.clone()) => Some(opened),
                 };
-                match next {
-                    Err(_) => break End::Failed(self.model_timeout()),
-                    Ok(None) => {
-                        break End::Failed(Error::Unavailable {
-                            message: "the model's stream ended before the reply was complete"
-                                .into(),
-                            source: None,
-                        });
-                    }
-                    Ok(Some(Err(error))) => break End::Failed(error),
-                    Ok(Some(Ok(ChatChunk::Done { usage, model }))) => {
-                        break End::Completed(usage, model);
-                    }
-                    Ok(Some(Ok(ChatChunk::Delta(delta)))) => {
-                        if delta.is_empty() {
-                            continue;
-                        }
-                        let mut delta = delta;
-                        let room = MAX_CONTENT_BYTES.saturating_sub(text.len());
-                        let full = delta.len() >= room;
-                        if full {
-                            let mut cut = room;
-                            while !delta.is_char_boundary(cut) {
-                                cut -= 1;
+                match opened {
+                    None => End::Interrupted,
+                    Some(Err(_)) => End::Failed(self.model_timeout()),
+                    Some(Ok(Err(error))) => End::Failed(error),
+                    Some(Ok(Ok(mut chunks))) => loop {
+                        let next = tokio::select! {
+                            biased;
+                            () = tx.closed() => break End::Interrupted,
+                            next = tokio::time::timeout(timeout, chunks.next()).instrument(model_span.clone()) => next,
+                        };
+                        match next {
+                            Err(_) => break End::Failed(self.model_timeout()),
+                            Ok(None) => {
+                                break End::Failed(Error::Unavailable {
+                                    message:
+                                        "the model's stream ended before the reply was complete"
+                                            .into(),
+                                    source: None,
+                                });
                             }
-                            delta.truncate(cut);
+                            Ok(Some(Err(error))) => break End::Failed(error),
+                            Ok(Some(Ok(ChatChunk::Done { usage, model }))) => {
+                                break End::Completed(usage, model);
+                            }
+                            Ok(Some(Ok(ChatChunk::Delta(delta)))) => {
+                                if delta.is_empty() {
+                                    continue;
+                                }
+                                let mut delta = delta;
+                                let room = MAX_CONTENT_BYTES.saturating_sub(text.len());
+                                let full = delta.len() >= room;
+                                if full {
+                                    let mut cut = room;
+                                    while !delta.is_char_boundary(cut) {
+                                        cut -= 1;
+                                    }
+                                    delta.truncate(cut);
+                                }
+                                text.push_str(&delta);
+                                if !held {
+                                    // A consumer that stops reading for as long as the model
+                                    // may take counts as gone, so it cannot hold the
+                                    // session's queue forever.
+                                    let sent = tokio::time::timeout(
+                                        timeout,
+                                        tx.send(Ok(TurnEvent::Delta(delta))),
+                                    )
+                                    .await;
+                                    if !matches!(sent, Ok(Ok(()))) {
+                                        break End::Interrupted;
+                                    }
+                                }
+                                if full {
+                                    tracing::warn!(
+                                        "model reply reached the stored-message size limit; cut"
+                                    );
+                                    break End::Interrupted;
+                                }
+                            }
                         }
-                        text.push_str(&delta);
-                        // A consumer that stops reading for as long as the model may take
-                        // counts as gone, so it cannot hold the session's queue forever.
-                        let sent =
-                            tokio::time::timeout(timeout, tx.send(Ok(TurnEvent::Delta(delta))))
-                                .await;
-                        if !matches!(sent, Ok(Ok(()))) {
-                            break End::Interrupted;
-                        }
-                        if full {
-                            tracing::warn!(
-                                "model reply reached the stored-message size limit; cut"
-                            );
-                            break End::Interrupted;
-                        }
-                    }
+                    },
                 }
-            },
+            }
         };
         // The model stream is dropped here (cancelling the call) before anything is stored.
-        let latency = started.elapsed();
         let mut assistant = NewMessage::new(Role::Assistant, text);
-        assistant.metadata.latency_ms = Some(millis(latency));
+        assistant.metadata.latency_ms = Some(millis(started.elapsed()));
         assistant.metadata.model = Some(inner.model.name().to_owned());
         let end = match end {
             End::Completed(..) if assistant.content.trim().is_empty() => {
-                End::Failed(Error::Unavailable {
-                    message: format!("model {} returned an empty reply", inner.model.name()),
-                    source: None,
-                })
+                End::Failed(self.empty_reply())
             }
             other => other,
         };
-        match end {
+        let result = match end {
             End::Completed(usage, model) => {
                 assistant.metadata.set_usage(usage);
                 if model.is_some() {
                     assistant.metadata.model = model;
                 }
+                self.finish(prepared, assistant, started).await
             }
             End::Interrupted => {
                 tracing::info!("stream consumer went away; storing the partial reply");
                 assistant.metadata.interrupted = true;
+                self.finish(prepared, assistant, started).await
             }
+            // What the child saw of the reply is kept; a held reply was seen by no one.
             End::Failed(error) => {
-                tracing::warn!(code = error.code(), error = %error, "model stream failed");
-                match inner.config.on_model_failure {
-                    // The child saw part of a reply: keep exactly that, marked as cut short.
-                    ModelFailurePolicy::Fallback if !assistant.content.is_empty() => {
-                        assistant.metadata.interrupted = true;
-                    }
-                    ModelFailurePolicy::Fallback => {
-                        assistant = self.fallback_message(&prepared.persona, latency);
-                        let _ = tx
-                            .send(Ok(TurnEvent::Delta(assistant.content.clone())))
-                            .await;
-                    }
-                    // Keep the user message only, so a retry with the turn key completes
-                    // the turn instead of replaying a broken reply.
-                    ModelFailurePolicy::Error => {
-                        if let Err(store_error) = self.keep_user_message(prepared).await {
-                            tracing::error!(code = store_error.code(), error = %store_error, "storing the user message failed");
-                        }
-                        let _ = tx.send(Err(error)).await;
-                        return;
-                    }
-                }
-            }
-        }
-        let event = match self.persist(prepared, Some(assistant)).await {
-            Ok(reply) => Ok(TurnEvent::Complete(Box::new(reply))),
-            Err(error) => {
-                tracing::error!(code = error.code(), error = %error, "storing the streamed turn failed");
-                Err(error)
+                let seen = (!held).then_some(assistant);
+                self.finish_failed(prepared, error, seen, started).await
             }
         };
-        let _ = tx.send(event).await;
+        send_outcome(&tx, result, held).await;
+    }
+}
+
+/// Sends the end of a streamed turn: the reply's text when the consumer has not seen it
+/// (a fallback, a refusal, or a reply held for the strict check), then `Complete`, or the
+/// error.
+async fn send_outcome(
+    tx: &mpsc::Sender<Result<TurnEvent>>,
+    result: Result<TurnReply>,
+    held: bool,
+) {
+    match result {
+        Ok(reply) => {
+            let unseen = held || reply.fallback || reply.moderation.flagged;
+            if unseen && !reply.reply.is_empty() {
+                let _ = tx.send(Ok(TurnEvent::Delta(reply.reply.clone()))).await;
+            }
+            let _ = tx.send(Ok(TurnEvent::Complete(Box::new(reply)))).await;
+        }
+        Err(error) => {
+            tracing::error!(code = error.code().as_str(), error = %error.report(), "the streamed turn failed");
+            let _ = tx.send(Err(error)).await;
+        }
     }
 }

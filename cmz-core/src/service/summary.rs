@@ -32,6 +32,7 @@ impl ConversationService {
             max_tokens: Some(150),
             temperature: Some(0.2),
             model: None,
+            priority: Default::default(),
         };
         let result = if recent.is_empty() {
             None
@@ -46,7 +47,7 @@ impl ConversationService {
                 }
                 Ok(Ok(_)) => None,
                 Ok(Err(error)) => {
-                    tracing::warn!(code = error.code(), error = %error, "summary model call failed");
+                    tracing::warn!(code = error.code().as_str(), error = %error, "summary model call failed");
                     None
                 }
                 Err(_) => {

@@ -155,10 +155,7 @@ impl ScriptedModel {
 
 fn failure_error(failure: Failure) -> Error {
     match failure {
-        Failure::RateLimited => Error::RateLimited {
-            message: "scripted rate limit".into(),
-            retry_after: Some(Duration::from_secs(1)),
-        },
+        Failure::RateLimited => Error::rate_limited("scripted rate limit", Some(Duration::from_secs(1))),
         _ => Error::Unavailable {
             message: "scripted model failure".into(),
             source: None,

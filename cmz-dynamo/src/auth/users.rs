@@ -28,10 +28,7 @@ impl DynamoUserStore {
         {
             json["email"] = serde_json::Value::String(email);
         }
-        serde_json::from_value(json).map_err(|e| Error::Internal {
-            message: "a stored user item cmz cannot read".into(),
-            source: Some(Box::new(e)),
-        })
+        serde_json::from_value(json).map_err(|e| Error::internal("a stored user item cmz cannot read").with_source(e))
     }
 }
 
@@ -81,7 +78,7 @@ impl UserStore for DynamoUserStore {
         let mut user = user.clone();
         user.email = user.email.trim().to_lowercase();
         let json =
-            serde_json::to_value(&user).map_err(|e| Error::internal(format!("user: {e}")))?;
+            serde_json::to_value(&user).map_err(|e| Error::internal("user").with_source(e))?;
         let mut item = json_item(&json);
         item.insert(
             "created".into(),
@@ -94,7 +91,7 @@ impl UserStore for DynamoUserStore {
             .set_item(Some(item))
             .condition_expression("attribute_not_exists(userId)")
             .build()
-            .map_err(|e| Error::internal(format!("put: {e}")))?;
+            .map_err(|e| Error::internal("put").with_source(e))?;
         let mut claim = Item::new();
         claim.insert("pk".into(), s(format!("email#{}", user.email)));
         claim.insert("userId".into(), s(user.user_id.as_str()));
@@ -103,7 +100,7 @@ impl UserStore for DynamoUserStore {
             .set_item(Some(claim))
             .condition_expression("attribute_not_exists(pk)")
             .build()
-            .map_err(|e| Error::internal(format!("put: {e}")))?;
+            .map_err(|e| Error::internal("put").with_source(e))?;
         let result = self
             .db
             .inner

@@ -33,11 +33,11 @@ async fn run(args: &[String]) -> Result<(), String> {
         return Err(USAGE.into());
     };
     let settings =
-        DynamoSettings::from_env(|name| std::env::var(name).ok()).map_err(|e| e.to_string())?;
+        DynamoSettings::from_env(|name| std::env::var(name).ok()).map_err(|e| e.report())?;
     let dynamo = Dynamo::connect(settings).await;
     match command.as_str() {
         "check-tables" => {
-            dynamo.check_tables().await.map_err(|e| e.to_string())?;
+            dynamo.check_tables().await.map_err(|e| e.report())?;
             println!(
                 "all {} tables exist with the keys and indexes cmz needs",
                 dynamo.tables().all().len()
@@ -66,10 +66,10 @@ async fn run(args: &[String]) -> Result<(), String> {
                     other => return Err(format!("unknown option {other:?}\n{USAGE}")),
                 }
             }
-            dynamo.check_tables().await.map_err(|e| e.to_string())?;
+            dynamo.check_tables().await.map_err(|e| e.report())?;
             let report = migrate_legacy(&dynamo, &options)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| e.report())?;
             println!(
                 "{}scanned {} legacy conversations: {} migrated ({} messages), {} already migrated, {} skipped{}",
                 if options.dry_run { "dry run: " } else { "" },
@@ -101,7 +101,7 @@ async fn ensure_tables(dynamo: &Dynamo) -> Result<(), String> {
             }
         })
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.report())?;
     if report.changes.is_empty() {
         println!("nothing to change");
     }

@@ -512,7 +512,7 @@ impl DynamoConversationStore {
                 let update = update
                     .update_expression(expression)
                     .build()
-                    .map_err(|e| Error::internal(format!("session update: {e}")))?;
+                    .map_err(|e| Error::internal("session update").with_source(e))?;
                 TransactWriteItem::builder().update(update).build()
             }
         };

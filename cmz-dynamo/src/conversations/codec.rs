@@ -18,7 +18,7 @@ pub(super) fn put(
     }
     let put = put
         .build()
-        .map_err(|e| Error::internal(format!("put: {e}")))?;
+        .map_err(|e| Error::internal("put").with_source(e))?;
     Ok(TransactWriteItem::builder().put(put).build())
 }
 
@@ -60,7 +60,7 @@ pub(crate) fn turn_item(
         map.insert("text".into(), s(message.content.clone()));
         map.insert("timestamp".into(), time(message.created_at));
         let metadata = serde_json::to_value(&message.metadata)
-            .map_err(|e| Error::internal(format!("metadata: {e}")))?;
+            .map_err(|e| Error::internal("metadata").with_source(e))?;
         if metadata.as_object().is_some_and(|m| !m.is_empty()) {
             map.insert("metadata".into(), from_json(&metadata));
         }

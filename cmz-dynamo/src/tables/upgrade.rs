@@ -403,12 +403,12 @@ impl<'a> Upgrade<'a> {
                     .read_capacity_units(read_units)
                     .write_capacity_units(write_units)
                     .build()
-                    .map_err(|e| Error::internal(format!("index throughput: {e}")))?,
+                    .map_err(|e| Error::internal("index throughput").with_source(e))?,
             );
         }
         let action = action
             .build()
-            .map_err(|e| Error::internal(format!("index definition: {e}")))?;
+            .map_err(|e| Error::internal("index definition").with_source(e))?;
         let mut request = self
             .client
             .update_table()
@@ -498,7 +498,7 @@ impl<'a> Upgrade<'a> {
                     .attribute_name(TTL_ATTRIBUTE)
                     .enabled(true)
                     .build()
-                    .map_err(|e| Error::internal(format!("ttl: {e}")))?,
+                    .map_err(|e| Error::internal("ttl").with_source(e))?,
             )
             .send()
             .await;

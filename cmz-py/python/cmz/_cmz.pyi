@@ -3,12 +3,15 @@
 from typing import Any, AsyncIterator, Dict, Iterator, List, Mapping, Optional, final
 
 __version__: str
+ERROR_CODES: tuple[str, ...]
+"""Every error code, in a stable order: each is the ``code`` of one :class:`CmzError` subclass."""
 __all__ = [
     "Auth",
     "Client",
     "CmzError",
     "Conflict",
     "Conversations",
+    "ERROR_CODES",
     "Forbidden",
     "InternalError",
     "NotFound",
@@ -74,6 +77,11 @@ class Conversations:
         session_id: Optional[str] = None,
         context_window: Optional[int] = None,
         turn_key: Optional[str] = None,
+        max_tokens: Optional[int] = None,
+        temperature: Optional[float] = None,
+        context_summary: Optional[str] = None,
+        moderation_level: Optional[str] = None,
+        priority: Optional[str] = None,
     ) -> Dict[str, Any]: ...
     def aturn(
         self,
@@ -84,6 +92,11 @@ class Conversations:
         session_id: Optional[str] = None,
         context_window: Optional[int] = None,
         turn_key: Optional[str] = None,
+        max_tokens: Optional[int] = None,
+        temperature: Optional[float] = None,
+        context_summary: Optional[str] = None,
+        moderation_level: Optional[str] = None,
+        priority: Optional[str] = None,
     ) -> Any: ...
     def stream_turn(
         self,
@@ -94,6 +107,11 @@ class Conversations:
         session_id: Optional[str] = None,
         context_window: Optional[int] = None,
         turn_key: Optional[str] = None,
+        max_tokens: Optional[int] = None,
+        temperature: Optional[float] = None,
+        context_summary: Optional[str] = None,
+        moderation_level: Optional[str] = None,
+        priority: Optional[str] = None,
     ) -> TurnStream: ...
     def store_turn(
         self,
