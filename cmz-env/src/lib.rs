@@ -151,21 +151,29 @@ pub async fn services_from_env(lookup: &Lookup<'_>) -> Result<Services> {
     let audit = backends.auth.audit.clone();
     let rate_limits = backends.auth.limits.clone();
     let auth = AuthService::new(AuthSettings::from_lookup(lookup)?, backends.auth).await?;
-    let (model, health) = model::chat_model(lookup, settings.offline_chunk_delay)?;
-    tracing::info!(model = model.name(), "chat model");
-    let conversations = ConversationService::with(
+    let chosen = model::chat_model(lookup, settings.offline_chunk_delay, settings.moderation)?;
+    tracing::info!(model = chosen.model.name(), moderation = chosen.moderator.is_some(), "chat model");
+    let config = ConversationConfig {
+        moderation_level: settings.moderation_level,
+        ..ConversationConfig::default()
+    };
+    let mut conversations = ConversationService::with(
         backends.store,
         backends.personas.clone(),
-        model,
+        chosen.model,
         Arc::new(auth.policy()),
-        ConversationConfig::default(),
+        config,
     )
-    .with_audit(audit)
+    .with_audit(audit.clone())
     .with_turn_limit(
         rate_limits.clone(),
         settings.turn_limit,
         settings.turn_window,
     );
+    if let Some(moderator) = chosen.moderator {
+        conversations = conversations.with_moderation(moderator, audit);
+    }
+    let health = chosen.health;
     #[cfg_attr(not(feature = "dynamo"), allow(unused_mut))]
     let mut services = Services::new(conversations, auth, backends.personas, health, rate_limits);
     #[cfg(feature = "dynamo")]
@@ -180,6 +188,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+    use cmz_core::moderation::ModerationLevel;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs
@@ -201,6 +210,56 @@ mod tests {
             .unwrap();
         assert!(services.capacity().is_none());
         assert!((services.health())().await.offline);
+    }
+
+    #[tokio::test]
+    async fn moderation_is_wired_from_the_environment() {
+        let fake = cmz_openai::testing::FakeOpenAi::start().await;
+        let vars = env(&[
+            ("OPENAI_BASE_URL", fake.base_url().as_str()),
+            ("OPENAI_API_KEY", "sk-test"),
+            ("CMZ_MODERATION", "openai"),
+            ("CMZ_MODERATION_LEVEL", "strict"),
+            ("JWT_SECRET", "a-test-secret-a-test-secret-0123456789ab"),
+        ]);
+        let built = services_from_env(&|name| vars.get(name).cloned()).await;
+        if !cfg!(feature = "openai") {
+            // Asked-for moderation that cannot run is refused, never silently off.
+            assert_eq!(built.unwrap_err().code(), "validation_error");
+            return;
+        }
+        let services = built.unwrap();
+        assert_eq!(
+            services.conversations().config().moderation_level,
+            ModerationLevel::Strict
+        );
+        assert!(
+            ServiceSettings::from_lookup(&|name| (name == "CMZ_MODERATION").then(|| "on".into()))
+                .is_err(),
+            "an unknown value is an error"
+        );
+        // The moderator runs on the provider's endpoint; the verdict reaches the reply (the
+        // sample animals come with `dev`).
+        let Some(animal) = services.personas().list().await.unwrap().into_iter().next() else {
+            assert!(!cfg!(feature = "dev"), "dev offers the sample animals");
+            return;
+        };
+        let principal = cmz_core::access::Principal::new(
+            cmz_core::ids::UserId::new("kid1").unwrap(),
+            cmz_core::access::UserRole::Student,
+        );
+        let reply = services
+            .conversations()
+            .turn(
+                &principal,
+                cmz_core::service::TurnRequest::new(animal.animal_id, "something FLAGGED"),
+            )
+            .await
+            .unwrap();
+        assert!(reply.moderation.flagged);
+        assert_eq!(reply.moderation.categories, vec!["violence".to_owned()]);
+        let paths: Vec<String> = fake.requests().into_iter().map(|r| r.path).collect();
+        assert_eq!(paths, vec!["/v1/moderations".to_owned()], "no model call");
     }
 
     #[tokio::test]

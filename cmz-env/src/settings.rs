@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use cmz_core::moderation::ModerationLevel;
 use cmz_core::{Error, Result};
 
 /// Where settings come from: a function from a variable name to its value, such as
@@ -24,6 +25,13 @@ pub struct ServiceSettings {
     /// Create missing DynamoDB tables, and fill an empty animal table with the sample
     /// animals when built with `dev` (`CMZ_DYNAMODB_CREATE_TABLES=1`; development).
     pub create_tables: bool,
+    /// Check children's messages with the model provider's moderation endpoint before the
+    /// model sees them (`CMZ_MODERATION=openai`; needs the OpenAI model and feature
+    /// `openai`). Default off (`CMZ_MODERATION=off`).
+    pub moderation: bool,
+    /// The least moderation every turn gets (`CMZ_MODERATION_LEVEL`: `standard`, the
+    /// default, or `strict`, which also checks replies); requests may raise it.
+    pub moderation_level: ModerationLevel,
 }
 
 impl Default for ServiceSettings {
@@ -33,6 +41,8 @@ impl Default for ServiceSettings {
             turn_window: Duration::from_secs(3600),
             offline_chunk_delay: Duration::ZERO,
             create_tables: false,
+            moderation: false,
+            moderation_level: ModerationLevel::Standard,
         }
     }
 }
@@ -67,6 +77,26 @@ impl ServiceSettings {
         }
         settings.create_tables =
             lookup("CMZ_DYNAMODB_CREATE_TABLES").is_some_and(|v| v == "1" || v == "true");
+        settings.moderation = match lookup("CMZ_MODERATION").as_deref().map(str::trim) {
+            None | Some("" | "off" | "0" | "false") => false,
+            Some("openai") => true,
+            Some(other) => {
+                return Err(Error::validation(
+                    "CMZ_MODERATION",
+                    format!("CMZ_MODERATION must be off or openai, got {other:?}"),
+                ));
+            }
+        };
+        if let Some(level) = lookup("CMZ_MODERATION_LEVEL").filter(|v| !v.trim().is_empty()) {
+            settings.moderation_level = level.trim().parse().map_err(|_| {
+                Error::validation(
+                    "CMZ_MODERATION_LEVEL",
+                    format!(
+                        "CMZ_MODERATION_LEVEL must be permissive, standard or strict, got {level:?}"
+                    ),
+                )
+            })?;
+        }
         Ok(settings)
     }
 }
