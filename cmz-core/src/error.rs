@@ -436,7 +436,9 @@ mod tests {
             let err = Error::new(code, "message").with_source(std::io::Error::other("cause"));
             assert_eq!(err.code(), code, "Error::new({code}) has another code");
             assert_eq!(err.is_temporary(), code.is_temporary());
-            let source = err.source().unwrap_or_else(|| panic!("{code} lost its source"));
+            let source = err
+                .source()
+                .unwrap_or_else(|| panic!("{code} lost its source"));
             assert_eq!(source.to_string(), "cause");
             assert!(
                 !err.to_string().contains("cause"),

@@ -27,13 +27,14 @@ pub mod prelude {
     pub use crate::memory::{
         InMemoryConversationStore, InMemoryPersonaDirectory, OfflinePersonaModel,
     };
-    pub use crate::persona::PersonaDirectory;
+    pub use crate::persona::{PersonaDirectory, PersonaDirectoryExt};
     pub use crate::service::{
         ConversationConfig, ConversationService, ModelFailurePolicy, Summary, TurnEvent, TurnReply,
         TurnRequest, TurnStream,
     };
     pub use crate::store::{
-        ConversationStore, Cursor, DeleteReport, DeleteScope, Page, PageRequest, SessionScope,
+        ConversationStore, ConversationStoreExt, Cursor, DeleteReport, DeleteScope, Page,
+        PageRequest, SessionScope,
     };
     pub use crate::types::{
         Message, MessageMetadata, Persona, Role, Session, SessionStatus, Usage,

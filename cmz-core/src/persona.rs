@@ -28,3 +28,25 @@ pub trait PersonaDirectory: Debug + Send + Sync + 'static {
 
 /// A shared, type-erased persona directory.
 pub type DynPersonaDirectory = Arc<dyn PersonaDirectory>;
+
+/// Conveniences on every [`PersonaDirectory`] (a blanket implementation).
+#[async_trait]
+pub trait PersonaDirectoryExt: PersonaDirectory {
+    /// The persona of an animal children may chat with now (one that exists and is
+    /// [offered](Persona::is_offered)), else `not_found` naming the animal.
+    async fn require(&self, animal: &AnimalId) -> Result<Persona> {
+        self.persona(animal)
+            .await?
+            .filter(Persona::is_offered)
+            .ok_or_else(|| crate::Error::not_found(format!("animal {animal}")))
+    }
+
+    /// The animals children may chat with now, ordered by animal id.
+    async fn offered(&self) -> Result<Vec<Persona>> {
+        let mut personas = self.list().await?;
+        personas.retain(Persona::is_offered);
+        Ok(personas)
+    }
+}
+
+impl<T: PersonaDirectory + ?Sized> PersonaDirectoryExt for T {}

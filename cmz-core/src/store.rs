@@ -235,3 +235,110 @@ pub trait ConversationStore: Debug + Send + Sync + 'static {
 
 /// A shared, type-erased conversation store.
 pub type DynConversationStore = Arc<dyn ConversationStore>;
+
+/// Conveniences on every [`ConversationStore`] (a blanket implementation: nothing to
+/// implement).
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// use cmz_core::memory::InMemoryConversationStore;
+/// use cmz_core::store::{ConversationStore, ConversationStoreExt};
+/// use cmz_core::types::Session;
+/// use cmz_core::ids::{AnimalId, SessionId, UserId};
+/// use futures::TryStreamExt as _;
+///
+/// let store = InMemoryConversationStore::new();
+/// let id = SessionId::new("conv_lion_u1_0a1b2c3d").unwrap();
+/// assert_eq!(store.require_session(&id).await.unwrap_err().code(), "not_found");
+/// let session = Session::new(id.clone(), UserId::new("u1").unwrap(), AnimalId::new("lion").unwrap(), "Leo".into());
+/// store.create_session(&session).await.unwrap();
+/// assert_eq!(store.require_session(&id).await.unwrap().id, id);
+/// let messages: Vec<_> = store.history_stream(&id, 50).try_collect().await.unwrap();
+/// assert!(messages.is_empty());
+/// # });
+/// ```
+#[async_trait]
+pub trait ConversationStoreExt: ConversationStore {
+    /// The session, or `not_found` naming it.
+    async fn require_session(&self, id: &SessionId) -> Result<Session> {
+        self.get_session(id)
+            .await?
+            .ok_or_else(|| Error::not_found(format!("session {id}")))
+    }
+
+    /// Every message of a session, oldest first, read `page_size` at a time (so a long
+    /// history never sits whole in memory). Ends at the first error.
+    fn history_stream<'a>(
+        &'a self,
+        id: &'a SessionId,
+        page_size: usize,
+    ) -> futures::stream::BoxStream<'a, Result<Message>>
+    where
+        Self: Sized,
+    {
+        paged(move |cursor| {
+            self.history(
+                id,
+                PageRequest {
+                    limit: page_size,
+                    cursor,
+                },
+            )
+        })
+    }
+
+    /// Every session in `scope`, in the listing's order, read `page_size` at a time.
+    fn sessions_stream<'a>(
+        &'a self,
+        scope: SessionScope,
+        page_size: usize,
+    ) -> futures::stream::BoxStream<'a, Result<Session>>
+    where
+        Self: Sized,
+    {
+        paged(move |cursor| {
+            self.list_sessions(
+                scope.clone(),
+                PageRequest {
+                    limit: page_size,
+                    cursor,
+                },
+            )
+        })
+    }
+}
+
+impl<T: ConversationStore + ?Sized> ConversationStoreExt for T {}
+
+/// The items of every page `read` returns, following each page's cursor to the end.
+pub fn paged<'a, T, F, Fut>(read: F) -> futures::stream::BoxStream<'a, Result<T>>
+where
+    T: Send + 'a,
+    F: Fn(Option<Cursor>) -> Fut + Send + 'a,
+    Fut: std::future::Future<Output = Result<Page<T>>> + Send + 'a,
+{
+    use futures::StreamExt as _;
+    enum State {
+        Next(Option<Cursor>),
+        Done,
+    }
+    futures::stream::try_unfold((State::Next(None), read), |(state, read)| async move {
+        let State::Next(cursor) = state else {
+            return Ok(None);
+        };
+        let page = read(cursor).await?;
+        let state = page
+            .next
+            .map_or(State::Done, |next| State::Next(Some(next)));
+        Ok(Some((
+            futures::stream::iter(page.items.into_iter().map(Ok)),
+            (state, read),
+        )))
+    })
+    .map(|pages: Result<_>| match pages {
+        Ok(items) => items.left_stream(),
+        Err(error) => futures::stream::once(async move { Err(error) }).right_stream(),
+    })
+    .flatten()
+    .boxed()
+}

@@ -56,7 +56,10 @@ where
                 );
             }
             "ValidationException" => {
-                return Error::internal(format!("dynamodb {op} on {table} rejected the request: {message}")).with_source(err);
+                return Error::internal(format!(
+                    "dynamodb {op} on {table} rejected the request: {message}"
+                ))
+                .with_source(err);
             }
             "ResourceNotFoundException" => {
                 return Error::unavailable(

@@ -208,3 +208,25 @@ async fn a_turn_uses_the_configured_prompt_model_and_temperature_and_refuses_del
     }
     assert_eq!(model.calls(), calls);
 }
+
+#[tokio::test]
+async fn the_dynamodb_persona_directory_meets_the_persona_contract() {
+    let dynamo = isolated().await;
+    let directory = DynamoPersonaDirectory::new(dynamo);
+    let mut hidden = cmz_core::types::Persona::new(animal("bella_002"), "Bella");
+    hidden.status = AnimalStatus::Hidden;
+    let mut configured = cmz_core::types::Persona::new(animal("leo_001"), "Leo");
+    configured.personality = "Proud and warm.".into();
+    configured.facts = vec!["Lions sleep twenty hours a day.".into()];
+    configured.species = Some("Panthera leo".into());
+    configured.temperature = Some(0.3);
+    let expected = [
+        configured,
+        hidden,
+        cmz_core::types::Persona::new(animal("charlie_003"), "Charlie"),
+    ];
+    for persona in &expected {
+        directory.put(persona).await.unwrap();
+    }
+    cmz_core::testing::check_persona_directory(&directory, &expected).await;
+}

@@ -152,7 +152,11 @@ pub async fn services_from_env(lookup: &Lookup<'_>) -> Result<Services> {
     let rate_limits = backends.auth.limits.clone();
     let auth = AuthService::new(AuthSettings::from_lookup(lookup)?, backends.auth).await?;
     let chosen = model::chat_model(lookup, settings.offline_chunk_delay, settings.moderation)?;
-    tracing::info!(model = chosen.model.name(), moderation = chosen.moderator.is_some(), "chat model");
+    tracing::info!(
+        model = chosen.model.name(),
+        moderation = chosen.moderator.is_some(),
+        "chat model"
+    );
     let config = ConversationConfig {
         moderation_level: settings.moderation_level,
         ..ConversationConfig::default()

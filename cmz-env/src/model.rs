@@ -4,9 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cmz_core::chat::DynChatModel;
+use cmz_core::memory::OfflinePersonaModel;
 use cmz_core::moderation::DynModerator;
 use cmz_core::{Error, Result};
-use cmz_core::memory::OfflinePersonaModel;
 
 use crate::health::{HealthCheck, offline_health};
 use crate::settings::Lookup;
@@ -26,8 +26,8 @@ fn openai_model(lookup: &Lookup<'_>, moderation: bool) -> Result<Option<ChosenMo
         return Ok(None);
     }
     let model = OpenAiChatModel::new(OpenAiConfig::from_lookup(lookup)?)?;
-    let moderator = moderation
-        .then(|| Arc::new(OpenAiModerator::new(model.clone())) as DynModerator);
+    let moderator =
+        moderation.then(|| Arc::new(OpenAiModerator::new(model.clone())) as DynModerator);
     let checked = model.clone();
     let health: HealthCheck = Arc::new(move || {
         let model = checked.clone();

@@ -107,12 +107,18 @@ mod tests {
         let mut waiters = Vec::new();
         let mut wait = |priority| {
             let queue = Arc::clone(&queue);
-            waiters.push(tokio::spawn(async move { queue.acquire(priority).await.map(drop) }));
+            waiters.push(tokio::spawn(async move {
+                queue.acquire(priority).await.map(drop)
+            }));
         };
         wait(Priority::Low);
         wait(Priority::Low);
         tokio::task::yield_now().await;
-        assert_eq!(queue.waiting(), 2, "low waits while the queue is under half full");
+        assert_eq!(
+            queue.waiting(),
+            2,
+            "low waits while the queue is under half full"
+        );
         let refused = queue.acquire(Priority::Low).await.unwrap_err();
         assert_eq!(refused.kind, OpenAiErrorKind::QueueFull);
         wait(Priority::Normal);
@@ -128,7 +134,10 @@ mod tests {
         assert_eq!(refused.kind, OpenAiErrorKind::QueueFull, "within a margin");
         drop(held);
         for waiter in waiters {
-            assert!(waiter.await.unwrap().is_ok(), "every admitted request gets its turn");
+            assert!(
+                waiter.await.unwrap().is_ok(),
+                "every admitted request gets its turn"
+            );
         }
     }
 }

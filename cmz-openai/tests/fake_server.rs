@@ -558,3 +558,30 @@ async fn a_request_waiting_to_retry_gives_its_queue_slot_back() {
     assert!(started.elapsed() < Duration::from_millis(500));
     assert_eq!(waiting.await.unwrap().unwrap().content, "echo: A");
 }
+
+#[tokio::test]
+async fn the_openai_model_meets_the_chat_model_contract() {
+    use cmz_core::testing::{
+        check_chat_model_answers, check_chat_model_drop_cancels,
+        check_chat_model_failure_ends_the_stream,
+    };
+    let server = FakeOpenAi::start().await;
+    let model = model(&server);
+    check_chat_model_answers(&model, request("hi")).await;
+    server.push(Behavior::CutAfter(Reply::text("a b c d e f"), 2));
+    check_chat_model_failure_ends_the_stream(&model, request("hi")).await;
+    server.push(Behavior::Malformed);
+    check_chat_model_failure_ends_the_stream(&model, request("hi")).await;
+    server.push(Behavior::Reply(
+        Reply::text("a long story about lions and their naps")
+            .with_chunk_delay(Duration::from_millis(50)),
+    ));
+    let before = server.disconnects();
+    let watched = &server;
+    check_chat_model_drop_cancels(&model, request("hi"), || async move {
+        watched
+            .wait_for_disconnects(before + 1, Duration::from_secs(5))
+            .await
+    })
+    .await;
+}

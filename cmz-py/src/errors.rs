@@ -1,9 +1,9 @@
 //! The one place where cmz errors become Python exceptions.
 
+use cmz_core::Code;
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
-use cmz_core::Code;
 use pyo3::types::PyDict;
 
 create_exception!(
@@ -122,9 +122,9 @@ pub(crate) fn to_py(error: cmz_core::Error) -> PyErr {
 #[pyfunction]
 #[pyo3(signature = (code, message="test"))]
 pub(crate) fn _raise_error(code: &str, message: &str) -> PyResult<()> {
-    let code: Code = code
-        .parse()
-        .map_err(|e: cmz_core::error::UnknownCode| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+    let code: Code = code.parse().map_err(|e: cmz_core::error::UnknownCode| {
+        pyo3::exceptions::PyValueError::new_err(e.to_string())
+    })?;
     let error = match code {
         Code::Validation => cmz_core::Error::validation("field", message),
         Code::RateLimited => {

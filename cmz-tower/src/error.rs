@@ -6,8 +6,8 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::de::DeserializeOwned;
 use cmz_core::Code;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 /// An HTTP error with the legacy body.

@@ -134,7 +134,10 @@ fn every_error_code_has_one_status_and_is_documented() {
     for (code, status) in cmz_tower::HTTP_CODES {
         assert!(status.is_client_error(), "{code} answers {status}");
         assert_eq!(cmz_tower::status_for(code), status);
-        assert!(code.parse::<cmz_core::Code>().is_err(), "{code} is listed twice");
+        assert!(
+            code.parse::<cmz_core::Code>().is_err(),
+            "{code} is listed twice"
+        );
         answered.insert(code.to_owned());
     }
     assert_eq!(

@@ -58,7 +58,7 @@ use settings::random_bytes;
 pub use settings::{AuthSettings, LoginLimits};
 pub use stores::{
     DynFamilyDirectory, DynRateLimitStore, DynRevocationStore, DynUserStore, FamilyDirectory,
-    RateCount, RateLimitStore, RevocationStore, UserStore,
+    RateCount, RateLimitStore, RateLimitStoreExt, RevocationStore, UserStore,
 };
 pub use tokens::{
     AccessClaims, DEFAULT_ISSUER, IssuedToken, MAX_LEEWAY, MAX_TOKEN_BYTES, MIN_SECRET_BYTES,
@@ -234,22 +234,12 @@ impl AuthService {
     async fn reserve_attempt(&self, keys: &[(String, u32)]) -> Result<()> {
         let window = self.inner.limits.window;
         for (key, max) in keys {
-            let count = self
-                .inner
+            self.inner
                 .stores
                 .limits
-                .hit(key, window)
+                .check(key, *max, window, "Too many failed logins; try again later")
                 .instrument(span("rate_hit"))
                 .await?;
-            if count.count > *max {
-                let retry = (count.resets_at - Utc::now())
-                    .to_std()
-                    .unwrap_or(Duration::from_secs(1));
-                return Err(Error::rate_limited(format!(
-                        "Too many failed logins; try again in {} seconds",
-                        retry.as_secs().max(1)
-                    ), Some(retry)));
-            }
         }
         Ok(())
     }

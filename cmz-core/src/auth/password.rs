@@ -97,7 +97,10 @@ impl HashGate {
     }
 
     fn busy() -> Error {
-        Error::rate_limited("Too many logins at once; try again in a second", Some(Duration::from_secs(1)))
+        Error::rate_limited(
+            "Too many logins at once; try again in a second",
+            Some(Duration::from_secs(1)),
+        )
     }
 
     async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T> {

@@ -184,7 +184,8 @@ impl AuthSettings {
                         )
                     })?;
                     std::fs::read(&path).map_err(|e| {
-                        Error::validation(name, format!("cannot read {name} {path:?}")).with_source(e)
+                        Error::validation(name, format!("cannot read {name} {path:?}"))
+                            .with_source(e)
                     })
                 };
                 let kid = get("JWT_KEY_ID").unwrap_or_else(|| "cmz-1".to_owned());

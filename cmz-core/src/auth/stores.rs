@@ -79,6 +79,33 @@ pub struct RateCount {
     pub resets_at: DateTime<Utc>,
 }
 
+/// Conveniences on every [`RateLimitStore`] (a blanket implementation).
+#[async_trait]
+pub trait RateLimitStoreExt: RateLimitStore {
+    /// Counts one hit on `key` and refuses it with `rate_limit_exceeded` (the wait until
+    /// the window ends as `retry_after`, `message` for people) once the count is over
+    /// `limit`. A refused hit is counted too.
+    async fn check(
+        &self,
+        key: &str,
+        limit: u32,
+        window: Duration,
+        message: &str,
+    ) -> Result<RateCount> {
+        let count = self.hit(key, window).await?;
+        if count.count > limit {
+            let wait = (count.resets_at - Utc::now())
+                .to_std()
+                .unwrap_or(Duration::ZERO)
+                .max(Duration::from_secs(1));
+            return Err(crate::Error::rate_limited(message, Some(wait)));
+        }
+        Ok(count)
+    }
+}
+
+impl<T: RateLimitStore + ?Sized> RateLimitStoreExt for T {}
+
 /// Shared counters for rate limits, so a limit holds across server instances.
 ///
 /// # Contract

@@ -628,9 +628,10 @@ async fn concurrent_wrong_logins_cannot_pass_the_limit_or_the_hash_gate() {
     let stats = gate.stats();
     assert!(stats.peak_running <= 2, "{stats:?}");
     assert!(
-        codes
-            .iter()
-            .all(|c| matches!(c.as_ref().unwrap().as_str(), "unauthorized" | "rate_limit_exceeded")),
+        codes.iter().all(|c| matches!(
+            c.as_ref().unwrap().as_str(),
+            "unauthorized" | "rate_limit_exceeded"
+        )),
         "{codes:?}"
     );
 }

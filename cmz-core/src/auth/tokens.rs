@@ -552,7 +552,8 @@ impl TokenCodec {
     pub fn sign(&self, claims: &AccessClaims) -> Result<String> {
         let mut header = Header::new(self.keys.algorithm.jwt());
         header.kid = self.keys.kid.clone();
-        jsonwebtoken::encode(&header, claims, &self.keys.signing).map_err(|e| Error::internal("signing the access token failed").with_source(e))
+        jsonwebtoken::encode(&header, claims, &self.keys.signing)
+            .map_err(|e| Error::internal("signing the access token failed").with_source(e))
     }
 
     /// HS256, the common case, verified in one pass: the header and the claims are each

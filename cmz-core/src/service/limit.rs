@@ -6,8 +6,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::access::Principal;
-use crate::auth::DynRateLimitStore;
-use crate::error::{Error, Result};
+use crate::auth::{DynRateLimitStore, RateLimitStoreExt as _};
+use crate::error::Result;
 
 /// How many model calls a user may make per window (the legacy API's default: 50 an hour).
 #[derive(Debug, Clone)]
@@ -47,12 +47,10 @@ fn key(principal: &Principal) -> String {
 impl TurnLimit {
     /// Counts one model call; `rate_limit_exceeded` with the wait when over the limit.
     pub(super) async fn hit(&self, principal: &Principal) -> Result<()> {
-        let count = self.store.hit(&key(principal), self.window).await?;
-        if count.count > self.limit {
-            let wait = (count.resets_at - Utc::now()).num_seconds().max(1) as u64;
-            return Err(Error::rate_limited(TURN_LIMIT_MESSAGE, Some(Duration::from_secs(wait))));
-        }
-        Ok(())
+        self.store
+            .check(&key(principal), self.limit, self.window, TURN_LIMIT_MESSAGE)
+            .await
+            .map(drop)
     }
 
     /// Reads the user's counter without counting.

@@ -62,7 +62,7 @@ use crate::chat::{ChatChunk, ChatMessage, ChatRequest, DynChatModel, Priority};
 use crate::error::{Error, Result};
 use crate::ids::{AnimalId, SessionId, UserId};
 use crate::moderation::{DynModerator, ModerationLevel, ModerationVerdict};
-use crate::persona::DynPersonaDirectory;
+use crate::persona::{DynPersonaDirectory, PersonaDirectoryExt as _};
 use crate::store::{
     AppendOutcome, DeleteReport, DeleteScope, DynConversationStore, Page, PageRequest,
     SessionScope, TurnAppend,

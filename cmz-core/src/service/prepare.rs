@@ -91,11 +91,9 @@ impl ConversationService {
         let animal = &request.animal_id;
         let persona = inner
             .personas
-            .persona(animal)
+            .require(animal)
             .instrument(tracing::debug_span!("cmz.backend", kind = "personas", op = "persona", animal = %animal))
-            .await?
-            .filter(Persona::is_offered)
-            .ok_or_else(|| Error::not_found(format!("animal {animal}")))?;
+            .await?;
 
         let requested = request.session_id.is_some();
         let mut id = match (&request.session_id, &request.turn_key) {

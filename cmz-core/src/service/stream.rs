@@ -180,11 +180,7 @@ impl ConversationService {
 /// Sends the end of a streamed turn: the reply's text when the consumer has not seen it
 /// (a fallback, a refusal, or a reply held for the strict check), then `Complete`, or the
 /// error.
-async fn send_outcome(
-    tx: &mpsc::Sender<Result<TurnEvent>>,
-    result: Result<TurnReply>,
-    held: bool,
-) {
+async fn send_outcome(tx: &mpsc::Sender<Result<TurnEvent>>, result: Result<TurnReply>, held: bool) {
     match result {
         Ok(reply) => {
             let unseen = held || reply.fallback || reply.moderation.flagged;

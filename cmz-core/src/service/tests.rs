@@ -1924,14 +1924,20 @@ async fn request_fields_take_effect_context_summary_priority_and_bounds() {
     assert_eq!(sent.messages.last().unwrap().content, "what do you eat?");
     // Blank summaries add nothing; oversized ones are refused before anything is stored.
     f.service
-        .turn(&me, TurnRequest::new(lion(), "hi").with_context_summary("  "))
+        .turn(
+            &me,
+            TurnRequest::new(lion(), "hi").with_context_summary("  "),
+        )
         .await
         .unwrap();
     assert_eq!(f.model.last_request().unwrap().messages.len(), 2);
     let long = "x".repeat(ConversationConfig::default().max_context_summary_chars + 1);
     let err = f
         .service
-        .turn(&me, TurnRequest::new(lion(), "hi").with_context_summary(long))
+        .turn(
+            &me,
+            TurnRequest::new(lion(), "hi").with_context_summary(long),
+        )
         .await
         .unwrap_err();
     assert!(matches!(
@@ -1971,7 +1977,11 @@ async fn moderation_levels_check_the_summary_and_at_strict_the_reply() {
         .unwrap();
     assert!(summary.moderation.flagged);
     assert_eq!(summary.moderation.categories, vec!["harassment".to_owned()]);
-    assert_eq!(f.model.calls(), 1, "the flagged summary never reached the model");
+    assert_eq!(
+        f.model.calls(),
+        1,
+        "the flagged summary never reached the model"
+    );
     // Strict: the reply is checked and replaced before anyone sees it.
     let strict = service
         .turn(
@@ -1989,7 +1999,10 @@ async fn moderation_levels_check_the_summary_and_at_strict_the_reply() {
         "the flagged reply is not stored: {stored:?}"
     );
     assert!(
-        audit.events().iter().any(|e| e.reason.starts_with("reply flagged")),
+        audit
+            .events()
+            .iter()
+            .any(|e| e.reason.starts_with("reply flagged")),
         "{:?}",
         audit.events()
     );
@@ -2054,7 +2067,11 @@ async fn a_clean_reply_at_strict_streams_whole_after_the_check() {
             _ => None,
         })
         .collect();
-    assert_eq!(deltas, vec!["lions sleep a lot"], "one piece, after the check");
+    assert_eq!(
+        deltas,
+        vec!["lions sleep a lot"],
+        "one piece, after the check"
+    );
     let Some(Ok(TurnEvent::Complete(reply))) = events.last() else {
         panic!("{events:?}")
     };

@@ -15,9 +15,11 @@
 //! ```
 
 mod auth_suite;
+mod model_suite;
 mod scripted;
 mod store_suite;
 
 pub use auth_suite::*;
+pub use model_suite::*;
 pub use scripted::{Failure, ScriptedModel, Step};
 pub use store_suite::*;

@@ -155,7 +155,9 @@ impl ScriptedModel {
 
 fn failure_error(failure: Failure) -> Error {
     match failure {
-        Failure::RateLimited => Error::rate_limited("scripted rate limit", Some(Duration::from_secs(1))),
+        Failure::RateLimited => {
+            Error::rate_limited("scripted rate limit", Some(Duration::from_secs(1)))
+        }
         _ => Error::Unavailable {
             message: "scripted model failure".into(),
             source: None,

@@ -28,7 +28,8 @@ impl DynamoUserStore {
         {
             json["email"] = serde_json::Value::String(email);
         }
-        serde_json::from_value(json).map_err(|e| Error::internal("a stored user item cmz cannot read").with_source(e))
+        serde_json::from_value(json)
+            .map_err(|e| Error::internal("a stored user item cmz cannot read").with_source(e))
     }
 }
 
