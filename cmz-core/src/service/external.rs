@@ -3,9 +3,8 @@
 //! here, once, so no front end needs the raw store.
 
 use futures::{StreamExt as _, TryStreamExt as _};
-use tracing::Instrument as _;
 
-use super::{ConversationService, TurnReply, span};
+use super::{ConversationService, TurnReply};
 use crate::access::{Action, Principal};
 use crate::error::{Error, Result};
 use crate::ids::{AnimalId, SessionId};
@@ -123,11 +122,7 @@ impl ConversationService {
         animal_name: Option<String>,
     ) -> Result<Session> {
         let session = self.new_session(principal, animal_id, animal_name).await?;
-        self.inner
-            .store
-            .create_session(&session)
-            .instrument(span("store", "create_session", &session.id))
-            .await?;
+        self.inner.store.create_session(&session).await?;
         Ok(session)
     }
 
@@ -170,11 +165,7 @@ impl ConversationService {
         limit: usize,
     ) -> Result<Vec<Message>> {
         self.readable_session(principal, id, Action::Read).await?;
-        self.inner
-            .store
-            .recent_messages(id, limit)
-            .instrument(span("store", "recent_messages", id))
-            .await
+        self.inner.store.recent_messages(id, limit).await
     }
 
     /// The last message of each of `sessions` (`None` for an empty one), for listings:
@@ -200,10 +191,7 @@ impl ConversationService {
             .map(move |id| {
                 let store = store.clone();
                 async move {
-                    let mut recent = store
-                        .recent_messages(&id, 1)
-                        .instrument(span("store", "recent_messages", &id))
-                        .await?;
+                    let mut recent = store.recent_messages(&id, 1).await?;
                     Ok::<_, Error>(recent.pop())
                 }
             })

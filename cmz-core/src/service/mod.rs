@@ -171,7 +171,8 @@ impl ConversationService {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                store,
+                // Every store call is traced in one place (`cmz.backend`, kind "store").
+                store: Arc::new(crate::traced::TracedStore::new(store)),
                 personas,
                 model,
                 policy,

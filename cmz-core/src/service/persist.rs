@@ -104,12 +104,7 @@ impl ConversationService {
                 turn_key: key.clone(),
                 new_session: new_session.clone(),
             };
-            match inner
-                .store
-                .append_turn(append)
-                .instrument(span("store", "append_turn", &session.id))
-                .await
-            {
+            match inner.store.append_turn(append).await {
                 Ok(outcome) => return Ok(outcome),
                 Err(Error::Conflict { .. }) if attempt < inner.config.max_append_attempts => {
                     tracing::debug!(attempt, "sequence conflict; re-reading the session");
@@ -161,11 +156,7 @@ impl ConversationService {
     }
 
     pub(super) async fn get_session(&self, id: &SessionId) -> Result<Option<Session>> {
-        self.inner
-            .store
-            .get_session(id)
-            .instrument(span("store", "get_session", id))
-            .await
+        self.inner.store.get_session(id).await
     }
 
     pub(super) async fn find_turn(
@@ -173,10 +164,6 @@ impl ConversationService {
         id: &SessionId,
         key: &str,
     ) -> Result<Option<Vec<Message>>> {
-        self.inner
-            .store
-            .find_turn(id, key)
-            .instrument(span("store", "find_turn", id))
-            .await
+        self.inner.store.find_turn(id, key).await
     }
 }

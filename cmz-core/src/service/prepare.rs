@@ -188,11 +188,7 @@ impl ConversationService {
         let mut history = if window == 0 || created {
             Vec::new()
         } else {
-            inner
-                .store
-                .recent_messages(&id, window * 2)
-                .instrument(span("store", "recent_messages", &id))
-                .await?
+            inner.store.recent_messages(&id, window * 2).await?
         };
         let content = match &user {
             UserPart::New(message) => message.content.clone(),

@@ -44,11 +44,7 @@ impl ConversationService {
             ));
         }
         self.readable_session(principal, id, Action::Write).await?;
-        self.inner
-            .store
-            .set_thread_id(id, thread_id)
-            .instrument(span("store", "set_thread_id", id))
-            .await
+        self.inner.store.set_thread_id(id, thread_id).await
     }
 
     /// A page of a session's messages, oldest first.
@@ -60,11 +56,7 @@ impl ConversationService {
         page: PageRequest,
     ) -> Result<Page<Message>> {
         self.readable_session(principal, id, Action::Read).await?;
-        self.inner
-            .store
-            .history(id, page)
-            .instrument(span("store", "history", id))
-            .await
+        self.inner.store.history(id, page).await
     }
 
     /// A page of sessions, newest activity first.

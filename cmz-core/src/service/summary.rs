@@ -10,11 +10,7 @@ impl ConversationService {
         self.count_model_call(principal).await?;
         let inner = &self.inner;
         let session = self.readable_session(principal, id, Action::Read).await?;
-        let recent = inner
-            .store
-            .recent_messages(id, 40)
-            .instrument(span("store", "recent_messages", id))
-            .await?;
+        let recent = inner.store.recent_messages(id, 40).await?;
         let mut transcript = String::new();
         for message in &recent {
             let who = if message.role == Role::User {
@@ -62,11 +58,7 @@ impl ConversationService {
                 fallback: false,
             },
             None => {
-                let first = inner
-                    .store
-                    .history(id, PageRequest::first(2))
-                    .instrument(span("store", "history", id))
-                    .await?;
+                let first = inner.store.history(id, PageRequest::first(2)).await?;
                 Summary {
                     text: prompt::fallback_summary(&session, &first.items),
                     fallback: true,
@@ -78,11 +70,7 @@ impl ConversationService {
         if principal.user_id != session.user_id {
             return Ok(summary);
         }
-        inner
-            .store
-            .set_summary(id, &summary.text)
-            .instrument(span("store", "set_summary", id))
-            .await?;
+        inner.store.set_summary(id, &summary.text).await?;
         Ok(summary)
     }
 }
