@@ -36,6 +36,9 @@ import uuid
 
 import boto3
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dynamodb_local  # noqa: E402 (beside this script)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "cmz-dynamo", "tests", "fixtures", "legacy_conversation_dynamo.py")
 
@@ -70,38 +73,11 @@ def free_port():
 
 def start_dynamodb_local(logs):
     """A fresh in-memory DynamoDB Local; returns (process, endpoint)."""
-    root = os.environ.get("CMZ_DYNAMODB_LOCAL_DIR") or os.path.join(
-        ROOT, "target", "dynamodb-local", "package", "emulator")
-    jar = os.path.join(root, "DynamoDBLocal.jar")
-    check(os.path.isfile(jar), f"no DynamoDB Local at {jar}: set CMZ_DYNAMODB_LOCAL_DIR or pass --endpoint")
-    port = free_port()
-    log_path = os.path.join(logs, "legacy-deployment-dynamodb-local.log")
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            ["java", "-Xmx256m", f"-Djava.library.path={os.path.join(root, 'DynamoDBLocal_lib')}", "-jar", jar,
-             "-inMemory", "-sharedDb", "-disableTelemetry", "-port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT,
-            # Its telemetry id file lands in the working directory: keep it out of the tree.
-            cwd=root, env=dict(os.environ, DDB_LOCAL_TELEMETRY="0"),
-        )
-    for _ in range(240):
-        check(process.poll() is None, f"DynamoDB Local exited; its log:\n{open(log_path).read()}")
-        try:
-            socket.create_connection(("127.0.0.1", port), 1).close()
-            return process, f"http://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.25)
-    process.kill()
-    raise AssertionError(f"DynamoDB Local did not start; its log:\n{open(log_path).read()}")
+    log = open(os.path.join(logs, "legacy-deployment-dynamodb-local.log"), "w")
+    return dynamodb_local.start(log=log, heap="256m", timeout=60)
 
 
-def stop(process):
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+stop = dynamodb_local.stop
 
 
 def fixture(*args):

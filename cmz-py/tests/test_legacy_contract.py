@@ -532,36 +532,15 @@ FIXTURE = os.path.join(os.path.dirname(__file__), "..", "..", "cmz-dynamo", "tes
 def own_dynamodb():
     """A DynamoDB Local of this module's own: on the server the suite shares, with hundreds
     of TTL tables, DynamoDB Local queues a new index for minutes."""
-    import socket
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".ci"))
+    import dynamodb_local
 
-    emulator = os.environ.get("CMZ_DYNAMODB_LOCAL_DIR") or os.path.join(
-        os.path.dirname(__file__), "..", "..", "target", "dynamodb-local", "package", "emulator"
-    )
-    jar = os.path.join(emulator, "DynamoDBLocal.jar")
-    if not os.path.exists(jar):
-        pytest.fail(f"DynamoDB Local is not at {emulator}: set CMZ_DYNAMODB_LOCAL_DIR (bash .ci/run does)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        ["java", "-Xmx512m", f"-Djava.library.path={os.path.join(emulator, 'DynamoDBLocal_lib')}", "-jar", jar,
-         "-inMemory", "-sharedDb", "-disableTelemetry", "-port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        cwd=emulator, env=dict(os.environ, DDB_LOCAL_TELEMETRY="0"),
-    )
-    deadline = time.time() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), 1).close()
-            break
-        except OSError:
-            if time.time() > deadline:
-                server.kill()
-                pytest.fail("DynamoDB Local did not start")
-            time.sleep(0.2)
-    yield f"http://127.0.0.1:{port}"
-    server.kill()
-    server.wait()
+    try:
+        server, endpoint = dynamodb_local.start()
+    except RuntimeError as error:
+        pytest.fail(str(error))
+    yield endpoint
+    dynamodb_local.stop(server)
 
 
 def test_a_legacy_deployment_upgrades_in_place_and_compat_continues_it(own_dynamodb):
