@@ -81,7 +81,7 @@ impl Auth {
         })
     }
 
-    /// Revokes an access token and its refresh family.
+    /// Revokes an access token and its refresh chain.
     fn logout(&self, py: Python<'_>, token: String) -> PyResult<()> {
         let state = self.state.clone();
         block_on(py, async move { state.auth().logout(&token).await })

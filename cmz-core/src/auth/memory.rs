@@ -113,7 +113,7 @@ struct RefreshEntry {
 #[derive(Debug, Default)]
 struct Revocations {
     refresh: HashMap<String, RefreshEntry>,
-    families: HashMap<String, DateTime<Utc>>,
+    chains: HashMap<String, DateTime<Utc>>,
     token_ids: HashMap<String, DateTime<Utc>>,
 }
 
@@ -162,11 +162,11 @@ impl RevocationStore for InMemoryRevocationStore {
         })
     }
 
-    async fn revoke_family(&self, family_id: &str, until: DateTime<Utc>) -> Result<()> {
+    async fn revoke_chain(&self, chain_id: &str, until: DateTime<Utc>) -> Result<()> {
         let mut state = lock(&self.state);
         let now = Utc::now();
-        state.families.retain(|_, t| *t > now);
-        let entry = state.families.entry(family_id.to_owned()).or_insert(until);
+        state.chains.retain(|_, t| *t > now);
+        let entry = state.chains.entry(chain_id.to_owned()).or_insert(until);
         *entry = (*entry).max(until);
         Ok(())
     }
@@ -180,16 +180,16 @@ impl RevocationStore for InMemoryRevocationStore {
         Ok(())
     }
 
-    async fn is_revoked(&self, token_id: Option<&str>, family_id: Option<&str>) -> Result<bool> {
+    async fn is_revoked(&self, token_id: Option<&str>, chain_id: Option<&str>) -> Result<bool> {
         let state = lock(&self.state);
         let now = Utc::now();
         let token = token_id
             .and_then(|id| state.token_ids.get(id))
             .is_some_and(|t| *t > now);
-        let family = family_id
-            .and_then(|id| state.families.get(id))
+        let chain = chain_id
+            .and_then(|id| state.chains.get(id))
             .is_some_and(|t| *t > now);
-        Ok(token || family)
+        Ok(token || chain)
     }
 }
 

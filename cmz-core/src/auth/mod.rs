@@ -337,18 +337,19 @@ impl AuthService {
         self.issue_pair(&user, None).await
     }
 
-    async fn issue_pair(&self, user: &User, family: Option<String>) -> Result<LoginResponse> {
+    /// A new access token and refresh token, in `chain` (a refresh) or a new chain (a login).
+    async fn issue_pair(&self, user: &User, chain: Option<String>) -> Result<LoginResponse> {
         let inner = &self.inner;
-        let family = match family {
-            Some(family) => family,
+        let chain = match chain {
+            Some(chain) => chain,
             None => hex::encode(random_bytes::<16>()?),
         };
-        let access = inner.codec.issue(user, Some(&family))?;
+        let access = inner.codec.issue(user, Some(&chain))?;
         let refresh_token = format!("cmzr_{}", URL_SAFE_NO_PAD.encode(random_bytes::<32>()?));
         let now = Utc::now();
         let record = RefreshRecord {
             token_hash: hash_refresh(&refresh_token),
-            family_id: family,
+            chain_id: chain,
             user_id: user.user_id.clone(),
             issued_at: now,
             expires_at: now
@@ -396,14 +397,14 @@ impl AuthService {
                 inner
                     .stores
                     .revocations
-                    .revoke_family(&record.family_id, until)
-                    .instrument(span("revoke_family"))
+                    .revoke_chain(&record.chain_id, until)
+                    .instrument(span("revoke_chain"))
                     .await?;
                 self.audit(
                     AuditKind::RefreshReuse,
                     AuditOutcome::Denied,
                     Some(&record.user_id),
-                    "rotated refresh token presented again; family revoked",
+                    "rotated refresh token presented again; every token of this login revoked",
                 )
                 .await;
                 return Err(rejected());
@@ -414,7 +415,7 @@ impl AuthService {
             || inner
                 .stores
                 .revocations
-                .is_revoked(None, Some(&record.family_id))
+                .is_revoked(None, Some(&record.chain_id))
                 .instrument(span("is_revoked"))
                 .await?
         {
@@ -428,7 +429,7 @@ impl AuthService {
             .await?
             .filter(|u| !u.soft_delete)
             .ok_or_else(rejected)?;
-        self.issue_pair(&user, Some(record.family_id)).await
+        self.issue_pair(&user, Some(record.chain_id)).await
     }
 
     /// Verifies an access token (signature, claims, revocation) and returns the caller.
@@ -491,7 +492,7 @@ impl AuthService {
         Ok((principal, claims))
     }
 
-    /// Logs out: revokes this access token (by `jti`) and its refresh family until they
+    /// Logs out: revokes this access token (by `jti`) and its refresh chain until they
     /// expire. Tokens without those claims (minted by the legacy services) cannot be
     /// revoked and simply expire.
     #[tracing::instrument(name = "cmz.logout", skip_all)]
@@ -506,15 +507,15 @@ impl AuthService {
                 .instrument(span("revoke_token_id"))
                 .await?;
         }
-        if let Some(family) = &claims.sid {
+        if let Some(chain) = &claims.sid {
             let refresh_until = until.max(
                 Utc::now()
                     + chrono::TimeDelta::from_std(self.inner.refresh_ttl)
                         .unwrap_or(chrono::TimeDelta::days(30)),
             );
             revocations
-                .revoke_family(family, refresh_until)
-                .instrument(span("revoke_family"))
+                .revoke_chain(chain, refresh_until)
+                .instrument(span("revoke_chain"))
                 .await?;
         }
         self.audit(

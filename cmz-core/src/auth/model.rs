@@ -99,8 +99,9 @@ impl Family {
 pub struct RefreshRecord {
     /// SHA-256 of the token, hex.
     pub token_hash: String,
-    /// The rotation family: every token issued from one login.
-    pub family_id: String,
+    /// The refresh chain: every token issued from one login, each refresh rotating to the
+    /// next (the "token family" of OAuth's reuse detection; not a user's family).
+    pub chain_id: String,
     /// Whose token it is.
     pub user_id: UserId,
     /// When it was issued.

@@ -53,7 +53,7 @@ pub trait FamilyDirectory: Debug + Send + Sync + 'static {
 /// # Contract
 /// - `consume_refresh` is atomic: of many concurrent calls with one hash, exactly one sees
 ///   [`RefreshState::Fresh`]; the others see [`RefreshState::Reused`].
-/// - `revoke_family` / `revoke_token_id` hold at least until `until`; after that the entry
+/// - `revoke_chain` / `revoke_token_id` hold at least until `until`; after that the entry
 ///   may be forgotten. `is_revoked` is true if either id given is revoked.
 /// - Backend failures are `unavailable`; every method may be called concurrently.
 #[async_trait]
@@ -62,12 +62,12 @@ pub trait RevocationStore: Debug + Send + Sync + 'static {
     async fn insert_refresh(&self, record: &RefreshRecord) -> Result<()>;
     /// Marks a refresh token used and says what it was before.
     async fn consume_refresh(&self, token_hash: &str) -> Result<RefreshState>;
-    /// Revokes every token of a refresh family.
-    async fn revoke_family(&self, family_id: &str, until: DateTime<Utc>) -> Result<()>;
+    /// Revokes every token of a refresh chain (all issued from one login).
+    async fn revoke_chain(&self, chain_id: &str, until: DateTime<Utc>) -> Result<()>;
     /// Revokes one access token by its `jti`.
     async fn revoke_token_id(&self, token_id: &str, until: DateTime<Utc>) -> Result<()>;
-    /// Whether the access token id or the refresh family is revoked.
-    async fn is_revoked(&self, token_id: Option<&str>, family_id: Option<&str>) -> Result<bool>;
+    /// Whether the access token id or the refresh chain is revoked.
+    async fn is_revoked(&self, token_id: Option<&str>, chain_id: Option<&str>) -> Result<bool>;
 }
 
 /// A fixed-window counter's state.

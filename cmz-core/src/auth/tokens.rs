@@ -103,7 +103,7 @@ pub struct AccessClaims {
     /// Token id, for logout revocation (absent in legacy tokens).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jti: Option<String>,
-    /// Refresh family the token was issued from (absent in legacy tokens).
+    /// The refresh chain the token was issued in (absent in legacy tokens).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sid: Option<String>,
     /// The user's family, if any.
@@ -483,9 +483,9 @@ impl TokenCodec {
         self.ttl
     }
 
-    /// Issues a token for `user`, in refresh family `family` if any.
-    pub fn issue(&self, user: &User, family: Option<&str>) -> Result<IssuedToken> {
-        self.issue_with(user, family, None, serde_json::Map::new())
+    /// Issues a token for `user`, in refresh chain `chain` if any.
+    pub fn issue(&self, user: &User, chain: Option<&str>) -> Result<IssuedToken> {
+        self.issue_with(user, chain, None, serde_json::Map::new())
     }
 
     /// Issues a token as [`issue`](Self::issue) does, valid for `ttl` instead of the
@@ -497,7 +497,7 @@ impl TokenCodec {
     pub fn issue_with(
         &self,
         user: &User,
-        family: Option<&str>,
+        chain: Option<&str>,
         ttl: Option<Duration>,
         mut extra: serde_json::Map<String, serde_json::Value>,
     ) -> Result<IssuedToken> {
@@ -514,7 +514,7 @@ impl TokenCodec {
         };
         let user_type = take("user_type");
         let family_claim = take("familyId");
-        let mut claims = self.claims_for(user, family, ttl.unwrap_or(self.ttl), extra)?;
+        let mut claims = self.claims_for(user, chain, ttl.unwrap_or(self.ttl), extra)?;
         claims.user_type = user_type.or(claims.user_type);
         claims.family_id = family_claim.or(claims.family_id);
         let token = self.sign(&claims)?;
@@ -524,7 +524,7 @@ impl TokenCodec {
     fn claims_for(
         &self,
         user: &User,
-        family: Option<&str>,
+        chain: Option<&str>,
         ttl: Duration,
         extra: serde_json::Map<String, serde_json::Value>,
     ) -> Result<AccessClaims> {
@@ -542,7 +542,7 @@ impl TokenCodec {
             iss: self.issuer.clone(),
             sub: user.user_id.to_string(),
             jti: Some(random_id()?),
-            sid: family.map(str::to_owned),
+            sid: chain.map(str::to_owned),
             family_id: user.family_id.as_ref().map(ToString::to_string),
             extra,
         })

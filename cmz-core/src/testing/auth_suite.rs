@@ -167,7 +167,7 @@ pub async fn check_revocation_store(store: &dyn RevocationStore) {
     let now = Utc::now();
     let record = RefreshRecord {
         token_hash: unique("hash"),
-        family_id: unique("family"),
+        chain_id: unique("chain"),
         user_id: random_user(),
         issued_at: now,
         expires_at: now + TimeDelta::days(1),
@@ -211,7 +211,7 @@ pub async fn check_revocation_store(store: &dyn RevocationStore) {
     assert!(store.is_revoked(Some(&jti), Some(&family)).await.unwrap());
     assert!(!store.is_revoked(None, Some(&family)).await.unwrap());
     store
-        .revoke_family(&family, now + TimeDelta::hours(1))
+        .revoke_chain(&family, now + TimeDelta::hours(1))
         .await
         .unwrap();
     assert!(store.is_revoked(None, Some(&family)).await.unwrap());
@@ -228,7 +228,7 @@ pub async fn check_revocation_store(store: &dyn RevocationStore) {
         .await
         .unwrap();
     store
-        .revoke_family(&old_family, now - TimeDelta::seconds(1))
+        .revoke_chain(&old_family, now - TimeDelta::seconds(1))
         .await
         .unwrap();
     assert!(

@@ -25,7 +25,7 @@ impl DynamoRevocationStore {
         };
         Ok(RefreshRecord {
             token_hash: hash.to_owned(),
-            family_id: reader.str("familyId")?.to_owned(),
+            chain_id: reader.str("familyId")?.to_owned(),
             user_id: UserId::new(reader.str("userId")?)?,
             issued_at: at("issuedAt")?,
             expires_at: at("expiresAt")?,
@@ -65,7 +65,7 @@ impl RevocationStore for DynamoRevocationStore {
         let meta = &self.db.inner.tables.meta;
         let mut item = Item::new();
         item.insert("pk".into(), s(format!("refresh#{}", record.token_hash)));
-        item.insert("familyId".into(), s(record.family_id.clone()));
+        item.insert("familyId".into(), s(record.chain_id.clone()));
         item.insert("userId".into(), s(record.user_id.as_str()));
         item.insert("issuedAt".into(), crate::attr::time(record.issued_at));
         item.insert("expiresAt".into(), crate::attr::time(record.expires_at));
@@ -132,9 +132,9 @@ impl RevocationStore for DynamoRevocationStore {
         }
     }
 
-    #[tracing::instrument(name = "dynamodb.revoke_family", skip_all)]
-    async fn revoke_family(&self, family_id: &str, until: DateTime<Utc>) -> Result<()> {
-        self.revoke(format!("revoked-sid#{family_id}"), until).await
+    #[tracing::instrument(name = "dynamodb.revoke_chain", skip_all)]
+    async fn revoke_chain(&self, chain_id: &str, until: DateTime<Utc>) -> Result<()> {
+        self.revoke(format!("revoked-sid#{chain_id}"), until).await
     }
 
     #[tracing::instrument(name = "dynamodb.revoke_token_id", skip_all)]
@@ -143,12 +143,12 @@ impl RevocationStore for DynamoRevocationStore {
     }
 
     #[tracing::instrument(name = "dynamodb.is_revoked", skip_all)]
-    async fn is_revoked(&self, token_id: Option<&str>, family_id: Option<&str>) -> Result<bool> {
+    async fn is_revoked(&self, token_id: Option<&str>, chain_id: Option<&str>) -> Result<bool> {
         let mut pks: Vec<String> = Vec::new();
         if let Some(id) = token_id {
             pks.push(format!("revoked-jti#{id}"));
         }
-        if let Some(id) = family_id {
+        if let Some(id) = chain_id {
             pks.push(format!("revoked-sid#{id}"));
         }
         if pks.is_empty() {
