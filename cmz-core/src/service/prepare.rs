@@ -9,16 +9,7 @@ impl ConversationService {
         if request.message.trim().is_empty() {
             return Err(Error::validation("message", "message must not be empty"));
         }
-        let chars = request.message.chars().count();
-        if chars > config.max_message_chars {
-            return Err(Error::validation(
-                "message",
-                format!(
-                    "message is {chars} characters; the limit is {}",
-                    config.max_message_chars
-                ),
-            ));
-        }
+        check_length("message", &request.message, config.max_message_chars)?;
         if let Some(key) = &request.turn_key {
             if key.is_empty()
                 || key.len() > MAX_TURN_KEY_LEN
@@ -66,16 +57,7 @@ impl ConversationService {
             }
         }
         if let Some(summary) = &request.context_summary {
-            let chars = summary.chars().count();
-            if chars > config.max_context_summary_chars {
-                return Err(Error::validation(
-                    "contextSummary",
-                    format!(
-                        "contextSummary is {chars} characters; the limit is {}",
-                        config.max_context_summary_chars
-                    ),
-                ));
-            }
+            check_length("contextSummary", summary, config.max_context_summary_chars)?;
         }
         Ok(request.context_window.unwrap_or(config.context_window))
     }
@@ -248,4 +230,16 @@ impl ConversationService {
             moderation,
         })))
     }
+}
+
+/// `validation_error` naming `field` when `text` is longer than `limit` characters.
+fn check_length(field: &'static str, text: &str, limit: usize) -> Result<()> {
+    let chars = text.chars().count();
+    if chars > limit {
+        return Err(Error::validation(
+            field,
+            format!("{field} is {chars} characters; the limit is {limit}"),
+        ));
+    }
+    Ok(())
 }
