@@ -244,7 +244,14 @@ mod tests {
         );
         // The moderator runs on the provider's endpoint; the verdict reaches the reply (the
         // sample animals come with `dev`).
-        let Some(animal) = services.personas().list().await.unwrap().into_iter().next() else {
+        let Some(animal) = services
+            .conversations()
+            .animals()
+            .await
+            .unwrap()
+            .into_iter()
+            .next()
+        else {
             if cfg!(feature = "dev") {
                 panic!("dev offers the sample animals");
             }
@@ -274,7 +281,7 @@ mod tests {
         let built = services_from_env(&|name| env.get(name).cloned()).await;
         if cfg!(feature = "dev") {
             let services = built.unwrap();
-            assert!(!services.personas().list().await.unwrap().is_empty());
+            assert!(!services.conversations().animals().await.unwrap().is_empty());
         } else {
             assert_eq!(built.unwrap_err().code(), "validation_error");
         }

@@ -73,15 +73,11 @@ pub(crate) async fn animal_list(
     // Only offered animals are public; asking for any other status lists none.
     let wanted = status.is_none_or(|s| s == "active");
     let personas = if wanted {
-        state.inner.services.personas().list().await?
+        state.conversations().animals().await?
     } else {
         Vec::new()
     };
-    let animals: Vec<PublicAnimal<'_>> = personas
-        .iter()
-        .filter(|p| p.is_offered())
-        .map(PublicAnimal::of)
-        .collect();
+    let animals: Vec<PublicAnimal<'_>> = personas.iter().map(PublicAnimal::of).collect();
     Ok(Json(json!(animals)))
 }
 
@@ -92,21 +88,13 @@ pub(crate) async fn animal_get(
     Path(animal): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let animal = AnimalId::new(animal)?;
-    let persona = state
-        .inner
-        .services
-        .personas()
-        .persona(&animal)
-        .await?
-        .filter(Persona::is_offered)
-        .ok_or_else(|| ApiError::new("not_found", format!("animal {animal} not found")))?;
+    let persona = state.conversations().animal(&animal).await?;
     Ok(Json(json!(PublicAnimal::of(&persona))))
 }
 
 /// `GET /animals`: the personas one can chat with (the offered ones), in cmz's shape.
 pub(crate) async fn animals(State(state): State<AppState>) -> ApiResult<Json<Value>> {
-    let mut personas = state.inner.services.personas().list().await?;
-    personas.retain(Persona::is_offered);
+    let personas = state.conversations().animals().await?;
     Ok(Json(json!({ "animals": personas })))
 }
 
@@ -120,21 +108,18 @@ pub(crate) async fn resolve_animal(state: &AppState, animal: String) -> ApiResul
     if let Some(configured) = &state.inner.settings.default_animal {
         return Ok(configured.to_string());
     }
-    let directory = &state.inner.services.personas();
-    let own = AnimalId::new(DEFAULT_ANIMAL)?;
-    if directory
-        .persona(&own)
-        .await?
-        .is_some_and(|p| p.is_offered())
-    {
-        return Ok(animal);
+    let conversations = state.conversations();
+    match conversations.animal(&AnimalId::new(DEFAULT_ANIMAL)?).await {
+        Ok(_) => return Ok(animal),
+        Err(error) if error.code() != cmz_core::Code::NotFound => return Err(error.into()),
+        Err(_) => {}
     }
-    // `list` is ordered by animal id.
-    directory
-        .list()
+    // Offered animals come ordered by id.
+    conversations
+        .animals()
         .await?
         .into_iter()
-        .find(Persona::is_offered)
+        .next()
         .map(|p| p.animal_id.to_string())
         .ok_or_else(|| ApiError::new("not_found", "no animal is offered"))
 }

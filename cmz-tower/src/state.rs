@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use axum::http::HeaderValue;
 use cmz_core::auth::AuthService;
 use cmz_core::ids::AnimalId;
-use cmz_core::persona::DynPersonaDirectory;
 use cmz_core::service::ConversationService;
 use cmz_core::{Error, Result};
 use cmz_env::{Services, number};
@@ -145,10 +144,5 @@ impl AppState {
     /// The auth service.
     pub fn auth(&self) -> &AuthService {
         self.inner.services.auth()
-    }
-
-    /// The animal personas.
-    pub fn personas(&self) -> &DynPersonaDirectory {
-        self.inner.services.personas()
     }
 }

@@ -25,6 +25,7 @@
 //! # }).unwrap();
 //! ```
 
+mod animals;
 mod config;
 mod external;
 mod limit;
