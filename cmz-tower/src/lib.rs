@@ -2,6 +2,7 @@
 
 mod animals;
 mod auth_layer;
+mod body_timeout;
 mod client_ip;
 mod config;
 mod error;
@@ -30,6 +31,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 pub use auth_layer::{AccessToken, AuthLayer, RequireAuth};
+pub use body_timeout::{BodyTimeout, BodyTimeoutLayer};
 pub use client_ip::TrustedProxies;
 pub use cmz_env::{HealthCheck, ModelHealth, Services, cached, offline_health};
 #[cfg(feature = "dev")]
@@ -168,7 +170,7 @@ pub fn routes() -> impl Iterator<Item = Route> {
 }
 
 /// Wraps any router in cmz's HTTP stack: body-size limit, a catch-panic layer that answers
-/// 500 with the `Error` body, the request timeout, JSON error bodies for every failure,
+/// 500 with the `Error` body, the body timeout (408), the request timeout, JSON error bodies for every failure,
 /// CORS for the configured origins, tracing and `x-request-id`. [`router`] uses it; use it
 /// for routes of your own that should behave the same.
 pub fn with_layers(app: Router, settings: &HttpSettings) -> Router {
@@ -200,6 +202,7 @@ pub fn with_layers(app: Router, settings: &HttpSettings) -> Router {
             axum::http::StatusCode::GATEWAY_TIMEOUT,
             settings.request_timeout,
         ))
+        .layer(BodyTimeoutLayer::new(settings.body_timeout))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(DefaultBodyLimit::max(settings.body_limit));
     if settings.cors_origins.is_empty() {

@@ -25,6 +25,9 @@ pub struct HttpSettings {
     pub body_limit: usize,
     /// Time to produce a response head (`CMZ_REQUEST_TIMEOUT_SECONDS`, default 60).
     pub request_timeout: Duration,
+    /// Time for a request body to arrive in full, counted from the end of its head
+    /// (`CMZ_BODY_TIMEOUT_MS`, default 10,000); a slower body gets `408 request_timeout`.
+    pub body_timeout: Duration,
     /// The animal a turn with `animalId: "default"` talks to (`CMZ_DEFAULT_ANIMAL_ID`; the
     /// legacy chat page sends `default` when it is opened without an animal). Unset: an
     /// animal whose id is `default` if there is one, else the offered animal with the
@@ -43,6 +46,7 @@ impl Default for HttpSettings {
             cors_origins: Vec::new(),
             body_limit: 64 * 1024,
             request_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(10),
             default_animal: None,
             trusted_proxies: TrustedProxies::none(),
         }
@@ -78,6 +82,9 @@ impl HttpSettings {
         }
         if let Some(timeout) = number::<u64>(lookup, "CMZ_REQUEST_TIMEOUT_SECONDS")? {
             settings.request_timeout = Duration::from_secs(timeout.max(1));
+        }
+        if let Some(timeout) = number::<u64>(lookup, "CMZ_BODY_TIMEOUT_MS")? {
+            settings.body_timeout = Duration::from_millis(timeout.max(1));
         }
         if let Some(animal) = lookup("CMZ_DEFAULT_ANIMAL_ID").filter(|v| !v.trim().is_empty()) {
             settings.default_animal = Some(AnimalId::new(animal.trim()).map_err(|_| {
