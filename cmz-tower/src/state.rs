@@ -37,6 +37,11 @@ pub struct HttpSettings {
     /// (`CMZ_TRUSTED_PROXIES`, addresses or CIDR ranges; default none: the client is the
     /// peer). Login and registration throttles, audit events and logs use that address.
     pub trusted_proxies: TrustedProxies,
+    /// Token refreshes (`POST /auth/refresh`) allowed per client address in 15 minutes
+    /// (`CMZ_REFRESH_RATE_LIMIT`, default 300: a class behind one NAT address refreshing
+    /// several times each stays well under it); past it `429 rate_limit_exceeded`. Counted
+    /// in the shared rate-limit store, so it holds across servers.
+    pub refresh_limit: u32,
 }
 
 impl Default for HttpSettings {
@@ -49,6 +54,7 @@ impl Default for HttpSettings {
             body_timeout: Duration::from_secs(10),
             default_animal: None,
             trusted_proxies: TrustedProxies::none(),
+            refresh_limit: 300,
         }
     }
 }
@@ -93,6 +99,9 @@ impl HttpSettings {
                     format!("CMZ_DEFAULT_ANIMAL_ID must be an animal id, got {animal:?}"),
                 )
             })?);
+        }
+        if let Some(limit) = number::<u32>(lookup, "CMZ_REFRESH_RATE_LIMIT")? {
+            settings.refresh_limit = limit.max(1);
         }
         if let Some(list) = lookup("CMZ_TRUSTED_PROXIES") {
             settings.trusted_proxies = TrustedProxies::parse(&list)?;

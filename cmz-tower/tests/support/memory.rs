@@ -3,7 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cmz_core::auth::{AuthService, AuthSettings, AuthStores, DevDirectory, PasswordHasher};
+use cmz_core::auth::{
+    AuthService, AuthSettings, AuthStores, DevDirectory, InMemoryAuditSink, PasswordHasher,
+};
 use cmz_core::memory::{InMemoryConversationStore, InMemoryPersonaDirectory};
 use cmz_core::service::{ConversationConfig, ConversationService};
 use cmz_core::testing::ScriptedModel;
@@ -12,17 +14,22 @@ use serde_json::Value;
 
 const SECRET: &[u8] = b"memory-test-secret-memory-test-secret-012345";
 
-/// A running server: its base URL, a client and its state.
+/// A running server: its base URL, a client, its state and its audit events.
 pub(crate) struct MemoryServer {
     pub(crate) base: String,
     pub(crate) client: reqwest::Client,
     pub(crate) state: AppState,
+    pub(crate) audit: Arc<InMemoryAuditSink>,
 }
 
 /// Serves cmz's router over the in-memory stores, the development users and the sample
 /// animals, with `model` and `settings`.
 pub(crate) async fn start(model: ScriptedModel, settings: HttpSettings) -> MemoryServer {
-    let stores = AuthStores::in_memory();
+    let audit = Arc::new(InMemoryAuditSink::new());
+    let stores = AuthStores {
+        audit: audit.clone(),
+        ..AuthStores::in_memory()
+    };
     let rate_limits = stores.limits.clone();
     let auth_settings = AuthSettings {
         hasher: PasswordHasher::new(1024, 1, 1).unwrap(),
@@ -53,6 +60,7 @@ pub(crate) async fn start(model: ScriptedModel, settings: HttpSettings) -> Memor
         base: super::serve(cmz_tower::router(state.clone())).await,
         client: reqwest::Client::new(),
         state,
+        audit,
     }
 }
 
