@@ -10,8 +10,10 @@
 //! without, it starts Amazon's DynamoDB Local itself (fetched once with `npm`, run with
 //! Java, data kept in `target/demo-dynamodb`) and creates the tables.
 
+use axum::http::{HeaderValue, header};
 use axum::response::Html;
 use axum::routing::get;
+use cmz_tower::SecurityHeadersLayer;
 
 // A server allocates and frees on every request from several threads; mimalloc's
 // per-thread heaps avoid the contended arena locks of the system allocator.
@@ -20,6 +22,30 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The chat page.
 const PAGE: &str = include_str!("static/index.html");
+/// Its script and styles, served as files: the page's policy allows no inline code.
+const SCRIPT: &str = include_str!("static/chat.js");
+const STYLES: &str = include_str!("static/chat.css");
+
+/// What the page may do: load its own script and styles, talk to its own origin (`fetch`
+/// and `EventSource`), nothing else; no inline code, no plugins, no framing.
+const PAGE_POLICY: &str = "default-src 'self'; script-src 'self'; style-src 'self'; \
+     img-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; \
+     form-action 'self'; frame-ancestors 'none'";
+
+/// The page, its script and its styles, with the security headers and the page's policy.
+fn page() -> axum::Router {
+    let file = |content_type: &'static str, body: &'static str| {
+        get(move || async move { ([(header::CONTENT_TYPE, content_type)], body) })
+    };
+    axum::Router::new()
+        .route("/", get(|| async { Html(PAGE) }))
+        .route("/chat.js", file("text/javascript; charset=utf-8", SCRIPT))
+        .route("/chat.css", file("text/css; charset=utf-8", STYLES))
+        .layer(
+            SecurityHeadersLayer::new()
+                .with_content_security_policy(HeaderValue::from_static(PAGE_POLICY)),
+        )
+}
 
 #[tokio::main]
 async fn main() {
@@ -38,9 +64,7 @@ async fn main() {
         }
     };
     let bind = state.settings().bind;
-    let mut app = axum::Router::new()
-        .route("/", get(|| async { Html(PAGE) }))
-        .merge(cmz_tower::router(state));
+    let mut app = page().merge(cmz_tower::router(state));
     if cmz_tower::demo_env("CMZ_METRICS").is_some_and(|v| v == "1" || v == "true") {
         match cmz_tower::prometheus_router() {
             Ok(metrics) => app = app.merge(metrics),

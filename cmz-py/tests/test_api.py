@@ -146,12 +146,18 @@ def test_the_access_policy(client):
     other = login(client, "other@cmz.org", "other123")
     session = client.conversations.turn(kid, "cougar", "hi")["sessionId"]
     assert client.conversations.history(parent, session)["messages"]
-    with pytest.raises(cmz.Forbidden) as raised:
+    # A session the caller may not read answers exactly like one that does not exist
+    # (NotFound, not Forbidden), so its id cannot be probed; this used to be Forbidden.
+    with pytest.raises(cmz.NotFound) as raised:
         client.conversations.history(other, session)
-    assert raised.value.code == "forbidden"
-    with pytest.raises(cmz.Forbidden):
+    assert raised.value.code == "not_found"
+    with pytest.raises(cmz.NotFound) as unknown:
+        client.conversations.history(other, "conv_cougar_nobody_00000000")
+    assert str(raised.value).replace(session, "<id>") == str(unknown.value).replace("conv_cougar_nobody_00000000", "<id>")
+    with pytest.raises(cmz.NotFound):
         client.conversations.turn(other, "cougar", "sneaky", session_id=session)
     assert client.conversations.sessions(parent, user_id=kid.user_id)["sessions"][0]["sessionId"] == session
+    # A user's listing is not a session id: still Forbidden.
     with pytest.raises(cmz.Forbidden):
         client.conversations.sessions(other, user_id=kid.user_id)
 

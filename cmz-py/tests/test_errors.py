@@ -97,10 +97,11 @@ def test_bad_arguments_raise_type_or_value_errors(client, admin):
     assert client.conversations.turn(admin, "cougar", "still here?")["reply"]
 
 
-def test_forbidden_carries_no_data(client):
+def test_a_session_one_may_not_read_is_not_found_and_carries_no_data(client):
     kid = login(client, "student2@cmz.org", "student123")
     other = login(client, "other@cmz.org", "other123")
     session = client.conversations.turn(kid, "cougar", "my secret")["sessionId"]
-    with pytest.raises(cmz.Forbidden) as raised:
+    # NotFound (it was Forbidden): such a session answers like a missing one.
+    with pytest.raises(cmz.NotFound) as raised:
         client.conversations.history(other, session)
     assert "my secret" not in str(raised.value)

@@ -14,6 +14,6 @@ def test_quickstart_runs():
     assert "logged in as user_student_ana (student)" in out.stdout or "logged in as" in out.stdout
     assert "Cora: Hi, I'm Cora the Cougar!" in out.stdout
     assert "turns so far: 3" in out.stdout
-    assert "another family's user gets Forbidden (forbidden)" in out.stdout
+    assert "another family's user gets NotFound (not_found)" in out.stdout
     assert "compat history: ['Do quills hurt?', 'Only if you poke them!']" in out.stdout
     assert "compat verify of our token: student1@cmz.org" in out.stdout

@@ -14,10 +14,11 @@ use crate::error::ApiError;
 #[derive(Debug, Clone)]
 pub struct AccessToken(pub String);
 
-/// Requires a valid access token: `Authorization: Bearer <token>`, or `?token=<token>` on
-/// EventSource requests (`GET`, `Accept: text/event-stream`) whose clients cannot set headers. Puts the verified
-/// [`Principal`](cmz_core::access::Principal) and the [`AccessToken`] in the request's
-/// extensions; anything else gets 401 with the `Error` body.
+/// Requires a valid access token: `Authorization: Bearer <token>`, or, on routes built
+/// [`with_query_token`](Self::with_query_token), `?token=<token>` on EventSource requests
+/// (`GET`, `Accept: text/event-stream`) whose clients cannot set headers. Puts the
+/// verified [`Principal`](cmz_core::access::Principal) and the [`AccessToken`] in the
+/// request's extensions; anything else gets 401 with the `Error` body.
 ///
 /// Use it in front of any routes, not only cmz's:
 ///
@@ -34,12 +35,25 @@ pub struct AccessToken(pub String);
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
     auth: AuthService,
+    query_token: bool,
 }
 
 impl AuthLayer {
-    /// A layer verifying tokens with `auth`.
+    /// A layer verifying tokens from the `Authorization` header with `auth`.
     pub fn new(auth: AuthService) -> Self {
-        Self { auth }
+        Self {
+            auth,
+            query_token: false,
+        }
+    }
+
+    /// Also reads the token from `?token=` on EventSource requests (`GET` with
+    /// `Accept: text/event-stream`, and no `Authorization` header). Only for streaming
+    /// routes a browser opens with `EventSource`, which cannot send headers: a token in a
+    /// URL ends up in logs and browser history, so every other route ignores it.
+    pub fn with_query_token(mut self) -> Self {
+        self.query_token = true;
+        self
     }
 }
 
@@ -50,6 +64,7 @@ impl<S> Layer<S> for AuthLayer {
         RequireAuth {
             inner,
             auth: self.auth.clone(),
+            query_token: self.query_token,
         }
     }
 }
@@ -59,6 +74,7 @@ impl<S> Layer<S> for AuthLayer {
 pub struct RequireAuth<S> {
     inner: S,
     auth: AuthService,
+    query_token: bool,
 }
 
 impl<S> RequireAuth<S> {
@@ -68,11 +84,11 @@ impl<S> RequireAuth<S> {
     }
 }
 
-/// The token of a request: the Authorization header, or else `?token=` on an EventSource
-/// request (`GET` with `Accept: text/event-stream`, which browsers cannot give headers).
-/// Other requests never read tokens from the URL, where they would end up in logs and
-/// browser history.
-pub(crate) fn token_of<B>(request: &Request<B>) -> Option<String> {
+/// The token of a request: the Authorization header, or else, when `query_token` allows
+/// it, `?token=` on an EventSource request (`GET` with `Accept: text/event-stream`, which
+/// browsers cannot give headers). Other requests never read tokens from the URL, where
+/// they would end up in logs and browser history.
+pub(crate) fn token_of<B>(request: &Request<B>, query_token: bool) -> Option<String> {
     if let Some(value) = request.headers().get(axum::http::header::AUTHORIZATION) {
         let value = value.to_str().ok()?.trim();
         let (scheme, token) = value.split_once(' ')?;
@@ -80,7 +96,8 @@ pub(crate) fn token_of<B>(request: &Request<B>) -> Option<String> {
             .eq_ignore_ascii_case("bearer")
             .then(|| token.trim().to_owned());
     }
-    let event_source = request.method() == axum::http::Method::GET
+    let event_source = query_token
+        && request.method() == axum::http::Method::GET
         && request
             .headers()
             .get(axum::http::header::ACCEPT)
@@ -148,8 +165,9 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let auth = self.auth.clone();
+        let query_token = self.query_token;
         Box::pin(async move {
-            let Some(token) = token_of(&request) else {
+            let Some(token) = token_of(&request, query_token) else {
                 return Ok(
                     ApiError::new("unauthorized", "Missing or invalid token").into_response()
                 );
@@ -180,12 +198,17 @@ mod tests {
                 .unwrap()
         };
         assert_eq!(
-            token_of(&sse("/x?token=abc%2Edef")).as_deref(),
+            token_of(&sse("/x?token=abc%2Edef"), true).as_deref(),
             Some("abc.def")
+        );
+        assert_eq!(
+            token_of(&sse("/x?token=abc"), false),
+            None,
+            "only routes built with_query_token read ?token="
         );
         let plain = Request::builder().uri("/x?token=abc").body(()).unwrap();
         assert_eq!(
-            token_of(&plain),
+            token_of(&plain, true),
             None,
             "only EventSource requests read ?token="
         );
@@ -195,20 +218,24 @@ mod tests {
             .header("accept", "text/event-stream")
             .body(())
             .unwrap();
-        assert_eq!(token_of(&post), None);
+        assert_eq!(token_of(&post, true), None);
         let req = Request::builder()
             .uri("/x?token=q")
             .header("authorization", "Bearer hdr")
             .body(())
             .unwrap();
-        assert_eq!(token_of(&req).as_deref(), Some("hdr"), "the header wins");
+        assert_eq!(
+            token_of(&req, true).as_deref(),
+            Some("hdr"),
+            "the header wins"
+        );
         let req = Request::builder()
             .uri("/x")
             .header("authorization", "Basic abc")
             .body(())
             .unwrap();
-        assert_eq!(token_of(&req), None);
-        assert_eq!(token_of(&sse("/x?tokens=1&a=%")), None);
+        assert_eq!(token_of(&req, true), None);
+        assert_eq!(token_of(&sse("/x?tokens=1&a=%"), true), None);
         assert_eq!(percent_decode("a%zz%4"), "a%zz%4");
     }
 }

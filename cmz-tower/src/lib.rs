@@ -2,11 +2,13 @@
 
 mod animals;
 mod auth_layer;
+mod body_timeout;
 mod client_ip;
 mod config;
 mod error;
 mod metrics;
 mod routes;
+mod security_headers;
 mod serve;
 mod sessions;
 mod sse;
@@ -30,6 +32,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 pub use auth_layer::{AccessToken, AuthLayer, RequireAuth};
+pub use body_timeout::{BodyTimeout, BodyTimeoutLayer};
 pub use client_ip::TrustedProxies;
 pub use cmz_env::{HealthCheck, ModelHealth, Services, cached, offline_health};
 #[cfg(feature = "dev")]
@@ -38,6 +41,7 @@ pub use config::{LEGACY_FRONTEND_ORIGINS, demo_env, serve, state_from_env};
 pub use error::{ApiError, ApiJson, ApiQuery, HTTP_CODES, status_for, status_of};
 #[cfg(feature = "prometheus")]
 pub use metrics::prometheus_router;
+pub use security_headers::{API_CONTENT_SECURITY_POLICY, SecurityHeaders, SecurityHeadersLayer};
 pub use serve::{ConnectionLimits, serve_with};
 pub use state::{AppState, HttpSettings};
 
@@ -66,21 +70,24 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 ///
 /// Public: `POST /auth`, `POST /auth/refresh`, `GET /chatgpt/health`, `GET /system_health`,
 /// `GET /animal_list` and `GET /animal/{animalId}` (the offered animals: no personal data).
-/// Everything else goes through [`AuthLayer`]. Every failure, including unknown routes,
-/// bad bodies, oversized bodies, timeouts and panics, is a JSON `Error` body.
+/// Everything else goes through [`AuthLayer`], which reads `?token=` only on
+/// `GET /convo_turn/stream` (EventSource). Every failure, including unknown routes, bad
+/// bodies, oversized bodies, timeouts and panics, is a JSON `Error` body.
 pub fn router(state: AppState) -> Router {
     let settings = state.settings().clone();
-    let mut public = Router::new();
-    let mut protected = Router::new();
+    let header_token = AuthLayer::new(state.auth().clone());
+    let query_token = header_token.clone().with_query_token();
+    let mut app = Router::new();
     for (route, handler) in TABLE {
-        if route.public {
-            public = public.route(route.path, handler());
-        } else {
-            protected = protected.route(route.path, handler());
-        }
+        let handler = handler();
+        let handler = match (route.public, route.query_token) {
+            (true, _) => handler,
+            (false, true) => handler.route_layer(query_token.clone()),
+            (false, false) => handler.route_layer(header_token.clone()),
+        };
+        app = app.route(route.path, handler);
     }
-    let app = public
-        .merge(protected.route_layer(AuthLayer::new(state.auth().clone())))
+    let app = app
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .with_state(state);
@@ -96,6 +103,9 @@ pub struct Route {
     pub path: &'static str,
     /// Served without an access token.
     pub public: bool,
+    /// Takes the access token from `?token=` too (an EventSource stream, whose browser
+    /// client cannot send headers); every other route ignores that parameter.
+    pub query_token: bool,
 }
 
 const fn route(method: &'static str, path: &'static str, public: bool) -> Route {
@@ -103,6 +113,17 @@ const fn route(method: &'static str, path: &'static str, public: bool) -> Route 
         method,
         path,
         public,
+        query_token: false,
+    }
+}
+
+/// A protected route an `EventSource` opens: the token may come as `?token=`.
+const fn event_source_route(path: &'static str) -> Route {
+    Route {
+        method: "GET",
+        path,
+        public: false,
+        query_token: true,
     }
 }
 
@@ -135,7 +156,7 @@ const TABLE: &[(Route, MakeHandler)] = &[
     (route("POST", "/convo_turn", false), || {
         post(routes::convo_turn)
     }),
-    (route("GET", "/convo_turn/stream", false), || {
+    (event_source_route("/convo_turn/stream"), || {
         get(sse::stream_get)
     }),
     (route("POST", "/convo_turn/stream", false), || {
@@ -168,8 +189,10 @@ pub fn routes() -> impl Iterator<Item = Route> {
 }
 
 /// Wraps any router in cmz's HTTP stack: body-size limit, a catch-panic layer that answers
-/// 500 with the `Error` body, the request timeout, JSON error bodies for every failure,
-/// CORS for the configured origins, tracing and `x-request-id`. [`router`] uses it; use it
+/// 500 with the `Error` body, the body timeout (408), the request timeout, JSON error
+/// bodies for every failure, CORS for the configured origins, tracing, `x-request-id` and
+/// the security headers of [`SecurityHeadersLayer`] (with the API's strict
+/// `Content-Security-Policy`, unless a route sets its own). [`router`] uses it; use it
 /// for routes of your own that should behave the same.
 pub fn with_layers(app: Router, settings: &HttpSettings) -> Router {
     // Spans carry the path only: query strings can hold access tokens (`?token=`) and
@@ -188,6 +211,7 @@ pub fn with_layers(app: Router, settings: &HttpSettings) -> Router {
     // carry an id and are traced, and outside the error-body layer, so errors carry CORS
     // headers.
     let outer = ServiceBuilder::new()
+        .layer(SecurityHeadersLayer::new())
         .layer(SetRequestIdLayer::x_request_id(FastRequestId))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(trace);
@@ -200,6 +224,7 @@ pub fn with_layers(app: Router, settings: &HttpSettings) -> Router {
             axum::http::StatusCode::GATEWAY_TIMEOUT,
             settings.request_timeout,
         ))
+        .layer(BodyTimeoutLayer::new(settings.body_timeout))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(DefaultBodyLimit::max(settings.body_limit));
     if settings.cors_origins.is_empty() {

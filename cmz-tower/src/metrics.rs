@@ -58,19 +58,21 @@ pub fn prometheus_router() -> cmz_core::Result<axum::Router> {
         .map_err(|e| {
             cmz_core::Error::internal("cannot install the Prometheus recorder").with_source(e)
         })?;
-    Ok(axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let handle = handle.clone();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4",
-                    )],
-                    handle.render(),
-                )
-            }
-        }),
-    ))
+    Ok(axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let handle = handle.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        handle.render(),
+                    )
+                }
+            }),
+        )
+        .layer(crate::SecurityHeadersLayer::new()))
 }

@@ -24,6 +24,9 @@ pub struct HttpSettings {
     pub body_limit: usize,
     /// Time to produce a response head (`CMZ_REQUEST_TIMEOUT_SECONDS`, default 60).
     pub request_timeout: Duration,
+    /// Time for a request body to arrive in full, counted from the end of its head
+    /// (`CMZ_BODY_TIMEOUT_MS`, default 10,000); a slower body gets `408 request_timeout`.
+    pub body_timeout: Duration,
     /// The animal a turn with `animalId: "default"` talks to (`CMZ_DEFAULT_ANIMAL_ID`; the
     /// legacy chat page sends `default` when it is opened without an animal). Unset: an
     /// animal whose id is `default` if there is one, else the offered animal with the
@@ -33,6 +36,11 @@ pub struct HttpSettings {
     /// (`CMZ_TRUSTED_PROXIES`, addresses or CIDR ranges; default none: the client is the
     /// peer). Login and registration throttles, audit events and logs use that address.
     pub trusted_proxies: TrustedProxies,
+    /// Token refreshes (`POST /auth/refresh`) allowed per client address in 15 minutes
+    /// (`CMZ_REFRESH_RATE_LIMIT`, default 300: a class behind one NAT address refreshing
+    /// several times each stays well under it); past it `429 rate_limit_exceeded`. Counted
+    /// in the shared rate-limit store, so it holds across servers.
+    pub refresh_limit: u32,
 }
 
 impl Default for HttpSettings {
@@ -42,8 +50,10 @@ impl Default for HttpSettings {
             cors_origins: Vec::new(),
             body_limit: 64 * 1024,
             request_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(10),
             default_animal: None,
             trusted_proxies: TrustedProxies::none(),
+            refresh_limit: 300,
         }
     }
 }
@@ -78,6 +88,9 @@ impl HttpSettings {
         if let Some(timeout) = number::<u64>(lookup, "CMZ_REQUEST_TIMEOUT_SECONDS")? {
             settings.request_timeout = Duration::from_secs(timeout.max(1));
         }
+        if let Some(timeout) = number::<u64>(lookup, "CMZ_BODY_TIMEOUT_MS")? {
+            settings.body_timeout = Duration::from_millis(timeout.max(1));
+        }
         if let Some(animal) = lookup("CMZ_DEFAULT_ANIMAL_ID").filter(|v| !v.trim().is_empty()) {
             settings.default_animal = Some(AnimalId::new(animal.trim()).map_err(|_| {
                 Error::validation(
@@ -85,6 +98,9 @@ impl HttpSettings {
                     format!("CMZ_DEFAULT_ANIMAL_ID must be an animal id, got {animal:?}"),
                 )
             })?);
+        }
+        if let Some(limit) = number::<u32>(lookup, "CMZ_REFRESH_RATE_LIMIT")? {
+            settings.refresh_limit = limit.max(1);
         }
         if let Some(list) = lookup("CMZ_TRUSTED_PROXIES") {
             settings.trusted_proxies = TrustedProxies::parse(&list)?;

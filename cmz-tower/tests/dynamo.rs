@@ -119,7 +119,8 @@ async fn the_seed_checklist_and_the_policy_on_dynamodb() {
             .get(&format!("/convo_history?sessionId={session}"), &other)
             .await
             .0,
-        403
+        404,
+        "another family's session answers like an unknown one"
     );
     let (status, sessions) = server.get("/conversations/sessions", &student).await;
     assert_eq!(status, 200);

@@ -441,11 +441,13 @@ async fn replay(base: String) {
     assert_eq!(info["animalName"], chat["animalName"]);
     assert!(date(&info["createdAt"]) <= date(&info["updatedAt"]));
 
-    // Another family's child cannot continue the chat, and the page can read why.
+    // Another family's child cannot continue the chat (the session answers like an
+    // unknown one), and the page can read the error.
     let page_of_kim = Page::new(page.base.clone());
     let (kim, _) = page_of_kim.login("other@cmz.org", "other123").await;
     let denied = send_message(&page_of_kim, &kim, "Hi!", &animal, &session).await;
-    assert_eq!(denied.status, 403, "{denied:?}");
+    assert_eq!(denied.status, 404, "{denied:?}");
+    assert_eq!(denied.body["code"], "not_found", "{denied:?}");
     assert!(denied.body["message"].is_string());
 
     // The parent's family view.

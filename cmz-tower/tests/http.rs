@@ -302,8 +302,9 @@ async fn parents_read_their_students_and_nobody_else_does() {
     let path = format!("/convo_history?sessionId={session}");
     assert_eq!(server.get(&path, Some(&parent)).await.0, 200);
     assert_eq!(server.get(&path, Some(&admin)).await.0, 200);
-    assert_error(&server.get(&path, Some(&kim)).await, 403, "forbidden");
-    assert_error(&server.get(&path, Some(&leo)).await, 403, "forbidden");
+    // A session the caller may not read answers like an unknown one.
+    assert_error(&server.get(&path, Some(&kim)).await, 404, "not_found");
+    assert_error(&server.get(&path, Some(&leo)).await, 404, "not_found");
     let listing = "/conversations/sessions?userId=user_student_ana";
     let sessions = server.get(listing, Some(&parent)).await;
     assert_eq!(sessions.1["sessions"].as_array().unwrap().len(), 1);
@@ -316,10 +317,10 @@ async fn parents_read_their_students_and_nobody_else_does() {
         &server
             .get(&format!("/conversations/sessions/{session}"), Some(&kim))
             .await,
-        403,
-        "forbidden",
+        404,
+        "not_found",
     );
-    // Nobody speaks for a child, not even the admin.
+    // Nobody speaks for a child, not even the admin (who may read it: 403).
     assert_error(
         &server
             .turn(&admin, "cougar", "hijack", Some(&session))
@@ -365,8 +366,8 @@ async fn parents_read_their_students_and_nobody_else_does() {
                 json!({"sessionId": session}),
             )
             .await,
-        403,
-        "forbidden",
+        404,
+        "not_found",
     );
 }
 
@@ -980,14 +981,15 @@ async fn a_client_chosen_session_id_starts_a_session_that_continues() {
     assert_eq!(detail.1["userId"], "user_student_ana");
     assert_eq!(detail.1["messages"].as_array().unwrap().len(), 4);
 
-    // A taken id is never a way into someone else's conversation, not even the admin's.
-    for token in [&kim, &admin] {
+    // A taken id is never a way into someone else's conversation, not even the admin's
+    // (who may read it, so is told no; anyone else is told there is no such session).
+    for (token, status, code) in [(&kim, 404, "not_found"), (&admin, 403, "forbidden")] {
         assert_error(
             &server
                 .turn(token, "cougar", "let me in", Some("session_1730000000000"))
                 .await,
-            403,
-            "forbidden",
+            status,
+            code,
         );
     }
     // A body userId naming someone else is ignored: the turn is the caller's own.
@@ -1007,8 +1009,8 @@ async fn a_client_chosen_session_id_starts_a_session_that_continues() {
         &server
             .get("/conversations/sessions/session_42", Some(&ana))
             .await,
-        403,
-        "forbidden",
+        404,
+        "not_found",
     );
     // Ids are still checked.
     assert_error(
@@ -1044,7 +1046,7 @@ async fn a_client_chosen_session_id_starts_a_session_that_continues() {
             None,
         )
         .await;
-    assert_error(&stolen, 403, "forbidden");
+    assert_error(&stolen, 404, "not_found");
 }
 
 #[tokio::test]

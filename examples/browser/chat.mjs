@@ -5,6 +5,10 @@
 //   CMZ_DEMO_URL    base URL of a running server (default http://127.0.0.1:8080)
 //   CMZ_SCREENSHOT  where to save the final screenshot (default target/screenshots/chat.png)
 //
+// The page is served with a Content-Security-Policy; any violation of it (reported by the
+// page's `securitypolicyviolation` events or the browser console) fails the check, and a
+// probe at the end (an inline script injected into the page) proves violations are seen.
+//
 // Prints `1 passed, 0 failed` and exits 0 on success; otherwise says why, saves the
 // screenshot anyway and exits 1.
 import { mkdirSync } from "node:fs";
@@ -37,10 +41,30 @@ async function screenshot(page) {
   }
 }
 
+// Content-Security-Policy violations seen so far: from the page's events and the console.
+const violations = [];
+
+// Reports every violation of the page's policy, in every document the page loads (the
+// init script runs before the page's own; it is the browser's, not subject to the policy).
+async function watchPolicy(page) {
+  await page.exposeFunction("__cmzReportViolation", (v) => violations.push(`event: ${v}`));
+  await page.addInitScript(() => {
+    document.addEventListener("securitypolicyviolation", (e) => {
+      window.__cmzReportViolation(`${e.effectiveDirective} blocked ${e.blockedURI || "(inline)"} at ${e.sourceFile || "?"}:${e.lineNumber}`);
+    });
+  });
+  page.on("console", (m) => {
+    if (/Content Security Policy/i.test(m.text())) violations.push(`console: ${m.text()}`);
+  });
+}
+
 async function run(page) {
   log(`open ${BASE}/`);
   const resp = await page.goto(`${BASE}/`, { waitUntil: "domcontentloaded" });
   check(resp && resp.ok(), `GET / answered ${resp ? resp.status() : "nothing"}`);
+  const policy = (await resp.allHeaders())["content-security-policy"];
+  check(policy && /script-src 'self'/.test(policy) && !/unsafe/.test(policy), `GET / has no strict Content-Security-Policy: ${policy}`);
+  log(`  Content-Security-Policy: ${policy}`);
   await page.locator(tid("login-email")).waitFor({ state: "visible" });
 
   log("log in with a wrong password: expect an error");
@@ -115,6 +139,24 @@ async function run(page) {
     throw new CheckError(`the opened conversation does not show the message and reply (chat log: ${JSON.stringify(chat)}): ${e.message.split("\n")[0]}`);
   });
   log("  history shows the message and the reply");
+
+  check(violations.length === 0, `the page violated its Content-Security-Policy:\n  ${violations.join("\n  ")}`);
+  log("no Content-Security-Policy violations");
+  log("probe: an injected inline script must be blocked and reported");
+  const ran = await page.evaluate(() => {
+    const script = document.createElement("script");
+    script.textContent = "window.__cmzInlineRan = true;";
+    document.head.append(script);
+    return window.__cmzInlineRan === true;
+  });
+  check(!ran, "an inline script ran: the policy does not block inline code");
+  // Both channels must see it, or a violation could go unseen.
+  const seen = (kind) => violations.some((v) => v.startsWith(kind));
+  const deadline = Date.now() + 5_000;
+  while (!(seen("event:") && seen("console:")) && Date.now() < deadline) await page.waitForTimeout(50);
+  check(seen("event:"), `the page's securitypolicyviolation event did not report the blocked script (${violations.join("; ")})`);
+  check(seen("console:"), `the console did not report the blocked script (${violations.join("; ")})`);
+  log(`  reported: ${violations.find((v) => v.startsWith("event:"))}`);
 }
 
 async function main() {
@@ -141,6 +183,7 @@ async function main() {
     context.setDefaultTimeout(TIMEOUT);
     context.setDefaultNavigationTimeout(TIMEOUT);
     page = await context.newPage();
+    await watchPolicy(page);
     page.on("console", (m) => { if (m.type() === "error") consoleErrors.push(m.text()); });
     page.on("pageerror", (e) => consoleErrors.push(`page error: ${e.message}`));
     await run(page);

@@ -254,8 +254,10 @@ impl ConversationService {
     /// persona and the last turns, call the model, store both messages atomically.
     ///
     /// Errors: `validation_error` (empty or oversized message, bad turn key, window out of
-    /// range, session of another animal), `not_found` (unknown animal or session),
-    /// `forbidden` (another user's session), `unavailable` (store down: nothing is
+    /// range, session of another animal), `not_found` (unknown animal, or a session that
+    /// is unknown or that the caller may not read: the two answer alike), `forbidden` (a
+    /// session the caller may read but not write, such as an administrator in a child's
+    /// conversation), `unavailable` (store down: nothing is
     /// half-written), and the model's own error when the config says
     /// [`ModelFailurePolicy::Error`] (the user message is then kept).
     #[tracing::instrument(name = "cmz.turn", skip_all, fields(user = %principal.user_id, animal = %request.animal_id))]

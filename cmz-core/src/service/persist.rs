@@ -113,12 +113,10 @@ impl ConversationService {
                     // The session may have been created (or deleted) meanwhile.
                     match self.get_session(&session.id).await? {
                         // Someone else created the session this turn meant to create
-                        // (another server, a client-chosen id): never write into theirs.
+                        // (another server, a client-chosen id): never write into theirs,
+                        // and answer as for any session the caller may not read.
                         Some(current) if current.user_id != session.user_id => {
-                            return Err(Error::forbidden(format!(
-                                "session {} belongs to another user",
-                                session.id
-                            )));
+                            return Err(reads::session_not_found(&session.id));
                         }
                         Some(current) if current.animal_id != session.animal_id => {
                             return Err(Error::validation(

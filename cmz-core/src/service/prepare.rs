@@ -95,9 +95,7 @@ impl ConversationService {
             let lease = self.lock_session(&id).await?;
             match self.get_session(&id).await? {
                 Some(session) if requested || request.turn_key.is_some() => {
-                    inner
-                        .policy
-                        .authorize(principal, Action::Write, &session.user_id)
+                    self.authorize_session(principal, &session, Action::Write)
                         .await?;
                     if &session.animal_id != animal {
                         // The legacy page keeps one session id while the child moves to

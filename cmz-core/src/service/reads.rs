@@ -2,8 +2,14 @@
 
 use super::*;
 
+/// The error for a session that does not exist, or that the caller may not read.
+pub(super) fn session_not_found(id: &SessionId) -> Error {
+    Error::not_found(format!("session {id}"))
+}
+
 impl ConversationService {
-    /// Reads a session the principal may see; `not_found` if it does not exist.
+    /// Reads a session the principal may `action`; `not_found` if it does not exist or
+    /// the principal may not read it (see [`authorize_session`](Self::authorize_session)).
     pub(super) async fn readable_session(
         &self,
         principal: &Principal,
@@ -13,12 +19,36 @@ impl ConversationService {
         let session = self
             .get_session(id)
             .await?
-            .ok_or_else(|| Error::not_found(format!("session {id}")))?;
-        self.inner
-            .policy
-            .authorize(principal, action, &session.user_id)
-            .await?;
+            .ok_or_else(|| session_not_found(id))?;
+        self.authorize_session(principal, &session, action).await?;
         Ok(session)
+    }
+
+    /// Whether `principal` may `action` on `session`. A session the principal may not
+    /// read is `not_found`, word for word as a missing one, so nobody learns which ids
+    /// other people's conversations have; the policy still records the denial. One they
+    /// may read but not change (an administrator's or a parent's turn in a child's
+    /// conversation) is `forbidden`.
+    pub(super) async fn authorize_session(
+        &self,
+        principal: &Principal,
+        session: &Session,
+        action: Action,
+    ) -> Result<()> {
+        let policy = &self.inner.policy;
+        match policy
+            .authorize(principal, Action::Read, &session.user_id)
+            .await
+        {
+            Err(error) if error.code() == "forbidden" => {
+                return Err(session_not_found(&session.id));
+            }
+            other => other?,
+        }
+        if action == Action::Read {
+            return Ok(());
+        }
+        policy.authorize(principal, action, &session.user_id).await
     }
 
     /// A session's details.

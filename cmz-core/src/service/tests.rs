@@ -252,14 +252,14 @@ async fn bad_input_gets_the_right_error_code() {
         )
         .await
         .unwrap_err();
-    assert_eq!(err.code(), "forbidden");
+    assert_eq!(err.code(), "not_found");
     assert_eq!(
         f.service
             .history(&other, &mine.session_id, PageRequest::first(10))
             .await
             .unwrap_err()
             .code(),
-        "forbidden"
+        "not_found"
     );
     assert_eq!(
         f.service
@@ -267,7 +267,7 @@ async fn bad_input_gets_the_right_error_code() {
             .await
             .unwrap_err()
             .code(),
-        "forbidden"
+        "not_found"
     );
     assert_eq!(
         f.service
@@ -275,7 +275,20 @@ async fn bad_input_gets_the_right_error_code() {
             .await
             .unwrap_err()
             .code(),
-        "forbidden"
+        "not_found"
+    );
+    // Word for word what an unknown id gets, so ids of other people's sessions cannot be
+    // probed.
+    let unknown = SessionId::new("conv_lion_k1_ffffffff").unwrap();
+    let hidden = f
+        .service
+        .session(&other, &mine.session_id)
+        .await
+        .unwrap_err();
+    let missing = f.service.session(&other, &unknown).await.unwrap_err();
+    assert_eq!(
+        hidden.to_string().replace(mine.session_id.as_str(), "<id>"),
+        missing.to_string().replace(unknown.as_str(), "<id>")
     );
     // The same session id with another animal (the legacy page keeps its id when the
     // child moves on) starts a new conversation with that animal and leaves this one alone.
@@ -313,7 +326,7 @@ async fn bad_input_gets_the_right_error_code() {
         )
         .await
         .unwrap_err();
-    assert_eq!(err.code(), "forbidden");
+    assert_eq!(err.code(), "not_found");
     let err = f
         .service
         .history(
@@ -886,7 +899,7 @@ async fn reads_listing_and_deletes_follow_the_policy() {
             .await
             .unwrap_err()
             .code(),
-        "forbidden"
+        "not_found"
     );
     assert_eq!(
         f.service
@@ -1377,7 +1390,7 @@ async fn an_unknown_client_chosen_session_id_starts_a_conversation_under_it() {
         )
         .await
         .unwrap_err();
-    assert_eq!(err.code(), "forbidden");
+    assert_eq!(err.code(), "not_found");
     assert_eq!(all_messages(&f, &id).await.len(), 4);
     // So is a streamed one.
     let err = match f
@@ -1391,7 +1404,7 @@ async fn an_unknown_client_chosen_session_id_starts_a_conversation_under_it() {
         Ok(_) => panic!("a stream into another child's session started"),
         Err(e) => e,
     };
-    assert_eq!(err.code(), "forbidden");
+    assert_eq!(err.code(), "not_found");
     assert_eq!(all_messages(&f, &id).await.len(), 4);
 }
 
@@ -1522,7 +1535,7 @@ async fn two_servers_racing_for_one_new_session_id_never_share_it() {
             "round {round}: another child's message in {owner}'s session: {messages:?} ({ra:?}, {rb:?})"
         );
         let loser = if owner.as_str() == "k1" { rb } else { ra };
-        assert_eq!(loser.unwrap_err().code(), "forbidden", "round {round}");
+        assert_eq!(loser.unwrap_err().code(), "not_found", "round {round}");
     }
 }
 
@@ -1611,7 +1624,7 @@ async fn turns_made_elsewhere_are_stored_through_the_policy() {
         (
             kid("k2"),
             ExternalTurn::new(lion(), "x", "y").in_session(first.session_id.clone()),
-            "forbidden",
+            "not_found",
         ),
         (
             admin(),
@@ -1651,7 +1664,7 @@ async fn turns_made_elsewhere_are_stored_through_the_policy() {
             .await
             .unwrap_err()
             .code(),
-        "forbidden"
+        "not_found"
     );
 }
 

@@ -1,5 +1,6 @@
 //! What the integration tests share: the environment of a server on DynamoDB Local, and
-//! serving a router over loopback.
+//! serving a router over loopback. Each test file uses some of them.
+#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -43,3 +44,5 @@ pub(crate) async fn serve(app: axum::Router) -> String {
     });
     format!("http://{address}")
 }
+
+pub(crate) mod memory;

@@ -1,0 +1,174 @@
+//! Runs the `demo` server as a user would and checks what a browser gets: the security
+//! headers on the page, its script and styles and the API, and a page whose
+//! Content-Security-Policy it can satisfy (no inline script, styles or handlers). The CI
+//! browser stage (`examples/browser/chat.mjs`) then drives the page in Chromium and fails
+//! on any policy violation.
+
+use std::collections::HashMap;
+use std::io::{Read as _, Write as _};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A response: status, headers (names lowercased) and body.
+#[derive(Debug)]
+struct Fetched {
+    status: u16,
+    headers: HashMap<String, String>,
+    body: String,
+}
+
+fn get(address: &str, path: &str) -> Option<Fetched> {
+    let mut stream = std::net::TcpStream::connect(address).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let mut lines = head.lines();
+    let status = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    Some(Fetched {
+        status,
+        headers,
+        body: body.to_owned(),
+    })
+}
+
+/// Kills the demo when the test ends, passed or not.
+struct Demo(Child);
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_demo() -> (Demo, String) {
+    let address = {
+        let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().to_string()
+    };
+    let child = Command::new(env!("CARGO_BIN_EXE_demo"))
+        .env("CMZ_BIND", &address)
+        .env_remove("DYNAMODB_ENDPOINT_URL")
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let demo = Demo(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get(&address, "/system_health").is_none() {
+        assert!(Instant::now() < deadline, "the demo did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (demo, address)
+}
+
+fn assert_security_headers(path: &str, fetched: &Fetched) {
+    for (name, value) in [
+        ("x-content-type-options", "nosniff"),
+        ("referrer-policy", "no-referrer"),
+        ("x-frame-options", "DENY"),
+    ] {
+        assert_eq!(
+            fetched.headers.get(name).map(String::as_str),
+            Some(value),
+            "{path}: {name} in {:?}",
+            fetched.headers
+        );
+    }
+    let policy = &fetched.headers["content-security-policy"];
+    assert!(
+        policy.contains("frame-ancestors 'none'"),
+        "{path}: {policy}"
+    );
+    assert!(!policy.contains("unsafe"), "{path}: {policy}");
+}
+
+/// The directives of a policy, by name.
+fn directives(policy: &str) -> HashMap<&str, Vec<&str>> {
+    policy
+        .split(';')
+        .filter_map(|d| {
+            let mut words = d.split_whitespace();
+            Some((words.next()?, words.collect()))
+        })
+        .collect()
+}
+
+#[test]
+fn the_page_and_the_api_carry_security_headers_and_a_policy_the_page_satisfies() {
+    let (_demo, address) = start_demo();
+
+    let page = get(&address, "/").unwrap();
+    assert_eq!(page.status, 200);
+    assert!(page.headers["content-type"].starts_with("text/html"));
+    assert_security_headers("/", &page);
+    let policy = directives(&page.headers["content-security-policy"]);
+    assert_eq!(policy["default-src"], ["'self'"]);
+    assert_eq!(policy["script-src"], ["'self'"]);
+    assert_eq!(policy["style-src"], ["'self'"]);
+    assert_eq!(policy["connect-src"], ["'self'"]);
+    assert_eq!(policy["frame-ancestors"], ["'none'"]);
+
+    // Nothing inline for the policy to block: every script is a file, there are no
+    // <style> elements, style attributes or event-handler attributes.
+    let html = page.body.to_ascii_lowercase();
+    let scripts: Vec<&str> = html.split("<script").skip(1).collect();
+    assert!(!scripts.is_empty(), "the page has a script");
+    for script in &scripts {
+        let tag = script.split('>').next().unwrap_or_default();
+        assert!(
+            tag.contains("src=\"/chat.js\""),
+            "inline script: <script{tag}>"
+        );
+        let content = script
+            .split_once('>')
+            .map(|(_, rest)| rest.split("</script>").next().unwrap_or_default())
+            .unwrap_or_default();
+        assert!(content.trim().is_empty(), "a script with a body: {content}");
+    }
+    assert!(!html.contains("<style"), "an inline <style> element");
+    assert!(!html.contains(" style="), "an inline style attribute");
+    for word in html.split(|c: char| c.is_whitespace()) {
+        let attribute = word.split('=').next().unwrap_or_default();
+        assert!(
+            !(attribute.starts_with("on") && word.contains('=') && attribute.len() > 2),
+            "an event-handler attribute: {word}"
+        );
+    }
+    assert!(html.contains("href=\"/chat.css\""));
+
+    for (path, kind) in [("/chat.js", "text/javascript"), ("/chat.css", "text/css")] {
+        let file = get(&address, path).unwrap();
+        assert_eq!(file.status, 200, "{path}");
+        assert!(file.headers["content-type"].starts_with(kind), "{path}");
+        assert!(!file.body.is_empty(), "{path}");
+        assert_security_headers(path, &file);
+    }
+
+    // The API's responses, errors included, carry the strict policy.
+    for (path, status) in [
+        ("/system_health", 200),
+        ("/me", 401),
+        ("/no/such/page", 404),
+    ] {
+        let api = get(&address, path).unwrap();
+        assert_eq!(api.status, status, "{path}: {}", api.body);
+        assert_security_headers(path, &api);
+        assert_eq!(
+            api.headers["content-security-policy"], "default-src 'none'; frame-ancestors 'none'",
+            "{path}"
+        );
+    }
+}
