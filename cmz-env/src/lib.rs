@@ -9,8 +9,7 @@ mod settings;
 
 use std::sync::Arc;
 
-use cmz_core::auth::{AuthService, AuthSettings, DynRateLimitStore};
-use cmz_core::persona::DynPersonaDirectory;
+use cmz_core::auth::{AuthService, AuthSettings};
 use cmz_core::service::{ConversationConfig, ConversationService};
 use cmz_core::{Error, Result};
 
@@ -36,9 +35,7 @@ pub struct Capacity {
 pub struct Services {
     conversations: ConversationService,
     auth: AuthService,
-    personas: DynPersonaDirectory,
     health: HealthCheck,
-    rate_limits: DynRateLimitStore,
     #[cfg(feature = "dynamo")]
     dynamo: Option<cmz_dynamo::Dynamo>,
 }
@@ -52,21 +49,14 @@ impl std::fmt::Debug for Services {
 }
 
 impl Services {
-    /// Services assembled by hand. `health` checks the chat model; `rate_limits` holds the
-    /// counters front ends use for limits of their own (such as registrations per address).
-    pub fn new(
-        conversations: ConversationService,
-        auth: AuthService,
-        personas: DynPersonaDirectory,
-        health: HealthCheck,
-        rate_limits: DynRateLimitStore,
-    ) -> Self {
+    /// Services assembled by hand. `health` checks the chat model. Everything a front end
+    /// does goes through `conversations` and `auth` (the offered animals, per-client limits
+    /// such as registrations per address included).
+    pub fn new(conversations: ConversationService, auth: AuthService, health: HealthCheck) -> Self {
         Self {
             conversations,
             auth,
-            personas,
             health,
-            rate_limits,
             #[cfg(feature = "dynamo")]
             dynamo: None,
         }
@@ -83,19 +73,9 @@ impl Services {
         &self.auth
     }
 
-    /// The animal personas.
-    pub fn personas(&self) -> &DynPersonaDirectory {
-        &self.personas
-    }
-
     /// The chat model's health check.
     pub fn health(&self) -> &HealthCheck {
         &self.health
-    }
-
-    /// Shared rate-limit counters.
-    pub fn rate_limits(&self) -> &DynRateLimitStore {
-        &self.rate_limits
     }
 
     /// Capacity DynamoDB reported for these services' calls so far, or None when the
@@ -179,7 +159,7 @@ pub async fn services_from_env(lookup: &Lookup<'_>) -> Result<Services> {
     }
     let health = chosen.health;
     #[cfg_attr(not(feature = "dynamo"), allow(unused_mut))]
-    let mut services = Services::new(conversations, auth, backends.personas, health, rate_limits);
+    let mut services = Services::new(conversations, auth, health);
     #[cfg(feature = "dynamo")]
     {
         services.dynamo = backends.dynamo;

@@ -76,9 +76,9 @@ pub(crate) async fn login(
         .ok_or_else(|| ApiError::validation("username", "username (or email) is required"))?;
     let response = if body.register {
         // Each registration hashes a password: bounded per client address.
-        throttle(
-            &state,
-            &format!("register:{}", client.as_deref().unwrap_or("unknown")),
+        auth.limit_client(
+            "register",
+            client.as_deref(),
             20,
             std::time::Duration::from_secs(3600),
             "too many registrations from this address; try again later",
@@ -128,28 +128,6 @@ pub(crate) struct RefreshRequest {
     refresh_token: String,
 }
 
-/// Counts one request against `key` in the shared rate-limit store; past `limit` in
-/// `window` it is `429 rate_limit_exceeded` with `Retry-After` (and
-/// `details.retryAfterSeconds`) until the window ends.
-async fn throttle(
-    state: &AppState,
-    key: &str,
-    limit: u32,
-    window: std::time::Duration,
-    message: &str,
-) -> ApiResult<()> {
-    let count = state.inner.services.rate_limits().hit(key, window).await?;
-    if count.count <= limit {
-        return Ok(());
-    }
-    let wait = (count.resets_at - Utc::now()).num_seconds().max(1) as u64;
-    Err(ApiError {
-        retry_after: Some(wait),
-        ..ApiError::new("rate_limit_exceeded", message)
-            .with_details(json!({ "retryAfterSeconds": wait }))
-    })
-}
-
 /// The window of the refresh throttle (`HttpSettings::refresh_limit`).
 pub(crate) const REFRESH_WINDOW: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
@@ -159,14 +137,16 @@ pub(crate) async fn refresh(
     body: Result<ApiJson<RefreshRequest>, ApiError>,
 ) -> ApiResult<Response> {
     // Counted per client address before anything else, malformed attempts included.
-    throttle(
-        &state,
-        &format!("refresh:{}", client.as_deref().unwrap_or("unknown")),
-        state.settings().refresh_limit,
-        REFRESH_WINDOW,
-        "too many token refreshes from this address; try again later",
-    )
-    .await?;
+    state
+        .auth()
+        .limit_client(
+            "refresh",
+            client.as_deref(),
+            state.settings().refresh_limit,
+            REFRESH_WINDOW,
+            "too many token refreshes from this address; try again later",
+        )
+        .await?;
     let ApiJson(body) = body?;
     Ok(Json(
         state

@@ -60,13 +60,7 @@ async fn start_limited(
         ConversationConfig::default(),
     )
     .with_turn_limit(rate_limits.clone(), turn_limit, Duration::from_secs(3600));
-    let services = cmz_tower::Services::new(
-        conversations,
-        auth,
-        personas,
-        cmz_tower::offline_health(),
-        rate_limits,
-    );
+    let services = cmz_tower::Services::new(conversations, auth, cmz_tower::offline_health());
     let state = AppState::new(services, settings);
     let app = cmz_tower::router(state.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -244,6 +244,30 @@ impl AuthService {
         Ok(())
     }
 
+    /// Counts one request of `kind` (a registration, a token refresh, …) from `client` (an
+    /// address or API key; `None` shares one bucket) in the shared rate-limit store, and
+    /// refuses it with `rate_limit_exceeded` (and the wait) once there were more than
+    /// `limit` in `window`. Front ends bound per-client work with it without reaching the
+    /// store; the count holds across servers sharing the store.
+    #[tracing::instrument(name = "cmz.limit_client", skip_all, fields(kind))]
+    pub async fn limit_client(
+        &self,
+        kind: &str,
+        client: Option<&str>,
+        limit: u32,
+        window: Duration,
+        message: &str,
+    ) -> Result<()> {
+        let key = format!("{kind}:{}", client.unwrap_or("unknown"));
+        self.inner
+            .stores
+            .limits
+            .check(&key, limit, window, message)
+            .instrument(span("rate_hit"))
+            .await
+            .map(drop)
+    }
+
     /// Logs in with email and password. `client` (an IP address or API key) keys the
     /// attempt limits of [`LoginLimits`]; an unknown account costs one hash like a known one.
     ///

@@ -48,13 +48,7 @@ pub(crate) async fn start(model: ScriptedModel, settings: HttpSettings) -> Memor
         ConversationConfig::default(),
     )
     .with_turn_limit(rate_limits.clone(), 1000, Duration::from_secs(3600));
-    let services = cmz_tower::Services::new(
-        conversations,
-        auth,
-        personas,
-        cmz_tower::offline_health(),
-        rate_limits,
-    );
+    let services = cmz_tower::Services::new(conversations, auth, cmz_tower::offline_health());
     let state = AppState::new(services, settings);
     MemoryServer {
         base: super::serve(cmz_tower::router(state.clone())).await,
