@@ -1,5 +1,5 @@
 //! Mounting cmz inside your own axum app: cmz's API under `/api`, next to your own routes,
-//! with cmz's `AuthLayer` protecting one of yours.
+//! with cmz's `RequireAuthLayer` protecting one of yours.
 //!
 //! `cargo run -p cmz-examples --bin mount`, then `curl http://127.0.0.1:8080/hello`.
 
@@ -25,7 +25,7 @@ async fn main() {
             get(|Extension(me): Extension<Principal>| async move {
                 format!("you are {} ({})\n", me.user_id, me.role.as_str())
             })
-            .layer(cmz_tower::AuthLayer::new(auth)),
+            .layer(cmz_tower::RequireAuthLayer::new(auth)),
         );
     let app = mine.nest("/api", cmz_tower::router(state));
     println!("my app on http://{bind}/hello, cmz under http://{bind}/api/");

@@ -1,4 +1,4 @@
-//! [`AuthLayer`]: verifies the access token and puts the caller in request extensions.
+//! [`RequireAuthLayer`]: verifies the access token and puts the caller in request extensions.
 
 use std::task::{Context, Poll};
 
@@ -29,16 +29,22 @@ pub struct AccessToken(pub String);
 ///
 /// let app: Router = Router::new()
 ///     .route("/whoami", get(|Extension(me): Extension<Principal>| async move { me.user_id.to_string() }))
-///     .layer(cmz_tower::AuthLayer::new(auth));
+///     .layer(cmz_tower::RequireAuthLayer::new(auth));
 /// # }
 /// ```
 #[derive(Debug, Clone)]
-pub struct AuthLayer {
+pub struct RequireAuthLayer {
     auth: AuthService,
     query_token: bool,
 }
 
-impl AuthLayer {
+/// The former name of [`RequireAuthLayer`].
+#[deprecated(
+    note = "renamed RequireAuthLayer (the layer of RequireAuth, as tower-http names its pairs)"
+)]
+pub type AuthLayer = RequireAuthLayer;
+
+impl RequireAuthLayer {
     /// A layer verifying tokens from the `Authorization` header with `auth`.
     pub fn new(auth: AuthService) -> Self {
         Self {
@@ -57,7 +63,7 @@ impl AuthLayer {
     }
 }
 
-impl<S> Layer<S> for AuthLayer {
+impl<S> Layer<S> for RequireAuthLayer {
     type Service = RequireAuth<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
@@ -69,7 +75,7 @@ impl<S> Layer<S> for AuthLayer {
     }
 }
 
-/// The service [`AuthLayer`] makes.
+/// The service [`RequireAuthLayer`] makes.
 #[derive(Debug, Clone)]
 pub struct RequireAuth<S> {
     inner: S,

@@ -31,7 +31,9 @@ use tower_http::request_id::{
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
-pub use auth_layer::{AccessToken, AuthLayer, RequireAuth};
+#[allow(deprecated)]
+pub use auth_layer::AuthLayer;
+pub use auth_layer::{AccessToken, RequireAuth, RequireAuthLayer};
 pub use body_timeout::{BodyTimeout, BodyTimeoutLayer};
 pub use client_ip::TrustedProxies;
 pub use cmz_env::{HealthCheck, ModelHealth, Services, cached, offline_health};
@@ -70,12 +72,12 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 ///
 /// Public: `POST /auth`, `POST /auth/refresh`, `GET /chatgpt/health`, `GET /system_health`,
 /// `GET /animal_list` and `GET /animal/{animalId}` (the offered animals: no personal data).
-/// Everything else goes through [`AuthLayer`], which reads `?token=` only on
+/// Everything else goes through [`RequireAuthLayer`], which reads `?token=` only on
 /// `GET /convo_turn/stream` (EventSource). Every failure, including unknown routes, bad
 /// bodies, oversized bodies, timeouts and panics, is a JSON `Error` body.
 pub fn router(state: AppState) -> Router {
     let settings = state.settings().clone();
-    let header_token = AuthLayer::new(state.auth().clone());
+    let header_token = RequireAuthLayer::new(state.auth().clone());
     let query_token = header_token.clone().with_query_token();
     let mut app = Router::new();
     for (route, handler) in TABLE {

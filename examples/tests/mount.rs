@@ -68,7 +68,7 @@ fn cmz_mounts_under_api_next_to_the_apps_own_routes() {
         assert_eq!(
             get(&address, "/my/profile", None).unwrap().0,
             401,
-            "the app's route is behind cmz's AuthLayer"
+            "the app's route is behind cmz's RequireAuthLayer"
         );
         let login = post_json(
             &address,
