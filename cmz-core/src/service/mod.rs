@@ -112,8 +112,11 @@ struct Prepared {
     user: UserPart,
     prompt: ChatRequest,
     turn_key: Option<String>,
-    /// Deletes after this generation refuse the turn's write.
+    /// Deletes after this generation refuse the turn's write (in this process).
     since: u64,
+    /// Deletes at or after this instant refuse the turn's write (in the store, across
+    /// processes).
+    began_at: chrono::DateTime<chrono::Utc>,
 }
 
 enum Prepare {

@@ -75,6 +75,7 @@ impl ConversationService {
     ) -> Result<Prepare> {
         let inner = &self.inner;
         let since = inner.tombstones.generation();
+        let began_at = chrono::Utc::now();
         let window = self.validate(&request)?;
         let animal = &request.animal_id;
         let persona = inner
@@ -221,6 +222,7 @@ impl ConversationService {
             prompt,
             turn_key: request.turn_key,
             since,
+            began_at,
         })))
     }
 }
