@@ -40,6 +40,7 @@ fn turn(id: &SessionId, expected: u64, new_session: Option<Session>) -> TurnAppe
         ],
         turn_key: None,
         new_session,
+        began_at: chrono::Utc::now(),
     }
 }
 

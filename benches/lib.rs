@@ -276,6 +276,7 @@ pub async fn service_with_history(
             messages,
             turn_key: None,
             new_session: None,
+            began_at: chrono::Utc::now(),
         };
         store.append_turn(append).await.expect("prefill");
     }

@@ -15,6 +15,12 @@ use crate::types::{Message, NewMessage, Session};
 /// The largest page a store returns; larger `limit`s are clamped to it.
 pub const MAX_PAGE_SIZE: usize = 1000;
 
+/// How long a store remembers a delete for the appends that began before it (see
+/// *Deletes are final* in [`ConversationStore`]): an hour, far longer than any turn runs
+/// (the engine gives a model call 30 seconds by default, and a streamed reply that long
+/// between chunks). Stores may forget a delete after this; they may also keep it longer.
+pub const TOMBSTONE_TTL: std::time::Duration = std::time::Duration::from_secs(60 * 60);
+
 /// An opaque position in a listing, handed back to continue where a page ended.
 ///
 /// Callers treat it as an opaque string. A cursor a store did not make (edited, truncated,
@@ -155,6 +161,10 @@ pub struct TurnAppend {
     /// Creates the session in the same atomic step (its `message_count` must be 0 and
     /// `expected_count` 0), so a session never exists without its first message.
     pub new_session: Option<Session>,
+    /// When the turn began, before it read the session it appends to. A delete of the
+    /// session, or of its user's sessions, at or after this instant refuses the append
+    /// (*Deletes are final*). An append that depends on no earlier read uses `Utc::now()`.
+    pub began_at: DateTime<Utc>,
 }
 
 /// What an append did.
@@ -196,6 +206,16 @@ pub enum AppendOutcome {
 ///   the top and is not seen again until a fresh listing.
 /// - **Deletes**: a deleted session and its messages are gone for every method; deleting
 ///   nothing is not an error (an empty report).
+/// - **Deletes are final**: a turn that began before a delete cannot write back what the
+///   delete removed, whichever process runs it. An append whose `began_at` is not after
+///   the delete of its session stores nothing and fails with `not_found`, even when a
+///   session with that id exists again by then (created by an append that began after the
+///   delete); and an append with `new_session` whose `began_at` is not after a
+///   [`DeleteScope::User`] delete of that session's user stores nothing and fails with
+///   `not_found`. Appends that began after the delete are stored as usual (the user may
+///   start again, the same id may be used again). A store remembers deletes for at least
+///   [`TOMBSTONE_TTL`]; comparing `began_at` with a delete may use the clocks of two
+///   processes, so they are expected to agree to well within a second.
 /// - **Errors**: a backend failure is `unavailable` (or `timeout`) with the backend's error
 ///   as its source; never a panic, never a half-written turn.
 /// - Every method may be called concurrently from many tasks.

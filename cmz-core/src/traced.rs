@@ -140,11 +140,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_traced_store_is_still_a_conforming_store() {
-        let store = TracedStore::new(Arc::new(InMemoryConversationStore::new()));
+        let store: crate::store::DynConversationStore =
+            Arc::new(TracedStore::new(Arc::new(InMemoryConversationStore::new())));
         let options = SuiteOptions {
             long_session_messages: 50,
             ..SuiteOptions::default()
         };
-        run_conversation_store_suite(&store, &options).await;
+        run_conversation_store_suite(store, &options).await;
     }
 }

@@ -9,7 +9,7 @@ async fn conversation_store_conforms() {
     let dynamo = isolated().await;
     let store = dynamo.conversations();
     run_conversation_store_suite(
-        &store,
+        std::sync::Arc::new(store),
         &SuiteOptions {
             // The 10,000-turn check with its capacity figures is in `cost.rs`.
             long_session_messages: 1_000,
@@ -61,6 +61,7 @@ async fn large_turns_are_one_transaction() {
         messages: big("tell me everything"),
         turn_key: Some("big-1".into()),
         new_session: Some(session.clone()),
+        began_at: chrono::Utc::now(),
     };
     let before = dynamo.capacity();
     let AppendOutcome::Appended(stored) = store.append_turn(first.clone()).await.unwrap() else {
@@ -82,6 +83,7 @@ async fn large_turns_are_one_transaction() {
         messages: big("again"),
         turn_key: None,
         new_session: None,
+        began_at: chrono::Utc::now(),
     };
     let error = store.append_turn(stale).await.unwrap_err();
     assert_eq!(error.code(), "conflict", "{error:?}");

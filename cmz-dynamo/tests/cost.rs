@@ -19,6 +19,7 @@ fn turn(id: &SessionId, expected: u64, new_session: Option<Session>) -> TurnAppe
         ],
         turn_key: None,
         new_session,
+        began_at: chrono::Utc::now(),
     }
 }
 
@@ -54,15 +55,28 @@ async fn ten_thousand_turns_cost_the_same_as_the_first() {
             assert_eq!(window.len(), (2 * t as usize).min(20));
             assert_eq!(window.last().unwrap().seq, 2 * t);
             println!(
-                "turn {t}: {} WCU in {} request(s); 10-turn window: {} RCU in {} request(s)",
-                cost.write_units, cost.requests, read.read_units, read.requests
+                "turn {t}: {} WCU and {} RCU in {} request(s); 10-turn window: {} RCU in {} request(s)",
+                cost.write_units, cost.read_units, cost.requests, read.read_units, read.requests
             );
             per_turn.push((t, cost));
             window_reads.push((t, read));
         }
     }
-    // Turn 1 creates the session (a Put instead of an Update): cheaper, never dearer.
-    assert!(per_turn[0].1.write_units <= per_turn[1].1.write_units);
+    // Turn 1 creates the session (an item written whole, not an Update of a listed one):
+    // cheaper, never dearer. It also reads its user's tombstone once (a delete of the
+    // user's sessions since the turn began refuses it): one strongly consistent read of a
+    // small item, and no write at all.
+    let (_, first) = per_turn[0];
+    assert!(first.write_units <= per_turn[1].1.write_units);
+    assert_eq!(
+        first.requests, 3,
+        "turn 1: the turn item, the session, the tombstone read"
+    );
+    assert!(
+        first.read_units <= 1.0,
+        "turn 1 reads at most 1 RCU, got {}",
+        first.read_units
+    );
     let (_, second) = per_turn[1];
     assert!(second.write_units > 0.0, "DynamoDB reported capacity");
     assert!(
@@ -73,8 +87,9 @@ async fn ten_thousand_turns_cost_the_same_as_the_first() {
     for (t, cost) in &per_turn[1..] {
         assert_eq!(
             cost.requests, 2,
-            "turn {t}: the turn item and the session update"
+            "turn {t}: the turn item and the session update (whose guard also checks for a delete, at no cost)"
         );
+        assert_eq!(cost.read_units, 0.0, "turn {t} reads nothing");
         assert_eq!(
             cost.write_units, second.write_units,
             "turn {t} costs what turn 2 cost"

@@ -36,6 +36,7 @@ fn turn(id: &SessionId, expected: u64, text: &str, new_session: Option<Session>)
         ],
         turn_key: None,
         new_session,
+        began_at: chrono::Utc::now(),
     }
 }
 

@@ -106,6 +106,7 @@ fn turn(id: &SessionId, expected: u64, text: &str) -> TurnAppend {
         ],
         turn_key: None,
         new_session: None,
+        began_at: chrono::Utc::now(),
     }
 }
 

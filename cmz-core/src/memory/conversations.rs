@@ -2,7 +2,7 @@
 use foldhash::fast::RandomState;
 use foldhash::{HashMap, HashSet};
 use std::hash::BuildHasher as _;
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::ids::{AnimalId, SessionId, UserId};
 use crate::store::{
     AppendOutcome, ConversationStore, Cursor, DeleteReport, DeleteScope, Page, PageRequest,
-    SessionScope, TurnAppend,
+    SessionScope, TOMBSTONE_TTL, TurnAppend,
 };
 use crate::types::{Message, Session};
 
@@ -30,10 +30,14 @@ const SHARDS: usize = 32;
 /// Each session lives in one of 32 locked shards, so every single-session method
 /// is atomic; listings and bulk deletes visit every shard. No lock is held across an
 /// `.await`. Windows and appends cost the same whatever the length of the session.
+/// Deletes are remembered for [`TOMBSTONE_TTL`], so turns that began before them cannot
+/// write back what they removed (the store's contract; several services may share it).
 #[derive(Debug)]
 pub struct InMemoryConversationStore {
     shards: Box<[RwLock<State>]>,
     hasher: RandomState,
+    /// Users whose sessions were deleted, and when. Locked after a shard (never before).
+    deleted_users: Mutex<HashMap<UserId, DateTime<Utc>>>,
 }
 
 impl Default for InMemoryConversationStore {
@@ -41,6 +45,7 @@ impl Default for InMemoryConversationStore {
         Self {
             shards: (0..SHARDS).map(|_| RwLock::new(State::default())).collect(),
             hasher: RandomState::default(),
+            deleted_users: Mutex::default(),
         }
     }
 }
@@ -51,6 +56,14 @@ struct State {
     sessions: HashMap<SessionId, Box<Entry>>,
     by_user: HashMap<UserId, HashSet<SessionId>>,
     by_animal: HashMap<AnimalId, HashSet<SessionId>>,
+    /// Deleted sessions of this shard, and when.
+    deleted: HashMap<SessionId, DateTime<Utc>>,
+}
+
+/// Keeps the deletes of the last [`TOMBSTONE_TTL`].
+fn forget_old<K>(deletes: &mut HashMap<K, DateTime<Utc>>, now: DateTime<Utc>) {
+    let ttl = chrono::Duration::from_std(TOMBSTONE_TTL).unwrap_or(chrono::Duration::MAX);
+    deletes.retain(|_, at| now - *at < ttl);
 }
 
 #[derive(Debug)]
@@ -110,6 +123,15 @@ impl InMemoryConversationStore {
         self.shards
             .iter()
             .map(|s| s.write().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Whether `user`'s sessions were deleted at or after `since`.
+    fn user_deleted_since(&self, user: &UserId, since: DateTime<Utc>) -> bool {
+        self.deleted_users
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(user)
+            .is_some_and(|at| *at >= since)
     }
 }
 
@@ -191,6 +213,14 @@ impl ConversationStore for InMemoryConversationStore {
             message.validate()?;
         }
         let mut state = self.write(&append.session_id);
+        // Deletes are final: a turn that began before one writes nothing back.
+        if state
+            .deleted
+            .get(&append.session_id)
+            .is_some_and(|at| *at >= append.began_at)
+        {
+            return Err(session_not_found(&append.session_id));
+        }
         if let Some(session) = &append.new_session {
             if session.id != append.session_id
                 || append.expected_count != 0
@@ -200,6 +230,9 @@ impl ConversationStore for InMemoryConversationStore {
                     "session",
                     "a new session starts empty, with the append's id",
                 ));
+            }
+            if self.user_deleted_since(&session.user_id, append.began_at) {
+                return Err(session_not_found(&session.id));
             }
             match state.sessions.get(&session.id) {
                 None => state.insert(session.clone()),
@@ -373,8 +406,19 @@ impl ConversationStore for InMemoryConversationStore {
 
     async fn delete(&self, scope: DeleteScope) -> Result<DeleteReport> {
         let mut report = DeleteReport::default();
+        let now = Utc::now();
+        if let DeleteScope::User(user) = &scope {
+            // Before any session goes: a first turn of the user that checks after this
+            // sees it, and one that checked before has stored its session where the loop
+            // below finds it.
+            let mut users = self.deleted_users.lock().unwrap_or_else(|p| p.into_inner());
+            forget_old(&mut users, now);
+            users.insert(user.clone(), now);
+        }
         let mut remove = |state: &mut State, doomed: Vec<SessionId>| {
+            forget_old(&mut state.deleted, now);
             for id in doomed {
+                state.deleted.insert(id.clone(), now);
                 if let Some(entry) = state.remove(&id) {
                     report.sessions += 1;
                     report.messages += entry.messages.len() as u64;
@@ -418,7 +462,7 @@ mod tests {
     #[tokio::test]
     async fn passes_the_conformance_suite() {
         crate::testing::run_conversation_store_suite(
-            &InMemoryConversationStore::new(),
+            std::sync::Arc::new(InMemoryConversationStore::new()),
             &Default::default(),
         )
         .await;

@@ -73,6 +73,7 @@ impl ConversationService {
     /// caller's. Races with other writers are retried like a turn's.
     #[tracing::instrument(name = "cmz.store_turn", skip_all, fields(user = %principal.user_id, animal = %turn.animal_id))]
     pub async fn store_turn(&self, principal: &Principal, turn: ExternalTurn) -> Result<TurnReply> {
+        let began_at = chrono::Utc::now();
         let (session, created) = match &turn.session_id {
             Some(id) => {
                 let session = self.readable_session(principal, id, Action::Write).await?;
@@ -98,7 +99,13 @@ impl ConversationService {
         assistant.metadata.turn_key = turn.turn_key.clone();
         // The count read before the lock may be stale; the guard re-reads it on conflict.
         let outcome = self
-            .append_guarded(&session, created, vec![user, assistant], turn.turn_key)
+            .append_guarded(
+                &session,
+                created,
+                vec![user, assistant],
+                turn.turn_key,
+                began_at,
+            )
             .await?;
         let (replayed, stored) = match outcome {
             AppendOutcome::Appended(stored) => (false, stored),

@@ -113,12 +113,15 @@ struct ReadyTurn {
     user: UserPart,
     prompt: ChatRequest,
     turn_key: Option<String>,
-    /// Deletes after this generation refuse the turn's write.
+    /// Deletes after this generation refuse the turn's write (in this process).
     since: u64,
     /// The client's context summary, moderated with the message.
     context_summary: Option<String>,
     /// The moderation this turn gets (the request's, never below the configured level).
     moderation: ModerationLevel,
+    /// Deletes at or after this instant refuse the turn's write (in the store, across
+    /// processes).
+    began_at: chrono::DateTime<chrono::Utc>,
 }
 
 enum TurnStart {

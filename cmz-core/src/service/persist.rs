@@ -25,6 +25,7 @@ impl ConversationService {
             user,
             turn_key,
             since,
+            began_at,
             ..
         } = prepared;
         let (messages, key, stored_user) = match user {
@@ -44,7 +45,9 @@ impl ConversationService {
         };
         // A delete of this session or its user since the turn began wins: store nothing.
         let not_deleted = self.inner.tombstones.write_guard(since, &session).await?;
-        let appended = self.append_guarded(&session, created, messages, key).await;
+        let appended = self
+            .append_guarded(&session, created, messages, key, began_at)
+            .await;
         drop(not_deleted);
         let stored = match appended? {
             AppendOutcome::Appended(stored) => stored,
@@ -83,13 +86,15 @@ impl ConversationService {
 
     /// Appends `messages` to `session` under the store's sequence guard, creating the
     /// session in the same step when `created`; on a lost race re-reads the session and
-    /// tries again (up to `max_append_attempts`). The one retry loop for every write.
+    /// tries again (up to `max_append_attempts`). The one retry loop for every write. A
+    /// delete of the session (or its user) at or after `began_at` refuses it in the store.
     pub(super) async fn append_guarded(
         &self,
         session: &Session,
         created: bool,
         messages: Vec<NewMessage>,
         key: Option<String>,
+        began_at: chrono::DateTime<chrono::Utc>,
     ) -> Result<AppendOutcome> {
         let inner = &self.inner;
         let mut expected = session.message_count;
@@ -103,6 +108,7 @@ impl ConversationService {
                 messages: messages.clone(),
                 turn_key: key.clone(),
                 new_session: new_session.clone(),
+                began_at,
             };
             match inner.store.append_turn(append).await {
                 Ok(outcome) => return Ok(outcome),

@@ -69,6 +69,7 @@ impl ConversationService {
     ) -> Result<TurnStart> {
         let inner = &self.inner;
         let since = inner.tombstones.generation();
+        let began_at = chrono::Utc::now();
         let window = self.validate(&request)?;
         let animal = &request.animal_id;
         let persona = inner
@@ -226,6 +227,7 @@ impl ConversationService {
             since,
             context_summary,
             moderation,
+            began_at,
         })))
     }
 }

@@ -10,7 +10,7 @@
 //!
 //! let store = InMemoryConversationStore::new();
 //! let options = SuiteOptions { long_session_messages: 200, ..SuiteOptions::default() };
-//! run_conversation_store_suite(&store, &options).await;
+//! run_conversation_store_suite(std::sync::Arc::new(store), &options).await;
 //! # });
 //! ```
 

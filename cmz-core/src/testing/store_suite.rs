@@ -5,15 +5,25 @@
 //! message naming the broken rule of the contract.
 
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{Duration as ChronoDuration, TimeZone as _, Utc};
+use futures::StreamExt as _;
 
+use crate::access::{Principal, UserRole};
 use crate::error::Error;
 use crate::ids::{AnimalId, SessionId, UserId};
+use crate::memory::InMemoryPersonaDirectory;
+use crate::service::{ConversationService, TurnEvent, TurnRequest, TurnStream};
 use crate::store::{
-    AppendOutcome, ConversationStore, Cursor, DeleteScope, PageRequest, SessionScope, TurnAppend,
+    AppendOutcome, ConversationStore, Cursor, DeleteScope, DynConversationStore, PageRequest,
+    SessionScope, TurnAppend,
 };
-use crate::types::{MAX_CONTENT_BYTES, Message, MessageMetadata, NewMessage, Role, Session};
+use crate::testing::ScriptedModel;
+use crate::types::{
+    MAX_CONTENT_BYTES, Message, MessageMetadata, NewMessage, Persona, Role, Session,
+};
 
 /// Knobs for backends that need them.
 #[derive(Debug, Clone)]
@@ -33,8 +43,11 @@ impl Default for SuiteOptions {
     }
 }
 
-/// Runs every check of the suite, in order.
-pub async fn run_conversation_store_suite(store: &dyn ConversationStore, options: &SuiteOptions) {
+/// Runs every check of the suite, in order. The store is shared (`Arc`) because one check
+/// runs two services on it, as two servers would share one database.
+pub async fn run_conversation_store_suite(store: DynConversationStore, options: &SuiteOptions) {
+    check_deletes_are_final_across_services(store.clone()).await;
+    let store = &*store;
     check_sessions(store).await;
     check_append_and_window(store).await;
     check_sequence_conflict(store).await;
@@ -49,6 +62,7 @@ pub async fn run_conversation_store_suite(store: &dyn ConversationStore, options
     check_thread_id(store).await;
     check_custom_metadata(store).await;
     check_deletes(store).await;
+    check_deletes_are_final(store).await;
     check_unicode_and_large_messages(store).await;
     check_concurrent_appends(store, options.concurrent_writers).await;
     check_long_session(store, options.long_session_messages).await;
@@ -98,6 +112,7 @@ fn turn(session: &SessionId, expected: u64, texts: &[&str]) -> TurnAppend {
             .collect(),
         turn_key: None,
         new_session: None,
+        began_at: Utc::now(),
     }
 }
 
@@ -720,6 +735,7 @@ pub async fn check_thread_id(store: &dyn ConversationStore) {
             ],
             turn_key: None,
             new_session: None,
+            began_at: Utc::now(),
         })
         .await
         .unwrap();
@@ -754,6 +770,7 @@ pub async fn check_custom_metadata(store: &dyn ConversationStore) {
             messages: vec![NewMessage::new(Role::User, "hi"), reply],
             turn_key: None,
             new_session: None,
+            began_at: Utc::now(),
         })
         .await
         .unwrap();
@@ -890,6 +907,7 @@ pub async fn check_deletes(store: &dyn ConversationStore) {
             messages: vec![msg],
             turn_key: None,
             new_session: None,
+            began_at: Utc::now(),
         })
         .await
         .unwrap();
@@ -906,6 +924,235 @@ pub async fn check_deletes(store: &dyn ConversationStore) {
         store.get_session(&d.id).await.unwrap().is_some(),
         "contract: older-than keeps recent sessions"
     );
+}
+
+/// Lets the clock move on, so instants taken before and after a call differ from the
+/// instant the store takes in it.
+async fn tick() {
+    tokio::time::sleep(Duration::from_millis(5)).await;
+}
+
+async fn contents(store: &dyn ConversationStore, id: &SessionId) -> Vec<String> {
+    store
+        .history(id, PageRequest::first(100))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|m| m.content)
+        .collect()
+}
+
+/// Deletes are final: an append that began before a delete of its session, or (creating a
+/// session) of its user's sessions, stores nothing, even into a session made again under
+/// the same id; appends that began after the delete are stored as usual.
+pub async fn check_deletes_are_final(store: &dyn ConversationStore) {
+    let (user, animal) = (random_user(), random_animal());
+    let session = new_session(store, &user, &animal).await;
+    fill(store, &session.id, 1).await;
+    // A turn read the session (two messages), then the session was deleted.
+    let began = Utc::now();
+    tick().await;
+    store
+        .delete(DeleteScope::Session(session.id.clone()))
+        .await
+        .unwrap();
+    tick().await;
+    let mut late = turn(&session.id, 2, &["still there?", "yes!"]);
+    late.began_at = began;
+    assert_code(
+        store.append_turn(late.clone()).await,
+        "not_found",
+        "an append that began before its session was deleted",
+    );
+    assert!(
+        store.get_session(&session.id).await.unwrap().is_none(),
+        "contract: a refused append brings nothing back"
+    );
+    // The same id again, by a turn that began after the delete: a new conversation, which
+    // the old turn still cannot join, though the count it expects is the new one's.
+    let mut again = turn(&session.id, 0, &["a new start", "hello again"]);
+    again.new_session = Some(Session::new(
+        session.id.clone(),
+        user.clone(),
+        animal.clone(),
+        "Test Animal",
+    ));
+    appended(store.append_turn(again).await.unwrap());
+    assert_code(
+        store.append_turn(late).await,
+        "not_found",
+        "an append that began before a delete, into the session made again under its id",
+    );
+    assert_eq!(
+        contents(store, &session.id).await,
+        ["a new start", "hello again"],
+        "contract: nothing deleted reappears"
+    );
+    appended(
+        store
+            .append_turn(turn(&session.id, 2, &["and now?", "all good"]))
+            .await
+            .unwrap(),
+    );
+
+    // A user's first turn that began before the user's sessions were deleted.
+    let user = random_user();
+    let existing = new_session(store, &user, &animal).await;
+    fill(store, &existing.id, 1).await;
+    let began = Utc::now();
+    tick().await;
+    store.delete(DeleteScope::User(user.clone())).await.unwrap();
+    tick().await;
+    let fresh = Session::new(
+        SessionId::generate(&animal, &user).unwrap(),
+        user.clone(),
+        animal.clone(),
+        "Test Animal",
+    );
+    let mut first = turn(&fresh.id, 0, &["my first message", "hi!"]);
+    first.new_session = Some(fresh.clone());
+    first.began_at = began;
+    assert_code(
+        store.append_turn(first.clone()).await,
+        "not_found",
+        "a first turn that began before its user's sessions were deleted",
+    );
+    let mut next = turn(&existing.id, 2, &["and my old one?", "gone"]);
+    next.began_at = began;
+    assert_code(
+        store.append_turn(next).await,
+        "not_found",
+        "a turn that began before its user's sessions were deleted",
+    );
+    let listed = |user: UserId| async move {
+        store
+            .list_sessions(SessionScope::User(user), PageRequest::first(10))
+            .await
+            .unwrap()
+            .items
+    };
+    assert!(store.get_session(&fresh.id).await.unwrap().is_none());
+    assert!(
+        listed(user.clone()).await.is_empty(),
+        "contract: nothing of a deleted user reappears"
+    );
+    // The user starts again, after the delete: stored as usual.
+    first.began_at = Utc::now();
+    appended(store.append_turn(first).await.unwrap());
+    assert_eq!(listed(user).await.len(), 1);
+}
+
+/// Reads a turn's stream to its end; the last item.
+async fn last_event(mut stream: TurnStream) -> Option<crate::Result<TurnEvent>> {
+    let mut last = None;
+    while let Some(event) = stream.next().await {
+        last = Some(event);
+    }
+    last
+}
+
+fn assert_refused(last: Option<crate::Result<TurnEvent>>, what: &str) {
+    match last {
+        Some(Err(error)) => assert_eq!(error.code(), "not_found", "contract: {what}: {error}"),
+        other => panic!("contract: {what}: the turn was stored: {other:?}"),
+    }
+}
+
+/// Deletes are final across servers: two services share `store` (two servers, each with
+/// its own in-process state). A turn streaming on one while the other deletes its user's
+/// sessions, or its session, stores nothing, even when the child starts again under the
+/// same id before the stream ends; nothing deleted reappears.
+pub async fn check_deletes_are_final_across_services(store: DynConversationStore) {
+    let animal = random_animal();
+    let personas = Arc::new(InMemoryPersonaDirectory::with_personas([Persona::new(
+        animal.clone(),
+        "Leo",
+    )]));
+    // Ten chunks 80 ms apart: the other server has most of a second to act.
+    let slow = ScriptedModel::always("one two three four five six seven eight nine ten")
+        .with_chunk_delay(Duration::from_millis(80));
+    let server_a = ConversationService::new(
+        store.clone(),
+        personas.clone(),
+        Arc::new(ScriptedModel::echo()),
+    );
+    let server_b = ConversationService::new(store.clone(), personas, Arc::new(slow));
+    let kid = Principal::new(random_user(), UserRole::Student);
+    let admin = Principal::new(random_user(), UserRole::Admin);
+    let sessions_of_kid = || async {
+        store
+            .list_sessions(
+                SessionScope::User(kid.user_id.clone()),
+                PageRequest::first(10),
+            )
+            .await
+            .unwrap()
+            .items
+    };
+
+    // The kid's first turn streams on B; A deletes the kid's sessions meanwhile.
+    let mut stream = server_b
+        .stream_turn(&kid, TurnRequest::new(animal.clone(), "my first message"))
+        .await
+        .unwrap();
+    let first = stream.session_id.clone();
+    assert!(matches!(stream.next().await, Some(Ok(TurnEvent::Delta(_)))));
+    server_a
+        .delete(&admin, DeleteScope::User(kid.user_id.clone()))
+        .await
+        .unwrap();
+    assert_refused(
+        last_event(stream).await,
+        "a first turn running on another server when its user was deleted",
+    );
+    assert!(store.get_session(&first).await.unwrap().is_none());
+    assert!(sessions_of_kid().await.is_empty());
+
+    // A conversation under an id the client chose; its next turn streams on B while A
+    // deletes the session, and the kid starts again under the same id on A before B's
+    // stream ends (with the count B's turn expects: two messages).
+    let id = SessionId::new(unique("session_")).unwrap();
+    server_a
+        .turn(
+            &kid,
+            TurnRequest::new(animal.clone(), "hello").in_session(id.clone()),
+        )
+        .await
+        .unwrap();
+    let mut stream = server_b
+        .stream_turn(
+            &kid,
+            TurnRequest::new(animal.clone(), "still there?").in_session(id.clone()),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(stream.next().await, Some(Ok(TurnEvent::Delta(_)))));
+    server_a
+        .delete(&kid, DeleteScope::Session(id.clone()))
+        .await
+        .unwrap();
+    let again = server_a
+        .turn(
+            &kid,
+            TurnRequest::new(animal.clone(), "a new start").in_session(id.clone()),
+        )
+        .await
+        .unwrap();
+    assert!(again.session_created, "the id starts a new conversation");
+    assert_refused(
+        last_event(stream).await,
+        "a turn running on another server when its session was deleted",
+    );
+    let store = &*store;
+    assert_eq!(
+        contents(store, &id).await,
+        ["a new start", "echo: a new start"],
+        "contract: only the new conversation is stored under the id"
+    );
+    let listed = sessions_of_kid().await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].message_count, 2);
 }
 
 /// Content round-trips byte for byte, up to the size limit.

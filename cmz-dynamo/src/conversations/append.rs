@@ -101,9 +101,7 @@ impl DynamoConversationStore {
             Some(stored) => {
                 expression.push_str(", cmzV = :v, legacyCount = :legacy, animalName = if_not_exists(animalName, :name)");
                 update = update
-                    .condition_expression(
-                        "attribute_exists(sessionId) AND attribute_not_exists(cmzV)",
-                    )
+                    .condition_expression("attribute_exists(userId) AND attribute_not_exists(cmzV)")
                     .expression_attribute_values(":v", s(SCHEMA_VERSION))
                     .expression_attribute_values(":legacy", n(stored.legacy_count))
                     .expression_attribute_values(":name", s(stored.session.animal_name.clone()));
@@ -164,6 +162,8 @@ impl DynamoConversationStore {
             .map(|m| m.created_at)
             .max()
             .unwrap_or_else(Utc::now);
+        let first_id = append.messages[0].id.clone();
+        let stored = || stored_messages(id, first_seq, append.messages.clone());
         let item = turn_item(
             id,
             first_seq,
@@ -172,8 +172,6 @@ impl DynamoConversationStore {
             append.turn_key.as_deref(),
             ttl,
         )?;
-        let first_id = append.messages[0].id.clone();
-        let stored = || stored_messages(id, first_seq, append.messages.clone());
         if let Some(session) = append.new_session.as_ref() {
             if !self.put_turn(item).await? {
                 return self.after_taken_key(append, true).await;
@@ -181,33 +179,25 @@ impl DynamoConversationStore {
             let mut session = session.clone();
             session.message_count = count;
             session.last_activity = session.last_activity.max(last_at);
-            let table = self.sessions_table();
-            let result = self
-                .client()
-                .put_item()
-                .table_name(table)
-                .set_item(Some(session_item(&session, 0, ttl)))
-                .condition_expression("attribute_not_exists(sessionId)")
-                .return_consumed_capacity(ReturnConsumedCapacity::Total)
-                .send()
-                .await;
-            return match result {
-                Ok(out) => {
-                    self.record(out.consumed_capacity(), true);
-                    Ok(AppendOutcome::Appended(stored()))
-                }
-                Err(err) => {
-                    self.undo_turn(id, first_seq, &first_id).await?;
-                    if err
-                        .as_service_error()
-                        .is_some_and(|e| e.is_conditional_check_failed_exception())
-                    {
-                        Err(Error::conflict(format!("session {id} already exists")))
-                    } else {
-                        Err(map_sdk("PutItem", table, err))
-                    }
-                }
-            };
+            if let Err(error) = self
+                .create_session_item(&session, ttl, append.began_at)
+                .await
+            {
+                self.undo_turn(id, first_seq, &first_id).await?;
+                return Err(error);
+            }
+            // Step 3, first turns only: the user's sessions were not deleted since the
+            // turn began. Read after the writes, so a delete that the read does not see
+            // began after them and lists the session itself.
+            if let Some(deleted_at) = self
+                .user_deleted_since(&session.user_id, append.began_at)
+                .await?
+            {
+                self.put_session_tombstone(id, deleted_at).await?;
+                self.undo_turn(id, first_seq, &first_id).await?;
+                return Err(session_not_found(id));
+            }
+            return Ok(AppendOutcome::Appended(stored()));
         }
         if !self.put_turn(item).await? {
             return self.after_taken_key(append, false).await;
@@ -220,9 +210,12 @@ impl DynamoConversationStore {
             .update_item()
             .table_name(table)
             .key("sessionId", s(id.as_str()))
-            .condition_expression("cmzV = :v AND messageCount = :expected")
+            .condition_expression(format!(
+                "cmzV = :v AND messageCount = :expected AND {NOT_DELETED_SINCE}"
+            ))
             .expression_attribute_values(":v", s(SCHEMA_VERSION))
             .expression_attribute_values(":expected", n(e))
+            .expression_attribute_values(":began", time(append.began_at))
             .expression_attribute_values(":count", n(count))
             .expression_attribute_values(":at", time(last_at))
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
@@ -249,6 +242,15 @@ impl DynamoConversationStore {
                 }
             },
         };
+        if old
+            .as_ref()
+            .is_some_and(|i| deleted_since(i, append.began_at))
+        {
+            // Deleted after this turn began (and perhaps made again since): not this
+            // turn's conversation any more.
+            self.undo_turn(id, first_seq, &first_id).await?;
+            return Err(session_not_found(id));
+        }
         let legacy_or_missing = old
             .as_ref()
             .is_none_or(|i| Reader::new(i, "session").opt_str("cmzV").is_none());
@@ -356,8 +358,10 @@ impl DynamoConversationStore {
         let id = &append.session_id;
         let stored = |first: u64| stored_messages(id, first, append.messages.clone());
         if let Some(session) = &append.new_session {
+            // Already a transaction: the user's tombstone check joins it.
             return match self.transact(append, SessionWrite::Create(session)).await? {
                 TxResult::Done => Ok(AppendOutcome::Appended(stored(1))),
+                TxResult::Deleted => Err(session_not_found(id)),
                 TxResult::SessionCheckFailed(_) | TxResult::ItemExists => {
                     self.after_taken_key(append, true).await
                 }
@@ -367,6 +371,7 @@ impl DynamoConversationStore {
             TxResult::Done => {
                 return Ok(AppendOutcome::Appended(stored(append.expected_count + 1)));
             }
+            TxResult::Deleted => return Err(session_not_found(id)),
             TxResult::ItemExists => return self.after_taken_key(append, false).await,
             TxResult::SessionCheckFailed(Some(item))
                 if Reader::new(&item, "session").opt_str("cmzV").is_some() =>
@@ -427,7 +432,7 @@ impl DynamoConversationStore {
             .map(|m| m.created_at)
             .max()
             .unwrap_or_else(Utc::now);
-        let mut items = Vec::with_capacity(total + 1);
+        let mut items = Vec::with_capacity(total + 2);
         for (i, message) in append.messages.iter().enumerate() {
             let key = if i == 0 {
                 append.turn_key.as_deref()
@@ -454,12 +459,20 @@ impl DynamoConversationStore {
                 let mut session = session.clone();
                 session.message_count = count;
                 session.last_activity = session.last_activity.max(last_at);
-                put(
-                    self.sessions_table(),
-                    session_item(&session, 0, ttl),
-                    "attribute_not_exists(sessionId)",
-                    true,
-                )?
+                let create = CreateSession::new(session_item(&session, 0, ttl), append.began_at);
+                let update = Update::builder()
+                    .table_name(self.sessions_table())
+                    .key("sessionId", s(id.as_str()))
+                    .update_expression(create.update_expression)
+                    .condition_expression(create.condition)
+                    .set_expression_attribute_names(Some(create.names))
+                    .set_expression_attribute_values(Some(create.values))
+                    .return_values_on_condition_check_failure(
+                        ReturnValuesOnConditionCheckFailure::AllOld,
+                    )
+                    .build()
+                    .map_err(|e| Error::internal(format!("session create: {e}")))?;
+                TransactWriteItem::builder().update(update).build()
             }
             SessionWrite::ContinueLegacy { stored } if !stored.has_item => {
                 let mut session = stored.session.clone();
@@ -487,7 +500,7 @@ impl DynamoConversationStore {
                         expression.push_str(", cmzV = :v, legacyCount = :legacy, animalName = if_not_exists(animalName, :name)");
                         update = update
                             .condition_expression(
-                                "attribute_exists(sessionId) AND attribute_not_exists(cmzV)",
+                                "attribute_exists(userId) AND attribute_not_exists(cmzV)",
                             )
                             .expression_attribute_values(":v", s(SCHEMA_VERSION))
                             .expression_attribute_values(":legacy", n(stored.legacy_count))
@@ -498,9 +511,12 @@ impl DynamoConversationStore {
                     }
                     _ => {
                         update = update
-                            .condition_expression("cmzV = :v AND messageCount = :expected")
+                            .condition_expression(format!(
+                                "cmzV = :v AND messageCount = :expected AND {NOT_DELETED_SINCE}"
+                            ))
                             .expression_attribute_values(":v", s(SCHEMA_VERSION))
-                            .expression_attribute_values(":expected", n(append.expected_count));
+                            .expression_attribute_values(":expected", n(append.expected_count))
+                            .expression_attribute_values(":began", time(append.began_at));
                     }
                 }
                 if let Some(ttl) = ttl {
@@ -518,6 +534,14 @@ impl DynamoConversationStore {
         };
         items.push(session_write);
         let session_index = items.len() - 1;
+        // A first turn also checks that its user's sessions were not deleted since it began.
+        let user_check = match write {
+            SessionWrite::Create(session) => {
+                items.push(self.user_not_deleted_since(&session.user_id, append.began_at)?);
+                Some(items.len() - 1)
+            }
+            _ => None,
+        };
         let table = self.messages_table();
         let result = self
             .client()
@@ -540,6 +564,9 @@ impl DynamoConversationStore {
         };
         let reasons = cancelled.cancellation_reasons();
         let code_at = |i: usize| reasons.get(i).and_then(|r| r.code()).unwrap_or("None");
+        if user_check.is_some_and(|i| code_at(i) == "ConditionalCheckFailed") {
+            return Ok(TxResult::Deleted);
+        }
         if (0..session_index).any(|i| code_at(i) == "ConditionalCheckFailed") {
             return Ok(TxResult::ItemExists);
         }
@@ -548,6 +575,12 @@ impl DynamoConversationStore {
                 .item()
                 .cloned()
                 .filter(|i| !i.is_empty());
+            if old
+                .as_ref()
+                .is_some_and(|i| deleted_since(i, append.began_at))
+            {
+                return Ok(TxResult::Deleted);
+            }
             return Ok(TxResult::SessionCheckFailed(old));
         }
         for reason in reasons {

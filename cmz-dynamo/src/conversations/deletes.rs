@@ -2,16 +2,17 @@
 
 use super::*;
 
+/// How long a user delete waits before it looks at the user index a second time: a
+/// global secondary index is updated asynchronously (usually well within a second), so a
+/// session stored just before the delete may be missing from the first listing.
+const LATE_INDEX_PASS: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl DynamoConversationStore {
     pub(super) async fn delete_session(&self, id: &SessionId) -> Result<DeleteReport> {
         let mut report = DeleteReport::default();
-        // The session item first: from then on no append can succeed on it.
-        if self
-            .db
-            .delete_item(self.sessions_table(), "sessionId", id.as_str())
-            .await?
-            .is_some()
-        {
+        // The session item first, replaced by its tombstone: from then on no append that
+        // began before now can succeed on it (see `tombstones`).
+        if self.put_session_tombstone(id, Utc::now()).await? {
             report.sessions = 1;
         }
         // Every turn item of the conversation's partition.
@@ -59,6 +60,38 @@ impl DynamoConversationStore {
         }
         if report.messages > 0 {
             report.sessions = 1;
+        }
+        Ok(report)
+    }
+
+    /// A user's sessions: the user's tombstone first (first turns that began before it
+    /// cannot store a session any more), then every session the user index lists, then,
+    /// once the index has had time to settle, those it did not list yet (stored just
+    /// before the delete; sessions started after it are new conversations and stay).
+    pub(super) async fn delete_user(&self, user: &UserId) -> Result<DeleteReport> {
+        let deleted_at = Utc::now();
+        self.put_user_tombstone(user, deleted_at).await?;
+        let listed = self.index_ids(USER_INDEX, "userId", user.as_str()).await?;
+        let mut report = self
+            .delete_all(listed.into_iter().map(|(id, _)| id).collect())
+            .await?;
+        tokio::time::sleep(LATE_INDEX_PASS).await;
+        // Deleted sessions are tombstones now, which the index does not list.
+        let late: Vec<SessionId> = self
+            .index_ids(USER_INDEX, "userId", user.as_str())
+            .await?
+            .into_iter()
+            .filter(|(_, started)| started.is_none_or(|at| at < deleted_at))
+            .map(|(id, _)| id)
+            .collect();
+        if !late.is_empty() {
+            tracing::info!(
+                sessions = late.len(),
+                "a user delete found sessions the index had not listed yet"
+            );
+            let more = self.delete_all(late).await?;
+            report.sessions += more.sessions;
+            report.messages += more.messages;
         }
         Ok(report)
     }

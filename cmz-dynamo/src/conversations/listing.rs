@@ -108,13 +108,13 @@ impl DynamoConversationStore {
         })
     }
 
-    /// Session ids from an index, for deletes.
+    /// Session ids from an index, with their start times, for deletes.
     pub(super) async fn index_ids(
         &self,
         index: &'static str,
         attribute: &'static str,
         value: &str,
-    ) -> Result<Vec<SessionId>> {
+    ) -> Result<Vec<(SessionId, Option<DateTime<Utc>>)>> {
         let table = self.sessions_table();
         let mut ids = Vec::new();
         let mut start: Option<Item> = None;
@@ -127,7 +127,7 @@ impl DynamoConversationStore {
                 .key_condition_expression("#k = :k")
                 .expression_attribute_names("#k", attribute)
                 .expression_attribute_values(":k", s(value))
-                .projection_expression("sessionId")
+                .projection_expression("sessionId, startTime")
                 .return_consumed_capacity(ReturnConsumedCapacity::Total)
                 .set_exclusive_start_key(start.take())
                 .send()
@@ -135,8 +135,9 @@ impl DynamoConversationStore {
                 .map_err(|e| map_sdk("Query", table, e))?;
             self.db.inner.meter.record(page.consumed_capacity(), false);
             for item in page.items() {
-                if let Ok(id) = SessionId::new(Reader::new(item, "session").str("sessionId")?) {
-                    ids.push(id);
+                let reader = Reader::new(item, "session");
+                if let Ok(id) = SessionId::new(reader.str("sessionId")?) {
+                    ids.push((id, reader.opt_time("startTime")));
                 }
             }
             match page.last_evaluated_key {
