@@ -126,6 +126,23 @@ impl OpenAiChatModel {
         request
     }
 
+    /// The reply stream [`ChatModel::stream`] makes of a response body arriving in these
+    /// chunks, for the SSE fuzz target in `fuzz/`. No request is sent. Not a public API.
+    #[cfg(feature = "fuzzing")]
+    #[doc(hidden)]
+    pub fn stream_from_body(
+        &self,
+        chunks: Vec<Bytes>,
+    ) -> Result<BoxStream<'static, Result<ChatChunk>>> {
+        let permit = Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .map_err(|e| Error::internal(format!("fuzzing permit: {e}")))?;
+        let body = futures::stream::iter(chunks.into_iter().map(Ok::<_, std::io::Error>));
+        Ok(ChunkStream::new(body.eventsource(), permit, self.clone())
+            .instrument_stream(tracing::Span::none())
+            .boxed())
+    }
+
     fn error(&self, error: OpenAiError) -> Error {
         error.into_error(&self.inner.config.model, self.inner.config.request_timeout)
     }

@@ -690,6 +690,22 @@ impl TokenCodec {
         Ok(())
     }
 
+    /// The HS256 fast path's outcome (`None` when it leaves the token to the general path)
+    /// and the general path's, for the differential fuzz target in `fuzz/`: the two must
+    /// agree on every token. Not a public API.
+    #[cfg(feature = "fuzzing")]
+    #[doc(hidden)]
+    #[allow(clippy::type_complexity)]
+    pub fn verify_both_paths(
+        &self,
+        token: &str,
+    ) -> (
+        Option<std::result::Result<AccessClaims, TokenRejection>>,
+        std::result::Result<AccessClaims, TokenRejection>,
+    ) {
+        (self.verify_hs256(token), self.verify_general(token))
+    }
+
     /// Verifies a token's signature and claims; any failure is `unauthorized` (the reason
     /// is logged).
     pub fn verify(&self, token: &str) -> Result<AccessClaims> {

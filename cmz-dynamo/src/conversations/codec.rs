@@ -110,7 +110,7 @@ pub(super) fn legacy_metadata_of(reader: &Reader<'_>) -> MessageMetadata {
 }
 
 /// The sequence number of the last message a turn item holds.
-pub(super) fn item_end(item: &Item) -> Result<u64> {
+pub(crate) fn item_end(item: &Item) -> Result<u64> {
     let reader = Reader::new(item, "turn");
     Ok(reader.u64("seq")? + reader.opt_u64("msgs").unwrap_or(1).max(1) - 1)
 }
@@ -147,7 +147,7 @@ pub(crate) fn messages_from_item(id: &SessionId, item: &Item) -> Result<Vec<Mess
         .collect()
 }
 
-pub(super) fn legacy_messages_len(item: &Item) -> usize {
+pub(crate) fn legacy_messages_len(item: &Item) -> usize {
     match item.get("messages") {
         Some(aws_sdk_dynamodb::types::AttributeValue::L(list)) => list.len(),
         _ => 0,

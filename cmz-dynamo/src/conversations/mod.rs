@@ -32,6 +32,7 @@
 
 mod append;
 mod codec;
+mod cursors;
 mod deletes;
 mod listing;
 
@@ -58,7 +59,12 @@ use crate::error::map_sdk;
 use crate::tables::{ANIMAL_INDEX, TTL_ATTRIBUTE, TURN_KEY_INDEX, USER_INDEX};
 
 use codec::*;
+#[cfg(feature = "fuzzing")]
+pub(crate) use codec::{item_end, legacy_messages_len, messages_from_item, session_from_item};
 pub(crate) use codec::{legacy_messages, legacy_session, session_item, turn_item};
+pub(crate) use cursors::{
+    history_cursor, read_history_cursor, read_sessions_cursor, sessions_cursor,
+};
 
 /// The `cmzV` value of sessions cmz writes.
 const SCHEMA_VERSION: &str = "2";
@@ -508,26 +514,9 @@ impl ConversationStore for DynamoConversationStore {
 
     #[tracing::instrument(name = "dynamodb.history", skip_all, fields(session = %id))]
     async fn history(&self, id: &SessionId, page: PageRequest) -> Result<Page<Message>> {
-        let invalid = || Error::validation("cursor", "invalid or expired cursor");
         let (after, from_key) = match &page.cursor {
             None => (0, 1),
-            Some(cursor) => {
-                let parts = cursor.decode(HISTORY_CURSOR, 4)?;
-                if parts[0] != id.as_str()
-                    || !self.db.verify(
-                        &[HISTORY_CURSOR, &parts[0], &parts[1], &parts[2]],
-                        &parts[3],
-                    )
-                {
-                    return Err(invalid());
-                }
-                let after = parts[1].parse::<u64>().map_err(|_| invalid())?;
-                let key = parts[2].parse::<u64>().map_err(|_| invalid())?;
-                if key == 0 || key > after + 1 {
-                    return Err(invalid());
-                }
-                (after, key)
-            }
+            Some(cursor) => read_history_cursor(&self.db, id, cursor)?,
         };
         let limit = page.effective_limit();
         let stored = self.load(id).await?.ok_or_else(|| session_not_found(id))?;
@@ -570,15 +559,12 @@ impl ConversationStore for DynamoConversationStore {
             more = true;
         }
         let next = match (more, items.last()) {
-            (true, Some(last)) => {
-                let seq = last.seq.to_string();
-                let key = next_key.unwrap_or(last.seq + 1).to_string();
-                let signature = self.db.sign(&[HISTORY_CURSOR, id.as_str(), &seq, &key])?;
-                Some(Cursor::encode(
-                    HISTORY_CURSOR,
-                    &[id.as_str(), &seq, &key, &signature],
-                ))
-            }
+            (true, Some(last)) => Some(history_cursor(
+                &self.db,
+                id,
+                last.seq,
+                next_key.unwrap_or(last.seq + 1),
+            )?),
             _ => None,
         };
         Ok(Page { items, next })
