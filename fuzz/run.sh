@@ -46,7 +46,7 @@ for target in "${targets[@]}"; do
     start=$(date +%s)
     # New inputs go to the first folder (git-ignored); the seeds are only read.
     if ! "${fuzz[@]}" run "${flags[@]}" "$target" "$corpus" "fuzz/seeds/$target" -- \
-        "${limit[@]}" "${dict[@]}" -print_final_stats=1 -jobs=1 -workers=1 \
+        "${limit[@]}" "${dict[@]}" -print_final_stats=1 \
         -timeout=10 -rss_limit_mb=4096 > "$log" 2>&1; then
         tail -n 60 "$log" >&2
         rm -f "$log"

@@ -633,6 +633,39 @@ impl ConversationStore for DynamoConversationStore {
 mod tests {
     use super::*;
 
+    /// Found by the `dynamo_items` fuzz target (fuzz/): a turn item whose `seq` is the
+    /// largest number made `item_end` and `messages_from_item` overflow (a panic in debug
+    /// builds, a wrapped sequence number in release ones).
+    #[test]
+    fn turn_items_at_the_end_of_the_sequence_are_errors_not_overflows() {
+        let id = SessionId::new("conv_lion_u1_0a1b2c3d").unwrap();
+        let message = |text: &str| {
+            let mut map = Item::new();
+            map.insert("messageId".into(), s("m1"));
+            map.insert("role".into(), s("user"));
+            map.insert("text".into(), s(text));
+            map.insert("timestamp".into(), s("2024-05-01T10:00:00Z"));
+            AttributeValue::M(map)
+        };
+        let mut item = Item::new();
+        item.insert("seq".into(), n(u64::MAX));
+        item.insert("msgs".into(), n(3));
+        item.insert(
+            "messages".into(),
+            AttributeValue::L(vec![message("a"), message("b")]),
+        );
+        assert_eq!(item_end(&item).unwrap_err().code(), "internal_error");
+        assert_eq!(
+            messages_from_item(&id, &item).unwrap_err().code(),
+            "internal_error"
+        );
+        // The last sequence number itself is fine when the item holds one message.
+        item.insert("msgs".into(), n(1));
+        item.insert("messages".into(), AttributeValue::L(vec![message("a")]));
+        assert_eq!(item_end(&item).unwrap(), u64::MAX);
+        assert_eq!(messages_from_item(&id, &item).unwrap()[0].seq, u64::MAX);
+    }
+
     #[test]
     fn items_round_trip() {
         let id = SessionId::new("conv_lion_u1_0a1b2c3d").unwrap();
