@@ -7,7 +7,7 @@ mod batch;
 mod config;
 mod conversations;
 mod error;
-#[cfg(feature = "fuzzing")]
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod migrate;

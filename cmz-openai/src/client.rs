@@ -457,8 +457,11 @@ impl<S> ChunkStream<S> {
         }
     }
 
+    /// Ends the stream with `error`. Deltas of the failing event are dropped: nothing
+    /// follows an error (a filtered chunk's own text included).
     fn fail(&mut self, error: OpenAiError) -> Error {
         self.ended = true;
+        self.pending.clear();
         self.model.error(error)
     }
 }
@@ -616,5 +619,20 @@ mod tests {
         );
         // A body that is only the start of a mark is cut short, not a panic.
         assert_eq!(reply(&[b"\xEF\xBB"]).await, [Err("unavailable".to_owned())]);
+    }
+
+    /// Found by the `sse` fuzz target (fuzz/): a chunk carrying text and
+    /// `finish_reason: "content_filter"` gave the error, then the filtered text as a delta.
+    /// The stream ends at the error.
+    #[tokio::test]
+    async fn nothing_follows_a_content_filter_error() {
+        let body: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"ok \"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"x\"},\"finish_reason\":\"content_filter\"}]}\n\n";
+        assert_eq!(
+            reply(&[body]).await,
+            [
+                Ok(ChatChunk::Delta("ok ".into())),
+                Err("validation_error".to_owned())
+            ]
+        );
     }
 }

@@ -34,7 +34,9 @@ pub(crate) fn read_history_cursor(
     }
     let after = parts[1].parse::<u64>().map_err(|_| invalid())?;
     let key = parts[2].parse::<u64>().map_err(|_| invalid())?;
-    if key == 0 || key > after + 1 {
+    // No message comes after the last sequence number, so no page starts there.
+    let next = after.checked_add(1).ok_or_else(invalid)?;
+    if key == 0 || key > next {
         return Err(invalid());
     }
     Ok((after, key))

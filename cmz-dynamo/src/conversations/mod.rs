@@ -59,7 +59,7 @@ use crate::error::map_sdk;
 use crate::tables::{ANIMAL_INDEX, TTL_ATTRIBUTE, TURN_KEY_INDEX, USER_INDEX};
 
 use codec::*;
-#[cfg(feature = "fuzzing")]
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) use codec::{item_end, legacy_messages_len, messages_from_item, session_from_item};
 pub(crate) use codec::{legacy_messages, legacy_session, session_item, turn_item};
 pub(crate) use cursors::{
@@ -563,7 +563,7 @@ impl ConversationStore for DynamoConversationStore {
                 &self.db,
                 id,
                 last.seq,
-                next_key.unwrap_or(last.seq + 1),
+                next_key.unwrap_or(last.seq.saturating_add(1)),
             )?),
             _ => None,
         };
@@ -636,6 +636,26 @@ mod tests {
     /// Found by the `dynamo_items` fuzz target (fuzz/): a turn item whose `seq` is the
     /// largest number made `item_end` and `messages_from_item` overflow (a panic in debug
     /// builds, a wrapped sequence number in release ones).
+    /// Found by the `cursors_dynamo` fuzz target (fuzz/): a signed history cursor after
+    /// the largest sequence number overflowed while it was read. It is refused.
+    #[test]
+    fn a_history_cursor_after_the_last_sequence_number_is_refused() {
+        let cursors = crate::fuzzing::Cursors::new(b"cursor-secret-cursor-secret-0123");
+        let id = SessionId::new("conv_lion_user_00000000").unwrap();
+        let cursor = cursors.history(&id, u64::MAX, 1).unwrap();
+        assert_eq!(
+            cursors.read_history(&id, &cursor).unwrap_err().code(),
+            "validation_error"
+        );
+        let cursor = cursors.history(&id, u64::MAX - 1, u64::MAX).unwrap();
+        assert_eq!(
+            cursors.read_history(&id, &cursor).unwrap(),
+            (u64::MAX - 1, u64::MAX)
+        );
+        let other = SessionId::new("conv_lion_other_00000000").unwrap();
+        assert!(cursors.read_history(&other, &cursor).is_err());
+    }
+
     #[test]
     fn turn_items_at_the_end_of_the_sequence_are_errors_not_overflows() {
         let id = SessionId::new("conv_lion_u1_0a1b2c3d").unwrap();
