@@ -117,6 +117,11 @@ fn build() -> App {
     }
 }
 
+fn verbose() -> bool {
+    static VERBOSE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *VERBOSE.get_or_init(|| std::env::var_os("CMZ_FUZZ_VERBOSE").is_some())
+}
+
 thread_local! {
     static APP: RefCell<Option<App>> = const { RefCell::new(None) };
 }
@@ -175,10 +180,16 @@ fuzz_target!(|data: &[u8]| {
             return;
         };
         let is_head = request.method() == http::Method::HEAD;
+        // CMZ_FUZZ_VERBOSE=1 prints each request's method, path and status (never the
+        // query or headers: they hold tokens), to check what the seeds reach.
+        let shown = verbose().then(|| format!("{} {}", request.method(), request.uri().path()));
         let router = app.router.clone();
         app.runtime.block_on(async move {
             let response = router.oneshot(request).await.unwrap();
             let status = response.status();
+            if let Some(shown) = shown {
+                eprintln!("{shown} -> {status}");
+            }
             let json_body = response
                 .headers()
                 .get(http::header::CONTENT_TYPE)
