@@ -7,6 +7,9 @@ mod batch;
 mod config;
 mod conversations;
 mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod migrate;
 mod personas;
 mod tables;

@@ -166,7 +166,7 @@ fn status_of(reader: &Reader<'_>, configuration: &Reader<'_>) -> AnimalStatus {
 /// `{description}` or a plain string, `configuration.{systemPrompt, temperature, aiModel,
 /// status}`, `species`, `description`, `status`, `active`, `softDelete`), and cmz's own
 /// `facts` and `guidelines`.
-fn persona_from_item(item: &Item) -> Result<Persona> {
+pub(crate) fn persona_from_item(item: &Item) -> Result<Persona> {
     let reader = Reader::new(item, "animal");
     let animal_id = AnimalId::new(reader.str("animalId")?)?;
     let empty = Item::new();

@@ -123,6 +123,27 @@ impl OpenAiChatModel {
         request
     }
 
+    /// The reply stream [`ChatModel::stream`] makes of a response body arriving in these
+    /// chunks, for the SSE fuzz target in `fuzz/`. No request is sent. Not a public API.
+    #[cfg(any(test, feature = "fuzzing"))]
+    #[doc(hidden)]
+    pub fn stream_from_body(
+        &self,
+        chunks: Vec<Bytes>,
+    ) -> Result<BoxStream<'static, Result<ChatChunk>>> {
+        let permit = Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .map_err(|e| Error::internal(format!("fuzzing permit: {e}")))?;
+        let body = futures::stream::iter(chunks.into_iter().map(Ok::<_, std::io::Error>));
+        Ok(ChunkStream::new(
+            leading_bom_as_newline(body).eventsource(),
+            permit,
+            self.clone(),
+        )
+        .instrument_stream(tracing::Span::none())
+        .boxed())
+    }
+
     fn error(&self, error: OpenAiError) -> Error {
         error.into_error(&self.inner.config.model, self.inner.config.request_timeout)
     }
@@ -338,7 +359,7 @@ impl ChatModel for OpenAiChatModel {
         .instrument(span.clone())
         .await
         .map_err(|e| self.error(e))?;
-        let events = response.bytes_stream().eventsource();
+        let events = leading_bom_as_newline(response.bytes_stream()).eventsource();
         Ok(ChunkStream::new(events, permit, self.clone())
             .instrument_stream(span)
             .boxed())
@@ -347,6 +368,56 @@ impl ChatModel for OpenAiChatModel {
     fn name(&self) -> &str {
         &self.inner.config.model
     }
+}
+
+/// A response body whose leading byte-order mark, if any, is replaced by a newline.
+///
+/// eventsource-stream 0.2.3 panics on a body that starts with U+FEFF (it slices the
+/// 3-byte mark at byte 1; found by the `sse` fuzz target in `fuzz/`). The SSE format lets a
+/// stream start with one mark, to be ignored; an empty line in its place is ignored as
+/// well, and keeps a second mark, should one follow, away from the parser's first
+/// character, where it would panic again. A mark split across chunks is recognized.
+fn leading_bom_as_newline<S, E>(
+    body: S,
+) -> impl Stream<Item = std::result::Result<Bytes, E>> + Send + Unpin
+where
+    S: Stream<Item = std::result::Result<Bytes, E>> + Send + Unpin + 'static,
+    E: Send + 'static,
+{
+    const BOM: &[u8] = b"\xEF\xBB\xBF";
+    // `Some(start)`: the body's first bytes, held until they are known not to be (or to
+    // be) a whole mark.
+    futures::stream::unfold(
+        (body, Some(Vec::new())),
+        |(mut body, mut start)| async move {
+            loop {
+                let Some(held) = start.as_mut() else {
+                    let chunk = body.next().await?;
+                    return Some((chunk, (body, None)));
+                };
+                match body.next().await {
+                    Some(Ok(chunk)) => {
+                        held.extend_from_slice(&chunk);
+                        if held.len() < BOM.len() && BOM.starts_with(held) {
+                            continue;
+                        }
+                        let mut held = std::mem::take(held);
+                        if held.starts_with(BOM) {
+                            held.splice(..BOM.len(), *b"\n");
+                        }
+                        return Some((Ok(Bytes::from(held)), (body, None)));
+                    }
+                    Some(Err(error)) => return Some((Err(error), (body, start))),
+                    None => {
+                        // The body ended within the first bytes of a mark: they are data.
+                        let held = std::mem::take(held);
+                        return (!held.is_empty()).then(|| (Ok(Bytes::from(held)), (body, None)));
+                    }
+                }
+            }
+        },
+    )
+    .boxed()
 }
 
 /// Turns SSE events into [`ChatChunk`]s: deltas, then one `Done` with the usage.
@@ -384,8 +455,11 @@ impl<S> ChunkStream<S> {
         }
     }
 
+    /// Ends the stream with `error`. Deltas of the failing event are dropped: nothing
+    /// follows an error (a filtered chunk's own text included).
     fn fail(&mut self, error: OpenAiError) -> Error {
         self.ended = true;
+        self.pending.clear();
         self.model.error(error)
     }
 }
@@ -488,5 +562,75 @@ where
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn reply(chunks: &[&[u8]]) -> Vec<std::result::Result<ChatChunk, String>> {
+        let model = OpenAiChatModel::new(OpenAiConfig::default()).unwrap();
+        let chunks = chunks.iter().map(|c| Bytes::copy_from_slice(c)).collect();
+        model
+            .stream_from_body(chunks)
+            .unwrap()
+            .map(|item| item.map_err(|e| e.code().as_str().to_owned()))
+            .collect()
+            .await
+    }
+
+    /// Found by the `sse` fuzz target (fuzz/): a body starting with a byte-order mark made
+    /// eventsource-stream panic. The mark is ignored, as the SSE format says, wherever the
+    /// network cuts the body.
+    #[tokio::test]
+    async fn a_leading_byte_order_mark_is_ignored() {
+        let body: &[u8] =
+            b"\xEF\xBB\xBFdata: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\ndata: [DONE]\n\n";
+        let expected = vec![
+            Ok(ChatChunk::Delta("Hi".into())),
+            Ok(ChatChunk::Done {
+                usage: None,
+                model: None,
+            }),
+        ];
+        assert_eq!(reply(&[body]).await, expected);
+        for cut in 1..6 {
+            assert_eq!(
+                reply(&[&body[..cut], &body[cut..]]).await,
+                expected,
+                "cut at {cut}"
+            );
+        }
+        assert_eq!(
+            reply(&[b"", &body[..1], b"", &body[1..2], &body[2..]]).await,
+            expected
+        );
+        // A second mark is data: the line it starts is a field nobody knows, ignored.
+        let twice: &[u8] = b"\xEF\xBB\xBF\xEF\xBB\xBFdata: [DONE]\n\ndata: [DONE]\n\n";
+        assert_eq!(
+            reply(&[twice]).await,
+            [Ok(ChatChunk::Done {
+                usage: None,
+                model: None
+            })]
+        );
+        // A body that is only the start of a mark is cut short, not a panic.
+        assert_eq!(reply(&[b"\xEF\xBB"]).await, [Err("unavailable".to_owned())]);
+    }
+
+    /// Found by the `sse` fuzz target (fuzz/): a chunk carrying text and
+    /// `finish_reason: "content_filter"` gave the error, then the filtered text as a delta.
+    /// The stream ends at the error.
+    #[tokio::test]
+    async fn nothing_follows_a_content_filter_error() {
+        let body: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"ok \"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"x\"},\"finish_reason\":\"content_filter\"}]}\n\n";
+        assert_eq!(
+            reply(&[body]).await,
+            [
+                Ok(ChatChunk::Delta("ok ".into())),
+                Err("validation_error".to_owned())
+            ]
+        );
     }
 }

@@ -231,6 +231,77 @@ fn every_bad_token_is_rejected_for_its_own_reason_with_one_message() {
     }
 }
 
+/// A token with this header and payload text, signed with `SECRET`.
+fn signed(header: &str, payload: &str) -> String {
+    use hmac::{Hmac, Mac as _};
+    let message = format!("{}.{}", b64(header), b64(payload));
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SECRET).unwrap();
+    mac.update(message.as_bytes());
+    format!(
+        "{message}.{}",
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    )
+}
+
+/// Inputs on which the `tokens` fuzz target (fuzz/) found the HS256 fast path and the
+/// jsonwebtoken path disagreeing, and the neighbours of each: both paths must refuse them
+/// (or accept them with the same claims).
+#[test]
+fn fuzz_findings_both_paths_agree() {
+    let codec = hs_codec();
+    let header = r#"{"alg":"HS256","typ":"JWT"}"#;
+    let claims = |extra: &str| {
+        format!(
+            r#"{{"user_id":"kid1","userId":"kid1","email":"kid1@cmz.org","role":"student","iat":1700000000,"iss":"cmz-api","sub":"kid1"{extra}}}"#
+        )
+    };
+    let refused = [
+        // A critical header extension: the fast path refused it, jsonwebtoken accepted it.
+        (
+            r#"{"alg":"HS256","typ":"JWT","crit":["exp"]}"#.to_owned(),
+            claims(r#","exp":4102444800"#),
+        ),
+        // `exp` past 2^64: the fast path saturated it and accepted the token.
+        (header.to_owned(), claims(r#","exp":41024102444800444800"#)),
+        // A repeated header field: the fast path ignored it, jsonwebtoken refuses it.
+        (
+            r#"{"alg":"HS256","typ":"JWT","typ":"JWT"}"#.to_owned(),
+            claims(r#","exp":4102444800"#),
+        ),
+        // Neighbours: times jsonwebtoken does not read as a NumericDate, a repeated `aud`.
+        (header.to_owned(), claims(r#","exp":4102444800,"nbf":-5"#)),
+        (header.to_owned(), claims(r#","exp":4102444800,"nbf":-0.5"#)),
+        (header.to_owned(), claims(r#","exp":1e300"#)),
+        (header.to_owned(), claims(r#","exp":-1"#)),
+        (
+            header.to_owned(),
+            claims(r#","exp":4102444800,"aud":"a","aud":"b""#),
+        ),
+    ];
+    for (header, payload) in &refused {
+        let token = signed(header, payload);
+        let fast = codec.verify_hs256(&token).expect("an HS256 token");
+        let general = codec.verify_general(&token);
+        assert!(
+            fast.is_err() && general.is_err(),
+            "{header} {payload}: fast {fast:?}, general {general:?}"
+        );
+    }
+    // Fractions are rounded, as jsonwebtoken does; both paths accept, with equal claims.
+    for payload in [
+        claims(r#","exp":4102444800.4,"nbf":1.5"#),
+        claims(r#","exp":4102444800,"aud":["a","b"]"#),
+        claims(r#","exp":18446744073709551615"#),
+    ] {
+        let token = signed(header, &payload);
+        let fast = codec.verify_hs256(&token).expect("an HS256 token").unwrap();
+        assert_eq!(fast, codec.verify_general(&token).unwrap(), "{payload}");
+    }
+    let token = signed(header, &claims(r#","exp":4102444800.4,"nbf":1.5"#));
+    let verified = codec.verify(&token).unwrap();
+    assert_eq!((verified.exp, verified.nbf), (4102444800, Some(2)));
+}
+
 #[test]
 fn clock_leeway_is_bounded_and_applied() {
     let codec = hs_codec().with_leeway(Duration::from_secs(30)).unwrap();

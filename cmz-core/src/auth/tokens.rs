@@ -83,17 +83,17 @@ pub struct AccessClaims {
     /// Same as role in the legacy tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_type: Option<String>,
-    /// Expiry, seconds since the epoch.
-    #[serde(deserialize_with = "seconds")]
+    /// Expiry, seconds since the epoch (a non-negative number; fractions are rounded).
+    #[serde(deserialize_with = "numeric_date")]
     pub exp: i64,
     /// Issued at, seconds since the epoch.
     #[serde(default, deserialize_with = "seconds")]
     pub iat: i64,
-    /// Not valid before, seconds since the epoch.
+    /// Not valid before, seconds since the epoch (as `exp`).
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
-        deserialize_with = "optional_seconds"
+        deserialize_with = "optional_numeric_date"
     )]
     pub nbf: Option<i64>,
     /// Issuer (`cmz-api`).
@@ -122,10 +122,38 @@ fn seconds<'de, D: Deserializer<'de>>(deserializer: D) -> std::result::Result<i6
         .ok_or_else(|| serde::de::Error::custom("a time claim must be a number of seconds"))
 }
 
-fn optional_seconds<'de, D: Deserializer<'de>>(
+/// `exp` and `nbf` as jsonwebtoken reads them (RFC 7519's NumericDate): an unsigned
+/// integer, or a finite float from 0 up to 2^64, rounded. Anything else (a negative number,
+/// a string, a number past 2^64) is refused, so that both verification paths accept and
+/// refuse the same tokens. Values past `i64::MAX` are kept as `i64::MAX` (never expired).
+fn numeric_date<'de, D: Deserializer<'de>>(deserializer: D) -> std::result::Result<i64, D::Error> {
+    struct NumericDate;
+    impl serde::de::Visitor<'_> for NumericDate {
+        type Value = i64;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a non-negative number of seconds")
+        }
+        fn visit_u64<E: serde::de::Error>(self, value: u64) -> std::result::Result<i64, E> {
+            Ok(i64::try_from(value).unwrap_or(i64::MAX))
+        }
+        fn visit_f64<E: serde::de::Error>(self, value: f64) -> std::result::Result<i64, E> {
+            if value.is_finite() && value >= 0.0 && value < u64::MAX as f64 {
+                // Saturates past i64::MAX, as the integer case.
+                Ok(value.round() as i64)
+            } else {
+                Err(E::custom(
+                    "a time claim must be a non-negative number of seconds",
+                ))
+            }
+        }
+    }
+    deserializer.deserialize_any(NumericDate)
+}
+
+fn optional_numeric_date<'de, D: Deserializer<'de>>(
     deserializer: D,
 ) -> std::result::Result<Option<i64>, D::Error> {
-    seconds(deserializer).map(Some)
+    numeric_date(deserializer).map(Some)
 }
 
 impl AccessClaims {
@@ -560,25 +588,19 @@ impl TokenCodec {
     /// decoded once, the MAC comes pre-keyed, and the claims are checked here with the same
     /// rules as the general path (exact `alg`, signature first, then `exp`/`nbf` with
     /// leeway and `iss`). `None` when the token is not HS256 (the general path decides).
-    fn verify_hs256(
+    pub(super) fn verify_hs256(
         &self,
         token: &str,
     ) -> Option<std::result::Result<AccessClaims, TokenRejection>> {
-        #[derive(Deserialize)]
-        struct HeaderFields {
-            alg: String,
-            #[serde(default)]
-            kid: Option<String>,
-            #[serde(default)]
-            crit: Option<serde_json::Value>,
-        }
         let mut parts = token.split('.');
         let (Some(header_b64), Some(payload_b64), Some(signature_b64), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Some(Err(TokenRejection::Malformed));
         };
-        let header: HeaderFields = match URL_SAFE_NO_PAD
+        // jsonwebtoken's own header type, so both paths read every header alike (types of
+        // the registered fields, repeated fields, extra fields).
+        let header: Header = match URL_SAFE_NO_PAD
             .decode(header_b64)
             .ok()
             .and_then(|h| serde_json::from_slice(&h).ok())
@@ -586,7 +608,7 @@ impl TokenCodec {
             Some(header) => header,
             None => return Some(Err(TokenRejection::Malformed)),
         };
-        if header.alg != "HS256" {
+        if header.alg != Algorithm::HS256 {
             return None;
         }
         let check = || {
@@ -613,6 +635,18 @@ impl TokenCodec {
                 .map_err(|_| TokenRejection::Malformed)?;
             let claims: AccessClaims =
                 serde_json::from_slice(&payload).map_err(|_| TokenRejection::MissingClaim)?;
+            if claims.extra.contains_key("aud") {
+                // `aud` is kept among the extra claims, where a repeated key is not an
+                // error; jsonwebtoken reads it as a claim of its own and refuses a repeat.
+                #[derive(Deserialize)]
+                struct Audience {
+                    #[serde(default)]
+                    #[allow(dead_code)]
+                    aud: Option<serde::de::IgnoredAny>,
+                }
+                serde_json::from_slice::<Audience>(&payload)
+                    .map_err(|_| TokenRejection::MissingClaim)?;
+            }
             self.check_lifetime(claims.exp, claims.nbf)?;
             if claims.iss != self.issuer {
                 return Err(TokenRejection::WrongIssuer);
@@ -642,6 +676,11 @@ impl TokenCodec {
         token: &str,
     ) -> std::result::Result<AccessClaims, TokenRejection> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenRejection::Malformed)?;
+        if header.crit.is_some() {
+            // As on the fast path: no critical header extensions are understood, so none
+            // may be required (RFC 7515, 4.1.11); jsonwebtoken does not check them.
+            return Err(TokenRejection::Malformed);
+        }
         let Some((_, validation)) = self.validations.iter().find(|(alg, _)| *alg == header.alg)
         else {
             return Err(TokenRejection::AlgorithmNotAllowed);
@@ -681,6 +720,22 @@ impl TokenCodec {
             return Err(TokenRejection::NotYetValid);
         }
         Ok(())
+    }
+
+    /// The HS256 fast path's outcome (`None` when it leaves the token to the general path)
+    /// and the general path's, for the differential fuzz target in `fuzz/`: the two must
+    /// agree on every token. Not a public API.
+    #[cfg(feature = "fuzzing")]
+    #[doc(hidden)]
+    #[allow(clippy::type_complexity)]
+    pub fn verify_both_paths(
+        &self,
+        token: &str,
+    ) -> (
+        Option<std::result::Result<AccessClaims, TokenRejection>>,
+        std::result::Result<AccessClaims, TokenRejection>,
+    ) {
+        (self.verify_hs256(token), self.verify_general(token))
     }
 
     /// Verifies a token's signature and claims; any failure is `unauthorized` (the reason

@@ -20,7 +20,7 @@ impl DynamoFamilyDirectory {
         Self { db }
     }
 
-    fn family_from(item: &Item) -> Result<Family> {
+    pub(crate) fn family_from(item: &Item) -> Result<Family> {
         let reader = Reader::new(item, "family");
         let ids = |key: &str| -> Vec<UserId> {
             reader

@@ -18,7 +18,7 @@ impl DynamoRateLimitStore {
     }
 }
 
-pub(super) fn count_from(item: &Item) -> Option<RateCount> {
+pub(crate) fn count_from(item: &Item) -> Option<RateCount> {
     let reader = Reader::new(item, "rate counter");
     Some(RateCount {
         count: u32::try_from(reader.opt_u64("count")?).unwrap_or(u32::MAX),

@@ -9,6 +9,8 @@ mod users;
 
 pub use families::DynamoFamilyDirectory;
 pub use limits::DynamoRateLimitStore;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use limits::count_from;
 pub use revocations::DynamoRevocationStore;
 pub use users::DynamoUserStore;
 

@@ -16,7 +16,7 @@ impl DynamoRevocationStore {
         Self { db }
     }
 
-    fn record_from(item: &Item, hash: &str) -> Result<RefreshRecord> {
+    pub(crate) fn record_from(item: &Item, hash: &str) -> Result<RefreshRecord> {
         let reader = Reader::new(item, "refresh token");
         let at = |key: &str| -> Result<DateTime<Utc>> {
             reader

@@ -19,7 +19,7 @@ impl DynamoUserStore {
         Self { db }
     }
 
-    fn user_from(item: &Item) -> Result<User> {
+    pub(crate) fn user_from(item: &Item) -> Result<User> {
         let mut json = item_json(item);
         if let Some(email) = json
             .get("email")

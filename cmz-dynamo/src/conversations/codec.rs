@@ -110,9 +110,15 @@ pub(super) fn legacy_metadata_of(reader: &Reader<'_>) -> MessageMetadata {
 }
 
 /// The sequence number of the last message a turn item holds.
-pub(super) fn item_end(item: &Item) -> Result<u64> {
+pub(crate) fn item_end(item: &Item) -> Result<u64> {
     let reader = Reader::new(item, "turn");
-    Ok(reader.u64("seq")? + reader.opt_u64("msgs").unwrap_or(1).max(1) - 1)
+    let first = reader.u64("seq")?;
+    let count = reader.opt_u64("msgs").unwrap_or(1).max(1);
+    first.checked_add(count - 1).ok_or_else(|| {
+        Error::internal(format!(
+            "turn item {first} holds {count} messages: past the last sequence number"
+        ))
+    })
 }
 
 /// The messages of a turn item, numbered from its key.
@@ -133,11 +139,16 @@ pub(crate) fn messages_from_item(id: &SessionId, item: &Item) -> Result<Vec<Mess
                 )));
             };
             let reader = Reader::new(map, "message");
+            let seq = first.checked_add(i as u64).ok_or_else(|| {
+                Error::internal(format!(
+                    "turn item {id}/{first} holds messages past the last sequence number"
+                ))
+            })?;
             Ok(Message {
                 id: MessageId::new(reader.str("messageId")?)
                     .unwrap_or_else(|_| MessageId::generate()),
                 session_id: id.clone(),
-                seq: first + i as u64,
+                seq,
                 role: parse_role(reader.str("role")?),
                 content: reader.opt_str("text").unwrap_or_default().to_owned(),
                 created_at: reader.time("timestamp")?,
@@ -147,7 +158,7 @@ pub(crate) fn messages_from_item(id: &SessionId, item: &Item) -> Result<Vec<Mess
         .collect()
 }
 
-pub(super) fn legacy_messages_len(item: &Item) -> usize {
+pub(crate) fn legacy_messages_len(item: &Item) -> usize {
     match item.get("messages") {
         Some(aws_sdk_dynamodb::types::AttributeValue::L(list)) => list.len(),
         _ => 0,

@@ -13,18 +13,7 @@ impl DynamoConversationStore {
     ) -> Result<Page<Session>> {
         let after = match &page.cursor {
             None => None,
-            Some(cursor) => {
-                let parts = cursor.decode(SESSIONS_CURSOR, 4)?;
-                if parts[0] != scope_tag
-                    || !self.db.verify(
-                        &[SESSIONS_CURSOR, &parts[0], &parts[1], &parts[2]],
-                        &parts[3],
-                    )
-                {
-                    return Err(Error::validation("cursor", "invalid or expired cursor"));
-                }
-                Some((parts[1].clone(), parts[2].clone()))
-            }
+            Some(cursor) => Some(read_sessions_cursor(&self.db, scope_tag, cursor)?),
         };
         let limit = page.effective_limit();
         let table = self.sessions_table();
@@ -92,13 +81,7 @@ impl DynamoConversationStore {
         out.truncate(limit);
         let next = match (more, out.last()) {
             (true, Some((at, session))) => {
-                let signature =
-                    self.db
-                        .sign(&[SESSIONS_CURSOR, scope_tag, at, session.id.as_str()])?;
-                Some(Cursor::encode(
-                    SESSIONS_CURSOR,
-                    &[scope_tag, at, session.id.as_str(), &signature],
-                ))
+                Some(sessions_cursor(&self.db, scope_tag, at, &session.id)?)
             }
             _ => None,
         };

@@ -48,6 +48,7 @@
 
 mod append;
 mod codec;
+mod cursors;
 mod deletes;
 mod listing;
 mod tombstones;
@@ -75,7 +76,12 @@ use crate::error::map_sdk;
 use crate::tables::{ANIMAL_INDEX, TTL_ATTRIBUTE, TURN_KEY_INDEX, USER_INDEX};
 
 use codec::*;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use codec::{item_end, legacy_messages_len, messages_from_item, session_from_item};
 pub(crate) use codec::{legacy_messages, legacy_session, session_item, turn_item};
+pub(crate) use cursors::{
+    history_cursor, read_history_cursor, read_sessions_cursor, sessions_cursor,
+};
 use tombstones::{CreateSession, NOT_DELETED_SINCE, deleted_since, is_tombstone};
 
 /// The `cmzV` value of sessions cmz writes.
@@ -506,26 +512,9 @@ impl ConversationStore for DynamoConversationStore {
 
     #[tracing::instrument(name = "dynamodb.history", skip_all, fields(session = %id))]
     async fn history(&self, id: &SessionId, page: PageRequest) -> Result<Page<Message>> {
-        let invalid = || Error::validation("cursor", "invalid or expired cursor");
         let (after, from_key) = match &page.cursor {
             None => (0, 1),
-            Some(cursor) => {
-                let parts = cursor.decode(HISTORY_CURSOR, 4)?;
-                if parts[0] != id.as_str()
-                    || !self.db.verify(
-                        &[HISTORY_CURSOR, &parts[0], &parts[1], &parts[2]],
-                        &parts[3],
-                    )
-                {
-                    return Err(invalid());
-                }
-                let after = parts[1].parse::<u64>().map_err(|_| invalid())?;
-                let key = parts[2].parse::<u64>().map_err(|_| invalid())?;
-                if key == 0 || key > after + 1 {
-                    return Err(invalid());
-                }
-                (after, key)
-            }
+            Some(cursor) => read_history_cursor(&self.db, id, cursor)?,
         };
         let limit = page.effective_limit();
         let stored = self.load(id).await?.ok_or_else(|| session_not_found(id))?;
@@ -568,15 +557,12 @@ impl ConversationStore for DynamoConversationStore {
             more = true;
         }
         let next = match (more, items.last()) {
-            (true, Some(last)) => {
-                let seq = last.seq.to_string();
-                let key = next_key.unwrap_or(last.seq + 1).to_string();
-                let signature = self.db.sign(&[HISTORY_CURSOR, id.as_str(), &seq, &key])?;
-                Some(Cursor::encode(
-                    HISTORY_CURSOR,
-                    &[id.as_str(), &seq, &key, &signature],
-                ))
-            }
+            (true, Some(last)) => Some(history_cursor(
+                &self.db,
+                id,
+                last.seq,
+                next_key.unwrap_or(last.seq.saturating_add(1)),
+            )?),
             _ => None,
         };
         Ok(Page { items, next })
@@ -644,37 +630,4 @@ impl ConversationStore for DynamoConversationStore {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn items_round_trip() {
-        let id = SessionId::new("conv_lion_u1_0a1b2c3d").unwrap();
-        let mut m = NewMessage::new(Role::Assistant, "Roar! 🦁");
-        m.metadata.latency_ms = Some(12);
-        m.metadata.fallback = true;
-        let q = NewMessage::new(Role::User, "Do lions nap?");
-        let item = turn_item(&id, 7, &[q.clone(), m.clone()], 2, Some("k1"), Some(99)).unwrap();
-        assert_eq!(item_end(&item).unwrap(), 8);
-        let mut both = messages_from_item(&id, &item).unwrap();
-        assert_eq!(
-            (both[0].seq, both[0].content.as_str()),
-            (7, "Do lions nap?")
-        );
-        let back = both.remove(1);
-        assert_eq!(back.seq, 8);
-        assert_eq!(back.content, m.content);
-        assert_eq!(back.metadata, m.metadata);
-        assert_eq!(back.created_at, m.created_at);
-        let session = Session::new(
-            id.clone(),
-            UserId::new("u1").unwrap(),
-            AnimalId::new("lion").unwrap(),
-            "Leo",
-        );
-        let item = session_item(&session, 4, None);
-        let back = session_from_item(&item).unwrap();
-        assert_eq!(back.id, session.id);
-        assert_eq!(back.animal_name, "Leo");
-    }
-}
+mod tests;
