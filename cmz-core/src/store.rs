@@ -270,10 +270,11 @@ pub type DynConversationStore = Arc<dyn ConversationStore>;
 /// let store = InMemoryConversationStore::new();
 /// let id = SessionId::new("conv_lion_u1_0a1b2c3d").unwrap();
 /// assert_eq!(store.require_session(&id).await.unwrap_err().code(), "not_found");
-/// let session = Session::new(id.clone(), UserId::new("u1").unwrap(), AnimalId::new("lion").unwrap(), "Leo".into());
+/// let session = Session::new(id.clone(), UserId::new("u1").unwrap(), AnimalId::new("lion").unwrap(), "Leo");
 /// store.create_session(&session).await.unwrap();
 /// assert_eq!(store.require_session(&id).await.unwrap().id, id);
-/// let messages: Vec<_> = store.history_stream(&id, 50).try_collect().await.unwrap();
+/// let messages: Vec<cmz_core::types::Message> =
+///     store.history_stream(&id, 50).try_collect().await.unwrap();
 /// assert!(messages.is_empty());
 /// # });
 /// ```
