@@ -403,6 +403,18 @@ pub(crate) async fn convo_history(
         parse_date("startDate", q.start_date)?,
         parse_date("endDate", q.end_date)?,
     );
+    // Ids are checked whichever listing answers: a malformed one is a 400 even where the
+    // family listing does not use it.
+    let session_id = q
+        .session_id
+        .filter(|s| !s.is_empty())
+        .map(|s| id(SessionId::new, s))
+        .transpose()?;
+    let owner = q
+        .user_id
+        .filter(|u| !u.is_empty())
+        .map(|u| id(UserId::new, u))
+        .transpose()?;
     if let Some(parent) = q.parent_user_id.filter(|p| !p.is_empty()) {
         let query = crate::sessions::FamilyQuery {
             parent,
@@ -419,17 +431,10 @@ pub(crate) async fn convo_history(
         .map(|a| id(AnimalId::new, a))
         .transpose()?;
     // One session: the one asked for, or else the user's most recent (with that animal).
-    let session = match q.session_id.filter(|s| !s.is_empty()) {
-        Some(session) => {
-            conversations
-                .session(&principal, &id(SessionId::new, session)?)
-                .await?
-        }
+    let session = match session_id {
+        Some(session) => conversations.session(&principal, &session).await?,
         None => {
-            let owner = match q.user_id.filter(|u| !u.is_empty()) {
-                Some(user) => id(UserId::new, user)?,
-                None => principal.user_id.clone(),
-            };
+            let owner = owner.unwrap_or_else(|| principal.user_id.clone());
             let mut cursor = None;
             let found = loop {
                 let page = conversations

@@ -643,6 +643,13 @@ async fn every_error_the_server_can_write_is_a_json_error_body() {
             "validation_error",
         ),
         (
+            "bad id beside the family listing",
+            c.get(server.url("/convo_history?parentUserId=user_parent_rivera&sessionId=a%20b"))
+                .bearer_auth(&token),
+            400,
+            "validation_error",
+        ),
+        (
             "bad path id",
             c.get(server.url("/conversations/sessions/a%20b"))
                 .bearer_auth(&token),
