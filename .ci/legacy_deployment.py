@@ -343,9 +343,9 @@ def exercise(http, client, tables, conversation_id, legacy_messages, legacy_item
     seen = http.call("GET", f"/conversations/sessions/{conversation_id}", admin)
     check([(m["role"], m["content"]) for m in seen["messages"]] == expected, f"the admin's view: {seen['messages']}")
     stranger = http.login(*STRANGER)["token"]
-    http.call("GET", f"/conversations/sessions/{conversation_id}", stranger, expect=403)
-    http.call("POST", "/convo_turn", stranger, {**body, "message": "Can I join?"}, expect=403)
-    print(f"{ADMIN[0]} reads it; {STRANGER[0]} (owns nothing) gets 403 reading or continuing it")
+    http.call("GET", f"/conversations/sessions/{conversation_id}", stranger, expect=404)
+    http.call("POST", "/convo_turn", stranger, {**body, "message": "Can I join?"}, expect=404)
+    print(f"{ADMIN[0]} reads it; {STRANGER[0]} (owns nothing) gets 404 reading or continuing it")
 
     # In place: the legacy item is never written; the new turn is in cmz's messages table.
     now = client.get_item(TableName=conversations, Key={"conversationId": {"S": conversation_id}},
