@@ -240,7 +240,7 @@ def run(args, endpoint):
     printed = first.stdout.splitlines()
     for change in (
         f"added GSI userId-lastActivity-index to table {sessions} (on-demand)",
-        f"added GSI animalId-lastActivity-index to table {sessions} (on-demand)",
+        f"added GSI animalId-startTime-index to table {sessions} (on-demand)",
         f"turned on TTL (attribute ttl) for table {sessions}",
         f"created table {messages} (CONVERSATION_MESSAGE_TABLE_NAME)",
         f"turned on TTL (attribute ttl) for table {messages}",

@@ -115,12 +115,14 @@ pub struct Page<T> {
     pub next: Option<Cursor>,
 }
 
-/// Whose sessions to list.
+/// Whose sessions to list, and so in which order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionScope {
-    /// Sessions of one user.
+    /// Sessions of one user, newest activity first (what a user and their parent see).
     User(UserId),
-    /// Sessions with one animal.
+    /// Sessions with one animal, newest **start** first: a staff listing, ordered by when
+    /// each session began so that a turn never moves it (keeping an index in activity
+    /// order costs a write on every turn; see cmz-dynamo's cost figures).
     Animal(AnimalId),
 }
 
@@ -239,7 +241,8 @@ pub trait ConversationStore: Debug + Send + Sync + 'static {
     /// A page of a session's messages, oldest first.
     async fn history(&self, id: &SessionId, page: PageRequest) -> Result<Page<Message>>;
 
-    /// A page of sessions, newest activity first.
+    /// A page of sessions in the scope's order: a user's newest activity first, an
+    /// animal's newest start first; equal times by id, descending.
     async fn list_sessions(&self, scope: SessionScope, page: PageRequest) -> Result<Page<Session>>;
 
     /// Sets (or replaces) a session's summary; `not_found` for an unknown session.

@@ -113,6 +113,22 @@ impl Dynamo {
         tables::ensure_tables_with_progress(&self.inner.client, &self.inner.tables, progress).await
     }
 
+    /// [`ensure_tables_with_progress`](Self::ensure_tables_with_progress) with
+    /// [`EnsureOptions`](crate::EnsureOptions) (removing retired indexes).
+    pub async fn ensure_tables_with_options(
+        &self,
+        options: tables::EnsureOptions,
+        progress: &(dyn Fn(&TableEvent) + Sync),
+    ) -> Result<TablesReport> {
+        tables::ensure_tables_with_options(
+            &self.inner.client,
+            &self.inner.tables,
+            options,
+            progress,
+        )
+        .await
+    }
+
     /// Checks that every configured table exists with the keys and indexes cmz needs (what
     /// the server does at startup); what is missing is an error naming the tables, the
     /// existing tables with similar names, and the fix (`cmz-dynamo ensure-tables`).

@@ -25,7 +25,7 @@ pub use config::{DynamoSettings, TABLE_VARIABLES, TableNames};
 pub use conversations::DynamoConversationStore;
 pub use personas::DynamoPersonaDirectory;
 pub use tables::{
-    ANIMAL_INDEX, EMAIL_INDEX, ENSURE_TABLES_COMMAND, IndexBilling, TTL_ATTRIBUTE, TURN_KEY_INDEX,
-    TableChange, TableEvent, TableProblem, TablesReport, USER_INDEX, check_tables, ensure_tables,
-    ensure_tables_with_progress,
+    ANIMAL_INDEX, EMAIL_INDEX, ENSURE_TABLES_COMMAND, EnsureOptions, IndexBilling, RETIRED_INDEXES,
+    TTL_ATTRIBUTE, TURN_KEY_INDEX, TableChange, TableEvent, TableProblem, TablesReport, USER_INDEX,
+    check_tables, ensure_tables, ensure_tables_with_options, ensure_tables_with_progress,
 };

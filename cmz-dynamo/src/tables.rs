@@ -20,8 +20,14 @@ pub use report::{
 
 /// The GSI listing a user's sessions by `lastActivity`.
 pub const USER_INDEX: &str = "userId-lastActivity-index";
-/// The GSI listing an animal's sessions by `lastActivity`.
-pub const ANIMAL_INDEX: &str = "animalId-lastActivity-index";
+/// The GSI listing an animal's sessions by `startTime`. It projects only the keys, and
+/// neither key changes after a session begins, so a turn never writes to it.
+pub const ANIMAL_INDEX: &str = "animalId-startTime-index";
+/// Indexes earlier versions of cmz made and this one no longer reads, by table spec:
+/// `animalId-lastActivity-index` listed an animal's sessions by activity, which cost two
+/// write units on every turn to keep in order. [`EnsureOptions::remove_retired_indexes`]
+/// deletes them.
+pub const RETIRED_INDEXES: &[&str] = &["animalId-lastActivity-index"];
 /// The GSI finding a user by email.
 pub const EMAIL_INDEX: &str = "email-index";
 /// The local secondary index finding a turn by its idempotency key.
@@ -33,8 +39,10 @@ pub const TTL_ATTRIBUTE: &str = "ttl";
 struct Spec {
     hash: (&'static str, ScalarAttributeType),
     range: Option<(&'static str, ScalarAttributeType)>,
-    /// Global secondary indexes: name, hash key, range key. These can be added in place.
+    /// Global secondary indexes. These can be added in place.
     indexes: &'static [Gsi],
+    /// Indexes of earlier versions that this one no longer reads (see [`RETIRED_INDEXES`]).
+    retired_indexes: &'static [&'static str],
     /// Local secondary indexes: name, range key. DynamoDB makes these only with the
     /// table, so only cmz's own new tables (never a legacy one) may have them.
     local_indexes: &'static [(&'static str, &'static str)],
@@ -42,8 +50,32 @@ struct Spec {
     ttl: bool,
 }
 
-/// A global secondary index: name, hash key, range key.
-type Gsi = (&'static str, &'static str, Option<&'static str>);
+/// A global secondary index: name, hash key, range key, what it projects.
+type Gsi = (&'static str, &'static str, Option<&'static str>, Projected);
+
+/// What an index carries besides its keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Projected {
+    /// Every attribute: a query answers from the index alone, and every change of the
+    /// item is also a write to the index.
+    All,
+    /// The table's and the index's keys only: a query reads the items from the table,
+    /// and changes of other attributes never write to the index.
+    KeysOnly,
+}
+
+impl Projected {
+    fn projection(self) -> Projection {
+        Projection::builder().projection_type(self.kind()).build()
+    }
+
+    fn kind(self) -> ProjectionType {
+        match self {
+            Self::All => ProjectionType::All,
+            Self::KeysOnly => ProjectionType::KeysOnly,
+        }
+    }
+}
 
 fn specs(names: &TableNames) -> Vec<(&str, &'static str, Spec)> {
     use ScalarAttributeType::{N, S};
@@ -56,6 +88,7 @@ fn specs(names: &TableNames) -> Vec<(&str, &'static str, Spec)> {
                 hash: ("conversationId", S),
                 range: None,
                 indexes: &[],
+                retired_indexes: &[],
                 local_indexes: &[],
                 ttl: false,
             },
@@ -67,9 +100,15 @@ fn specs(names: &TableNames) -> Vec<(&str, &'static str, Spec)> {
                 hash: ("sessionId", S),
                 range: None,
                 indexes: &[
-                    (USER_INDEX, "userId", Some("lastActivity")),
-                    (ANIMAL_INDEX, "animalId", Some("lastActivity")),
+                    (USER_INDEX, "userId", Some("lastActivity"), Projected::All),
+                    (
+                        ANIMAL_INDEX,
+                        "animalId",
+                        Some("startTime"),
+                        Projected::KeysOnly,
+                    ),
                 ],
+                retired_indexes: RETIRED_INDEXES,
                 local_indexes: &[],
                 ttl: true,
             },
@@ -81,6 +120,7 @@ fn specs(names: &TableNames) -> Vec<(&str, &'static str, Spec)> {
                 hash: ("conversationId", S),
                 range: Some(("seq", N)),
                 indexes: &[],
+                retired_indexes: &[],
                 local_indexes: &[(TURN_KEY_INDEX, "turnKey")],
                 ttl: true,
             },
@@ -91,7 +131,8 @@ fn specs(names: &TableNames) -> Vec<(&str, &'static str, Spec)> {
             Spec {
                 hash: ("userId", S),
                 range: None,
-                indexes: &[(EMAIL_INDEX, "email", None)],
+                indexes: &[(EMAIL_INDEX, "email", None, Projected::All)],
+                retired_indexes: &[],
                 local_indexes: &[],
                 ttl: false,
             },
@@ -103,6 +144,7 @@ fn specs(names: &TableNames) -> Vec<(&str, &'static str, Spec)> {
                 hash: ("familyId", S),
                 range: None,
                 indexes: &[],
+                retired_indexes: &[],
                 local_indexes: &[],
                 ttl: false,
             },
@@ -114,6 +156,7 @@ fn specs(names: &TableNames) -> Vec<(&str, &'static str, Spec)> {
                 hash: ("animalId", S),
                 range: None,
                 indexes: &[],
+                retired_indexes: &[],
                 local_indexes: &[],
                 ttl: false,
             },
@@ -125,6 +168,7 @@ fn specs(names: &TableNames) -> Vec<(&str, &'static str, Spec)> {
                 hash: ("pk", S),
                 range: None,
                 indexes: &[],
+                retired_indexes: &[],
                 local_indexes: &[],
                 ttl: true,
             },
@@ -156,12 +200,6 @@ fn index_keys(hash: &str, range: Option<&str>) -> Result<Vec<KeySchemaElement>> 
     Ok(keys)
 }
 
-fn all_projected() -> Projection {
-    Projection::builder()
-        .projection_type(ProjectionType::All)
-        .build()
-}
-
 /// Creates every missing table and brings every existing one up to date in place, then
 /// returns what it changed; what cannot be done in place (a wrong key schema, a missing
 /// local secondary index) is an error listing it (see [`TablesReport::into_result`]).
@@ -186,21 +224,54 @@ pub async fn ensure_tables(client: &Client, names: &TableNames) -> Result<Tables
 ///   started again: it waits for the index it started.
 /// - TTL on [`TTL_ATTRIBUTE`] is turned on where cmz wants it and it is off.
 ///
-/// Nothing is ever rewritten or deleted: not an item, an index or a setting. A second run
-/// changes nothing and reports no changes. What cannot be done in place is not attempted
+/// Nothing is ever rewritten or deleted: not an item, an index or a setting (but a retired
+/// index of cmz's own, when [`EnsureOptions::remove_retired_indexes`] asks for it). A
+/// second run changes nothing and reports no changes. An index cmz no longer reads is a
+/// warning in [`TablesReport::warnings`]. What cannot be done in place is not attempted
 /// and comes back in [`TablesReport::problems`]: a table whose keys are not cmz's
 /// (DynamoDB cannot change keys), a missing local secondary index (DynamoDB makes those
 /// only with the table, so only cmz's own new tables have them), an index of cmz's name
 /// with other keys. The other tables are still brought up to date. Errors are for
 /// DynamoDB failing (`unavailable`) or a wait that did not end (`unavailable`).
-#[tracing::instrument(name = "dynamodb.ensure_tables", skip_all)]
 pub async fn ensure_tables_with_progress(
     client: &Client,
     names: &TableNames,
     progress: &(dyn Fn(&TableEvent) + Sync),
 ) -> Result<TablesReport> {
+    ensure_tables_with_options(client, names, EnsureOptions::default(), progress).await
+}
+
+/// What [`ensure_tables_with_options`] may do beyond adding.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EnsureOptions {
+    /// Delete the indexes of [`RETIRED_INDEXES`] that a table still has, once the index
+    /// that replaces them is `ACTIVE` (the only deletion ensure-tables ever makes, and only
+    /// when asked). Ask once every cmz server runs this version: an older one still
+    /// reads them. Without it they are reported as warnings, with what they cost.
+    pub remove_retired_indexes: bool,
+}
+
+impl EnsureOptions {
+    /// Options that also delete retired indexes (see
+    /// [`remove_retired_indexes`](Self::remove_retired_indexes)).
+    pub fn removing_retired_indexes() -> Self {
+        Self {
+            remove_retired_indexes: true,
+        }
+    }
+}
+
+/// [`ensure_tables_with_progress`] with [`EnsureOptions`].
+#[tracing::instrument(name = "dynamodb.ensure_tables", skip_all)]
+pub async fn ensure_tables_with_options(
+    client: &Client,
+    names: &TableNames,
+    options: EnsureOptions,
+    progress: &(dyn Fn(&TableEvent) + Sync),
+) -> Result<TablesReport> {
     let existing = list_tables(client).await?;
-    let mut run = upgrade::Upgrade::new(client, progress);
+    let mut run = upgrade::Upgrade::new(client, options, progress);
     for (table, variable, spec) in specs(names) {
         if !existing.iter().any(|t| t == table) && create_table(client, table, &spec).await? {
             run.settle(table).await?;
@@ -233,7 +304,7 @@ async fn create_table(client: &Client, table: &str, spec: &Spec) -> Result<bool>
         .table_name(table)
         .billing_mode(BillingMode::PayPerRequest)
         .set_key_schema(Some(keys));
-    for (index, hash, range) in spec.indexes {
+    for (index, hash, range, projected) in spec.indexes {
         for name in std::iter::once(*hash).chain(*range) {
             if !defs.iter().any(|d| d.attribute_name() == name) {
                 defs.push(attr(name, ScalarAttributeType::S)?);
@@ -243,7 +314,7 @@ async fn create_table(client: &Client, table: &str, spec: &Spec) -> Result<bool>
             GlobalSecondaryIndex::builder()
                 .index_name(*index)
                 .set_key_schema(Some(index_keys(hash, *range)?))
-                .projection(all_projected())
+                .projection(projected.projection())
                 .build()
                 .map_err(|e| Error::internal("index definition").with_source(e))?,
         );
@@ -256,7 +327,7 @@ async fn create_table(client: &Client, table: &str, spec: &Spec) -> Result<bool>
             LocalSecondaryIndex::builder()
                 .index_name(*index)
                 .set_key_schema(Some(index_keys(spec.hash.0, Some(range))?))
-                .projection(all_projected())
+                .projection(Projected::All.projection())
                 .build()
                 .map_err(|e| Error::internal("index definition").with_source(e))?,
         );
@@ -356,7 +427,7 @@ pub async fn check_tables(client: &Client, names: &TableNames) -> Result<()> {
         for message in plan.problems {
             problem(table, variable, message);
         }
-        for &(index, hash, range) in plan.missing {
+        for &(index, hash, range, _) in plan.missing {
             problem(
                 table,
                 variable,
@@ -365,6 +436,14 @@ pub async fn check_tables(client: &Client, names: &TableNames) -> Result<()> {
                     upgrade::describe_keys(Some(hash), range, None),
                     fix_command()
                 ),
+            );
+        }
+        for index in plan.retired {
+            tracing::warn!(
+                table,
+                index,
+                "a retired index of cmz's costs write units on every turn; remove it with \
+                 `cmz-dynamo ensure-tables --remove-retired-indexes` once every server runs this version"
             );
         }
         for (index, status) in plan.pending {

@@ -176,13 +176,20 @@ async fn a_dead_endpoint_is_unavailable_within_a_bounded_time() {
 async fn a_server_killed_mid_turn_loses_nothing_acknowledged_and_leaves_nothing_partial() {
     let dir = std::env::temp_dir().join(format!("cmz-dynamo-kill-{:08x}", fastrand::u32(..)));
     let mut server = DynamoLocal::start(Some(&dir));
+    let patient = isolated_settings(&server.endpoint());
     let settings = DynamoSettings {
         operation_timeout: Duration::from_secs(3),
         attempt_timeout: Duration::from_secs(1),
-        ..isolated_settings(&server.endpoint())
+        ..patient.clone()
     };
+    // The tables are made with the default timeouts: a JVM just started on a loaded
+    // machine may take longer than the writers' 3 s for its first answers.
+    Dynamo::connect(patient)
+        .await
+        .ensure_tables()
+        .await
+        .unwrap();
     let dynamo = Dynamo::connect(settings).await;
-    dynamo.ensure_tables().await.unwrap();
     let store = Arc::new(dynamo.conversations());
     let stop = Arc::new(AtomicBool::new(false));
     let progress: Vec<Arc<AtomicUsize>> = (0..4).map(|_| Arc::new(AtomicUsize::new(0))).collect();

@@ -8,8 +8,9 @@ use std::process::{Command, Output};
 use std::sync::Mutex;
 
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, IndexStatus, KeySchemaElement, KeyType,
-    ScalarAttributeType, TableDescription, TimeToLiveStatus,
+    AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, IndexStatus,
+    KeySchemaElement, KeyType, Projection, ProjectionType, ScalarAttributeType, TableDescription,
+    TimeToLiveStatus,
 };
 use cmz_core::auth::UserStore;
 use cmz_core::ids::{AnimalId, SessionId, UserId};
@@ -17,8 +18,8 @@ use cmz_core::store::{AppendOutcome, ConversationStore, PageRequest, SessionScop
 use cmz_core::types::{NewMessage, Role};
 use cmz_dynamo::testing::{DynamoLocal, isolated_settings, legacy_fixture};
 use cmz_dynamo::{
-    ANIMAL_INDEX, Dynamo, EMAIL_INDEX, ENSURE_TABLES_COMMAND, IndexBilling, TTL_ATTRIBUTE,
-    TableChange, TableEvent, USER_INDEX,
+    ANIMAL_INDEX, Dynamo, EMAIL_INDEX, ENSURE_TABLES_COMMAND, EnsureOptions, IndexBilling,
+    RETIRED_INDEXES, TTL_ATTRIBUTE, TableChange, TableEvent, USER_INDEX,
 };
 
 type Item = HashMap<String, AttributeValue>;
@@ -323,7 +324,7 @@ async fn a_legacy_deployment_is_upgraded_in_place_and_cmz_runs_on_it() {
         &t.sessions,
         ANIMAL_INDEX,
         "animalId",
-        Some("lastActivity"),
+        Some("startTime"),
     )
     .await;
     assert_active_index(&dynamo, &t.users, EMAIL_INDEX, "email", None).await;
@@ -488,7 +489,7 @@ async fn a_provisioned_legacy_table_gets_provisioned_indexes() {
     }
     for (table, index, hash, range) in [
         (&t.sessions, USER_INDEX, "userId", Some("lastActivity")),
-        (&t.sessions, ANIMAL_INDEX, "animalId", Some("lastActivity")),
+        (&t.sessions, ANIMAL_INDEX, "animalId", Some("startTime")),
         (&t.users, EMAIL_INDEX, "email", None),
     ] {
         assert_eq!(
@@ -550,7 +551,28 @@ async fn create_plain_table(
                     .unwrap(),
             );
     }
-    request.send().await.unwrap();
+    created(request.send().await);
+}
+
+/// Unwraps a `CreateTable` answer. A table that exists already was made by this request:
+/// the SDK retries a `CreateTable` that timed out on a loaded machine, and the retry finds
+/// the table its first attempt made.
+fn created<R, E>(
+    answer: Result<
+        R,
+        aws_sdk_dynamodb::error::SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>,
+    >,
+) where
+    E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::fmt::Debug,
+{
+    if let Err(e) = answer {
+        let code = aws_sdk_dynamodb::error::ProvideErrorMetadata::code(&e).map(str::to_owned);
+        assert_eq!(
+            code.as_deref(),
+            Some("ResourceInUseException"),
+            "CreateTable: {e:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -652,4 +674,175 @@ async fn what_cannot_be_done_in_place_is_reported_and_left_alone() {
     assert_eq!(stdout(&out).trim(), "nothing to change");
     assert!(stderr.contains(&format!("error: {keys}")), "{stderr}");
     assert!(stderr.contains(&format!("error: {lsi}")), "{stderr}");
+}
+
+/// The session table as an earlier cmz made it: both listing indexes keyed by
+/// `lastActivity`, projecting everything.
+async fn create_earlier_session_table(dynamo: &Dynamo, table: &str) {
+    let attribute = |name: &str| {
+        AttributeDefinition::builder()
+            .attribute_name(name)
+            .attribute_type(ScalarAttributeType::S)
+            .build()
+            .unwrap()
+    };
+    let key = |name: &str, kind: KeyType| {
+        KeySchemaElement::builder()
+            .attribute_name(name)
+            .key_type(kind)
+            .build()
+            .unwrap()
+    };
+    let index = |name: &str, hash: &str| {
+        GlobalSecondaryIndex::builder()
+            .index_name(name)
+            .key_schema(key(hash, KeyType::Hash))
+            .key_schema(key("lastActivity", KeyType::Range))
+            .projection(
+                Projection::builder()
+                    .projection_type(ProjectionType::All)
+                    .build(),
+            )
+            .build()
+            .unwrap()
+    };
+    let answer = dynamo
+        .client()
+        .create_table()
+        .table_name(table)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(attribute("sessionId"))
+        .attribute_definitions(attribute("userId"))
+        .attribute_definitions(attribute("animalId"))
+        .attribute_definitions(attribute("lastActivity"))
+        .key_schema(key("sessionId", KeyType::Hash))
+        .global_secondary_indexes(index(USER_INDEX, "userId"))
+        .global_secondary_indexes(index(RETIRED_INDEXES[0], "animalId"))
+        .send()
+        .await;
+    created(answer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_earlier_animal_index_is_replaced_in_place_and_removed_only_when_asked() {
+    let dynamo = Dynamo::connect(isolated_settings(&endpoint())).await;
+    let t = dynamo.tables().clone();
+    create_earlier_session_table(&dynamo, &t.sessions).await;
+    dynamo
+        .client()
+        .put_item()
+        .table_name(&t.sessions)
+        .item("sessionId", AttributeValue::S("conv_lion_kid_0001".into()))
+        .item("userId", AttributeValue::S("kid".into()))
+        .item("animalId", AttributeValue::S("lion".into()))
+        .item("animalName", AttributeValue::S("Leo".into()))
+        .item(
+            "startTime",
+            AttributeValue::S("2025-10-01T10:00:00Z".into()),
+        )
+        .item(
+            "lastActivity",
+            AttributeValue::S("2025-10-02T10:00:00Z".into()),
+        )
+        .item("messageCount", AttributeValue::N("4".into()))
+        .item("status", AttributeValue::S("active".into()))
+        .send()
+        .await
+        .unwrap();
+    let refused = dynamo.check_tables().await.unwrap_err().to_string();
+    assert!(
+        refused.contains(&format!("has no GSI {ANIMAL_INDEX:?}")),
+        "{refused}"
+    );
+
+    // A plain run adds the new index and keeps the retired one, with a warning.
+    let report = dynamo.ensure_tables_with_progress(&|_| {}).await.unwrap();
+    assert!(report.problems.is_empty(), "{report}");
+    assert!(
+        report.changes.contains(&TableChange::AddedIndex {
+            table: t.sessions.clone(),
+            index: ANIMAL_INDEX.to_owned(),
+            billing: IndexBilling::OnDemand,
+        }),
+        "{report}"
+    );
+    let warnings: Vec<String> = report.warnings.iter().map(ToString::to_string).collect();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains(RETIRED_INDEXES[0]) && w.contains("--remove-retired-indexes")),
+        "{warnings:?}"
+    );
+    assert_active_index(
+        &dynamo,
+        &t.sessions,
+        ANIMAL_INDEX,
+        "animalId",
+        Some("startTime"),
+    )
+    .await;
+    assert_active_index(
+        &dynamo,
+        &t.sessions,
+        RETIRED_INDEXES[0],
+        "animalId",
+        Some("lastActivity"),
+    )
+    .await;
+    dynamo.check_tables().await.unwrap();
+    let lions = dynamo
+        .conversations()
+        .list_sessions(
+            SessionScope::Animal(AnimalId::new("lion").unwrap()),
+            PageRequest::first(10),
+        )
+        .await
+        .unwrap();
+    let listed: Vec<(&str, u64)> = lions
+        .items
+        .iter()
+        .map(|s| (s.id.as_str(), s.message_count))
+        .collect();
+    assert_eq!(
+        listed,
+        [("conv_lion_kid_0001", 4)],
+        "read through the new index"
+    );
+
+    // Asked, the command removes it; then nothing is left to change or to warn about.
+    let out = cli(&dynamo, &["ensure-tables", "--remove-retired-indexes"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = stdout(&out);
+    assert!(
+        printed.contains(&format!(
+            "removed retired GSI {} from table {}",
+            RETIRED_INDEXES[0], t.sessions
+        )),
+        "{printed}"
+    );
+    let indexes: Vec<String> = describe(&dynamo, &t.sessions)
+        .await
+        .global_secondary_indexes()
+        .iter()
+        .filter_map(|g| g.index_name().map(str::to_owned))
+        .collect();
+    assert!(
+        !indexes.iter().any(|i| i == RETIRED_INDEXES[0]),
+        "{indexes:?}"
+    );
+    let again = dynamo
+        .ensure_tables_with_options(EnsureOptions::removing_retired_indexes(), &|_| {})
+        .await
+        .unwrap();
+    assert!(
+        again.is_unchanged() && again.warnings.is_empty() && again.problems.is_empty(),
+        "{again}"
+    );
+    let usage = cli(&dynamo, &["ensure-tables", "--remove-everything"]);
+    assert!(!usage.status.success());
+    assert!(String::from_utf8_lossy(&usage.stderr).contains("usage: cmz-dynamo"));
 }

@@ -48,6 +48,7 @@ fn fixture() -> &'static Fixture {
                         ],
                         turn_key: None,
                         new_session: None,
+                        began_at: chrono::Utc::now(),
                     }))
                     .unwrap();
                 }

@@ -356,9 +356,14 @@ impl ConversationStore for InMemoryConversationStore {
             }
         };
         let limit = page.effective_limit();
+        // The time a listing orders by: see `SessionScope`.
+        let order_at = |s: &Session| match &scope {
+            SessionScope::User(_) => s.last_activity,
+            SessionScope::Animal(_) => s.started_at,
+        };
         let keep = |s: &Session| match &after {
             None => true,
-            Some((at, id)) => (s.last_activity, s.id.as_str()) < (*at, id.as_str()),
+            Some((at, id)) => (order_at(s), s.id.as_str()) < (*at, id.as_str()),
         };
         let mut sessions: Vec<Session> = Vec::new();
         for state in self.all_read() {
@@ -374,9 +379,7 @@ impl ConversationStore for InMemoryConversationStore {
                     .cloned(),
             );
         }
-        sessions.sort_by(|a, b| {
-            (b.last_activity, b.id.as_str()).cmp(&(a.last_activity, a.id.as_str()))
-        });
+        sessions.sort_by(|a, b| (order_at(b), b.id.as_str()).cmp(&(order_at(a), a.id.as_str())));
         let more = sessions.len() > limit;
         sessions.truncate(limit);
         let items = sessions;
@@ -385,9 +388,7 @@ impl ConversationStore for InMemoryConversationStore {
                 SESSIONS_CURSOR,
                 &[
                     &tag,
-                    &last
-                        .last_activity
-                        .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+                    &order_at(last).to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
                     last.id.as_str(),
                 ],
             )),

@@ -3,6 +3,8 @@
 //! ```text
 //! cmz-dynamo check-tables              check the tables as the server does at startup
 //! cmz-dynamo ensure-tables             create missing tables, bring existing ones up to date
+//! cmz-dynamo ensure-tables --remove-retired-indexes
+//!                                      the same, and delete indexes cmz no longer reads
 //! cmz-dynamo migrate [--dry-run] [--page-size N] [--pause-ms N] [--no-progress]
 //! ```
 //! Configuration comes from the legacy variables (`DYNAMODB_ENDPOINT_URL`, `AWS_REGION`,
@@ -12,9 +14,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use cmz_dynamo::migrate::{MigrationOptions, migrate_legacy};
-use cmz_dynamo::{Dynamo, DynamoSettings, TableEvent};
+use cmz_dynamo::{Dynamo, DynamoSettings, EnsureOptions, TableEvent};
 
-const USAGE: &str = "usage: cmz-dynamo <check-tables | ensure-tables | migrate [--dry-run] [--page-size N] [--pause-ms N] [--no-progress]>";
+const USAGE: &str = "usage: cmz-dynamo <check-tables | ensure-tables [--remove-retired-indexes] | migrate [--dry-run] [--page-size N] [--pause-ms N] [--no-progress]>";
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
@@ -43,7 +45,16 @@ async fn run(args: &[String]) -> Result<(), String> {
                 dynamo.tables().all().len()
             );
         }
-        "ensure-tables" => ensure_tables(&dynamo).await?,
+        "ensure-tables" => {
+            let options = match &args[1..] {
+                [] => EnsureOptions::default(),
+                [flag] if flag == "--remove-retired-indexes" => {
+                    EnsureOptions::removing_retired_indexes()
+                }
+                _ => return Err(USAGE.into()),
+            };
+            ensure_tables(&dynamo, options).await?
+        }
         "migrate" => {
             let mut options = MigrationOptions {
                 progress: true,
@@ -92,9 +103,9 @@ async fn run(args: &[String]) -> Result<(), String> {
 
 /// Creates and upgrades the tables, printing progress while DynamoDB works, then each
 /// change made (or `nothing to change`); what cannot be done in place fails the command.
-async fn ensure_tables(dynamo: &Dynamo) -> Result<(), String> {
+async fn ensure_tables(dynamo: &Dynamo, options: EnsureOptions) -> Result<(), String> {
     let report = dynamo
-        .ensure_tables_with_progress(&|event| {
+        .ensure_tables_with_options(options, &|event| {
             // Finished changes are listed once, below.
             if !matches!(event, TableEvent::Changed(_)) {
                 println!("{event}");

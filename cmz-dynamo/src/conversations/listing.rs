@@ -1,12 +1,32 @@
 //! Listing sessions by user, animal or age through the GSIs, with signed cursors.
 
+use std::collections::HashMap;
+
 use super::*;
+
+/// How a listing's index orders and what it holds.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ListingIndex {
+    pub(super) name: &'static str,
+    /// The index's hash key attribute.
+    pub(super) attribute: &'static str,
+    /// The index's range key attribute: the time the listing orders by.
+    pub(super) order: &'static str,
+    /// Whether the index projects only keys, so the sessions are read from the table.
+    pub(super) keys_only: bool,
+}
+
+/// One listed session: its ordering time, its id, and its item when the index holds it.
+struct Listed {
+    at: String,
+    id: String,
+    item: Option<Item>,
+}
 
 impl DynamoConversationStore {
     pub(super) async fn session_page(
         &self,
-        index: &'static str,
-        attribute: &'static str,
+        index: ListingIndex,
         value: &str,
         scope_tag: &str,
         page: PageRequest,
@@ -17,21 +37,22 @@ impl DynamoConversationStore {
         };
         let limit = page.effective_limit();
         let table = self.sessions_table();
-        let mut out: Vec<(String, Session)> = Vec::new();
-        let mut group: Vec<(String, Session)> = Vec::new();
+        let mut out: Vec<Listed> = Vec::new();
+        let mut group: Vec<Listed> = Vec::new();
         let mut group_key: Option<String> = None;
         let mut start: Option<Item> = None;
-        let flush = |group: &mut Vec<(String, Session)>, out: &mut Vec<(String, Session)>| {
-            group.sort_by(|a, b| b.1.id.cmp(&a.1.id));
-            for (at, session) in group.drain(..) {
+        // Equal times list by id, descending: a group of equal times is sorted whole.
+        let flush = |group: &mut Vec<Listed>, out: &mut Vec<Listed>| {
+            group.sort_by(|a, b| b.id.cmp(&a.id));
+            for listed in group.drain(..) {
                 let keep = match &after {
                     None => true,
                     Some((a_at, a_id)) => {
-                        at < *a_at || (at == *a_at && session.id.as_str() < a_id.as_str())
+                        listed.at < *a_at || (listed.at == *a_at && listed.id < *a_id)
                     }
                 };
                 if keep {
-                    out.push((at, session));
+                    out.push(listed);
                 }
             }
         };
@@ -40,8 +61,8 @@ impl DynamoConversationStore {
                 .client()
                 .query()
                 .table_name(table)
-                .index_name(index)
-                .expression_attribute_names("#k", attribute)
+                .index_name(index.name)
+                .expression_attribute_names("#k", index.attribute)
                 .expression_attribute_values(":k", s(value))
                 .scan_index_forward(false)
                 .limit(((limit + 1) as i32).max(10))
@@ -49,7 +70,8 @@ impl DynamoConversationStore {
                 .set_exclusive_start_key(start.take());
             query = match &after {
                 Some((at, _)) => query
-                    .key_condition_expression("#k = :k AND lastActivity <= :at")
+                    .key_condition_expression("#k = :k AND #at <= :at")
+                    .expression_attribute_names("#at", index.order)
                     .expression_attribute_values(":at", s(at.clone())),
                 None => query.key_condition_expression("#k = :k"),
             };
@@ -59,7 +81,9 @@ impl DynamoConversationStore {
                 .meter
                 .record(result.consumed_capacity(), false);
             for item in result.items() {
-                let at = Reader::new(item, "session").str("lastActivity")?.to_owned();
+                let reader = Reader::new(item, "session");
+                let at = reader.str(index.order)?.to_owned();
+                let id = reader.str("sessionId")?.to_owned();
                 if group_key.as_deref() != Some(at.as_str()) {
                     flush(&mut group, &mut out);
                     if out.len() > limit {
@@ -67,7 +91,8 @@ impl DynamoConversationStore {
                     }
                     group_key = Some(at.clone());
                 }
-                group.push((at, session_from_item(item)?));
+                let item = (!index.keys_only).then(|| item.clone());
+                group.push(Listed { at, id, item });
             }
             match result.last_evaluated_key {
                 Some(key) if !key.is_empty() => start = Some(key),
@@ -80,15 +105,50 @@ impl DynamoConversationStore {
         let more = out.len() > limit;
         out.truncate(limit);
         let next = match (more, out.last()) {
-            (true, Some((at, session))) => {
-                Some(sessions_cursor(&self.db, scope_tag, at, &session.id)?)
-            }
+            (true, Some(last)) => match SessionId::new(last.id.clone()) {
+                Ok(id) => Some(sessions_cursor(&self.db, scope_tag, &last.at, &id)?),
+                Err(e) => return Err(Error::internal("a listed session id").with_source(e)),
+            },
             _ => None,
         };
-        Ok(Page {
-            items: out.into_iter().map(|(_, s)| s).collect(),
-            next,
-        })
+        let items = if index.keys_only {
+            self.sessions_in_order(&out).await?
+        } else {
+            out.iter()
+                .filter_map(|listed| listed.item.as_ref())
+                .map(session_from_item)
+                .collect::<Result<_>>()?
+        };
+        Ok(Page { items, next })
+    }
+
+    /// The session items of `listed`, read from the table in one batch, in `listed`'s
+    /// order. A session deleted since the index was read is left out.
+    async fn sessions_in_order(&self, listed: &[Listed]) -> Result<Vec<Session>> {
+        if listed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys = listed
+            .iter()
+            .map(|l| Item::from([("sessionId".to_owned(), s(l.id.as_str()))]))
+            .collect();
+        let mut found: HashMap<String, Item> =
+            crate::batch::get_all(&self.db, self.sessions_table(), keys)
+                .await?
+                .into_iter()
+                .filter_map(|item| {
+                    let id = Reader::new(&item, "session")
+                        .str("sessionId")
+                        .ok()?
+                        .to_owned();
+                    Some((id, item))
+                })
+                .collect();
+        listed
+            .iter()
+            .filter_map(|l| found.remove(&l.id))
+            .map(|item| session_from_item(&item))
+            .collect()
     }
 
     /// Session ids from an index, with their start times, for deletes.

@@ -572,24 +572,24 @@ impl ConversationStore for DynamoConversationStore {
     async fn list_sessions(&self, scope: SessionScope, page: PageRequest) -> Result<Page<Session>> {
         match &scope {
             SessionScope::User(user) => {
-                self.session_page(
-                    USER_INDEX,
-                    "userId",
-                    user.as_str(),
-                    &format!("u:{user}"),
-                    page,
-                )
-                .await
+                let index = listing::ListingIndex {
+                    name: USER_INDEX,
+                    attribute: "userId",
+                    order: "lastActivity",
+                    keys_only: false,
+                };
+                self.session_page(index, user.as_str(), &format!("u:{user}"), page)
+                    .await
             }
             SessionScope::Animal(animal) => {
-                self.session_page(
-                    ANIMAL_INDEX,
-                    "animalId",
-                    animal.as_str(),
-                    &format!("a:{animal}"),
-                    page,
-                )
-                .await
+                let index = listing::ListingIndex {
+                    name: ANIMAL_INDEX,
+                    attribute: "animalId",
+                    order: "startTime",
+                    keys_only: true,
+                };
+                self.session_page(index, animal.as_str(), &format!("a:{animal}"), page)
+                    .await
             }
         }
     }

@@ -23,8 +23,9 @@ pub enum IndexBilling {
     },
 }
 
-/// One change [`ensure_tables`](crate::ensure_tables) made. It only ever adds: no item,
-/// index or table is rewritten or deleted.
+/// One change [`ensure_tables`](crate::ensure_tables) made. It only ever adds (no item,
+/// index or table is rewritten or deleted), but for a retired index of cmz's own, removed
+/// when [`EnsureOptions::remove_retired_indexes`](crate::EnsureOptions) asks for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum TableChange {
@@ -44,6 +45,14 @@ pub enum TableChange {
         index: String,
         /// How it is billed.
         billing: IndexBilling,
+    },
+    /// Deleted an index of cmz's that this version no longer reads
+    /// ([`RETIRED_INDEXES`](crate::RETIRED_INDEXES)), and waited until it was gone.
+    RemovedRetiredIndex {
+        /// The table.
+        table: String,
+        /// The index.
+        index: String,
     },
     /// Turned DynamoDB's TTL on.
     EnabledTtl {
@@ -77,6 +86,11 @@ impl fmt::Display for TableChange {
                     ),
                 }
             }
+            Self::RemovedRetiredIndex { table, index } => write!(
+                f,
+                "removed retired GSI {index} from table {table} (cmz no longer reads it; it cost \
+                 write units on every turn)"
+            ),
             Self::EnabledTtl { table, attribute } => {
                 write!(f, "turned on TTL (attribute {attribute}) for table {table}")
             }

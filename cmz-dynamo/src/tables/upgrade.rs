@@ -7,16 +7,16 @@ use std::time::{Duration, Instant};
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::ProvideErrorMetadata as _;
 use aws_sdk_dynamodb::types::{
-    BillingMode, CreateGlobalSecondaryIndexAction, GlobalSecondaryIndexDescription,
-    GlobalSecondaryIndexUpdate, IndexStatus, KeySchemaElement, KeyType, ProjectionType,
-    ProvisionedThroughput, ScalarAttributeType, TableDescription, TableStatus,
+    BillingMode, CreateGlobalSecondaryIndexAction, DeleteGlobalSecondaryIndexAction,
+    GlobalSecondaryIndexDescription, GlobalSecondaryIndexUpdate, IndexStatus, KeySchemaElement,
+    KeyType, ProvisionedThroughput, ScalarAttributeType, TableDescription, TableStatus,
     TimeToLiveSpecification, TimeToLiveStatus,
 };
 use cmz_core::{Error, Result};
 
 use super::{
-    Gsi, IndexBilling, Spec, TTL_ATTRIBUTE, TableChange, TableEvent, TableProblem, TablesReport,
-    all_projected, attr, describe, index_keys,
+    EnsureOptions, Gsi, IndexBilling, Spec, TTL_ATTRIBUTE, TableChange, TableEvent, TableProblem,
+    TablesReport, attr, describe, index_keys,
 };
 use crate::error::map_sdk;
 
@@ -36,6 +36,8 @@ pub(super) struct Plan {
     pub(super) missing: Vec<&'static Gsi>,
     /// Indexes of cmz's that exist but are still being built: name and status.
     pub(super) pending: Vec<(String, String)>,
+    /// Retired indexes of cmz's that the table still has.
+    pub(super) retired: Vec<&'static str>,
     /// What cannot be done in place, for people (each starts with a verb).
     pub(super) problems: Vec<String>,
     /// Whether the keys are cmz's: when not, cmz leaves the table alone entirely.
@@ -122,8 +124,17 @@ pub(super) fn plan(spec: &Spec, table: &TableDescription) -> Plan {
         return plan;
     }
 
+    for &retired in spec.retired_indexes {
+        if table
+            .global_secondary_indexes()
+            .iter()
+            .any(|g| g.index_name() == Some(retired))
+        {
+            plan.retired.push(retired);
+        }
+    }
     for gsi in spec.indexes {
-        let (name, hash, range) = *gsi;
+        let (name, hash, range, projected) = *gsi;
         let found = table
             .global_secondary_indexes()
             .iter()
@@ -133,15 +144,16 @@ pub(super) fn plan(spec: &Spec, table: &TableDescription) -> Plan {
                 let (has_hash, has_range) = keys_of(found.key_schema());
                 let projection = found.projection().and_then(|p| p.projection_type());
                 if (has_hash, has_range) != (Some(hash), range)
-                    || projection != Some(&ProjectionType::All)
+                    || projection != Some(&projected.kind())
                 {
                     plan.problems.push(format!(
                         "has a GSI {name:?} on {} projecting {}, but cmz needs it on {} projecting \
-                         ALL. DynamoDB cannot change an index and cmz never deletes one: delete \
+                         {}. DynamoDB cannot change an index and cmz never deletes one: delete \
                          this index yourself if nothing else uses it, then run ensure-tables again",
                         describe_keys(has_hash, has_range, None),
                         projection.map_or("nothing", |p| p.as_str()),
                         describe_keys(Some(hash), range, None),
+                        projected.kind().as_str(),
                     ));
                 } else if is_building(found) {
                     plan.pending.push((name.to_owned(), status_of(found)));
@@ -220,14 +232,20 @@ fn billing_of(table: &TableDescription) -> IndexBilling {
 /// One run of `ensure_tables`: the client, where progress goes, and the report so far.
 pub(super) struct Upgrade<'a> {
     client: &'a Client,
+    options: EnsureOptions,
     progress: &'a (dyn Fn(&TableEvent) + Sync),
     report: TablesReport,
 }
 
 impl<'a> Upgrade<'a> {
-    pub(super) fn new(client: &'a Client, progress: &'a (dyn Fn(&TableEvent) + Sync)) -> Self {
+    pub(super) fn new(
+        client: &'a Client,
+        options: EnsureOptions,
+        progress: &'a (dyn Fn(&TableEvent) + Sync),
+    ) -> Self {
         Self {
             client,
+            options,
             progress,
             report: TablesReport::default(),
         }
@@ -279,6 +297,23 @@ impl<'a> Upgrade<'a> {
         }
         for gsi in plan.missing {
             self.add_index(table, gsi).await?;
+        }
+        for index in plan.retired {
+            if self.options.remove_retired_indexes {
+                self.remove_index(table, index).await?;
+            } else {
+                self.problem(
+                    table,
+                    variable,
+                    format!(
+                        "has GSI {index:?}, which this version of cmz no longer reads and which \
+                         costs write units on every turn; once every cmz server runs this \
+                         version, remove it with `cmz-dynamo ensure-tables \
+                         --remove-retired-indexes`"
+                    ),
+                    false,
+                );
+            }
         }
         if spec.ttl {
             self.ensure_ttl(table, variable).await?;
@@ -379,6 +414,91 @@ impl<'a> Upgrade<'a> {
         ))
     }
 
+    /// Deletes a retired index (after everything this run added is `ACTIVE`) and waits
+    /// until DynamoDB has dropped it.
+    #[tracing::instrument(name = "dynamodb.update_table", skip_all, fields(table = %table, index = name))]
+    async fn remove_index(&mut self, table: &str, name: &'static str) -> Result<()> {
+        for _ in 0..ADD_ATTEMPTS {
+            let described = self.settle(table).await?;
+            if !described
+                .global_secondary_indexes()
+                .iter()
+                .any(|g| g.index_name() == Some(name))
+            {
+                return Ok(());
+            }
+            let change = TableChange::RemovedRetiredIndex {
+                table: table.to_owned(),
+                index: name.to_owned(),
+            };
+            self.emit(TableEvent::Changing(change.clone()));
+            let action = DeleteGlobalSecondaryIndexAction::builder()
+                .index_name(name)
+                .build()
+                .map_err(|e| Error::internal("index deletion").with_source(e))?;
+            let sent = self
+                .client
+                .update_table()
+                .table_name(table)
+                .global_secondary_index_updates(
+                    GlobalSecondaryIndexUpdate::builder().delete(action).build(),
+                )
+                .send()
+                .await;
+            match sent {
+                Ok(_) => {
+                    self.settle_removed(table, name).await?;
+                    self.changed(change);
+                    return Ok(());
+                }
+                Err(e)
+                    if matches!(
+                        e.code(),
+                        Some("LimitExceededException" | "ResourceInUseException")
+                    ) =>
+                {
+                    tracing::info!(table, index = name, "the table is busy; looking again");
+                }
+                // Someone else deleted it first.
+                Err(e) if e.code() == Some("ResourceNotFoundException") => return Ok(()),
+                Err(e) => return Err(map_sdk("UpdateTable", table, e)),
+            }
+        }
+        Err(Error::unavailable(
+            format!(
+                "could not remove GSI {name} from table {table}: another change of the table was \
+                 in progress {ADD_ATTEMPTS} times; run ensure-tables again"
+            ),
+            std::io::Error::other("UpdateTable kept failing: the table was busy"),
+        ))
+    }
+
+    /// Waits until `index` is gone from `table` (DynamoDB reports it `DELETING` for a while).
+    async fn settle_removed(&self, table: &str, index: &str) -> Result<()> {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(200);
+        loop {
+            let described = self.settle(table).await?;
+            let gone = !described
+                .global_secondary_indexes()
+                .iter()
+                .any(|g| g.index_name() == Some(index));
+            if gone {
+                return Ok(());
+            }
+            if started.elapsed() > WAIT_LIMIT {
+                return Err(Error::unavailable(
+                    format!(
+                        "GSI {index} of table {table} was still being deleted; run ensure-tables again"
+                    ),
+                    std::io::Error::other("DynamoDB index not deleted"),
+                ));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(LONGEST_POLL);
+        }
+    }
+
     /// One `UpdateTable` creating `gsi`; `false` when DynamoDB refused it because another
     /// change of the table was in progress or the index was just created by someone else.
     #[tracing::instrument(name = "dynamodb.update_table", skip_all, fields(table = %table, index = gsi.0))]
@@ -388,11 +508,11 @@ impl<'a> Upgrade<'a> {
         gsi: &'static Gsi,
         billing: IndexBilling,
     ) -> Result<bool> {
-        let (name, hash, range) = *gsi;
+        let (name, hash, range, projected) = *gsi;
         let mut action = CreateGlobalSecondaryIndexAction::builder()
             .index_name(name)
             .set_key_schema(Some(index_keys(hash, range)?))
-            .projection(all_projected());
+            .projection(projected.projection());
         if let IndexBilling::Provisioned {
             read_units,
             write_units,
