@@ -708,6 +708,10 @@ def main():
         Server("cmz (Rust, axum/tokio)", [str(DEMO)],
                {**common, "CMZ_BIND": f"{HOST}:{ports[0]}", "CMZ_TURN_RATE_LIMIT": "1000000000",
                 "CMZ_OFFLINE_CHUNK_DELAY_MS": delay, "CMZ_DEV_USERS": "embedded",
+                # Every client here is 127.0.0.1: the per-address cap (512) is for the open
+                # internet, and would refuse the streams past it.
+                "CMZ_MAX_CONNECTIONS_PER_IP": str(max(4096, args.streams + args.connections)),
+                "CMZ_MAX_CONNECTIONS": str(max(4096, 2 * (args.streams + args.connections))),
                 "RUST_LOG": "warn"}, ports[0], logdir),
         Server("Flask (gunicorn gthread 2x%d)" % args.gunicorn_threads,
                [tool("gunicorn"), "-k", "gthread", "-w", "2", "--threads", str(args.gunicorn_threads),
