@@ -34,7 +34,9 @@ pub fn demo_env(name: &str) -> Option<String> {
 /// crate's `dynamo`, `openai` and `dev` features turn on cmz-env's).
 pub async fn state_from_env(lookup: &Lookup<'_>) -> Result<AppState> {
     let settings = HttpSettings::from_lookup(lookup)?;
-    let services = cmz_env::services_from_env(lookup).await?;
+    // Boxed, so that a caller's future does not inline every backend's setup: inlined,
+    // it nests deep enough to overflow the compiler's layout query depth in `main`.
+    let services = Box::pin(cmz_env::services_from_env(lookup)).await?;
     Ok(AppState::new(services, settings))
 }
 
@@ -51,7 +53,7 @@ pub async fn serve(app: Router, bind: SocketAddr) -> Result<()> {
     })?;
     let started = Instant::now();
     tracing::info!(%bind, "listening");
-    crate::serve::serve_until(listener, app, shutdown_signal()).await?;
+    Box::pin(crate::serve::serve_until(listener, app, shutdown_signal())).await?;
     tracing::info!(uptime_seconds = started.elapsed().as_secs(), "stopped");
     Ok(())
 }

@@ -35,7 +35,7 @@ impl ConversationService {
                 let (tx, rx) = mpsc::channel(self.inner.config.stream_buffer.max(1));
                 let service = self.clone();
                 tokio::spawn(
-                    async move { service.drive_stream(*prepared, tx).await }.in_current_span(),
+                    async move { service.drive_stream(prepared, tx).await }.in_current_span(),
                 );
                 let events = futures::stream::unfold(rx, |mut rx| async move {
                     rx.recv().await.map(|event| (event, rx))
@@ -52,7 +52,7 @@ impl ConversationService {
 
     pub(super) async fn drive_stream(
         self,
-        mut prepared: ReadyTurn,
+        mut prepared: Box<ReadyTurn>,
         tx: mpsc::Sender<Result<TurnEvent>>,
     ) {
         enum End {
@@ -67,9 +67,11 @@ impl ConversationService {
         let held = prepared.moderation.checks_replies();
         let mut text = String::new();
         let model_span = span("model", "stream", &prepared.session.id);
-        let end = match self.moderate(&prepared).await {
+        // Every call that is not the model loop is boxed: this future lives as long as the
+        // stream, and inlined, those calls' states made it ~10 KB for each open stream.
+        let end = match Box::pin(self.moderate(&prepared)).await {
             Ok(Some(refusal)) => {
-                let result = self.finish_refused(prepared, refusal).await;
+                let result = Box::pin(self.finish_refused(*prepared, refusal)).await;
                 return send_outcome(&tx, result, true).await;
             }
             // Treated like a model that failed before its first chunk.
@@ -160,20 +162,20 @@ impl ConversationService {
                 if model.is_some() {
                     assistant.metadata.model = model;
                 }
-                self.finish(prepared, assistant, started).await
+                Box::pin(self.finish(*prepared, assistant, started)).await
             }
             End::Interrupted => {
                 tracing::info!("stream consumer went away; storing the partial reply");
                 assistant.metadata.interrupted = true;
-                self.finish(prepared, assistant, started).await
+                Box::pin(self.finish(*prepared, assistant, started)).await
             }
             // What the child saw of the reply is kept; a held reply was seen by no one.
             End::Failed(error) => {
                 let seen = (!held).then_some(assistant);
-                self.finish_failed(prepared, error, seen, started).await
+                Box::pin(self.finish_failed(*prepared, error, seen, started)).await
             }
         };
-        send_outcome(&tx, result, held).await;
+        Box::pin(send_outcome(&tx, result, held)).await;
     }
 }
 
