@@ -556,6 +556,35 @@ pub async fn check_bad_cursors(store: &dyn ConversationStore) {
     );
 }
 
+/// Every session of a listing, paging `size` at a time; checks that no page is larger and
+/// every item belongs to the scope.
+async fn list_all(
+    store: &dyn ConversationStore,
+    scope: SessionScope,
+    size: usize,
+) -> Vec<SessionId> {
+    let mut all = Vec::new();
+    let mut request = PageRequest::first(size);
+    loop {
+        let page = store.list_sessions(scope.clone(), request).await.unwrap();
+        assert!(
+            page.items.len() <= size,
+            "contract: a page holds at most its limit"
+        );
+        for session in &page.items {
+            match &scope {
+                SessionScope::User(user) => assert_eq!(&session.user_id, user),
+                SessionScope::Animal(animal) => assert_eq!(&session.animal_id, animal),
+            }
+        }
+        all.extend(page.items.iter().map(|s| s.id.clone()));
+        match page.next {
+            Some(cursor) => request = PageRequest::after(size, cursor),
+            None => return all,
+        }
+    }
+}
+
 /// A user's sessions list newest activity first, an animal's newest start first, paged.
 pub async fn check_listing(store: &dyn ConversationStore) {
     let (user, other_user) = (random_user(), random_user());
@@ -574,24 +603,7 @@ pub async fn check_listing(store: &dyn ConversationStore) {
     let mut expected: Vec<SessionId> = sessions[1..].iter().rev().cloned().collect();
     expected.insert(0, sessions[0].clone());
 
-    let mut listed = Vec::new();
-    let mut page = store
-        .list_sessions(SessionScope::User(user.clone()), PageRequest::first(3))
-        .await
-        .unwrap();
-    loop {
-        assert!(page.items.len() <= 3);
-        listed.extend(page.items.iter().map(|s| s.id.clone()));
-        match page.next.clone() {
-            Some(c) => {
-                page = store
-                    .list_sessions(SessionScope::User(user.clone()), PageRequest::after(3, c))
-                    .await
-                    .unwrap()
-            }
-            None => break,
-        }
-    }
+    let listed = list_all(store, SessionScope::User(user.clone()), 3).await;
     assert_eq!(
         listed, expected,
         "contract: a user's sessions, newest activity first, all pages"
@@ -606,25 +618,7 @@ pub async fn check_listing(store: &dyn ConversationStore) {
     // oldest session to the top of the user listing leaves it last here.
     let mut lion_expected: Vec<SessionId> = sessions.iter().step_by(2).rev().cloned().collect();
     lion_expected.insert(0, foreign.id.clone());
-    let mut lion_ids = Vec::new();
-    let mut page = store
-        .list_sessions(SessionScope::Animal(lion.clone()), PageRequest::first(2))
-        .await
-        .unwrap();
-    loop {
-        assert!(page.items.len() <= 2);
-        assert!(page.items.iter().all(|s| s.animal_id == lion));
-        lion_ids.extend(page.items.iter().map(|s| s.id.clone()));
-        match page.next.clone() {
-            Some(c) => {
-                page = store
-                    .list_sessions(SessionScope::Animal(lion.clone()), PageRequest::after(2, c))
-                    .await
-                    .unwrap()
-            }
-            None => break,
-        }
-    }
+    let lion_ids = list_all(store, SessionScope::Animal(lion.clone()), 2).await;
     assert_eq!(
         lion_ids, lion_expected,
         "contract: an animal's sessions (the user's 4 and a foreign one), newest start first, \
@@ -669,47 +663,12 @@ pub async fn check_listing_ties_and_age_boundary(store: &dyn ConversationStore) 
     }
     ids.sort();
     ids.reverse();
-    let mut listed = Vec::new();
-    let mut page = store
-        .list_sessions(SessionScope::User(user.clone()), PageRequest::first(2))
-        .await
-        .unwrap();
-    loop {
-        listed.extend(page.items.iter().map(|s| s.id.clone()));
-        match page.next.clone() {
-            Some(c) => {
-                page = store
-                    .list_sessions(SessionScope::User(user.clone()), PageRequest::after(2, c))
-                    .await
-                    .unwrap()
-            }
-            None => break,
-        }
-    }
+    let listed = list_all(store, SessionScope::User(user.clone()), 2).await;
     assert_eq!(
         listed, ids,
         "contract: ties broken by id, descending, across pages"
     );
-    let mut by_animal = Vec::new();
-    let mut page = store
-        .list_sessions(SessionScope::Animal(animal.clone()), PageRequest::first(2))
-        .await
-        .unwrap();
-    loop {
-        by_animal.extend(page.items.iter().map(|s| s.id.clone()));
-        match page.next.clone() {
-            Some(c) => {
-                page = store
-                    .list_sessions(
-                        SessionScope::Animal(animal.clone()),
-                        PageRequest::after(2, c),
-                    )
-                    .await
-                    .unwrap()
-            }
-            None => break,
-        }
-    }
+    let by_animal = list_all(store, SessionScope::Animal(animal.clone()), 2).await;
     assert_eq!(
         by_animal, ids,
         "contract: an animal listing breaks equal start times by id, descending, across pages"

@@ -16,6 +16,22 @@ pub(super) struct ListingIndex {
     pub(super) keys_only: bool,
 }
 
+/// A user's sessions, newest activity first, from an index holding whole sessions.
+pub(super) const BY_USER: ListingIndex = ListingIndex {
+    name: USER_INDEX,
+    attribute: "userId",
+    order: "lastActivity",
+    keys_only: false,
+};
+
+/// An animal's sessions, newest start first, from an index holding only keys.
+pub(super) const BY_ANIMAL: ListingIndex = ListingIndex {
+    name: ANIMAL_INDEX,
+    attribute: "animalId",
+    order: "startTime",
+    keys_only: true,
+};
+
 /// One listed session: its ordering time, its id, and its item when the index holds it.
 struct Listed {
     at: String,

@@ -572,23 +572,12 @@ impl ConversationStore for DynamoConversationStore {
     async fn list_sessions(&self, scope: SessionScope, page: PageRequest) -> Result<Page<Session>> {
         match &scope {
             SessionScope::User(user) => {
-                let index = listing::ListingIndex {
-                    name: USER_INDEX,
-                    attribute: "userId",
-                    order: "lastActivity",
-                    keys_only: false,
-                };
-                self.session_page(index, user.as_str(), &format!("u:{user}"), page)
+                self.session_page(listing::BY_USER, user.as_str(), &format!("u:{user}"), page)
                     .await
             }
             SessionScope::Animal(animal) => {
-                let index = listing::ListingIndex {
-                    name: ANIMAL_INDEX,
-                    attribute: "animalId",
-                    order: "startTime",
-                    keys_only: true,
-                };
-                self.session_page(index, animal.as_str(), &format!("a:{animal}"), page)
+                let tag = format!("a:{animal}");
+                self.session_page(listing::BY_ANIMAL, animal.as_str(), &tag, page)
                     .await
             }
         }
