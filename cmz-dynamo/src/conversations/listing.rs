@@ -32,11 +32,11 @@ pub(super) const BY_ANIMAL: ListingIndex = ListingIndex {
     keys_only: true,
 };
 
-/// One listed session: its ordering time, its id, and its item when the index holds it.
+/// One listed session: its ordering time, its id, and the session when the index holds it.
 struct Listed {
     at: String,
     id: String,
-    item: Option<Item>,
+    session: Option<Session>,
 }
 
 impl DynamoConversationStore {
@@ -107,8 +107,10 @@ impl DynamoConversationStore {
                     }
                     group_key = Some(at.clone());
                 }
-                let item = (!index.keys_only).then(|| item.clone());
-                group.push(Listed { at, id, item });
+                let session = (!index.keys_only)
+                    .then(|| session_from_item(item))
+                    .transpose()?;
+                group.push(Listed { at, id, session });
             }
             match result.last_evaluated_key {
                 Some(key) if !key.is_empty() => start = Some(key),
@@ -130,10 +132,9 @@ impl DynamoConversationStore {
         let items = if index.keys_only {
             self.sessions_in_order(&out).await?
         } else {
-            out.iter()
-                .filter_map(|listed| listed.item.as_ref())
-                .map(session_from_item)
-                .collect::<Result<_>>()?
+            out.into_iter()
+                .filter_map(|listed| listed.session)
+                .collect()
         };
         Ok(Page { items, next })
     }

@@ -79,6 +79,14 @@ pub(super) fn describe_keys(
     out
 }
 
+/// Whether `table` has a global secondary index named `name` (in any state).
+fn has_index(table: &TableDescription, name: &str) -> bool {
+    table
+        .global_secondary_indexes()
+        .iter()
+        .any(|g| g.index_name() == Some(name))
+}
+
 fn is_building(index: &GlobalSecondaryIndexDescription) -> bool {
     index.index_status() != Some(&IndexStatus::Active) || index.backfilling() == Some(true)
 }
@@ -125,11 +133,7 @@ pub(super) fn plan(spec: &Spec, table: &TableDescription) -> Plan {
     }
 
     for &retired in spec.retired_indexes {
-        if table
-            .global_secondary_indexes()
-            .iter()
-            .any(|g| g.index_name() == Some(retired))
-        {
+        if has_index(table, retired) {
             plan.retired.push(retired);
         }
     }
@@ -380,11 +384,7 @@ impl<'a> Upgrade<'a> {
         let name = gsi.0;
         for _ in 0..ADD_ATTEMPTS {
             let described = self.settle(table).await?;
-            if described
-                .global_secondary_indexes()
-                .iter()
-                .any(|g| g.index_name() == Some(name))
-            {
+            if has_index(&described, name) {
                 return Ok(());
             }
             let billing = billing_of(&described);
@@ -420,11 +420,7 @@ impl<'a> Upgrade<'a> {
     async fn remove_index(&mut self, table: &str, name: &'static str) -> Result<()> {
         for _ in 0..ADD_ATTEMPTS {
             let described = self.settle(table).await?;
-            if !described
-                .global_secondary_indexes()
-                .iter()
-                .any(|g| g.index_name() == Some(name))
-            {
+            if !has_index(&described, name) {
                 return Ok(());
             }
             let change = TableChange::RemovedRetiredIndex {
@@ -446,8 +442,9 @@ impl<'a> Upgrade<'a> {
                 .send()
                 .await;
             match sent {
+                // `settle` waits while the index is DELETING, that is until it is gone.
                 Ok(_) => {
-                    self.settle_removed(table, name).await?;
+                    self.settle(table).await?;
                     self.changed(change);
                     return Ok(());
                 }
@@ -471,32 +468,6 @@ impl<'a> Upgrade<'a> {
             ),
             std::io::Error::other("UpdateTable kept failing: the table was busy"),
         ))
-    }
-
-    /// Waits until `index` is gone from `table` (DynamoDB reports it `DELETING` for a while).
-    async fn settle_removed(&self, table: &str, index: &str) -> Result<()> {
-        let started = Instant::now();
-        let mut pause = Duration::from_millis(200);
-        loop {
-            let described = self.settle(table).await?;
-            let gone = !described
-                .global_secondary_indexes()
-                .iter()
-                .any(|g| g.index_name() == Some(index));
-            if gone {
-                return Ok(());
-            }
-            if started.elapsed() > WAIT_LIMIT {
-                return Err(Error::unavailable(
-                    format!(
-                        "GSI {index} of table {table} was still being deleted; run ensure-tables again"
-                    ),
-                    std::io::Error::other("DynamoDB index not deleted"),
-                ));
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(LONGEST_POLL);
-        }
     }
 
     /// One `UpdateTable` creating `gsi`; `false` when DynamoDB refused it because another
