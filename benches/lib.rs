@@ -185,6 +185,39 @@ impl ConversationStore for LegacyDocumentStore {
         })
     }
 
+    async fn messages_after(
+        &self,
+        id: &SessionId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>> {
+        let document = self.require(id)?;
+        Ok(document
+            .messages
+            .into_iter()
+            .filter(|m| m.seq > after)
+            .take(limit)
+            .collect())
+    }
+
+    async fn set_rolling_summary(
+        &self,
+        id: &SessionId,
+        summary: &cmz_core::types::RollingSummary,
+    ) -> Result<bool> {
+        let mut document = self.require(id)?;
+        if document
+            .session
+            .rolling_summary
+            .as_ref()
+            .is_some_and(|s| s.through >= summary.through)
+        {
+            return Ok(false);
+        }
+        document.session.rolling_summary = Some(summary.clone());
+        self.save(&document).map(|()| true)
+    }
+
     async fn set_summary(&self, id: &SessionId, summary: &str) -> Result<()> {
         let mut document = self.require(id)?;
         document.session.summary = Some(summary.to_owned());

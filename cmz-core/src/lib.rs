@@ -11,6 +11,7 @@ pub mod persona;
 pub mod random;
 pub mod service;
 pub mod store;
+pub mod tokens;
 pub mod traced;
 pub mod types;
 

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 
 use crate::error::{Error, Result};
 use crate::ids::{AnimalId, SessionId, UserId};
-use crate::types::{Message, NewMessage, Session};
+use crate::types::{Message, NewMessage, RollingSummary, Session};
 
 /// The largest page a store returns; larger `limit`s are clamped to it.
 pub const MAX_PAGE_SIZE: usize = 1000;
@@ -245,8 +245,22 @@ pub trait ConversationStore: Debug + Send + Sync + 'static {
     /// animal's newest start first; equal times by id, descending.
     async fn list_sessions(&self, scope: SessionScope, page: PageRequest) -> Result<Page<Session>>;
 
+    /// Up to `limit` messages of a session with `seq > after`, oldest first (the turns a
+    /// rolling summary has not covered yet).
+    async fn messages_after(
+        &self,
+        id: &SessionId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>>;
+
     /// Sets (or replaces) a session's summary; `not_found` for an unknown session.
     async fn set_summary(&self, id: &SessionId, summary: &str) -> Result<()>;
+
+    /// Stores a session's rolling summary if it covers more than the one stored (its
+    /// `through` is greater): `true` when stored, `false` when the stored one already
+    /// covers as much (another writer got there first). `not_found` for an unknown session.
+    async fn set_rolling_summary(&self, id: &SessionId, summary: &RollingSummary) -> Result<bool>;
 
     /// Sets (or replaces) the external thread id kept with a session (the legacy
     /// `store_thread_id`); `not_found` for an unknown session.

@@ -10,7 +10,7 @@ use crate::store::{
     AppendOutcome, ConversationStore, DeleteReport, DeleteScope, DynConversationStore, Page,
     PageRequest, SessionScope, TurnAppend,
 };
-use crate::types::{Message, Session};
+use crate::types::{Message, RollingSummary, Session};
 
 /// Wraps a store: each call runs in a `debug` span named `cmz.backend` with `kind =
 /// "store"`, `op` (the method) and `session` (when the call has one); a failure is recorded
@@ -108,8 +108,31 @@ impl ConversationStore for TracedStore {
         traced("list_sessions", None, self.inner.list_sessions(scope, page)).await
     }
 
+    async fn messages_after(
+        &self,
+        id: &SessionId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>> {
+        traced(
+            "messages_after",
+            Some(id),
+            self.inner.messages_after(id, after, limit),
+        )
+        .await
+    }
+
     async fn set_summary(&self, id: &SessionId, summary: &str) -> Result<()> {
         traced("set_summary", Some(id), self.inner.set_summary(id, summary)).await
+    }
+
+    async fn set_rolling_summary(&self, id: &SessionId, summary: &RollingSummary) -> Result<bool> {
+        traced(
+            "set_rolling_summary",
+            Some(id),
+            self.inner.set_rolling_summary(id, summary),
+        )
+        .await
     }
 
     async fn set_thread_id(&self, id: &SessionId, thread_id: &str) -> Result<()> {

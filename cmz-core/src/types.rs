@@ -90,6 +90,12 @@ pub struct MessageMetadata {
     /// legacy `store_conversation_turn(..., metadata)`); see [`MessageMetadata::from_caller`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub custom: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The tokens of the content in the engine's encoding, counted once when the message
+    /// was stored (see [`crate::tokens`]), so choosing a context window never counts
+    /// history again. `None` for messages stored without the engine (legacy items); those
+    /// are counted when read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_count: Option<u32>,
 }
 
 fn is_false(value: &bool) -> bool {
@@ -126,6 +132,7 @@ impl MessageMetadata {
             moderated: flag("moderated"),
             turn_key: None,
             custom: (!map.is_empty()).then_some(map),
+            token_count: None,
         }
     }
 
@@ -136,7 +143,12 @@ impl MessageMetadata {
             return custom.clone();
         }
         match serde_json::to_value(self) {
-            Ok(serde_json::Value::Object(map)) => map,
+            // The token count is cmz's bookkeeping for the context budget, not something
+            // the legacy callers stored.
+            Ok(serde_json::Value::Object(mut map)) => {
+                map.remove("tokenCount");
+                map
+            }
             _ => serde_json::Map::new(),
         }
     }
@@ -289,6 +301,37 @@ pub struct Session {
     /// `store_thread_id`: an OpenAI Assistants thread), when one was stored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thread_id: Option<String>,
+    /// The running summary of the turns that have left the model's context window, written
+    /// by the turn engine (see [`RollingSummary`]), when one was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolling_summary: Option<RollingSummary>,
+}
+
+/// The running summary of a session's older turns: what the model is told about the part
+/// of the conversation that no longer fits its context window.
+///
+/// Written by the turn engine after a reply is delivered, from the previous summary plus
+/// the turns that left the window; the messages themselves are never changed. `through`
+/// makes it idempotent: a store keeps a new summary only if it covers more than the one it
+/// has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RollingSummary {
+    /// The summary text.
+    pub text: String,
+    /// The sequence number of the last message it covers (messages `1..=through`).
+    pub through: u64,
+    /// Its tokens in the engine's encoding.
+    pub tokens: u32,
+    /// When it was written.
+    pub updated_at: DateTime<Utc>,
+    /// How many times the summary was folded forward.
+    pub folds: u32,
+    /// Model tokens (prompt and completion) spent writing it, over all folds.
+    pub tokens_spent: u64,
+    /// The last fold used the deterministic fallback because the model could not answer.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub fallback: bool,
 }
 
 impl Session {
@@ -311,6 +354,7 @@ impl Session {
             status: SessionStatus::Active,
             summary: None,
             thread_id: None,
+            rolling_summary: None,
         }
     }
 }

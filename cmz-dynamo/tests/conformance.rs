@@ -19,6 +19,13 @@ async fn conversation_store_conforms() {
     .await;
 }
 
+/// 500 turns through the engine: the budget, the running summary, a constant cost a turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_conversation_stays_within_budget_and_remembers() {
+    let dynamo = isolated().await;
+    cmz_core::testing::check_long_conversation(std::sync::Arc::new(dynamo.conversations())).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_stores_conform() {
     let dynamo = isolated().await;

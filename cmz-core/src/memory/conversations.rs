@@ -13,7 +13,7 @@ use crate::store::{
     AppendOutcome, ConversationStore, Cursor, DeleteReport, DeleteScope, Page, PageRequest,
     SessionScope, TOMBSTONE_TTL, TurnAppend,
 };
-use crate::types::{Message, Session};
+use crate::types::{Message, RollingSummary, Session};
 
 use super::log::MessageLog;
 
@@ -397,8 +397,41 @@ impl ConversationStore for InMemoryConversationStore {
         Ok(Page { items, next })
     }
 
+    async fn messages_after(
+        &self,
+        id: &SessionId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>> {
+        let state = self.read(id);
+        let entry = state
+            .sessions
+            .get(id)
+            .ok_or_else(|| session_not_found(id))?;
+        // Sequence numbers are 1..=len without gaps, so seq n sits at index n - 1.
+        let start = usize::try_from(after)
+            .unwrap_or(usize::MAX)
+            .min(entry.messages.len());
+        let end = start.saturating_add(limit).min(entry.messages.len());
+        Ok(entry.messages.range(start, end))
+    }
+
     async fn set_summary(&self, id: &SessionId, summary: &str) -> Result<()> {
         self.update_session(id, |s| s.summary = Some(summary.to_owned()))
+    }
+
+    async fn set_rolling_summary(&self, id: &SessionId, summary: &RollingSummary) -> Result<bool> {
+        let mut stored = false;
+        self.update_session(id, |s| {
+            if s.rolling_summary
+                .as_ref()
+                .is_none_or(|current| current.through < summary.through)
+            {
+                s.rolling_summary = Some(summary.clone());
+                stored = true;
+            }
+        })?;
+        Ok(stored)
     }
 
     async fn set_thread_id(&self, id: &SessionId, thread_id: &str) -> Result<()> {
@@ -466,6 +499,14 @@ mod tests {
             std::sync::Arc::new(InMemoryConversationStore::new()),
             &Default::default(),
         )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_long_conversation_stays_within_budget_and_remembers() {
+        crate::testing::check_long_conversation(std::sync::Arc::new(
+            InMemoryConversationStore::new(),
+        ))
         .await;
     }
 }

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::moderation::ModerationLevel;
+use crate::tokens::Tokenizer;
 
 /// What a turn does when the model fails or times out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -51,6 +52,25 @@ pub struct ConversationConfig {
     /// The longest context summary a client may send with a turn, in characters. Default
     /// 2,000.
     pub max_context_summary_chars: usize,
+    /// The most prompt tokens a turn sends the model: the persona prompt, the running
+    /// summary, the client's context summary, the recent turns that fit and the new message
+    /// (each message's framing included, see [`crate::tokens`]). Whole turns that do not
+    /// fit are left out, oldest first; a new message that cannot fit even alone is a
+    /// `validation_error`. Default 16,384: any message within `max_message_chars` fits
+    /// (4,000 characters are at most 16,000 bytes, and no encoding spends more than a
+    /// token a byte), it is far inside the 128,000-token context of the default model
+    /// (gpt-4o-mini) with room for the reply, and it bounds what one turn can cost. The
+    /// turn cap (`context_window`) usually binds first.
+    pub context_budget_tokens: u32,
+    /// The encoding the budget is counted in; set it for the model that answers (see
+    /// [`Tokenizer::for_model`]). Default [`Tokenizer::O200kBase`] (gpt-4o-mini).
+    pub tokenizer: Tokenizer,
+    /// Fold turns that left the context window into the session's running summary once at
+    /// least this many of them are not covered yet (so the summary is rewritten at most
+    /// every this many turns). 0 turns the rolling summary off. Default 4.
+    pub summary_every_turns: usize,
+    /// Reply-token limit for writing the running summary. Default 300.
+    pub summary_max_tokens: u32,
 }
 
 impl Default for ConversationConfig {
@@ -68,6 +88,10 @@ impl Default for ConversationConfig {
             stream_buffer: 32,
             moderation_level: ModerationLevel::Standard,
             max_context_summary_chars: 2_000,
+            context_budget_tokens: 16_384,
+            tokenizer: Tokenizer::O200kBase,
+            summary_every_turns: 4,
+            summary_max_tokens: 300,
         }
     }
 }

@@ -27,6 +27,7 @@
 
 mod animals;
 mod config;
+mod context;
 mod external;
 mod limit;
 mod locks;
@@ -35,6 +36,7 @@ mod prepare;
 pub mod prompt;
 mod reads;
 mod request;
+mod rolling;
 mod stream;
 mod summary;
 mod tombstones;
@@ -92,6 +94,7 @@ struct Inner {
     moderator: Option<DynModerator>,
     audit: Option<DynAuditSink>,
     turn_limit: Option<TurnLimit>,
+    folds: Arc<rolling::Folds>,
 }
 
 /// What a turn's message is, before the model runs.
@@ -122,6 +125,8 @@ struct ReadyTurn {
     /// Deletes at or after this instant refuse the turn's write (in the store, across
     /// processes).
     began_at: chrono::DateTime<chrono::Utc>,
+    /// The turns to fold into the running summary once this turn is stored.
+    fold: Option<context::FoldPlan>,
 }
 
 enum TurnStart {
@@ -186,6 +191,7 @@ impl ConversationService {
                 moderator: None,
                 audit: None,
                 turn_limit: None,
+                folds: Arc::default(),
             }),
         }
     }

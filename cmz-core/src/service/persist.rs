@@ -26,6 +26,7 @@ impl ConversationService {
             turn_key,
             since,
             began_at,
+            fold,
             ..
         } = prepared;
         let (messages, key, stored_user) = match user {
@@ -50,7 +51,12 @@ impl ConversationService {
             .await;
         drop(not_deleted);
         let stored = match appended? {
-            AppendOutcome::Appended(stored) => stored,
+            AppendOutcome::Appended(stored) => {
+                if let Some(plan) = fold {
+                    self.schedule_fold(&session.id, plan);
+                }
+                stored
+            }
             AppendOutcome::Duplicate(stored) => {
                 // Another server stored this turn key first; answer with its turn.
                 return match (stored_user, stored.as_slice()) {
@@ -97,6 +103,13 @@ impl ConversationService {
         began_at: chrono::DateTime<chrono::Utc>,
     ) -> Result<AppendOutcome> {
         let inner = &self.inner;
+        let mut messages = messages;
+        // Counted once, here, for every write: windows read the counts instead.
+        for message in &mut messages {
+            if message.metadata.token_count.is_none() {
+                message.metadata.token_count = Some(inner.config.tokenizer.count(&message.content));
+            }
+        }
         let mut expected = session.message_count;
         let mut new_session = created.then(|| session.clone());
         let mut attempt = 0;

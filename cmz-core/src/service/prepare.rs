@@ -171,35 +171,51 @@ impl ConversationService {
         } else {
             inner.store.recent_messages(&id, window * 2).await?
         };
-        let content = match &user {
-            UserPart::New(message) => message.content.clone(),
-            UserPart::Stored(message) => {
-                history.retain(|m| m.seq < message.seq);
-                message.content.clone()
+        let (content, content_tokens, stored_seq) = match &mut user {
+            UserPart::New(message) => {
+                let tokens = inner.config.tokenizer.count(&message.content);
+                message.metadata.token_count = Some(tokens);
+                (message.content.clone(), tokens, None)
             }
+            UserPart::Stored(message) => (
+                message.content.clone(),
+                context::message_tokens(inner.config.tokenizer, message),
+                Some(message.seq),
+            ),
         };
-        let mut messages = Vec::with_capacity(history.len() + 2);
+        let context_summary = request
+            .context_summary
+            .filter(|summary| !summary.trim().is_empty());
+        let mut messages = Vec::with_capacity(history.len() + 3);
+        // The persona prompt first: a stable prefix for provider prompt caching.
         messages.push(ChatMessage::new(
             Role::System,
             prompt::system_prompt(&persona),
         ));
-        let context_summary = request
-            .context_summary
-            .filter(|summary| !summary.trim().is_empty());
+        if let Some(rolling) = &session.rolling_summary {
+            messages.push(ChatMessage::new(
+                Role::System,
+                prompt::rolling_context(&rolling.text),
+            ));
+        }
         if let Some(summary) = &context_summary {
             messages.push(ChatMessage::new(
                 Role::System,
                 prompt::client_context(summary),
             ));
         }
-        // Empty replies (a stream dropped before any text) carry nothing for the model,
-        // and some providers reject empty assistant messages.
-        messages.extend(
+        if let Some(seq) = stored_seq {
+            history.retain(|m| m.seq < seq);
+        }
+        let next_seq = stored_seq.unwrap_or_else(|| {
             history
-                .into_iter()
-                .filter(|m| !m.content.trim().is_empty())
-                .map(|m| ChatMessage::new(m.role, m.content)),
-        );
+                .last()
+                .map_or(session.message_count + 1, |m| m.seq + 1)
+        });
+        let window =
+            context::choose_window(&inner.config, &messages, content_tokens, history, next_seq)?;
+        let fold = context::fold_plan(&inner.config, &session, window.first_seq);
+        messages.extend(window.messages);
         messages.push(ChatMessage::new(Role::User, content));
         let prompt = ChatRequest {
             messages,
@@ -228,6 +244,7 @@ impl ConversationService {
             context_summary,
             moderation,
             began_at,
+            fold,
         })))
     }
 }

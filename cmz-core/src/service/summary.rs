@@ -12,14 +12,7 @@ impl ConversationService {
         let session = self.readable_session(principal, id, Action::Read).await?;
         let recent = inner.store.recent_messages(id, 40).await?;
         let mut transcript = String::new();
-        for message in &recent {
-            let who = if message.role == Role::User {
-                "Visitor"
-            } else {
-                session.animal_name.as_str()
-            };
-            transcript.push_str(&format!("{who}: {}\n", message.content));
-        }
+        prompt::push_transcript(&mut transcript, &session, &recent);
         let request = ChatRequest {
             messages: vec![
                 ChatMessage::new(Role::System, prompt::summary_instruction(&session)),

@@ -755,8 +755,23 @@ impl ConversationStore for BrokenAppends {
     async fn list_sessions(&self, scope: SessionScope, page: PageRequest) -> Result<Page<Session>> {
         self.inner.list_sessions(scope, page).await
     }
+    async fn messages_after(
+        &self,
+        id: &SessionId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>> {
+        self.inner.messages_after(id, after, limit).await
+    }
     async fn set_summary(&self, id: &SessionId, summary: &str) -> Result<()> {
         self.inner.set_summary(id, summary).await
+    }
+    async fn set_rolling_summary(
+        &self,
+        id: &SessionId,
+        summary: &crate::types::RollingSummary,
+    ) -> Result<bool> {
+        self.inner.set_rolling_summary(id, summary).await
     }
     async fn set_thread_id(&self, id: &SessionId, thread_id: &str) -> Result<()> {
         self.inner.set_thread_id(id, thread_id).await

@@ -15,11 +15,13 @@
 //! ```
 
 mod auth_suite;
+mod long_conversation;
 mod model_suite;
 mod scripted;
 mod store_suite;
 
 pub use auth_suite::*;
+pub use long_conversation::*;
 pub use model_suite::*;
 pub use scripted::{Failure, ScriptedModel, Step};
 pub use store_suite::*;

@@ -22,7 +22,7 @@ use crate::store::{
 };
 use crate::testing::ScriptedModel;
 use crate::types::{
-    MAX_CONTENT_BYTES, Message, MessageMetadata, NewMessage, Persona, Role, Session,
+    MAX_CONTENT_BYTES, Message, MessageMetadata, NewMessage, Persona, Role, RollingSummary, Session,
 };
 
 /// Knobs for backends that need them.
@@ -59,6 +59,8 @@ pub async fn run_conversation_store_suite(store: DynConversationStore, options: 
     check_listing(store).await;
     check_listing_ties_and_age_boundary(store).await;
     check_summary(store).await;
+    check_rolling_summary(store).await;
+    check_messages_after(store).await;
     check_thread_id(store).await;
     check_custom_metadata(store).await;
     check_deletes(store).await;
@@ -707,6 +709,93 @@ pub async fn check_summary(store: &dyn ConversationStore) {
         store.set_summary(&unknown, "x").await,
         "not_found",
         "summary of an unknown session",
+    );
+}
+
+/// A rolling summary only moves forward, survives turns, and comes back whole.
+pub async fn check_rolling_summary(store: &dyn ConversationStore) {
+    let session = new_session(store, &random_user(), &random_animal()).await;
+    fill(store, &session.id, 6).await;
+    let summary = |text: &str, through: u64| RollingSummary {
+        text: text.into(),
+        through,
+        tokens: 7,
+        updated_at: Utc.with_ymd_and_hms(2026, 5, 1, 10, 0, 0).unwrap(),
+        folds: 2,
+        tokens_spent: 1234,
+        fallback: through == 4,
+    };
+    let first = summary("The visitor has a dog called Biscuit.", 4);
+    assert!(
+        store
+            .set_rolling_summary(&session.id, &first)
+            .await
+            .unwrap()
+    );
+    let read = store.get_session(&session.id).await.unwrap().unwrap();
+    assert_eq!(
+        read.rolling_summary.as_ref(),
+        Some(&first),
+        "contract: stored whole"
+    );
+    // The same or less coverage is refused and changes nothing: folds are idempotent.
+    for stale in [4, 2] {
+        assert!(
+            !store
+                .set_rolling_summary(&session.id, &summary("stale", stale))
+                .await
+                .unwrap(),
+            "contract: a summary covering no more is refused"
+        );
+    }
+    let later = summary("The visitor has a dog called Biscuit and likes lions.", 8);
+    assert!(
+        store
+            .set_rolling_summary(&session.id, &later)
+            .await
+            .unwrap()
+    );
+    fill(store, &session.id, 1).await;
+    let read = store.get_session(&session.id).await.unwrap().unwrap();
+    assert_eq!(
+        read.rolling_summary,
+        Some(later),
+        "contract: kept by a turn"
+    );
+    assert_eq!(read.message_count, 14);
+    let unknown = SessionId::generate(&random_animal(), &random_user()).unwrap();
+    assert_code(
+        store.set_rolling_summary(&unknown, &first).await,
+        "not_found",
+        "rolling summary of an unknown session",
+    );
+}
+
+/// `messages_after` reads forward from any position, turn items or not, with token counts.
+pub async fn check_messages_after(store: &dyn ConversationStore) {
+    let session = new_session(store, &random_user(), &random_animal()).await;
+    fill(store, &session.id, 5).await; // 10 messages in turns of two
+    let mut three = turn(&session.id, 10, &["q", "a", "q2"]);
+    three.messages[1].metadata.token_count = Some(42);
+    store.append_turn(three).await.unwrap();
+    for after in 0..=13u64 {
+        let read = store.messages_after(&session.id, after, 4).await.unwrap();
+        let seqs: Vec<u64> = read.iter().map(|m| m.seq).collect();
+        let expected: Vec<u64> = (after + 1..=13).take(4).collect();
+        assert_eq!(seqs, expected, "contract: messages_after({after}, 4)");
+    }
+    let read = store.messages_after(&session.id, 11, 1).await.unwrap();
+    assert_eq!(
+        read[0].metadata.token_count,
+        Some(42),
+        "token counts are kept"
+    );
+    assert_eq!(read[0].content, "a");
+    let unknown = SessionId::generate(&random_animal(), &random_user()).unwrap();
+    assert_code(
+        store.messages_after(&unknown, 0, 5).await,
+        "not_found",
+        "messages after in an unknown session",
     );
 }
 

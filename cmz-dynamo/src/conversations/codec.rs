@@ -223,6 +223,42 @@ pub(crate) fn legacy_session(item: &Item) -> Result<Session> {
         status: status_of(reader.opt_str("status")),
         summary: reader.opt_str("summary").map(str::to_owned),
         thread_id: reader.opt_str("threadId").map(str::to_owned),
+        rolling_summary: rolling_summary_of(&reader),
+    })
+}
+
+/// The session item's attribute holding the rolling summary (a map).
+pub(super) const ROLLING_SUMMARY: &str = "rollingSummary";
+
+pub(super) fn rolling_summary_value(summary: &RollingSummary) -> AttributeValue {
+    let mut map = Item::new();
+    map.insert("text".into(), s(summary.text.clone()));
+    map.insert("through".into(), n(summary.through));
+    map.insert("tokens".into(), n(summary.tokens));
+    map.insert("updatedAt".into(), time(summary.updated_at));
+    map.insert("folds".into(), n(summary.folds));
+    map.insert("tokensSpent".into(), n(summary.tokens_spent));
+    if summary.fallback {
+        map.insert("fallback".into(), AttributeValue::Bool(true));
+    }
+    AttributeValue::M(map)
+}
+
+/// The rolling summary of a session item; `None` when it has none or it is unreadable
+/// (the next fold writes a new one).
+pub(super) fn rolling_summary_of(reader: &Reader<'_>) -> Option<RollingSummary> {
+    let AttributeValue::M(map) = reader.get(ROLLING_SUMMARY)? else {
+        return None;
+    };
+    let r = Reader::new(map, "rolling summary");
+    Some(RollingSummary {
+        text: r.opt_str("text")?.to_owned(),
+        through: r.opt_u64("through")?,
+        tokens: u32::try_from(r.opt_u64("tokens").unwrap_or(0)).unwrap_or(u32::MAX),
+        updated_at: r.opt_time("updatedAt").unwrap_or_else(Utc::now),
+        folds: u32::try_from(r.opt_u64("folds").unwrap_or(0)).unwrap_or(u32::MAX),
+        tokens_spent: r.opt_u64("tokensSpent").unwrap_or(0),
+        fallback: r.bool("fallback"),
     })
 }
 
@@ -253,6 +289,9 @@ pub(crate) fn session_item(session: &Session, legacy_count: u64, ttl: Option<i64
     if let Some(thread) = &session.thread_id {
         item.insert("threadId".into(), s(thread.clone()));
     }
+    if let Some(summary) = &session.rolling_summary {
+        item.insert(ROLLING_SUMMARY.into(), rolling_summary_value(summary));
+    }
     item.insert("cmzV".into(), s(SCHEMA_VERSION));
     if legacy_count > 0 {
         item.insert("legacyCount".into(), n(legacy_count));
@@ -279,6 +318,7 @@ pub(crate) fn session_from_item(item: &Item) -> Result<Session> {
         status: status_of(reader.opt_str("status")),
         summary: reader.opt_str("summary").map(str::to_owned),
         thread_id: reader.opt_str("threadId").map(str::to_owned),
+        rolling_summary: rolling_summary_of(&reader),
     })
 }
 

@@ -63,10 +63,12 @@ use aws_sdk_dynamodb::types::{
 use chrono::{DateTime, Utc};
 use cmz_core::ids::{AnimalId, MessageId, SessionId, UserId};
 use cmz_core::store::{
-    AppendOutcome, ConversationStore, Cursor, DeleteReport, DeleteScope, Page, PageRequest,
-    SessionScope, TurnAppend,
+    AppendOutcome, ConversationStore, Cursor, DeleteReport, DeleteScope, MAX_PAGE_SIZE, Page,
+    PageRequest, SessionScope, TurnAppend,
 };
-use cmz_core::types::{Message, MessageMetadata, NewMessage, Role, Session, SessionStatus};
+use cmz_core::types::{
+    Message, MessageMetadata, NewMessage, Role, RollingSummary, Session, SessionStatus,
+};
 use cmz_core::{Error, Result};
 
 use crate::attr::{Item, Reader, from_json, n, s, time, time_string};
@@ -206,6 +208,49 @@ impl DynamoConversationStore {
                 Ok(())
             }
             Err(e) => Err(map_sdk("UpdateItem", table, e)),
+        }
+    }
+
+    /// Stores a rolling summary on the session item unless the stored one covers as much.
+    async fn put_rolling_summary(&self, id: &SessionId, summary: &RollingSummary) -> Result<bool> {
+        let table = self.sessions_table();
+        let result = self
+            .client()
+            .update_item()
+            .table_name(table)
+            .key("sessionId", s(id.as_str()))
+            .update_expression("SET #r = :r")
+            // A session, not a tombstone; and only forward.
+            .condition_expression(
+                "attribute_exists(userId) AND (attribute_not_exists(#r) OR #r.#t < :t)",
+            )
+            .expression_attribute_names("#r", ROLLING_SUMMARY)
+            .expression_attribute_names("#t", "through")
+            .expression_attribute_values(":r", rolling_summary_value(summary))
+            .expression_attribute_values(":t", n(summary.through))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await;
+        match result {
+            Ok(out) => {
+                self.db.inner.meter.record(out.consumed_capacity(), true);
+                Ok(true)
+            }
+            Err(e) => {
+                let old = e.as_service_error().and_then(|e| match e {
+                    aws_sdk_dynamodb::operation::update_item::UpdateItemError::ConditionalCheckFailedException(failed) => {
+                        Some(failed.item().map(|item| item.contains_key("userId")))
+                    }
+                    _ => None,
+                });
+                match old {
+                    // The session is there: its summary already covers as much.
+                    Some(Some(true)) => Ok(false),
+                    Some(_) => Err(session_not_found(id)),
+                    None => Err(map_sdk("UpdateItem", table, e)),
+                }
+            }
         }
     }
 
@@ -404,6 +449,68 @@ impl DynamoConversationStore {
     }
 }
 
+impl DynamoConversationStore {
+    /// Up to `limit` messages after `after`, reading turn items from the key `from_key`
+    /// (at or before the item holding the message after `after`), with the cursor to go on.
+    async fn history_from(
+        &self,
+        id: &SessionId,
+        after: u64,
+        from_key: u64,
+        limit: usize,
+    ) -> Result<Page<Message>> {
+        let stored = self.load(id).await?.ok_or_else(|| session_not_found(id))?;
+        let mut items: Vec<Message> = Vec::new();
+        let mut more = false;
+        // The key of the item holding the message after the page's last one.
+        let mut next_key: Option<u64> = None;
+        if after < stored.legacy_count {
+            let legacy = self.legacy_messages(id).await?;
+            let legacy = &legacy[..legacy.len().min(stored.legacy_count as usize)];
+            let start = (after as usize).min(legacy.len());
+            let end = (start + limit).min(legacy.len());
+            items.extend_from_slice(&legacy[start..end]);
+            more = end < legacy.len();
+        }
+        if !more && items.len() < limit {
+            let after = items.last().map_or(after, |m| m.seq);
+            let from_key = from_key.max(stored.legacy_count + 1);
+            let skip = (after + 1).saturating_sub(from_key) as usize;
+            let want = limit - items.len();
+            let (turns, more_turns) = self
+                .query_items(id, KeyRange::From(from_key), want + skip + 1)
+                .await?;
+            let mut flat: Vec<(u64, Message)> = Vec::new();
+            for turn in &turns {
+                let key = Reader::new(turn, "turn").u64("seq")?;
+                flat.extend(
+                    messages_from_item(id, turn)?
+                        .into_iter()
+                        .filter(|m| m.seq > after)
+                        .map(|m| (key, m)),
+                );
+            }
+            more = more_turns || flat.len() > want;
+            if flat.len() > want {
+                next_key = Some(flat[want].0);
+            }
+            items.extend(flat.into_iter().take(want).map(|(_, m)| m));
+        } else if items.len() == limit && stored.session.message_count > stored.legacy_count {
+            more = true;
+        }
+        let next = match (more, items.last()) {
+            (true, Some(last)) => Some(history_cursor(
+                &self.db,
+                id,
+                last.seq,
+                next_key.unwrap_or(last.seq.saturating_add(1)),
+            )?),
+            _ => None,
+        };
+        Ok(Page { items, next })
+    }
+}
+
 #[async_trait]
 impl ConversationStore for DynamoConversationStore {
     #[tracing::instrument(name = "dynamodb.create_session", skip_all, fields(session = %session.id))]
@@ -516,56 +623,29 @@ impl ConversationStore for DynamoConversationStore {
             None => (0, 1),
             Some(cursor) => read_history_cursor(&self.db, id, cursor)?,
         };
-        let limit = page.effective_limit();
-        let stored = self.load(id).await?.ok_or_else(|| session_not_found(id))?;
-        let mut items: Vec<Message> = Vec::new();
-        let mut more = false;
-        // The key of the item holding the message after the page's last one.
-        let mut next_key: Option<u64> = None;
-        if after < stored.legacy_count {
-            let legacy = self.legacy_messages(id).await?;
-            let legacy = &legacy[..legacy.len().min(stored.legacy_count as usize)];
-            let start = (after as usize).min(legacy.len());
-            let end = (start + limit).min(legacy.len());
-            items.extend_from_slice(&legacy[start..end]);
-            more = end < legacy.len();
+        self.history_from(id, after, from_key, page.effective_limit())
+            .await
+    }
+
+    #[tracing::instrument(name = "dynamodb.messages_after", skip_all, fields(session = %id, after, limit))]
+    async fn messages_after(
+        &self,
+        id: &SessionId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>> {
+        let limit = limit.min(MAX_PAGE_SIZE);
+        if limit == 0 {
+            return Ok(Vec::new());
         }
-        if !more && items.len() < limit {
-            let after = items.last().map_or(after, |m| m.seq);
-            let from_key = from_key.max(stored.legacy_count + 1);
-            let skip = (after + 1).saturating_sub(from_key) as usize;
-            let want = limit - items.len();
-            let (turns, more_turns) = self
-                .query_items(id, KeyRange::From(from_key), want + skip + 1)
-                .await?;
-            let mut flat: Vec<(u64, Message)> = Vec::new();
-            for turn in &turns {
-                let key = Reader::new(turn, "turn").u64("seq")?;
-                flat.extend(
-                    messages_from_item(id, turn)?
-                        .into_iter()
-                        .filter(|m| m.seq > after)
-                        .map(|m| (key, m)),
-                );
-            }
-            more = more_turns || flat.len() > want;
-            if flat.len() > want {
-                next_key = Some(flat[want].0);
-            }
-            items.extend(flat.into_iter().take(want).map(|(_, m)| m));
-        } else if items.len() == limit && stored.session.message_count > stored.legacy_count {
-            more = true;
+        // A turn item usually holds a question and its reply, so the message after `after`
+        // is in the item keyed `after` or `after + 1`; an item holding more starts earlier.
+        let page = self.history_from(id, after, after.max(1), limit).await?;
+        if page.items.first().is_some_and(|m| m.seq == after + 1) {
+            return Ok(page.items);
         }
-        let next = match (more, items.last()) {
-            (true, Some(last)) => Some(history_cursor(
-                &self.db,
-                id,
-                last.seq,
-                next_key.unwrap_or(last.seq.saturating_add(1)),
-            )?),
-            _ => None,
-        };
-        Ok(Page { items, next })
+        let from = after.saturating_sub(MAX_APPEND_MESSAGES as u64).max(1);
+        Ok(self.history_from(id, after, from, limit).await?.items)
     }
 
     #[tracing::instrument(name = "dynamodb.list_sessions", skip_all)]
@@ -589,6 +669,11 @@ impl ConversationStore for DynamoConversationStore {
             session.summary = Some(value)
         })
         .await
+    }
+
+    #[tracing::instrument(name = "dynamodb.set_rolling_summary", skip_all, fields(session = %id, through = summary.through))]
+    async fn set_rolling_summary(&self, id: &SessionId, summary: &RollingSummary) -> Result<bool> {
+        self.put_rolling_summary(id, summary).await
     }
 
     #[tracing::instrument(name = "dynamodb.set_thread_id", skip_all, fields(session = %id))]
