@@ -247,6 +247,17 @@ pub(crate) async fn session_detail(
         "messageCount": session.message_count,
         "status": legacy_status(session.status),
     });
+    body["rollingSummary"] = session.rolling_summary.as_ref().map_or(Value::Null, |r| {
+        json!({
+            "text": r.text,
+            "coversThrough": r.through,
+            "tokens": r.tokens,
+            "updatedAt": r.updated_at,
+            "folds": r.folds,
+            "tokensSpent": r.tokens_spent,
+            "fallback": r.fallback,
+        })
+    });
     if let Some(next) = page.next {
         body["nextCursor"] = next.as_str().into();
     }

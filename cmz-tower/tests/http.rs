@@ -1419,3 +1419,45 @@ fn trusted_proxies_come_from_cmz_trusted_proxies() {
     .unwrap_err();
     assert!(err.to_string().contains("CMZ_TRUSTED_PROXIES"), "{err}");
 }
+
+/// A long conversation gets a running summary, shown in the session detail; the messages it
+/// covers stay as they were, with their token counts.
+#[tokio::test]
+async fn session_detail_shows_the_running_summary() {
+    let server = start().await;
+    let token = server.login("student1@cmz.org", "student123").await;
+    let mut session: Option<String> = None;
+    for n in 1..=10 {
+        let reply = server
+            .turn(
+                &token,
+                "cougar",
+                &format!("question {n}"),
+                session.as_deref(),
+            )
+            .await;
+        assert_eq!(reply.0, 200, "{reply:?}");
+        session = reply.1["sessionId"].as_str().map(str::to_owned);
+    }
+    let path = format!("/conversations/sessions/{}", session.unwrap());
+    // Written after the reply, in the background: poll for it.
+    let mut detail = Value::Null;
+    for _ in 0..100 {
+        detail = server.get(&path, Some(&token)).await.1;
+        if !detail["rollingSummary"].is_null() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let summary = &detail["rollingSummary"];
+    // The default window is 5 turns and a fold is due once 4 turns are outside it.
+    assert_eq!(summary["coversThrough"], 8, "{detail}");
+    assert_eq!(summary["folds"], 1);
+    assert_eq!(summary["fallback"], false);
+    assert!(summary["tokensSpent"].as_u64().unwrap() > 0);
+    assert!(summary["text"].as_str().unwrap().contains("question 1"));
+    let turns = detail["turns"].as_array().unwrap();
+    assert_eq!(turns.len(), 20, "the messages stay");
+    assert_eq!(turns[0]["content"], "question 1");
+    assert_eq!(turns[0]["metadata"]["tokenCount"], 3);
+}

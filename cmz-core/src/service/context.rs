@@ -41,6 +41,29 @@ pub(crate) struct FoldPlan {
     pub(crate) up_to: u64,
 }
 
+/// The prompt tokens of `fixed` messages and the reply priming.
+fn framing(tokenizer: Tokenizer, fixed: &[ChatMessage]) -> u32 {
+    fixed
+        .iter()
+        .map(|m| Tokenizer::message_cost(tokenizer.count(&m.content)))
+        .fold(TOKENS_PER_REPLY, u32::saturating_add)
+}
+
+/// Whether the `fixed` messages, `extra` and a new message of `new_tokens` fit the budget.
+pub(super) fn fits(
+    config: &ConversationConfig,
+    fixed: &[ChatMessage],
+    extra: Option<&ChatMessage>,
+    new_tokens: u32,
+) -> bool {
+    framing(config.tokenizer, fixed)
+        .saturating_add(extra.map_or(0, |m| {
+            Tokenizer::message_cost(config.tokenizer.count(&m.content))
+        }))
+        .saturating_add(Tokenizer::message_cost(new_tokens))
+        <= config.context_budget_tokens
+}
+
 /// Chooses the newest whole turns of `history` (oldest first, the messages before the new
 /// one) that fit the budget beside the `fixed` messages (persona prompt and summaries) and
 /// the new message of `new_tokens`. A user message and its reply go in together or not at
@@ -55,10 +78,7 @@ pub(super) fn choose_window(
 ) -> Result<Window> {
     let tokenizer = config.tokenizer;
     let budget = config.context_budget_tokens;
-    let framing = fixed
-        .iter()
-        .map(|m| Tokenizer::message_cost(tokenizer.count(&m.content)))
-        .fold(TOKENS_PER_REPLY, u32::saturating_add);
+    let framing = framing(tokenizer, fixed);
     let mut used = framing.saturating_add(Tokenizer::message_cost(new_tokens));
     if used > budget {
         let room = budget.saturating_sub(framing.saturating_add(Tokenizer::message_cost(0)));

@@ -192,17 +192,21 @@ impl ConversationService {
             Role::System,
             prompt::system_prompt(&persona),
         ));
-        if let Some(rolling) = &session.rolling_summary {
-            messages.push(ChatMessage::new(
-                Role::System,
-                prompt::rolling_context(&rolling.text),
-            ));
-        }
         if let Some(summary) = &context_summary {
             messages.push(ChatMessage::new(
                 Role::System,
                 prompt::client_context(summary),
             ));
+        }
+        if let Some(rolling) = &session.rolling_summary {
+            let rolling = ChatMessage::new(Role::System, prompt::rolling_context(&rolling.text));
+            // The running summary is help, not a requirement: a message that fits without
+            // it is never refused because of it.
+            if context::fits(&inner.config, &messages, Some(&rolling), content_tokens) {
+                messages.insert(1, rolling);
+            } else {
+                tracing::debug!("running summary left out: no room beside the message");
+            }
         }
         if let Some(seq) = stored_seq {
             history.retain(|m| m.seq < seq);

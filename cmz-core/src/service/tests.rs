@@ -2106,3 +2106,149 @@ async fn a_clean_reply_at_strict_streams_whole_after_the_check() {
     assert!(!reply.moderation.flagged);
     assert_eq!(reply.reply, "lions sleep a lot");
 }
+
+fn small_budget(budget: u32) -> ConversationConfig {
+    ConversationConfig {
+        context_budget_tokens: budget,
+        context_window: 10,
+        summary_every_turns: 2,
+        ..ConversationConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn a_message_too_large_for_the_budget_is_refused_before_the_model() {
+    let f = fixture_with(ScriptedModel::echo(), small_budget(400));
+    let me = kid("k1");
+    let first = f
+        .service
+        .turn(&me, TurnRequest::new(lion(), "hi"))
+        .await
+        .unwrap();
+    let huge = "tell me about lions ".repeat(60);
+    let error = f
+        .service
+        .turn(
+            &me,
+            TurnRequest::new(lion(), huge).in_session(first.session_id.clone()),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), "validation_error", "{error}");
+    assert!(error.to_string().contains("tokens"), "{error}");
+    assert_eq!(f.model.calls(), 1);
+    assert_eq!(
+        all_messages(&f, &first.session_id).await.len(),
+        2,
+        "nothing stored"
+    );
+}
+
+#[tokio::test]
+async fn the_running_summary_falls_back_without_the_model_and_keeps_the_messages() {
+    // The offline model answers persona turns only: summaries use the fallback.
+    let store = Arc::new(InMemoryConversationStore::new());
+    let service = ConversationService::with(
+        store.clone(),
+        personas(),
+        Arc::new(crate::memory::OfflinePersonaModel::new()),
+        Arc::new(OwnerOrAdminPolicy),
+        // The offline replies are short: the turn cap chooses the window here.
+        ConversationConfig {
+            context_window: 3,
+            ..small_budget(2_000)
+        },
+    );
+    let me = kid("k1");
+    let mut session: Option<SessionId> = None;
+    for n in 1..=12 {
+        let mut request = TurnRequest::new(lion(), format!("do lions like question {n}?"));
+        if let Some(id) = &session {
+            request = request.in_session(id.clone());
+        }
+        let reply = service.turn(&me, request).await.unwrap();
+        session = Some(reply.session_id);
+    }
+    service.summaries_settled().await;
+    let id = session.unwrap();
+    let stored = store.get_session(&id).await.unwrap().unwrap();
+    let summary = stored.rolling_summary.expect("a running summary");
+    assert!(summary.fallback);
+    assert_eq!(summary.tokens_spent, 0, "no model tokens");
+    assert!(
+        summary
+            .text
+            .starts_with("Earlier in this conversation the visitor asked Leo:"),
+        "{}",
+        summary.text
+    );
+    assert!(summary.text.contains("do lions like question 1?"));
+    assert!(
+        summary.through >= 4 && summary.through % 2 == 0,
+        "{summary:?}"
+    );
+    let messages = store
+        .history(&id, PageRequest::first(100))
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(messages.len(), 24, "summaries never remove messages");
+    assert!(messages.iter().all(|m| m.metadata.token_count.is_some()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_summaries_from_two_servers_only_move_forward() {
+    // Two services on one store, as two processes: turns race on one session, folds too.
+    let store = Arc::new(InMemoryConversationStore::new());
+    let model = ScriptedModel::always("Roar! We talked about lions.");
+    let make = || {
+        ConversationService::with(
+            store.clone(),
+            personas(),
+            Arc::new(model.clone()),
+            Arc::new(OwnerOrAdminPolicy),
+            small_budget(600),
+        )
+    };
+    let (a, b) = (make(), make());
+    let me = kid("k1");
+    let first = a
+        .turn(&me, TurnRequest::new(lion(), "hello"))
+        .await
+        .unwrap();
+    let id = first.session_id;
+    let run = |service: ConversationService, tag: &'static str| {
+        let (me, id) = (me.clone(), id.clone());
+        async move {
+            for n in 0..15 {
+                service
+                    .turn(
+                        &me,
+                        TurnRequest::new(lion(), format!("{tag} {n}")).in_session(id.clone()),
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    let mut last_through = 0;
+    let watcher = async {
+        for _ in 0..200 {
+            let session = store.get_session(&id).await.unwrap().unwrap();
+            let through = session.rolling_summary.map_or(0, |r| r.through);
+            assert!(through >= last_through, "a summary never moves back");
+            assert!(through <= session.message_count);
+            last_through = through;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    tokio::join!(run(a.clone(), "a"), run(b.clone(), "b"), watcher);
+    a.summaries_settled().await;
+    b.summaries_settled().await;
+    let session = store.get_session(&id).await.unwrap().unwrap();
+    assert_eq!(session.message_count, 62);
+    let summary = session.rolling_summary.unwrap();
+    // Everything but the window (10 turns) and the turns not yet due (under 2) is covered.
+    assert!(summary.through >= 62 - 20 - 4, "{summary:?}");
+    assert!(summary.folds >= 3);
+}
