@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use cmz_core::auth::{AuthService, AuthSettings};
 use cmz_core::service::{ConversationConfig, ConversationService};
+use cmz_core::tokens::Tokenizer;
 use cmz_core::{Error, Result};
 
 #[cfg(feature = "dev")]
@@ -117,8 +118,9 @@ fn check_dev_users(lookup: &Lookup<'_>) -> Result<()> {
 ///   `OPENAI_BASE_URL` are set, else the offline persona model.
 /// - Auth: [`AuthSettings::from_lookup`] (production needs `JWT_SECRET`; development
 ///   users need `CMZ_DEV_USERS` and the `dev` feature).
-/// - Policy and defaults: the platform policy, [`ConversationConfig::default`] and the
-///   per-user turn limit of [`ServiceSettings`].
+/// - Policy and defaults: the platform policy, [`ConversationConfig::default`] with the
+///   context budget and summary cadence of [`ServiceSettings`], counted in the encoding of
+///   the chosen model ([`Tokenizer::for_model`]), and the per-user turn limit.
 ///
 /// Reads no HTTP settings: a front end parses its own.
 pub async fn services_from_env(lookup: &Lookup<'_>) -> Result<Services> {
@@ -137,9 +139,18 @@ pub async fn services_from_env(lookup: &Lookup<'_>) -> Result<Services> {
         moderation = chosen.moderator.is_some(),
         "chat model"
     );
+    let defaults = ConversationConfig::default();
     let config = ConversationConfig {
         moderation_level: settings.moderation_level,
-        ..ConversationConfig::default()
+        // The budget is counted the way the configured model counts.
+        tokenizer: Tokenizer::for_model(chosen.model.name()),
+        context_budget_tokens: settings
+            .context_budget_tokens
+            .unwrap_or(defaults.context_budget_tokens),
+        summary_every_turns: settings
+            .summary_every_turns
+            .unwrap_or(defaults.summary_every_turns),
+        ..defaults
     };
     let mut conversations = ConversationService::with(
         backends.store,
@@ -188,12 +199,19 @@ mod tests {
             ("CMZ_BIND", "not an address"),
             ("CMZ_CORS_ORIGINS", "\u{7f}"),
             ("CMZ_BODY_LIMIT_BYTES", "lots"),
+            ("CMZ_CONTEXT_BUDGET_TOKENS", "3000"),
+            ("CMZ_SUMMARY_EVERY_TURNS", "6"),
         ]);
         let services = services_from_env(&|name| env.get(name).cloned())
             .await
             .unwrap();
         assert!(services.capacity().is_none());
         assert!((services.health())().await.offline);
+        let config = services.conversations().config();
+        assert_eq!(config.context_budget_tokens, 3000);
+        assert_eq!(config.summary_every_turns, 6);
+        // The offline model has no published encoding: the budget is an estimate.
+        assert_eq!(config.tokenizer, Tokenizer::Estimate);
     }
 
     #[tokio::test]
@@ -216,6 +234,11 @@ mod tests {
         assert_eq!(
             services.conversations().config().moderation_level,
             ModerationLevel::Strict
+        );
+        // The default model is gpt-4o-mini: its encoding counts the budget.
+        assert_eq!(
+            services.conversations().config().tokenizer,
+            Tokenizer::O200kBase
         );
         assert!(
             ServiceSettings::from_lookup(&|name| (name == "CMZ_MODERATION").then(|| "on".into()))

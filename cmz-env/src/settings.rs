@@ -32,6 +32,13 @@ pub struct ServiceSettings {
     /// The least moderation every turn gets (`CMZ_MODERATION_LEVEL`: `standard`, the
     /// default, or `strict`, which also checks replies); requests may raise it.
     pub moderation_level: ModerationLevel,
+    /// The most prompt tokens a turn sends the model (`CMZ_CONTEXT_BUDGET_TOKENS`, at least
+    /// 256; default `ConversationConfig`'s 16,384). Counted in the encoding of the
+    /// configured model (`OPENAI_MODEL`).
+    pub context_budget_tokens: Option<u32>,
+    /// Fold turns that left the context window into the running summary every this many
+    /// turns (`CMZ_SUMMARY_EVERY_TURNS`; 0 turns it off; default 4).
+    pub summary_every_turns: Option<usize>,
 }
 
 impl Default for ServiceSettings {
@@ -43,6 +50,8 @@ impl Default for ServiceSettings {
             create_tables: false,
             moderation: false,
             moderation_level: ModerationLevel::Standard,
+            context_budget_tokens: None,
+            summary_every_turns: None,
         }
     }
 }
@@ -97,6 +106,10 @@ impl ServiceSettings {
                 )
             })?;
         }
+        if let Some(budget) = number::<u32>(lookup, "CMZ_CONTEXT_BUDGET_TOKENS")? {
+            settings.context_budget_tokens = Some(budget.max(256));
+        }
+        settings.summary_every_turns = number::<usize>(lookup, "CMZ_SUMMARY_EVERY_TURNS")?;
         Ok(settings)
     }
 }
@@ -113,12 +126,16 @@ mod tests {
             "CMZ_TURN_RATE_LIMIT" => Some("0".into()),
             "CMZ_TURN_RATE_WINDOW_SECONDS" => Some(" 60 ".into()),
             "CMZ_DYNAMODB_CREATE_TABLES" => Some("1".into()),
+            "CMZ_CONTEXT_BUDGET_TOKENS" => Some("100".into()),
+            "CMZ_SUMMARY_EVERY_TURNS" => Some("0".into()),
             _ => None,
         })
         .unwrap();
         assert_eq!(set.turn_limit, 1);
         assert_eq!(set.turn_window, Duration::from_secs(60));
         assert!(set.create_tables);
+        assert_eq!(set.context_budget_tokens, Some(256), "at least 256");
+        assert_eq!(set.summary_every_turns, Some(0));
         let bad = ServiceSettings::from_lookup(&|name| {
             (name == "CMZ_TURN_RATE_LIMIT").then(|| "many".into())
         })

@@ -184,3 +184,33 @@ def test_principals_are_validated():
         cmz.Principal("bad id!", "user")
     with pytest.raises(cmz.ValidationError):
         cmz.Principal("u1", "emperor")
+
+
+def test_long_conversations_get_a_running_summary(backend):
+    import time
+
+    # A small budget and a summary every 2 turns, from the legacy-style environment.
+    client = make_client(backend, {"CMZ_CONTEXT_BUDGET_TOKENS": "700", "CMZ_SUMMARY_EVERY_TURNS": "2"})
+    me = login(client, "student1@cmz.org", "student123")
+    session = None
+    for n in range(1, 13):
+        reply = client.conversations.turn(me, "cougar", f"cougar question {n}?", session_id=session, context_window=3)
+        session = reply["sessionId"]
+    # Written after the reply, in the background.
+    summary = None
+    for _ in range(100):
+        summary = client.conversations.session(me, session).get("rollingSummary")
+        if summary:
+            break
+        time.sleep(0.05)
+    assert summary, "a running summary is kept with the session"
+    assert summary["through"] >= 4 and summary["folds"] >= 1
+    # The demo's offline model writes no summaries: the deterministic one is used.
+    assert summary["fallback"] is True and "cougar question 1?" in summary["text"]
+    messages = client.conversations.history(me, session, limit=100)["messages"]
+    assert len(messages) == 24 and messages[0]["text"] == "cougar question 1?"
+    assert all(m["metadata"]["tokenCount"] > 0 for m in messages)
+    # A message the budget cannot hold is a clear validation error, with the same code.
+    with pytest.raises(cmz.ValidationError) as raised:
+        client.conversations.turn(me, "cougar", "roar " * 700, session_id=session)
+    assert raised.value.code == "validation_error" and "tokens" in str(raised.value)
