@@ -209,7 +209,8 @@ def test_long_conversations_get_a_running_summary(backend):
     assert summary["fallback"] is True and "cougar question 1?" in summary["text"]
     messages = client.conversations.history(me, session, limit=100)["messages"]
     assert len(messages) == 24 and messages[0]["text"] == "cougar question 1?"
-    assert all(m["metadata"]["tokenCount"] > 0 for m in messages)
+    assert all(m["tokenCount"] > 0 for m in messages)
+    assert "tokenCount" not in messages[0]["metadata"], "the metadata stays the caller's"
     # A message the budget cannot hold is a clear validation error, with the same code.
     with pytest.raises(cmz.ValidationError) as raised:
         client.conversations.turn(me, "cougar", "roar " * 700, session_id=session)
