@@ -280,10 +280,17 @@ pub async fn service_with_history(
         UserId::new("bench_kid").expect("valid id"),
         UserRole::Student,
     );
-    let service = ConversationService::new(
+    // The running summary is off: the legacy layout has none, and its cost is measured
+    // by the `long_conversation` bench.
+    let service = ConversationService::with(
         store.clone(),
         Arc::new(bench_personas()),
         Arc::new(InstantModel),
+        Arc::new(cmz_core::access::OwnerOrAdminPolicy),
+        ConversationConfig {
+            summary_every_turns: 0,
+            ..ConversationConfig::default()
+        },
     );
     let id = SessionId::generate(&bench_animal(), &principal.user_id).expect("valid id");
     let session = Session::new(id.clone(), principal.user_id.clone(), bench_animal(), "Leo");
@@ -292,6 +299,9 @@ pub async fn service_with_history(
     // quadratic in the legacy layout.
     let question = "q".repeat(90);
     let answer = "a".repeat(600);
+    // Counted once, as the engine counts every message it stores.
+    let tokenizer = cmz_core::tokens::Tokenizer::default();
+    let counts = [tokenizer.count(&question), tokenizer.count(&answer)];
     let messages: Vec<_> = (0..history)
         .map(|i| {
             let (role, text) = if i % 2 == 0 {
@@ -299,7 +309,9 @@ pub async fn service_with_history(
             } else {
                 (Role::Assistant, &answer)
             };
-            cmz_core::types::NewMessage::new(role, text.as_str())
+            let mut message = cmz_core::types::NewMessage::new(role, text.as_str());
+            message.metadata.token_count = Some(counts[i % 2]);
+            message
         })
         .collect();
     if !messages.is_empty() {

@@ -1,6 +1,11 @@
 //! What the model sees of a conversation: the turns that fit the token budget, and which
 //! older turns are due to be folded into the running summary.
 
+use std::hash::BuildHasher as _;
+use std::sync::Mutex;
+
+use foldhash::HashMap;
+
 use crate::chat::ChatMessage;
 use crate::error::{Error, Result};
 use crate::tokens::{TOKENS_PER_REPLY, Tokenizer};
@@ -8,8 +13,8 @@ use crate::types::{Message, Role, Session};
 
 use super::ConversationConfig;
 
-/// The most messages one fold reads and summarizes; a summary further behind (a long
-/// conversation from before cmz) catches up over several turns.
+/// The most messages one fold reads and summarizes; of a longer backlog (a long
+/// conversation from before cmz) only the newest this many are summarized.
 pub(super) const MAX_FOLD_MESSAGES: usize = 40;
 
 /// The tokens of a stored message: the count kept with it, or counted now for a message
@@ -41,25 +46,67 @@ pub(crate) struct FoldPlan {
     pub(crate) up_to: u64,
 }
 
-/// The prompt tokens of `fixed` messages and the reply priming.
-fn framing(tokenizer: Tokenizer, fixed: &[ChatMessage]) -> u32 {
-    fixed
-        .iter()
-        .map(|m| Tokenizer::message_cost(tokenizer.count(&m.content)))
-        .fold(TOKENS_PER_REPLY, u32::saturating_add)
+/// Token counts of the texts every turn repeats (persona prompts, running summaries),
+/// remembered so a turn does not tokenize its persona prompt again.
+#[derive(Debug)]
+pub(super) struct TokenCounts {
+    tokenizer: Tokenizer,
+    hasher: foldhash::quality::RandomState,
+    known: Mutex<HashMap<u64, u32>>,
+}
+
+/// Texts remembered before the memory starts over.
+const REMEMBERED_COUNTS: usize = 4096;
+
+impl TokenCounts {
+    pub(super) fn new(tokenizer: Tokenizer) -> Self {
+        Self {
+            tokenizer,
+            hasher: Default::default(),
+            known: Mutex::default(),
+        }
+    }
+
+    /// The tokens of `text`.
+    pub(super) fn count(&self, text: &str) -> u32 {
+        let key = self.hasher.hash_one(text);
+        if let Some(&count) = self
+            .known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return count;
+        }
+        let count = self.tokenizer.count(text);
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        if known.len() >= REMEMBERED_COUNTS {
+            known.clear();
+        }
+        known.insert(key, count);
+        count
+    }
+
+    /// The prompt tokens of `fixed` messages and the reply priming.
+    fn framing(&self, fixed: &[ChatMessage]) -> u32 {
+        fixed
+            .iter()
+            .map(|m| Tokenizer::message_cost(self.count(&m.content)))
+            .fold(TOKENS_PER_REPLY, u32::saturating_add)
+    }
 }
 
 /// Whether the `fixed` messages, `extra` and a new message of `new_tokens` fit the budget.
 pub(super) fn fits(
     config: &ConversationConfig,
+    counts: &TokenCounts,
     fixed: &[ChatMessage],
-    extra: Option<&ChatMessage>,
+    extra: &ChatMessage,
     new_tokens: u32,
 ) -> bool {
-    framing(config.tokenizer, fixed)
-        .saturating_add(extra.map_or(0, |m| {
-            Tokenizer::message_cost(config.tokenizer.count(&m.content))
-        }))
+    counts
+        .framing(fixed)
+        .saturating_add(Tokenizer::message_cost(counts.count(&extra.content)))
         .saturating_add(Tokenizer::message_cost(new_tokens))
         <= config.context_budget_tokens
 }
@@ -71,6 +118,7 @@ pub(super) fn fits(
 /// message's sequence number (every message of `history` comes before it).
 pub(super) fn choose_window(
     config: &ConversationConfig,
+    counts: &TokenCounts,
     fixed: &[ChatMessage],
     new_tokens: u32,
     history: Vec<Message>,
@@ -78,7 +126,7 @@ pub(super) fn choose_window(
 ) -> Result<Window> {
     let tokenizer = config.tokenizer;
     let budget = config.context_budget_tokens;
-    let framing = framing(tokenizer, fixed);
+    let framing = counts.framing(fixed);
     let mut used = framing.saturating_add(Tokenizer::message_cost(new_tokens));
     if used > budget {
         let room = budget.saturating_sub(framing.saturating_add(Tokenizer::message_cost(0)));
@@ -184,6 +232,17 @@ mod tests {
             .collect()
     }
 
+    fn choose_window_with(
+        config: &ConversationConfig,
+        fixed: &[ChatMessage],
+        new_tokens: u32,
+        history: Vec<Message>,
+        next_seq: u64,
+    ) -> Result<Window> {
+        let counts = TokenCounts::new(config.tokenizer);
+        choose_window(config, &counts, fixed, new_tokens, history, next_seq)
+    }
+
     fn config(budget: u32) -> ConversationConfig {
         ConversationConfig {
             context_budget_tokens: budget,
@@ -200,15 +259,15 @@ mod tests {
         let new_cost = 3 + 5;
         // Room for exactly two turns (52 tokens), not two and a half.
         let budget = fixed_cost + new_cost + 52 + 13;
-        let window = choose_window(&config(budget), &fixed, 5, history.clone(), 11).unwrap();
+        let window = choose_window_with(&config(budget), &fixed, 5, history.clone(), 11).unwrap();
         assert_eq!(window.messages.len(), 4);
         assert_eq!(window.first_seq, 7);
         assert_eq!(window.messages[0].role, Role::User);
         // A huge budget takes everything; a tight one nothing, never half a turn.
-        let all = choose_window(&config(100_000), &fixed, 5, history.clone(), 11).unwrap();
+        let all = choose_window_with(&config(100_000), &fixed, 5, history.clone(), 11).unwrap();
         assert_eq!((all.messages.len(), all.first_seq), (10, 1));
-        let none =
-            choose_window(&config(fixed_cost + new_cost + 20), &fixed, 5, history, 11).unwrap();
+        let none = choose_window_with(&config(fixed_cost + new_cost + 20), &fixed, 5, history, 11)
+            .unwrap();
         assert_eq!((none.messages.len(), none.first_seq), (0, 11));
     }
 
@@ -218,7 +277,7 @@ mod tests {
         let mut history = turns(3, 2);
         history.remove(0); // the window's read began with a reply
         history.push(message(7, Role::User, "are you there"));
-        let window = choose_window(&config(10_000), &fixed, 2, history, 8).unwrap();
+        let window = choose_window_with(&config(10_000), &fixed, 2, history, 8).unwrap();
         assert_eq!(window.first_seq, 3);
         assert_eq!(window.messages.len(), 5);
         assert_eq!(window.messages.last().unwrap().content, "are you there");
@@ -227,7 +286,7 @@ mod tests {
     #[test]
     fn an_oversized_message_is_a_validation_error() {
         let fixed = [ChatMessage::new(Role::System, "You are Leo.")];
-        let error = choose_window(&config(100), &fixed, 200, Vec::new(), 1).unwrap_err();
+        let error = choose_window_with(&config(100), &fixed, 200, Vec::new(), 1).unwrap_err();
         assert_eq!(error.code(), "validation_error");
         assert!(error.to_string().contains("200 tokens"), "{error}");
     }

@@ -95,6 +95,7 @@ struct Inner {
     audit: Option<DynAuditSink>,
     turn_limit: Option<TurnLimit>,
     folds: Arc<rolling::Folds>,
+    counts: Arc<context::TokenCounts>,
 }
 
 /// What a turn's message is, before the model runs.
@@ -185,13 +186,14 @@ impl ConversationService {
                 personas,
                 model,
                 policy,
-                config,
                 locks: Arc::default(),
                 tombstones: Arc::default(),
                 moderator: None,
                 audit: None,
                 turn_limit: None,
                 folds: Arc::default(),
+                counts: Arc::new(context::TokenCounts::new(config.tokenizer)),
+                config,
             }),
         }
     }

@@ -202,7 +202,13 @@ impl ConversationService {
             let rolling = ChatMessage::new(Role::System, prompt::rolling_context(&rolling.text));
             // The running summary is help, not a requirement: a message that fits without
             // it is never refused because of it.
-            if context::fits(&inner.config, &messages, Some(&rolling), content_tokens) {
+            if context::fits(
+                &inner.config,
+                &inner.counts,
+                &messages,
+                &rolling,
+                content_tokens,
+            ) {
                 messages.insert(1, rolling);
             } else {
                 tracing::debug!("running summary left out: no room beside the message");
@@ -216,8 +222,14 @@ impl ConversationService {
                 .last()
                 .map_or(session.message_count + 1, |m| m.seq + 1)
         });
-        let window =
-            context::choose_window(&inner.config, &messages, content_tokens, history, next_seq)?;
+        let window = context::choose_window(
+            &inner.config,
+            &inner.counts,
+            &messages,
+            content_tokens,
+            history,
+            next_seq,
+        )?;
         let fold = context::fold_plan(&inner.config, &session, window.first_seq);
         messages.extend(window.messages);
         messages.push(ChatMessage::new(Role::User, content));

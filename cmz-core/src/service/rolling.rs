@@ -92,10 +92,16 @@ impl ConversationService {
         if through >= plan.up_to {
             return Ok(());
         }
-        let want = usize::try_from(plan.up_to - through)
-            .unwrap_or(usize::MAX)
-            .min(MAX_FOLD_MESSAGES);
-        let mut turns = inner.store.messages_after(id, through, want).await?;
+        // A backlog longer than one fold (a long conversation from before cmz, or folds
+        // that kept failing) is summarized from its newest part: one fold a turn at most,
+        // never a catch-up through thousands of messages.
+        let from = through.max(plan.up_to.saturating_sub(MAX_FOLD_MESSAGES as u64));
+        let want = usize::try_from(plan.up_to - from).unwrap_or(MAX_FOLD_MESSAGES);
+        let mut turns = inner.store.messages_after(id, from, want).await?;
+        // Start at a question, never at a reply whose question is not included.
+        if turns.first().is_some_and(|m| m.role == Role::Assistant) && from > through {
+            turns.remove(0);
+        }
         turns.retain(|m| m.seq <= plan.up_to);
         // Never end inside a turn: a question goes in with its answer.
         if turns.len() > 1

@@ -2245,10 +2245,22 @@ async fn running_summaries_from_two_servers_only_move_forward() {
     tokio::join!(run(a.clone(), "a"), run(b.clone(), "b"), watcher);
     a.summaries_settled().await;
     b.summaries_settled().await;
+    // Turns outran the folds (a fold of a session already folding here is skipped); the
+    // next turns fold what is due.
+    for service in [&a, &b] {
+        service
+            .turn(
+                &me,
+                TurnRequest::new(lion(), "and now?").in_session(id.clone()),
+            )
+            .await
+            .unwrap();
+        service.summaries_settled().await;
+    }
     let session = store.get_session(&id).await.unwrap().unwrap();
-    assert_eq!(session.message_count, 62);
+    assert_eq!(session.message_count, 66);
     let summary = session.rolling_summary.unwrap();
     // Everything but the window (10 turns) and the turns not yet due (under 2) is covered.
-    assert!(summary.through >= 62 - 20 - 4, "{summary:?}");
-    assert!(summary.folds >= 3);
+    assert!(summary.through >= 66 - 20 - 4, "{summary:?}");
+    assert!(summary.folds >= 2);
 }
