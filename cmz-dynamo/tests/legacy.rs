@@ -213,6 +213,16 @@ async fn legacy_conversations_are_read_and_continued() {
             window.iter().map(|m| m.seq).collect::<Vec<_>>(),
             ((count - 1)..=(count + 4)).collect::<Vec<_>>()
         );
+        // Reading forward (what a running summary reads) crosses it too, from anywhere.
+        for after in [0, count - 2, count - 1, count, count + 1] {
+            let read = store.messages_after(id, after, 3).await.unwrap();
+            assert_eq!(
+                read.iter().map(|m| m.seq).collect::<Vec<_>>(),
+                ((after + 1)..=(after + 3).min(count + 4)).collect::<Vec<_>>(),
+                "messages after {after}"
+            );
+            assert_eq!(read[0].content, all[after as usize].content);
+        }
     }
     // A conflicting second continuation of the same legacy count loses.
     let second = &with_items[1];
