@@ -8,6 +8,7 @@ pub mod ids;
 pub mod memory;
 pub mod moderation;
 pub mod persona;
+pub mod privacy;
 pub mod random;
 pub mod service;
 pub mod store;

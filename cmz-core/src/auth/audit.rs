@@ -25,6 +25,9 @@ pub enum AuditKind {
     Logout,
     /// The moderator flagged a user's message; it did not reach the model.
     ContentFlagged,
+    /// Personal details were taken out of a child's message before it was stored or sent
+    /// (the reason names their types only, never the text).
+    PersonalDetails,
 }
 
 /// Whether it was allowed.

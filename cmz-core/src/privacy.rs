@@ -1,0 +1,391 @@
+//! Personal details in children's messages: found, and replaced by typed placeholders
+//! before a message is stored, sent to the model or a moderator, or summarized.
+//!
+//! What is caught (each becomes a placeholder):
+//!
+//! | kind | placeholder | how it is found |
+//! | --- | --- | --- |
+//! | email address | `[email]` | the address pattern |
+//! | phone number | `[phone]` | digit runs of 7 to 15 digits that libphonenumber's metadata (the `phonenumber` crate) accepts as a valid number of the deployment's region (or an international one), and any digits after "my (mom's / dad's / phone) number is" |
+//! | street address | `[address]` | a house number, one to three name words and a street type ("123 Maple Street", "4 Elm Ct Apt 2"), and what follows "I live at", "my address is", "my house is at" |
+//! | personal link | `[link]` | URLs on social and personal sites (Instagram, TikTok, YouTube, Roblox, …) or with a profile-like path (`/@sam`, `/~sam`, `/user/…`); other links are kept |
+//! | name | `[name]` | the name after "my name is", "call me", "I'm called", "my (mom's / brother's / teacher's …) name is" (a pet's name is not personal and is kept) |
+//! | school | `[school]` | what follows "my school is", and "I go to / attend … School / Elementary / Academy" |
+//!
+//! Ordinary zoo questions pass unchanged (checked on a fixture of everyday questions,
+//! `tests/privacy_fixtures.txt`): ages ("I am 7"), speeds ("70 mph"), sums ("what is 555
+//! times 2?"), years, counts, pets' names and cities. Not caught: a name said without an
+//! introduction ("tell Sam hi"), numbers too short to be valid (a 7-digit local number
+//! without "my number is"), addresses without a street type or introduction.
+//!
+//! ```
+//! use cmz_core::privacy::{PiiKind, Redactor};
+//!
+//! let redactor = Redactor::default(); // region US
+//! let out = redactor.redact("my name is Sam Lee and my mom's number is 206-555-0142");
+//! assert_eq!(out.text, "my name is [name] and my mom's number is [phone]");
+//! assert_eq!(out.kinds, [PiiKind::Name, PiiKind::Phone]);
+//! assert!(redactor.redact("can you run 70 mph? I am 7").kinds.is_empty());
+//! ```
+
+use std::borrow::Cow;
+use std::str::FromStr;
+use std::sync::LazyLock;
+
+use regex::Regex;
+
+use crate::error::{Error, Result};
+
+/// A kind of personal detail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum PiiKind {
+    /// An email address.
+    Email,
+    /// A phone number.
+    Phone,
+    /// A street address.
+    Address,
+    /// A link to a personal page or profile.
+    Link,
+    /// A person's name, from a self-introduction.
+    Name,
+    /// A school's name.
+    School,
+}
+
+impl PiiKind {
+    /// The kind's name (`email`, `phone`, `address`, `link`, `name`, `school`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Email => "email",
+            Self::Phone => "phone",
+            Self::Address => "address",
+            Self::Link => "link",
+            Self::Name => "name",
+            Self::School => "school",
+        }
+    }
+
+    /// The text that replaces it (`[phone]`, …).
+    pub fn placeholder(self) -> &'static str {
+        match self {
+            Self::Email => "[email]",
+            Self::Phone => "[phone]",
+            Self::Address => "[address]",
+            Self::Link => "[link]",
+            Self::Name => "[name]",
+            Self::School => "[school]",
+        }
+    }
+}
+
+/// What a deployment does with personal details in a child's message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum RedactionMode {
+    /// Replace them with placeholders; the model is asked to remind the child kindly not
+    /// to share such things (the default).
+    #[default]
+    Redact,
+    /// Replace them, and answer with an in-character reminder instead of calling the model.
+    Block,
+    /// Keep messages as they are.
+    Off,
+}
+
+impl FromStr for RedactionMode {
+    type Err = Error;
+
+    fn from_str(value: &str) -> Result<Self> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "redact" | "" => Ok(Self::Redact),
+            "block" => Ok(Self::Block),
+            "off" => Ok(Self::Off),
+            other => Err(Error::validation(
+                "personalDetails",
+                format!("must be redact, block or off, got {other:?}"),
+            )),
+        }
+    }
+}
+
+/// A text with its personal details replaced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redacted<'a> {
+    /// The text with placeholders (borrowed when nothing was found).
+    pub text: Cow<'a, str>,
+    /// The kinds found, each once, in the order of their first appearance.
+    pub kinds: Vec<PiiKind>,
+}
+
+/// Finds personal details; cheap to clone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Redactor {
+    region: phonenumber::country::Id,
+}
+
+impl Default for Redactor {
+    /// The United States (the zoo's region).
+    fn default() -> Self {
+        Self {
+            region: phonenumber::country::Id::US,
+        }
+    }
+}
+
+fn regex(pattern: &str) -> Regex {
+    Regex::new(pattern).expect("a valid built-in pattern")
+}
+
+static EMAIL: LazyLock<Regex> = LazyLock::new(|| {
+    regex(r"(?i)\b[a-z0-9][a-z0-9._%+-]*@[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z]{2,}\b")
+});
+static URL: LazyLock<Regex> = LazyLock::new(|| {
+    regex(
+        r#"(?i)\b(?:https?://[^\s<>"']+|www\.[^\s<>"']+|[a-z0-9-]+(?:\.[a-z0-9-]+)*\.(?:com|org|net|edu|io|me|us|co|tv|app|gg|ly|be)/[^\s<>"']+)"#,
+    )
+});
+static PHONE: LazyLock<Regex> = LazyLock::new(|| {
+    regex(r"(?:\+\d{1,3}[\s.-]?)?(?:\(\d{2,4}\)[\s.-]?)?\d[\d\s.-]{4,16}\d")
+});
+static PHONE_INTRO: LazyLock<Regex> = LazyLock::new(|| {
+    regex(
+        r"(?i)\b(?:my|our|(?:mom|mum|mommy|mother|dad|daddy|father|grandma|grandpa|parents)'?s)\s+(?:(?:phone|cell|mobile|home|telephone)\s+)?(?:number|phone)\s+is\s+(\+?\(?\d[\d\s().-]{1,18}\d)",
+    )
+});
+static ADDRESS: LazyLock<Regex> = LazyLock::new(|| {
+    regex(
+        r"(?i)\b\d{1,6}\s+((?:[a-z][a-z'.-]*\s+){1,3})(?:street|st|avenue|ave|road|rd|lane|ln|drive|dr|boulevard|blvd|way|court|ct|place|pl|circle|cir|terrace|highway|hwy|parkway|pkwy|trail)\b\.?(?:,?\s*(?:apt|apartment|unit|suite|#)\.?\s*[a-z0-9-]+)?",
+    )
+});
+static ADDRESS_INTRO: LazyLock<Regex> = LazyLock::new(|| {
+    regex(
+        r"(?i)\b(?:(?:i|we)\s+live\s+at|my\s+(?:home\s+)?address\s+is|(?:my|our)\s+house\s+is\s+(?:at|on))\s+([^.!?,;\n]{2,80}?)\s*(?:[.!?,;\n]|\s+and\s|\s+but\s|$)",
+    )
+});
+static NAME_INTRO: LazyLock<Regex> = LazyLock::new(|| {
+    regex(
+        r"(?i)\b(?:my\s+(?:full\s+|real\s+|last\s+)?name\s+is|my\s+name's|i'?m\s+called|i\s+am\s+called|call\s+me|my\s+nickname\s+is|(?:my|our)\s+(?:best\s+friend|friend|brother|sister|mom|mum|mommy|mother|dad|daddy|father|teacher|cousin|grandma|grandpa|grandmother|grandfather|aunt|uncle)'?s\s+name\s+is)\s+([a-z][a-z'-]{0,30})(\s+[a-z][a-z'-]{0,30})?",
+    )
+});
+static SCHOOL_INTRO: LazyLock<Regex> = LazyLock::new(|| {
+    regex(
+        r"(?i)\b(?:my\s+school\s+is(?:\s+called|\s+named)?|my\s+school's\s+name\s+is)\s+([^.!?,\n]{2,60}?)\s*(?:[.!?,\n]|$)|\b(?:i|we)\s+(?:go\s+to|attend)\s+((?:[a-z0-9'.-]+\s+){0,4}?(?:school|elementary|academy|kindergarten|preschool|montessori)\b)",
+    )
+});
+
+/// Words that never start a name or sit inside a street name.
+const FUNCTION_WORDS: &[&str] = &[
+    "a", "an", "the", "and", "or", "not", "on", "in", "at", "to", "of", "for", "from", "by",
+    "with", "is", "are", "was", "were", "my", "your", "his", "her", "our", "their", "it",
+    "this", "that", "secret", "maybe", "please", "what", "when", "if", "so", "but", "too",
+];
+
+fn is_function_word(word: &str) -> bool {
+    FUNCTION_WORDS.iter().any(|w| w.eq_ignore_ascii_case(word))
+}
+
+/// Sites whose links point at a person (a profile, a channel, a chat).
+const PERSONAL_SITES: &[&str] = &[
+    "instagram.", "tiktok.", "youtube.", "youtu.be", "facebook.", "fb.", "twitter.", "x.com",
+    "snapchat.", "roblox.", "discord.", "twitch.", "github.", "linkedin.", "pinterest.",
+    "reddit.", "threads.", "bsky.", "wa.me", "t.me", "whatsapp.", "telegram.", "minecraft.",
+    "spotify.", "venmo.", "cash.app", "paypal.",
+];
+
+fn is_personal_link(url: &str) -> bool {
+    let lower = url.to_ascii_lowercase();
+    let without_scheme = lower
+        .strip_prefix("https://")
+        .or_else(|| lower.strip_prefix("http://"))
+        .unwrap_or(&lower);
+    let (host, path) = without_scheme
+        .split_once('/')
+        .unwrap_or((without_scheme, ""));
+    let path = path.trim_end_matches(['/', '.', ',', '!', '?', ')']);
+    if path.is_empty() {
+        return false;
+    }
+    PERSONAL_SITES.iter().any(|site| host.contains(site))
+        || path.starts_with('@')
+        || path.starts_with('~')
+        || path.contains("/@")
+        || ["user/", "users/", "u/", "profile", "people/", "member"]
+            .iter()
+            .any(|p| path.starts_with(p))
+}
+
+impl Redactor {
+    /// A redactor for phone numbers of `region` (an ISO 3166 code such as `US` or `GB`).
+    pub fn for_region(region: &str) -> Result<Self> {
+        let region = phonenumber::country::Id::from_str(&region.trim().to_ascii_uppercase())
+            .map_err(|_| {
+                Error::validation(
+                    "phoneRegion",
+                    format!("{region:?} is not a region code such as US or GB"),
+                )
+            })?;
+        Ok(Self { region })
+    }
+
+    /// Whether `candidate` is a phone number of this region or an international one.
+    fn is_phone(&self, candidate: &str) -> bool {
+        let digits = candidate.bytes().filter(u8::is_ascii_digit).count();
+        if !(7..=15).contains(&digits) {
+            return false;
+        }
+        phonenumber::parse(Some(self.region), candidate)
+            .is_ok_and(|number| phonenumber::is_valid(&number))
+    }
+
+    /// The spans of personal details in `text`, each with its kind.
+    fn spans(&self, text: &str) -> Vec<(usize, usize, PiiKind)> {
+        let mut spans = Vec::new();
+        for m in EMAIL.find_iter(text) {
+            spans.push((m.start(), m.end(), PiiKind::Email));
+        }
+        for m in URL.find_iter(text) {
+            let trimmed = m.as_str().trim_end_matches(['.', ',', '!', '?', ')', ';', ':']);
+            if is_personal_link(trimmed) {
+                spans.push((m.start(), m.start() + trimmed.len(), PiiKind::Link));
+            }
+        }
+        for c in PHONE_INTRO.captures_iter(text) {
+            if let Some(number) = c.get(1) {
+                spans.push((number.start(), number.end(), PiiKind::Phone));
+            }
+        }
+        for m in PHONE.find_iter(text) {
+            let candidate = m.as_str().trim_end_matches(['.', '-', ' ']);
+            if self.is_phone(candidate) {
+                spans.push((m.start(), m.start() + candidate.len(), PiiKind::Phone));
+            }
+        }
+        for c in ADDRESS.captures_iter(text) {
+            let words = c.get(1).map_or("", |w| w.as_str());
+            if !words.split_whitespace().any(is_function_word) {
+                let whole = c.get(0).expect("the whole match");
+                spans.push((whole.start(), whole.end(), PiiKind::Address));
+            }
+        }
+        for c in ADDRESS_INTRO.captures_iter(text) {
+            if let Some(place) = c.get(1) {
+                spans.push((place.start(), place.end(), PiiKind::Address));
+            }
+        }
+        for c in NAME_INTRO.captures_iter(text) {
+            let Some(first) = c.get(1) else { continue };
+            if is_function_word(first.as_str()) {
+                continue;
+            }
+            // A second word is part of the name when it is written like one ("Sam Lee").
+            let end = match c.get(2) {
+                Some(second)
+                    if second
+                        .as_str()
+                        .trim_start()
+                        .starts_with(|ch: char| ch.is_uppercase())
+                        && !is_function_word(second.as_str().trim()) =>
+                {
+                    second.end()
+                }
+                _ => first.end(),
+            };
+            spans.push((first.start(), end, PiiKind::Name));
+        }
+        for c in SCHOOL_INTRO.captures_iter(text) {
+            if let Some(school) = c.get(1).or_else(|| c.get(2)) {
+                spans.push((school.start(), school.end(), PiiKind::School));
+            }
+        }
+        spans.sort_by_key(|&(start, end, _)| (start, std::cmp::Reverse(end)));
+        spans
+    }
+
+    /// `text` with its personal details replaced by placeholders.
+    pub fn redact<'a>(&self, text: &'a str) -> Redacted<'a> {
+        let spans = self.spans(text);
+        if spans.is_empty() {
+            return Redacted {
+                text: Cow::Borrowed(text),
+                kinds: Vec::new(),
+            };
+        }
+        let mut out = String::with_capacity(text.len());
+        let mut kinds: Vec<PiiKind> = Vec::new();
+        let mut at = 0;
+        for (start, end, kind) in spans {
+            if start < at {
+                continue; // inside a detail already replaced
+            }
+            out.push_str(&text[at..start]);
+            out.push_str(kind.placeholder());
+            if !kinds.contains(&kind) {
+                kinds.push(kind);
+            }
+            at = end;
+        }
+        out.push_str(&text[at..]);
+        Redacted {
+            text: Cow::Owned(out),
+            kinds,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fixture: `ok <text>` must pass unchanged; `pii <kinds> | <text>` must be caught
+    /// with exactly those kinds.
+    const FIXTURES: &str = include_str!("../tests/privacy_fixtures.txt");
+
+    #[test]
+    fn the_fixture_table() {
+        let redactor = Redactor::default();
+        let mut failures = Vec::new();
+        for line in FIXTURES.lines().map(str::trim) {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            if let Some(text) = line.strip_prefix("ok ") {
+                let out = redactor.redact(text);
+                if !out.kinds.is_empty() {
+                    failures.push(format!("wrongly caught: {text:?} -> {:?}", out.text));
+                }
+            } else if let Some(rest) = line.strip_prefix("pii ") {
+                let (kinds, text) = rest.split_once(" | ").expect("pii <kinds> | <text>");
+                let out = redactor.redact(text);
+                let found: Vec<&str> = out.kinds.iter().map(|k| k.as_str()).collect();
+                let wanted: Vec<&str> = kinds.split(',').collect();
+                if found != wanted {
+                    failures.push(format!("{text:?}: wanted {wanted:?}, found {found:?} -> {:?}", out.text));
+                }
+                for kind in &out.kinds {
+                    assert!(out.text.contains(kind.placeholder()));
+                }
+            } else {
+                panic!("fixture line {line:?}");
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn modes_and_regions() {
+        assert_eq!("BLOCK".parse::<RedactionMode>().unwrap(), RedactionMode::Block);
+        assert_eq!("".parse::<RedactionMode>().unwrap(), RedactionMode::Redact);
+        assert_eq!("maybe".parse::<RedactionMode>().unwrap_err().code(), "validation_error");
+        assert!(Redactor::for_region("XX").is_err());
+        let gb = Redactor::for_region("gb").unwrap();
+        assert_eq!(gb.redact("ring 020 7946 0018").text, "ring [phone]");
+        // A UK number is not a US one, unless written internationally.
+        let us = Redactor::default();
+        assert!(us.redact("ring 020 7946 0018").kinds.is_empty());
+        assert_eq!(us.redact("ring +44 20 7946 0018").kinds, [PiiKind::Phone]);
+        let nothing = us.redact("lions sleep 20 hours");
+        assert!(matches!(nothing.text, Cow::Borrowed(_)));
+    }
+}
