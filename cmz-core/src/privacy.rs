@@ -146,9 +146,8 @@ static URL: LazyLock<Regex> = LazyLock::new(|| {
         r#"(?i)\b(?:https?://[^\s<>"']+|www\.[^\s<>"']+|[a-z0-9-]+(?:\.[a-z0-9-]+)*\.(?:com|org|net|edu|io|me|us|co|tv|app|gg|ly|be)/[^\s<>"']+)"#,
     )
 });
-static PHONE: LazyLock<Regex> = LazyLock::new(|| {
-    regex(r"(?:\+\d{1,3}[\s.-]?)?(?:\(\d{2,4}\)[\s.-]?)?\d[\d\s.-]{4,16}\d")
-});
+static PHONE: LazyLock<Regex> =
+    LazyLock::new(|| regex(r"(?:\+\d{1,3}[\s.-]?)?(?:\(\d{2,4}\)[\s.-]?)?\d[\d\s.-]{4,16}\d"));
 static PHONE_INTRO: LazyLock<Regex> = LazyLock::new(|| {
     regex(
         r"(?i)\b(?:my|our|(?:mom|mum|mommy|mother|dad|daddy|father|grandma|grandpa|parents)'?s)\s+(?:(?:phone|cell|mobile|home|telephone)\s+)?(?:number|phone)\s+is\s+(\+?\(?\d[\d\s().-]{1,18}\d)",
@@ -178,8 +177,8 @@ static SCHOOL_INTRO: LazyLock<Regex> = LazyLock::new(|| {
 /// Words that never start a name or sit inside a street name.
 const FUNCTION_WORDS: &[&str] = &[
     "a", "an", "the", "and", "or", "not", "on", "in", "at", "to", "of", "for", "from", "by",
-    "with", "is", "are", "was", "were", "my", "your", "his", "her", "our", "their", "it",
-    "this", "that", "secret", "maybe", "please", "what", "when", "if", "so", "but", "too",
+    "with", "is", "are", "was", "were", "my", "your", "his", "her", "our", "their", "it", "this",
+    "that", "secret", "maybe", "please", "what", "when", "if", "so", "but", "too",
 ];
 
 fn is_function_word(word: &str) -> bool {
@@ -188,10 +187,33 @@ fn is_function_word(word: &str) -> bool {
 
 /// Sites whose links point at a person (a profile, a channel, a chat).
 const PERSONAL_SITES: &[&str] = &[
-    "instagram.", "tiktok.", "youtube.", "youtu.be", "facebook.", "fb.", "twitter.", "x.com",
-    "snapchat.", "roblox.", "discord.", "twitch.", "github.", "linkedin.", "pinterest.",
-    "reddit.", "threads.", "bsky.", "wa.me", "t.me", "whatsapp.", "telegram.", "minecraft.",
-    "spotify.", "venmo.", "cash.app", "paypal.",
+    "instagram.",
+    "tiktok.",
+    "youtube.",
+    "youtu.be",
+    "facebook.",
+    "fb.",
+    "twitter.",
+    "x.com",
+    "snapchat.",
+    "roblox.",
+    "discord.",
+    "twitch.",
+    "github.",
+    "linkedin.",
+    "pinterest.",
+    "reddit.",
+    "threads.",
+    "bsky.",
+    "wa.me",
+    "t.me",
+    "whatsapp.",
+    "telegram.",
+    "minecraft.",
+    "spotify.",
+    "venmo.",
+    "cash.app",
+    "paypal.",
 ];
 
 fn is_personal_link(url: &str) -> bool {
@@ -246,7 +268,9 @@ impl Redactor {
             spans.push((m.start(), m.end(), PiiKind::Email));
         }
         for m in URL.find_iter(text) {
-            let trimmed = m.as_str().trim_end_matches(['.', ',', '!', '?', ')', ';', ':']);
+            let trimmed = m
+                .as_str()
+                .trim_end_matches(['.', ',', '!', '?', ')', ';', ':']);
             if is_personal_link(trimmed) {
                 spans.push((m.start(), m.start() + trimmed.len(), PiiKind::Link));
             }
@@ -361,7 +385,10 @@ mod tests {
                 let found: Vec<&str> = out.kinds.iter().map(|k| k.as_str()).collect();
                 let wanted: Vec<&str> = kinds.split(',').collect();
                 if found != wanted {
-                    failures.push(format!("{text:?}: wanted {wanted:?}, found {found:?} -> {:?}", out.text));
+                    failures.push(format!(
+                        "{text:?}: wanted {wanted:?}, found {found:?} -> {:?}",
+                        out.text
+                    ));
                 }
                 for kind in &out.kinds {
                     assert!(out.text.contains(kind.placeholder()));
@@ -375,9 +402,15 @@ mod tests {
 
     #[test]
     fn modes_and_regions() {
-        assert_eq!("BLOCK".parse::<RedactionMode>().unwrap(), RedactionMode::Block);
+        assert_eq!(
+            "BLOCK".parse::<RedactionMode>().unwrap(),
+            RedactionMode::Block
+        );
         assert_eq!("".parse::<RedactionMode>().unwrap(), RedactionMode::Redact);
-        assert_eq!("maybe".parse::<RedactionMode>().unwrap_err().code(), "validation_error");
+        assert_eq!(
+            "maybe".parse::<RedactionMode>().unwrap_err().code(),
+            "validation_error"
+        );
         assert!(Redactor::for_region("XX").is_err());
         let gb = Redactor::for_region("gb").unwrap();
         assert_eq!(gb.redact("ring 020 7946 0018").text, "ring [phone]");

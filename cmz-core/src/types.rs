@@ -96,6 +96,11 @@ pub struct MessageMetadata {
     /// are counted when read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_count: Option<u32>,
+    /// The kinds of personal details taken out of this message before it was stored
+    /// (`phone`, `name`, …; see [`crate::privacy`]), or, on a reply, out of the message it
+    /// answers. Never the details themselves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redacted: Vec<String>,
 }
 
 fn is_false(value: &bool) -> bool {
@@ -133,6 +138,7 @@ impl MessageMetadata {
             turn_key: None,
             custom: (!map.is_empty()).then_some(map),
             token_count: None,
+            redacted: Vec::new(),
         }
     }
 
@@ -143,10 +149,11 @@ impl MessageMetadata {
             return custom.clone();
         }
         match serde_json::to_value(self) {
-            // The token count is cmz's bookkeeping for the context budget, not something
-            // the legacy callers stored.
+            // The token count and the redaction kinds are cmz's bookkeeping, not something
+            // the legacy callers stored (their user messages carry no metadata).
             Ok(serde_json::Value::Object(mut map)) => {
                 map.remove("tokenCount");
+                map.remove("redacted");
                 map
             }
             _ => serde_json::Map::new(),

@@ -150,6 +150,8 @@ pub async fn services_from_env(lookup: &Lookup<'_>) -> Result<Services> {
         summary_every_turns: settings
             .summary_every_turns
             .unwrap_or(defaults.summary_every_turns),
+        personal_details: settings.personal_details,
+        redactor: settings.redactor,
         ..defaults
     };
     let mut conversations = ConversationService::with(

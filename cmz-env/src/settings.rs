@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use cmz_core::moderation::ModerationLevel;
+use cmz_core::privacy::{RedactionMode, Redactor};
 use cmz_core::{Error, Result};
 
 /// Where settings come from: a function from a variable name to its value, such as
@@ -39,6 +40,12 @@ pub struct ServiceSettings {
     /// Fold turns that left the context window into the running summary every this many
     /// turns (`CMZ_SUMMARY_EVERY_TURNS`; 0 turns it off; default 4).
     pub summary_every_turns: Option<usize>,
+    /// What happens to personal details in children's messages (`CMZ_PERSONAL_DETAILS`:
+    /// `redact`, the default, `block` or `off`; see `cmz_core::privacy`).
+    pub personal_details: RedactionMode,
+    /// Whose phone numbers count as personal details (`CMZ_PHONE_REGION`, an ISO 3166
+    /// code; default `US`). International numbers (`+44 …`) always do.
+    pub redactor: Redactor,
 }
 
 impl Default for ServiceSettings {
@@ -52,6 +59,8 @@ impl Default for ServiceSettings {
             moderation_level: ModerationLevel::Standard,
             context_budget_tokens: None,
             summary_every_turns: None,
+            personal_details: RedactionMode::Redact,
+            redactor: Redactor::default(),
         }
     }
 }
@@ -110,6 +119,24 @@ impl ServiceSettings {
             settings.context_budget_tokens = Some(budget.max(256));
         }
         settings.summary_every_turns = number::<usize>(lookup, "CMZ_SUMMARY_EVERY_TURNS")?;
+        if let Some(mode) = lookup("CMZ_PERSONAL_DETAILS") {
+            settings.personal_details = mode.parse().map_err(|_| {
+                Error::validation(
+                    "CMZ_PERSONAL_DETAILS",
+                    format!("CMZ_PERSONAL_DETAILS must be redact, block or off, got {mode:?}"),
+                )
+            })?;
+        }
+        if let Some(region) = lookup("CMZ_PHONE_REGION").filter(|v| !v.trim().is_empty()) {
+            settings.redactor = Redactor::for_region(&region).map_err(|_| {
+                Error::validation(
+                    "CMZ_PHONE_REGION",
+                    format!(
+                        "CMZ_PHONE_REGION must be a region code such as US or GB, got {region:?}"
+                    ),
+                )
+            })?;
+        }
         Ok(settings)
     }
 }
@@ -128,6 +155,8 @@ mod tests {
             "CMZ_DYNAMODB_CREATE_TABLES" => Some("1".into()),
             "CMZ_CONTEXT_BUDGET_TOKENS" => Some("100".into()),
             "CMZ_SUMMARY_EVERY_TURNS" => Some("0".into()),
+            "CMZ_PERSONAL_DETAILS" => Some("block".into()),
+            "CMZ_PHONE_REGION" => Some("gb".into()),
             _ => None,
         })
         .unwrap();
@@ -136,6 +165,17 @@ mod tests {
         assert!(set.create_tables);
         assert_eq!(set.context_budget_tokens, Some(256), "at least 256");
         assert_eq!(set.summary_every_turns, Some(0));
+        assert_eq!(set.personal_details, RedactionMode::Block);
+        assert_eq!(set.redactor, Redactor::for_region("GB").unwrap());
+        for (name, value) in [
+            ("CMZ_PERSONAL_DETAILS", "sometimes"),
+            ("CMZ_PHONE_REGION", "Narnia"),
+        ] {
+            let bad =
+                ServiceSettings::from_lookup(&|n| (n == name).then(|| value.into())).unwrap_err();
+            assert_eq!(bad.code(), "validation_error");
+            assert!(bad.to_string().contains(name), "{bad}");
+        }
         let bad = ServiceSettings::from_lookup(&|name| {
             (name == "CMZ_TURN_RATE_LIMIT").then(|| "many".into())
         })

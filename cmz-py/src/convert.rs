@@ -19,7 +19,8 @@ pub(crate) fn id<T>(make: fn(String) -> Result<T>, value: String) -> PyResult<T>
 
 /// A message as Python sees it: `metadata` is the caller's own map when one was stored
 /// (verbatim), else cmz's typed fields; `tokenCount` (the content's tokens, counted when
-/// it was stored; `None` for legacy items) sits beside it.
+/// it was stored; `None` for legacy items) and `redacted` (the kinds of personal details
+/// taken out of it) sit beside it.
 pub(crate) fn message_json(message: &Message) -> Result<Value> {
     let mut value = to_json(message)?;
     if let Some(object) = value.as_object_mut() {
@@ -28,6 +29,7 @@ pub(crate) fn message_json(message: &Message) -> Result<Value> {
             Value::Object(message.metadata.to_caller()),
         );
         object.insert("tokenCount".into(), message.metadata.token_count.into());
+        object.insert("redacted".into(), message.metadata.redacted.clone().into());
     }
     Ok(value)
 }

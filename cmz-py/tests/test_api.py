@@ -215,3 +215,17 @@ def test_long_conversations_get_a_running_summary(backend):
     with pytest.raises(cmz.ValidationError) as raised:
         client.conversations.turn(me, "cougar", "roar " * 700, session_id=session)
     assert raised.value.code == "validation_error" and "tokens" in str(raised.value)
+
+
+def test_personal_details_are_taken_out(backend):
+    client = make_client(backend, {"CMZ_PERSONAL_DETAILS": "block"})
+    me = login(client, "student1@cmz.org", "student123")
+    reply = client.conversations.turn(me, "cougar", "my phone number is 206-555-0142, what do you eat?")
+    assert reply["reply"].startswith("Cora the Cougar here! Let's keep things like names")
+    assert reply["userMessage"]["text"] == "my phone number is [phone], what do you eat?"
+    assert reply["userMessage"]["redacted"] == ["phone"]
+    stored = client.conversations.history(me, reply["sessionId"])["messages"]
+    assert "206" not in stored[0]["text"]
+    # The legacy module stores through the same gate.
+    with pytest.raises(cmz.ValidationError):
+        make_client(backend, {"CMZ_PERSONAL_DETAILS": "sometimes"})

@@ -1461,3 +1461,38 @@ async fn session_detail_shows_the_running_summary() {
     assert_eq!(turns[0]["content"], "question 1");
     assert_eq!(turns[0]["metadata"]["tokenCount"], 3);
 }
+
+/// A child's personal details are taken out before the turn is stored or sent; the reply
+/// and the stored messages show placeholders and the kinds, never the details.
+#[tokio::test]
+async fn personal_details_are_taken_out_over_http() {
+    let server = start().await;
+    let token = server.login("student1@cmz.org", "student123").await;
+    let reply = server
+        .turn(
+            &token,
+            "cougar",
+            "hi, my name is Ana Rivera and my email is ana@example.com",
+            None,
+        )
+        .await;
+    assert_eq!(reply.0, 200, "{reply:?}");
+    // The echo model repeats what it was sent: the placeholders.
+    let text = reply.1["reply"].as_str().unwrap();
+    assert!(
+        text.contains("my name is [name] and my email is [email]"),
+        "{text}"
+    );
+    assert!(!text.contains("Rivera") && !text.contains("ana@"), "{text}");
+    let path = format!(
+        "/conversations/sessions/{}",
+        reply.1["sessionId"].as_str().unwrap()
+    );
+    let detail = server.get(&path, Some(&token)).await.1;
+    let first = &detail["turns"][0];
+    assert_eq!(
+        first["content"],
+        "hi, my name is [name] and my email is [email]"
+    );
+    assert_eq!(first["metadata"]["redacted"], json!(["email", "name"]));
+}

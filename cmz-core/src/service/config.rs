@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::moderation::ModerationLevel;
+use crate::privacy::{RedactionMode, Redactor};
 use crate::tokens::Tokenizer;
 
 /// What a turn does when the model fails or times out.
@@ -71,6 +72,15 @@ pub struct ConversationConfig {
     pub summary_every_turns: usize,
     /// Reply-token limit for writing the running summary. Default 300.
     pub summary_max_tokens: u32,
+    /// What happens to personal details in a child's message (and the client's context
+    /// summary): replaced by placeholders before anything stores, sends, moderates or
+    /// summarizes it, with a kind reminder ([`RedactionMode::Redact`], the default), or
+    /// also answered with an in-character reminder instead of the model
+    /// ([`RedactionMode::Block`]), or left as is ([`RedactionMode::Off`]).
+    pub personal_details: RedactionMode,
+    /// What counts as a personal detail; phone numbers are those of its region. Default
+    /// the United States.
+    pub redactor: Redactor,
 }
 
 impl Default for ConversationConfig {
@@ -92,6 +102,8 @@ impl Default for ConversationConfig {
             tokenizer: Tokenizer::O200kBase,
             summary_every_turns: 4,
             summary_max_tokens: 300,
+            personal_details: RedactionMode::Redact,
+            redactor: Redactor::default(),
         }
     }
 }

@@ -91,8 +91,14 @@ impl ConversationService {
             ),
         };
         let _lease = self.lock_session(&session.id).await?;
-        let mut user = NewMessage::new(Role::User, turn.user_message);
+        // A turn made elsewhere is stored like one of ours: without personal details.
+        let (text, redacted) = self.redact(turn.user_message);
+        if !redacted.is_empty() {
+            self.audit_redaction(principal, &redacted).await;
+        }
+        let mut user = NewMessage::new(Role::User, text);
         user.metadata.turn_key = turn.turn_key.clone();
+        user.metadata.redacted = super::privacy::kind_names(&redacted);
         let mut assistant = NewMessage::new(Role::Assistant, turn.reply);
         assistant.created_at = user.created_at;
         assistant.metadata = turn.metadata;

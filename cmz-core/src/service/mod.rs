@@ -33,6 +33,7 @@ mod limit;
 mod locks;
 mod persist;
 mod prepare;
+mod privacy;
 pub mod prompt;
 mod reads;
 mod request;
@@ -128,6 +129,10 @@ struct ReadyTurn {
     began_at: chrono::DateTime<chrono::Utc>,
     /// The turns to fold into the running summary once this turn is stored.
     fold: Option<context::FoldPlan>,
+    /// The kinds of personal details taken out of the message (and context summary).
+    redacted: Vec<crate::privacy::PiiKind>,
+    /// The deployment blocks such messages: the reply is the persona's reminder.
+    privacy_block: bool,
 }
 
 enum TurnStart {
@@ -393,6 +398,12 @@ impl ConversationService {
         &self,
         prepared: &ReadyTurn,
     ) -> Result<Option<(NewMessage, ModerationVerdict)>> {
+        if prepared.privacy_block {
+            let mut reminder =
+                NewMessage::new(Role::Assistant, prompt::privacy_reminder(&prepared.persona));
+            reminder.metadata.redacted = privacy::kind_names(&prepared.redacted);
+            return Ok(Some((reminder, ModerationVerdict::default())));
+        }
         let message = match &prepared.user {
             UserPart::New(message) => &message.content,
             UserPart::Stored(message) => &message.content,

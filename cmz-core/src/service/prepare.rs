@@ -2,6 +2,7 @@
 //! policy, and building the prompt from the persona and the context window.
 
 use super::*;
+use crate::privacy::RedactionMode;
 
 impl ConversationService {
     pub(super) fn validate(&self, request: &TurnRequest) -> Result<usize> {
@@ -132,9 +133,23 @@ impl ConversationService {
             }
         };
 
+        // Personal details never go further than this: not to the store, the model, the
+        // moderator or a summary.
+        let (text, mut redacted) = self.redact(request.message);
+        let context_summary = request.context_summary.map(|summary| {
+            let (summary, kinds) = self.redact(summary);
+            redacted.extend(kinds);
+            summary
+        });
+        redacted.sort();
+        redacted.dedup();
+        if !redacted.is_empty() {
+            self.audit_redaction(principal, &redacted).await;
+        }
         let mut user = UserPart::New({
-            let mut message = NewMessage::new(Role::User, request.message);
+            let mut message = NewMessage::new(Role::User, text);
             message.metadata.turn_key = request.turn_key.clone();
+            message.metadata.redacted = privacy::kind_names(&redacted);
             message
         });
         if let (Some(key), false) = (&request.turn_key, created) {
@@ -183,9 +198,7 @@ impl ConversationService {
                 Some(message.seq),
             ),
         };
-        let context_summary = request
-            .context_summary
-            .filter(|summary| !summary.trim().is_empty());
+        let context_summary = context_summary.filter(|summary| !summary.trim().is_empty());
         let mut messages = Vec::with_capacity(history.len() + 3);
         // The persona prompt first: a stable prefix for provider prompt caching.
         messages.push(ChatMessage::new(
@@ -222,16 +235,32 @@ impl ConversationService {
                 .last()
                 .map_or(session.message_count + 1, |m| m.seq + 1)
         });
+        let privacy_block =
+            !redacted.is_empty() && inner.config.personal_details == RedactionMode::Block;
+        // Asked to remind the child; sent just before their message, counted in the budget.
+        let note = (!redacted.is_empty() && !privacy_block)
+            .then(|| ChatMessage::new(Role::System, prompt::privacy_note()));
+        let mut fixed_with_note;
+        let fixed = match &note {
+            Some(note) => {
+                fixed_with_note = messages.clone();
+                fixed_with_note.push(note.clone());
+                fixed_with_note.as_slice()
+            }
+            None => messages.as_slice(),
+        };
         let window = context::choose_window(
             &inner.config,
             &inner.counts,
-            &messages,
+            fixed,
             content_tokens,
             history,
             next_seq,
         )?;
+
         let fold = context::fold_plan(&inner.config, &session, window.first_seq);
         messages.extend(window.messages);
+        messages.extend(note);
         messages.push(ChatMessage::new(Role::User, content));
         let prompt = ChatRequest {
             messages,
@@ -261,6 +290,8 @@ impl ConversationService {
             moderation,
             began_at,
             fold,
+            redacted,
+            privacy_block,
         })))
     }
 }

@@ -221,6 +221,21 @@ fn one_line(text: &str, max: usize) -> String {
     cut
 }
 
+/// The in-character reply to a message with personal details, when the deployment blocks
+/// them.
+pub fn privacy_reminder(persona: &Persona) -> String {
+    format!(
+        "{} here! Let's keep things like names, phone numbers, addresses and schools just between you and your grown-ups. I'd love to keep talking about animals, though: what would you like to know?",
+        persona.name
+    )
+}
+
+/// The note telling the model that personal details were taken out of the visitor's
+/// message, and how to answer.
+pub fn privacy_note() -> &'static str {
+    "The visitor's message contained personal details, which were replaced by placeholders such as [name] or [phone]. Do not ask about them or guess them. Begin your reply with one short, kind sentence reminding the visitor not to share personal details here, then answer the rest of the message."
+}
+
 /// The in-character reply to a message the moderator flagged.
 pub fn moderation_refusal(persona: &Persona) -> String {
     format!(

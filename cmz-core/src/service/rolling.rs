@@ -120,9 +120,14 @@ impl ConversationService {
                     Role::System,
                     prompt::rolling_summary_instruction(&session, config.summary_max_tokens),
                 ),
+                // Messages from before cmz (legacy items) were never redacted.
                 ChatMessage::new(
                     Role::User,
-                    prompt::rolling_summary_input(&session, previous_text, &turns),
+                    self.redact_summary(prompt::rolling_summary_input(
+                        &session,
+                        previous_text,
+                        &turns,
+                    )),
                 ),
             ],
             max_tokens: Some(config.summary_max_tokens),
@@ -161,6 +166,8 @@ impl ConversationService {
                 (text, 0, true)
             }
         };
+        // A model may repeat what it read: the summary is screened like a message.
+        let text = self.redact_summary(text);
         let summary = RollingSummary {
             tokens: config.tokenizer.count(&text),
             text,

@@ -16,7 +16,7 @@ impl ConversationService {
         let request = ChatRequest {
             messages: vec![
                 ChatMessage::new(Role::System, prompt::summary_instruction(&session)),
-                ChatMessage::new(Role::User, transcript),
+                ChatMessage::new(Role::User, self.redact_summary(transcript)),
             ],
             max_tokens: Some(150),
             temperature: Some(0.2),
@@ -47,13 +47,13 @@ impl ConversationService {
         };
         let summary = match result {
             Some(text) => Summary {
-                text,
+                text: self.redact_summary(text),
                 fallback: false,
             },
             None => {
                 let first = inner.store.history(id, PageRequest::first(2)).await?;
                 Summary {
-                    text: prompt::fallback_summary(&session, &first.items),
+                    text: self.redact_summary(prompt::fallback_summary(&session, &first.items)),
                     fallback: true,
                 }
             }

@@ -2264,3 +2264,147 @@ async fn running_summaries_from_two_servers_only_move_forward() {
     assert!(summary.through >= 66 - 20 - 4, "{summary:?}");
     assert!(summary.folds >= 2);
 }
+
+fn privacy_fixture(
+    mode: crate::privacy::RedactionMode,
+) -> (
+    Fixture,
+    ConversationService,
+    Arc<crate::auth::InMemoryAuditSink>,
+) {
+    let f = fixture_with(
+        ScriptedModel::echo(),
+        ConversationConfig {
+            personal_details: mode,
+            ..ConversationConfig::default()
+        },
+    );
+    let audit = Arc::new(crate::auth::InMemoryAuditSink::new());
+    let service = f.service.clone().with_audit(audit.clone());
+    (f, service, audit)
+}
+
+const PERSONAL: &str = "my name is Sam Lee, call my mom at 206-555-0142. do lions purr?";
+
+#[tokio::test]
+async fn personal_details_never_reach_the_store_the_model_or_the_audit_log() {
+    let (f, service, audit) = privacy_fixture(crate::privacy::RedactionMode::Redact);
+    let me = kid("k1");
+    let reply = service
+        .turn(
+            &me,
+            TurnRequest::new(lion(), PERSONAL)
+                .with_context_summary("call me Sam, number 206-555-0142"),
+        )
+        .await
+        .unwrap();
+    let sent = f.model.last_request().unwrap();
+    let all_sent: String = sent.messages.iter().map(|m| m.content.as_str()).collect();
+    for secret in ["Sam", "Lee", "206", "0142"] {
+        assert!(
+            !all_sent.contains(secret),
+            "{secret} reached the model: {all_sent}"
+        );
+    }
+    let user = &sent.messages.last().unwrap().content;
+    assert_eq!(
+        user,
+        "my name is [name], call my mom at [phone]. do lions purr?"
+    );
+    // The model is asked to remind the child, just before their message.
+    let note = &sent.messages[sent.messages.len() - 2];
+    assert_eq!(
+        (note.role, note.content.as_str()),
+        (Role::System, prompt::privacy_note())
+    );
+    let stored = all_messages(&f, &reply.session_id).await;
+    assert_eq!(stored[0].content, *user);
+    assert_eq!(stored[0].metadata.redacted, ["phone", "name"]);
+    let events = audit.events();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].kind, AuditKind::PersonalDetails);
+    assert_eq!(
+        events[0].reason,
+        "personal details taken out of a message: phone, name"
+    );
+    // Streams and stored-elsewhere turns are screened alike.
+    let mut stream = service
+        .stream_turn(
+            &me,
+            TurnRequest::new(lion(), "email me at sam@example.com")
+                .in_session(reply.session_id.clone()),
+        )
+        .await
+        .unwrap();
+    while stream.next().await.is_some() {}
+    let external = service
+        .store_turn(
+            &me,
+            ExternalTurn::new(lion(), "I live at 12 Birch Road", "Nice!")
+                .in_session(reply.session_id.clone()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(external.user_message.content, "I live at [address]");
+    let stored = all_messages(&f, &reply.session_id).await;
+    assert_eq!(stored[2].content, "email me at [email]");
+    assert_eq!(audit.events().len(), 3);
+    // The summary of the conversation is screened too (the echo model repeats its input).
+    let summary = service.summarize(&me, &reply.session_id).await.unwrap();
+    assert!(
+        !summary.text.contains("Birch") && !summary.text.contains("example.com"),
+        "{}",
+        summary.text
+    );
+}
+
+#[tokio::test]
+async fn blocked_personal_details_get_the_reminder_and_no_model_call() {
+    let (f, service, audit) = privacy_fixture(crate::privacy::RedactionMode::Block);
+    let me = kid("k1");
+    let reply = service
+        .turn(&me, TurnRequest::new(lion(), PERSONAL))
+        .await
+        .unwrap();
+    assert_eq!(f.model.calls(), 0, "the model never sees it");
+    assert!(
+        reply
+            .reply
+            .starts_with("Leo here! Let's keep things like names"),
+        "{}",
+        reply.reply
+    );
+    assert_eq!(reply.assistant_message.metadata.redacted, ["phone", "name"]);
+    assert!(!reply.moderation.flagged);
+    let stored = all_messages(&f, &reply.session_id).await;
+    assert_eq!(
+        stored[0].content,
+        "my name is [name], call my mom at [phone]. do lions purr?"
+    );
+    assert_eq!(audit.events()[0].outcome, AuditOutcome::Denied);
+    // An ordinary question goes to the model as usual.
+    service
+        .turn(
+            &me,
+            TurnRequest::new(lion(), "I am 7, can you run 70 mph?")
+                .in_session(reply.session_id.clone()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(f.model.calls(), 1);
+    assert_eq!(audit.events().len(), 1);
+}
+
+#[tokio::test]
+async fn personal_details_kept_when_the_deployment_says_off() {
+    let (f, service, audit) = privacy_fixture(crate::privacy::RedactionMode::Off);
+    let reply = service
+        .turn(&kid("k1"), TurnRequest::new(lion(), PERSONAL))
+        .await
+        .unwrap();
+    assert_eq!(
+        all_messages(&f, &reply.session_id).await[0].content,
+        PERSONAL
+    );
+    assert!(audit.events().is_empty());
+}
