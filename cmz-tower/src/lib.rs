@@ -6,6 +6,7 @@ mod body_timeout;
 mod client_ip;
 mod config;
 mod error;
+mod export;
 mod metrics;
 mod routes;
 mod security_headers;
@@ -182,6 +183,9 @@ const TABLE: &[(Route, MakeHandler)] = &[
     }),
     (route("GET", "/family_list", false), || {
         get(routes::family_list)
+    }),
+    (route("GET", "/conversations/export", false), || {
+        get(export::export)
     }),
 ];
 

@@ -1496,3 +1496,108 @@ async fn personal_details_are_taken_out_over_http() {
     );
     assert_eq!(first["metadata"]["redacted"], json!(["email", "name"]));
 }
+
+/// A parent exports their family's conversations as JSON or a printable page; another
+/// family's are refused; every export is audited.
+#[tokio::test]
+async fn a_parent_exports_their_familys_conversations() {
+    let server = start().await;
+    let ana = server.login("student1@cmz.org", "student123").await;
+    let leo = server.login("student2@cmz.org", "student123").await;
+    let kim = server.login("other@cmz.org", "other123").await;
+    let parent = server.login("parent@cmz.org", "parent123").await;
+    let first = server
+        .turn(&ana, "cougar", "Do you like <b>bold</b> & big cats?", None)
+        .await;
+    server
+        .turn(
+            &ana,
+            "cougar",
+            "second question",
+            first.1["sessionId"].as_str(),
+        )
+        .await;
+    server.turn(&leo, "porcupine", "Quills?", None).await;
+    server.turn(&kim, "cougar", "Kim's question", None).await;
+
+    let export = |query: &'static str, token: String, accept: &'static str| {
+        let request = server
+            .client
+            .get(server.url(&format!("/conversations/export{query}")))
+            .bearer_auth(token)
+            .header("accept", accept);
+        async move { request.send().await.unwrap() }
+    };
+    let response = export("", parent.clone(), "application/json").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let body: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+    let sessions = body["sessions"].as_array().unwrap();
+    assert_eq!(
+        sessions.len(),
+        2,
+        "Ana's and Leo's conversations, not Kim's"
+    );
+    let mut counts: Vec<(String, usize)> = sessions
+        .iter()
+        .map(|s| {
+            (
+                s["session"]["userId"].as_str().unwrap().to_owned(),
+                s["messages"].as_array().unwrap().len(),
+            )
+        })
+        .collect();
+    counts.sort();
+    assert_eq!(
+        counts,
+        [
+            ("user_student_ana".into(), 4),
+            ("user_student_leo".into(), 2)
+        ]
+    );
+    assert!(!body.to_string().contains("Kim's question"));
+
+    // A browser gets the printable page, with the children's text escaped.
+    let page = export("", parent.clone(), "text/html,application/xhtml+xml").await;
+    assert_eq!(page.status(), 200);
+    assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
+    assert!(
+        page.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("style-src 'unsafe-inline'")
+    );
+    let html = page.text().await.unwrap();
+    assert!(
+        html.contains("Do you like &lt;b&gt;bold&lt;/b&gt; &amp; big cats?"),
+        "{html}"
+    );
+    assert!(html.trim_end().ends_with("</html>"));
+    assert_eq!(html.matches("<section>").count(), 2);
+
+    // A date range that holds nothing.
+    let empty = export(
+        "?endDate=2001-01-01T00:00:00Z",
+        parent.clone(),
+        "application/json",
+    )
+    .await;
+    let empty: Value = serde_json::from_str(&empty.text().await.unwrap()).unwrap();
+    assert_eq!(empty["sessions"], json!([]));
+
+    // Another family's, and another child's, are refused.
+    for (query, token) in [
+        ("?parentUserId=user_parent_chen", parent.clone()),
+        ("?userId=user_student_kim", parent.clone()),
+        ("?userId=user_student_leo", ana.clone()),
+    ] {
+        let refused = export(query, token, "application/json").await;
+        assert_eq!(refused.status(), 403, "{query}");
+    }
+    // A child exports their own.
+    let own = export("", kim.clone(), "application/json").await;
+    let own: Value = serde_json::from_str(&own.text().await.unwrap()).unwrap();
+    assert_eq!(own["sessions"].as_array().unwrap().len(), 1);
+    let bad = export("?format=pdf", parent, "application/json").await;
+    assert_eq!(bad.status(), 400);
+}

@@ -28,6 +28,7 @@
 mod animals;
 mod config;
 mod context;
+mod export;
 mod external;
 mod limit;
 mod locks;
@@ -53,6 +54,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
 pub use config::{ConversationConfig, ModelFailurePolicy};
+pub use export::{ExportFormat, ExportItem, ExportRange, ExportWriter};
 pub use external::ExternalTurn;
 use limit::TurnLimit;
 pub use limit::{TURN_LIMIT_MESSAGE, TurnLimitStatus};
