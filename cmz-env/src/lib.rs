@@ -9,10 +9,13 @@ mod settings;
 
 use std::sync::Arc;
 
+use cmz_core::access::{Principal, UserRole};
 use cmz_core::auth::{AuthService, AuthSettings};
-use cmz_core::service::{ConversationConfig, ConversationService};
+use cmz_core::ids::UserId;
+use cmz_core::service::{ConversationConfig, ConversationService, ExportItem, ExportRange};
 use cmz_core::tokens::Tokenizer;
 use cmz_core::{Error, Result};
+use futures::stream::BoxStream;
 
 #[cfg(feature = "dev")]
 pub use dev::{SAMPLE_PERSONAS, sample_personas};
@@ -72,6 +75,35 @@ impl Services {
     /// Logins, tokens, passwords and the access policy.
     pub fn auth(&self) -> &AuthService {
         &self.auth
+    }
+
+    /// An export of conversations for the people they belong to (see
+    /// [`ConversationService::export`]): `parent`'s family's students (a parent's own
+    /// family, or any for roles that see everything; `forbidden` otherwise), or one
+    /// `user`'s, or, with neither, a parent's own family and anyone else's own. The one
+    /// place both front ends resolve whose conversations an export holds.
+    pub async fn export(
+        &self,
+        principal: &Principal,
+        parent: Option<UserId>,
+        user: Option<UserId>,
+        range: ExportRange,
+    ) -> Result<BoxStream<'static, Result<ExportItem>>> {
+        let owners = match (parent, user) {
+            (Some(_), Some(_)) => {
+                return Err(Error::validation(
+                    "userId",
+                    "give a parent or a user, not both",
+                ));
+            }
+            (Some(parent), None) => self.auth.students_of(principal, &parent).await?,
+            (None, Some(user)) => vec![user],
+            (None, None) if principal.role == UserRole::Parent => {
+                self.auth.students_of(principal, &principal.user_id).await?
+            }
+            (None, None) => vec![principal.user_id.clone()],
+        };
+        self.conversations.export(principal, owners, range).await
     }
 
     /// The chat model's health check.

@@ -6,7 +6,9 @@
 use std::sync::Arc;
 
 use cmz_core::ids::{AnimalId, SessionId, UserId};
-use cmz_core::service::{ExternalTurn, TurnRequest};
+use cmz_core::service::{
+    ExportFormat, ExportItem, ExportRange, ExportWriter, ExternalTurn, TurnRequest,
+};
 use cmz_core::store::{DeleteScope, PageRequest, SessionScope};
 use cmz_core::types::MessageMetadata;
 use cmz_core::{Error, Result};
@@ -475,6 +477,63 @@ impl Conversations {
         )
     }
 
+    /// Writes an export of conversations to the file at `path`, a page at a time: a
+    /// parent's family (`parent_user_id`, or nothing for a parent), one user's
+    /// (`user_id`), or the caller's own; sessions with activity between `start` and `end`
+    /// (RFC 3339); `format` `json` or `html` (a printable page). Audited. Returns
+    /// `{"sessions": n, "messages": n, "path": path}`.
+    #[pyo3(signature = (principal, path, *, parent_user_id=None, user_id=None, start=None, end=None, format="json"))]
+    fn export(
+        &self,
+        py: Python<'_>,
+        principal: &Principal,
+        path: std::path::PathBuf,
+        parent_user_id: Option<String>,
+        user_id: Option<String>,
+        start: Option<String>,
+        end: Option<String>,
+        format: &str,
+    ) -> PyResult<Py<PyAny>> {
+        let format = match format {
+            "json" => ExportFormat::Json,
+            "html" => ExportFormat::Html,
+            other => {
+                return Err(crate::errors::to_py(Error::validation(
+                    "format",
+                    format!("format must be json or html, got {other:?}"),
+                )));
+            }
+        };
+        let range = ExportRange {
+            from: date("start", start)?,
+            to: date("end", end)?,
+        };
+        let parent = parent_user_id.map(|p| id(UserId::new, p)).transpose()?;
+        let user = user_id.map(|u| id(UserId::new, u)).transpose()?;
+        let (state, principal) = (self.state.clone(), principal.inner.clone());
+        sync_value(py, async move {
+            use futures::StreamExt as _;
+            use std::io::Write as _;
+            let mut items = state.export(&principal, parent, user, range).await?;
+            let io = |e: std::io::Error| Error::unavailable("export file", e);
+            let mut file = std::io::BufWriter::new(std::fs::File::create(&path).map_err(io)?);
+            let mut writer = ExportWriter::new(format, range);
+            let (mut sessions, mut messages) = (0u64, 0u64);
+            file.write_all(writer.begin().as_bytes()).map_err(io)?;
+            while let Some(item) = items.next().await {
+                let item = item?;
+                match &item {
+                    ExportItem::Session(_) => sessions += 1,
+                    ExportItem::Message(_) => messages += 1,
+                }
+                file.write_all(writer.item(&item).as_bytes()).map_err(io)?;
+            }
+            file.write_all(writer.end().as_bytes()).map_err(io)?;
+            file.flush().map_err(io)?;
+            Ok(json!({"sessions": sessions, "messages": messages, "path": path.to_string_lossy()}))
+        })
+    }
+
     /// `summarize` as an asyncio coroutine.
     fn asummarize<'py>(
         &self,
@@ -514,6 +573,26 @@ pub(crate) fn sessions(
             "nextCursor": listed.next.map(|c| c.as_str().to_owned()),
         }))
     })
+}
+
+/// An RFC 3339 date-time argument, or `validation_error` naming it.
+fn date(
+    field: &'static str,
+    value: Option<String>,
+) -> PyResult<Option<chrono::DateTime<chrono::Utc>>> {
+    value
+        .filter(|v| !v.is_empty())
+        .map(|v| {
+            chrono::DateTime::parse_from_rfc3339(&v)
+                .map(|d| d.with_timezone(&chrono::Utc))
+                .map_err(|_| {
+                    crate::errors::to_py(Error::validation(
+                        field,
+                        format!("{field} must be an RFC 3339 date-time"),
+                    ))
+                })
+        })
+        .transpose()
 }
 
 pub(crate) async fn delete(

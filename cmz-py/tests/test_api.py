@@ -229,3 +229,28 @@ def test_personal_details_are_taken_out(backend):
     # The legacy module stores through the same gate.
     with pytest.raises(cmz.ValidationError):
         make_client(backend, {"CMZ_PERSONAL_DETAILS": "sometimes"})
+
+
+def test_a_parent_exports_their_family(backend, tmp_path):
+    import json
+
+    client = make_client(backend)
+    ana = login(client, "student1@cmz.org", "student123")
+    kim = login(client, "other@cmz.org", "other123")
+    parent = login(client, "parent@cmz.org", "parent123")
+    client.conversations.turn(ana, "cougar", "Do you like <b>bold</b> cats?")
+    client.conversations.turn(kim, "cougar", "Kim's question")
+    out = client.conversations.export(parent, tmp_path / "family.json")
+    assert out["sessions"] == 1 and out["messages"] == 2
+    data = json.loads((tmp_path / "family.json").read_text())
+    assert data["sessions"][0]["session"]["userId"] == "user_student_ana"
+    assert data["sessions"][0]["messages"][0]["text"] == "Do you like <b>bold</b> cats?"
+    page = client.conversations.export(parent, str(tmp_path / "family.html"), format="html")
+    html = (tmp_path / "family.html").read_text()
+    assert page["sessions"] == 1 and "&lt;b&gt;bold&lt;/b&gt;" in html and "Kim" not in html
+    with pytest.raises(cmz.Forbidden):
+        client.conversations.export(parent, tmp_path / "x.json", user_id="user_student_kim")
+    with pytest.raises(cmz.Forbidden):
+        client.conversations.export(parent, tmp_path / "x.json", parent_user_id="user_parent_chen")
+    with pytest.raises(cmz.ValidationError):
+        client.conversations.export(parent, tmp_path / "x.json", start="yesterday")

@@ -6,7 +6,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use cmz_core::access::{Principal, UserRole};
+use cmz_core::access::Principal;
 use cmz_core::ids::UserId;
 use cmz_core::service::{ExportFormat, ExportItem, ExportRange, ExportWriter};
 use futures::StreamExt as _;
@@ -68,33 +68,20 @@ pub(crate) async fn export(
         from: parse_date("startDate", q.start_date)?,
         to: parse_date("endDate", q.end_date)?,
     };
-    let parent = q.parent_user_id.filter(|p| !p.is_empty());
-    let user = q.user_id.filter(|u| !u.is_empty());
-    let services = &state.inner.services;
-    let owners: Vec<UserId> = match (parent, user) {
-        (Some(_), Some(_)) => {
-            return Err(ApiError::validation(
-                "userId",
-                "give parentUserId or userId, not both",
-            ));
-        }
-        (Some(parent), None) => {
-            let parent = id(UserId::new, parent)?;
-            services.auth().students_of(&principal, &parent).await?
-        }
-        (None, Some(user)) => vec![id(UserId::new, user)?],
-        // A parent's own family; anyone else's own conversations.
-        (None, None) if principal.role == UserRole::Parent => {
-            services
-                .auth()
-                .students_of(&principal, &principal.user_id)
-                .await?
-        }
-        (None, None) => vec![principal.user_id.clone()],
-    };
-    let items = services
-        .conversations()
-        .export(&principal, owners, range)
+    let parent = q
+        .parent_user_id
+        .filter(|p| !p.is_empty())
+        .map(|p| id(UserId::new, p))
+        .transpose()?;
+    let user = q
+        .user_id
+        .filter(|u| !u.is_empty())
+        .map(|u| id(UserId::new, u))
+        .transpose()?;
+    let items = state
+        .inner
+        .services
+        .export(&principal, parent, user, range)
         .await?;
     let mut writer = ExportWriter::new(format, range);
     let begin = writer.begin();

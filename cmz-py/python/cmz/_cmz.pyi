@@ -1,6 +1,7 @@
 """Type stubs for the native module ``cmz._cmz``."""
 
-from typing import Any, AsyncIterator, Dict, Iterator, List, Mapping, Optional, final
+import os
+from typing import Any, AsyncIterator, Dict, Iterator, List, Mapping, Optional, Union, final
 
 __version__: str
 ERROR_CODES: tuple[str, ...]
@@ -142,6 +143,17 @@ class Conversations:
     def delete(self, principal: Principal, session_id: str) -> Dict[str, Any]: ...
     def adelete(self, principal: Principal, session_id: str) -> Any: ...
     def summarize(self, principal: Principal, session_id: str) -> Dict[str, Any]: ...
+    def export(
+        self,
+        principal: Principal,
+        path: Union[str, "os.PathLike[str]"],
+        *,
+        parent_user_id: Optional[str] = None,
+        user_id: Optional[str] = None,
+        start: Optional[str] = None,
+        end: Optional[str] = None,
+        format: str = "json",
+    ) -> Dict[str, Any]: ...
     def asummarize(self, principal: Principal, session_id: str) -> Any: ...
 
 @final
