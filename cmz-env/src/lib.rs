@@ -13,6 +13,7 @@ use cmz_core::access::{Principal, UserRole};
 use cmz_core::auth::{AuthService, AuthSettings};
 use cmz_core::ids::UserId;
 use cmz_core::service::{ConversationConfig, ConversationService, ExportItem, ExportRange};
+use cmz_core::store::DeleteScope;
 use cmz_core::tokens::Tokenizer;
 use cmz_core::{Error, Result};
 use futures::stream::BoxStream;
@@ -50,6 +51,22 @@ impl std::fmt::Debug for Services {
             .field("conversations", &self.conversations)
             .finish_non_exhaustive()
     }
+}
+
+/// What [`Services::erase_user`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Erasure {
+    /// Sessions deleted.
+    pub sessions: u64,
+    /// Messages deleted.
+    pub messages: u64,
+    /// The account was there and is gone.
+    pub account: bool,
+    /// Families the user was taken out of.
+    pub families: u64,
+    /// Refresh token records removed.
+    pub refresh_tokens: u64,
 }
 
 impl Services {
@@ -104,6 +121,33 @@ impl Services {
             (None, None) => vec![principal.user_id.clone()],
         };
         self.conversations.export(principal, owners, range).await
+    }
+
+    /// Erases a user's data, everything derived from it, in every store: their
+    /// conversations (sessions, messages, turn keys, summaries; a tombstone that holds only
+    /// the user id keeps turns already running from writing any of it back), then their
+    /// refresh tokens, their place in families, their account and their counters. One call,
+    /// batched; an interrupted erasure is finished by calling it again. `principal` needs
+    /// the policy's delete right on the user (themselves, their parent, an administrator);
+    /// `reason` (a request number, say) goes to the audit log with the counts.
+    pub async fn erase_user(
+        &self,
+        principal: &Principal,
+        user: &UserId,
+        reason: Option<&str>,
+    ) -> Result<Erasure> {
+        let conversations = self
+            .conversations
+            .delete_with_reason(principal, DeleteScope::User(user.clone()), reason)
+            .await?;
+        let account = self.auth.erase_user_records(principal, user).await?;
+        Ok(Erasure {
+            sessions: conversations.sessions,
+            messages: conversations.messages,
+            account: account.account,
+            families: account.families,
+            refresh_tokens: account.refresh_tokens,
+        })
     }
 
     /// The chat model's health check.

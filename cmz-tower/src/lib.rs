@@ -6,8 +6,8 @@ mod body_timeout;
 mod client_ip;
 mod config;
 mod error;
-mod export;
 mod metrics;
+mod privacy;
 mod routes;
 mod security_headers;
 mod serve;
@@ -185,7 +185,10 @@ const TABLE: &[(Route, MakeHandler)] = &[
         get(routes::family_list)
     }),
     (route("GET", "/conversations/export", false), || {
-        get(export::export)
+        get(privacy::export)
+    }),
+    (route("DELETE", "/users/{userId}/data", false), || {
+        axum::routing::delete(privacy::erase_user)
     }),
 ];
 

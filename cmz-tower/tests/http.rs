@@ -1601,3 +1601,104 @@ async fn a_parent_exports_their_familys_conversations() {
     let bad = export("?format=pdf", parent, "application/json").await;
     assert_eq!(bad.status(), 400);
 }
+
+/// A parent erases a child's data: conversations, tokens, family place and account go in
+/// one call; nobody else's; repeating it is harmless.
+#[tokio::test]
+async fn a_parent_erases_a_childs_data() {
+    let server = start().await;
+    let leo = server.login("student2@cmz.org", "student123").await;
+    let ana = server.login("student1@cmz.org", "student123").await;
+    let parent = server.login("parent@cmz.org", "parent123").await;
+    let refresh = server
+        .post_json(
+            "/auth",
+            None,
+            json!({"username": "student2@cmz.org", "password": "student123"}),
+        )
+        .await
+        .1["refreshToken"]
+        .as_str()
+        .map(str::to_owned);
+    let first = server
+        .turn(&leo, "cougar", "my dog Biscuit says hi", None)
+        .await;
+    server.turn(&ana, "cougar", "Ana's question", None).await;
+    let server = &server;
+    let delete = |path: String, token: String| {
+        let request = server.client.delete(server.url(&path)).bearer_auth(token);
+        async move { server.send(request).await }
+    };
+    // Not someone else's child, not another child.
+    assert_eq!(
+        delete("/users/user_student_kim/data".into(), parent.clone())
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        delete("/users/user_student_leo/data".into(), ana.clone())
+            .await
+            .0,
+        403
+    );
+    let erased = delete(
+        "/users/user_student_leo/data?reason=GDPR-17".into(),
+        parent.clone(),
+    )
+    .await;
+    assert_eq!(erased.0, 200, "{erased:?}");
+    assert_eq!(erased.1["sessions"], 1);
+    assert_eq!(erased.1["messages"], 2);
+    assert_eq!(erased.1["account"], true);
+    assert_eq!(erased.1["families"], 1);
+    let detail = server
+        .get(
+            &format!(
+                "/conversations/sessions/{}",
+                first.1["sessionId"].as_str().unwrap()
+            ),
+            Some(&parent),
+        )
+        .await;
+    assert_eq!(detail.0, 404);
+    let family = server
+        .get(
+            "/convo_history?parentUserId=user_parent_rivera",
+            Some(&parent),
+        )
+        .await;
+    let names: Vec<&str> = family.1["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["userName"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["Ana Rivera"], "Ana's conversation stays");
+    // The account is gone: no login, no refresh.
+    let login = server
+        .post_json(
+            "/auth",
+            None,
+            json!({"username": "student2@cmz.org", "password": "student123"}),
+        )
+        .await;
+    assert_eq!(login.0, 401);
+    if let Some(refresh) = refresh {
+        let renewed = server
+            .post_json("/auth/refresh", None, json!({"refreshToken": refresh}))
+            .await;
+        assert_eq!(renewed.0, 401, "{renewed:?}");
+    }
+    // Leo is no longer in the parent's family; an administrator may still run it again.
+    assert_eq!(
+        delete("/users/user_student_leo/data".into(), parent)
+            .await
+            .0,
+        403
+    );
+    let admin = server.login("admin@cmz.org", "admin123").await;
+    let again = delete("/users/user_student_leo/data".into(), admin).await;
+    assert_eq!(again.0, 200);
+    assert_eq!(again.1["account"], false);
+}

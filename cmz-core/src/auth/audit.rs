@@ -28,6 +28,9 @@ pub enum AuditKind {
     /// Personal details were taken out of a child's message before it was stored or sent
     /// (the reason names their types only, never the text).
     PersonalDetails,
+    /// A user's data was erased (the subject is whose; the reason holds the counts, never
+    /// content).
+    Erasure,
     /// A user's conversations were exported (the subject is whose; the reason holds the
     /// counts).
     Export,

@@ -61,6 +61,10 @@ impl UserStore for InMemoryUserStore {
         user.password_hash = Some(hash.to_owned());
         Ok(())
     }
+
+    async fn delete_user(&self, user: &User) -> Result<bool> {
+        Ok(lock(&self.users).remove(&user.user_id).is_some())
+    }
 }
 
 /// Families held in memory.
@@ -148,6 +152,13 @@ impl RevocationStore for InMemoryRevocationStore {
             },
         );
         Ok(())
+    }
+
+    async fn forget_user(&self, user: &UserId) -> Result<u64> {
+        let mut state = lock(&self.state);
+        let before = state.refresh.len();
+        state.refresh.retain(|_, e| &e.record.user_id != user);
+        Ok((before - state.refresh.len()) as u64)
     }
 
     async fn consume_refresh(&self, token_hash: &str) -> Result<RefreshState> {

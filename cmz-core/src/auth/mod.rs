@@ -149,6 +149,24 @@ pub struct AuthService {
     inner: Arc<AuthInner>,
 }
 
+/// What [`AuthService::erase_user_records`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccountErasure {
+    /// The account was there and is gone.
+    pub account: bool,
+    /// Families the user was taken out of.
+    pub families: u64,
+    /// Refresh token records removed.
+    pub refresh_tokens: u64,
+}
+
+/// The name a login counter gives an account: a digest of its email.
+fn account_digest(email: &str) -> String {
+    use sha2::Digest as _;
+    hex::encode(&sha2::Sha256::digest(email.as_bytes())[..16])
+}
+
 #[derive(Debug)]
 struct AuthInner {
     stores: AuthStores,
@@ -286,13 +304,16 @@ impl AuthService {
         // Per account and client first: the attacker's own counter fills before the shared ones.
         let limits = &inner.limits;
         let client = client.unwrap_or("-");
+        // Counters name the account by a digest of its email: a counter store (DynamoDB's
+        // meta table) never holds who tried to log in.
+        let account = account_digest(&email);
         let keys = [
             (
-                format!("login:account:{email}:client:{client}"),
+                format!("login:account:{account}:client:{client}"),
                 limits.per_account,
             ),
             (format!("login:client:{client}"), limits.per_client),
-            (format!("login:account:{email}"), limits.per_account_total),
+            (format!("login:account:{account}"), limits.per_account_total),
         ];
         self.reserve_attempt(&keys).await?;
         let user = inner
@@ -392,6 +413,66 @@ impl AuthService {
             expires_in: inner.codec.ttl().as_secs(),
             user: PublicUser::from(user),
         })
+    }
+
+    /// Removes what the auth stores hold about `user` for an erasure of their data: their
+    /// refresh tokens (so no session of theirs can be renewed), their place in every family,
+    /// their account, and their turn counter. `principal` needs the policy's delete right
+    /// on the user (the user, their parent, an administrator); the erasure is audited with
+    /// counts only. Repeating it is harmless. `cmz_env::Services::erase_user` runs it
+    /// after deleting the user's conversations.
+    #[tracing::instrument(name = "cmz.erase_user_records", skip_all, fields(user = %principal.user_id, subject = %user))]
+    pub async fn erase_user_records(
+        &self,
+        principal: &Principal,
+        user: &UserId,
+    ) -> Result<AccountErasure> {
+        use crate::access::AccessPolicy as _;
+        self.policy()
+            .authorize(principal, crate::access::Action::Delete, user)
+            .await?;
+        let stores = &self.inner.stores;
+        let tokens = stores
+            .revocations
+            .forget_user(user)
+            .instrument(span("forget_user"))
+            .await?;
+        stores
+            .limits
+            .reset(&crate::service::turn_limit_key(user))
+            .await?;
+        let mut families = 0;
+        for mut family in stores.families.families_of(user).await? {
+            family.parents.retain(|p| p != user);
+            family.students.retain(|s| s != user);
+            stores.families.put_family(&family).await?;
+            families += 1;
+        }
+        // The account last: a store may find the user's families through it, so an
+        // erasure interrupted before this point finds them again when it is run again (by
+        // an administrator: the parent's link to the child is gone).
+        let account = match stores.users.get_user(user).await? {
+            Some(record) => stores.users.delete_user(&record).await?,
+            None => false,
+        };
+        let erasure = AccountErasure {
+            account,
+            families,
+            refresh_tokens: tokens,
+        };
+        let mut event = AuditEvent::new(
+            AuditKind::Erasure,
+            AuditOutcome::Allowed,
+            format!(
+                "erasure: account {}, {families} families, {tokens} refresh tokens",
+                if account { "removed" } else { "absent" }
+            ),
+        );
+        event.actor = Some(principal.user_id.clone());
+        event.actor_role = Some(principal.role);
+        event.subject = Some(user.clone());
+        stores.audit.record(event).await;
+        Ok(erasure)
     }
 
     /// Exchanges a refresh token for a new access token and a new refresh token (the old

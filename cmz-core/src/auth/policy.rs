@@ -13,11 +13,13 @@ use crate::ids::UserId;
 /// | principal | own | a student of their family | anyone else |
 /// | --- | --- | --- | --- |
 /// | admin, administrator, zookeeper | read, write, delete | read, delete (audited) | read, delete (audited) |
-/// | parent | read, write, delete | read | — |
+/// | parent | read, write, delete | read, delete (audited) | — |
 /// | student, visitor, user, member, editor | read, write, delete | — | — |
 ///
-/// Nobody writes turns into another user's conversation. Anything not in the table is
-/// denied, and every denial is audited; so is every admin access to another user's data.
+/// Nobody writes turns into another user's conversation. A parent may delete their
+/// children's conversations and erase their data (what parents are owed under COPPA and
+/// GDPR-K), never another family's. Anything not in the table is denied, and every denial
+/// is audited; so is every admin access to another user's data and every parent's delete.
 #[derive(Debug, Clone)]
 pub struct PlatformPolicy {
     families: DynFamilyDirectory,
@@ -70,9 +72,19 @@ impl AccessPolicy for PlatformPolicy {
             return Ok(());
         }
         if principal.role == UserRole::Parent
-            && action == Action::Read
+            && matches!(action, Action::Read | Action::Delete)
             && self.is_parent_of(&principal.user_id, owner).await?
         {
+            if action == Action::Delete {
+                self.record(
+                    kind,
+                    AuditOutcome::Allowed,
+                    principal,
+                    Some(owner),
+                    "a parent deletes their child's data",
+                )
+                .await;
+            }
             return Ok(());
         }
         let reason = match (principal.role, action) {

@@ -28,6 +28,10 @@ pub trait UserStore: Debug + Send + Sync + 'static {
     async fn create_user(&self, user: &User) -> Result<()>;
     /// Replaces a user's password hash (used to upgrade legacy hashes).
     async fn set_password_hash(&self, id: &UserId, hash: &str) -> Result<()>;
+    /// Removes a user and whatever the store keeps to find them (an email claim, a
+    /// membership index): nothing of theirs is left. `false` when there was no such user;
+    /// repeating it is harmless.
+    async fn delete_user(&self, user: &User) -> Result<bool>;
 }
 
 /// Families, for the parent-sees-students rule.
@@ -68,6 +72,10 @@ pub trait RevocationStore: Debug + Send + Sync + 'static {
     async fn revoke_token_id(&self, token_id: &str, until: DateTime<Utc>) -> Result<()>;
     /// Whether the access token id or the refresh chain is revoked.
     async fn is_revoked(&self, token_id: Option<&str>, chain_id: Option<&str>) -> Result<bool>;
+    /// Removes every refresh token record of `user` (used or not) and says how many: after
+    /// it, no record names the user and none of their refresh tokens works. Repeating it
+    /// is harmless.
+    async fn forget_user(&self, user: &UserId) -> Result<u64>;
 }
 
 /// A fixed-window counter's state.

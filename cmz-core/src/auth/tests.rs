@@ -1209,6 +1209,13 @@ async fn the_policy_table_with_its_audit_events() {
             p("parent_r", UserRole::Parent),
             Action::Delete,
             "ana",
+            true,
+            Some(Allowed),
+        ),
+        (
+            p("parent_r", UserRole::Parent),
+            Action::Delete,
+            "kim",
             false,
             Some(Denied),
         ),

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use crate::access::Principal;
 use crate::auth::{DynRateLimitStore, RateLimitStoreExt as _};
 use crate::error::Result;
+use crate::ids::UserId;
 
 /// How many model calls a user may make per window (the legacy API's default: 50 an hour).
 #[derive(Debug, Clone)]
@@ -41,7 +42,12 @@ impl TurnLimitStatus {
 pub const TURN_LIMIT_MESSAGE: &str = "API rate limit exceeded. Please try again later.";
 
 fn key(principal: &Principal) -> String {
-    format!("turns:{}", principal.user_id)
+    turn_limit_key(&principal.user_id)
+}
+
+/// The rate-limit counter of `user`'s model calls (reset when their data is erased).
+pub fn turn_limit_key(user: &UserId) -> String {
+    format!("turns:{user}")
 }
 
 impl TurnLimit {

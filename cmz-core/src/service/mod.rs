@@ -57,7 +57,7 @@ pub use config::{ConversationConfig, ModelFailurePolicy};
 pub use export::{ExportFormat, ExportItem, ExportRange, ExportWriter};
 pub use external::ExternalTurn;
 use limit::TurnLimit;
-pub use limit::{TURN_LIMIT_MESSAGE, TurnLimitStatus};
+pub use limit::{TURN_LIMIT_MESSAGE, TurnLimitStatus, turn_limit_key};
 use locks::{SessionLease, SessionLocks};
 pub use request::{MAX_TURN_KEY_LEN, Summary, TurnEvent, TurnReply, TurnRequest, TurnStream};
 use tombstones::Tombstones;

@@ -105,6 +105,18 @@ pub async fn check_user_store(store: &dyn UserStore) {
             .code(),
         "not_found"
     );
+    // Deleting a user leaves nothing to find them by; the email is free again.
+    assert!(store.delete_user(&user).await.unwrap(), "contract: deleted");
+    assert!(store.get_user(&user.user_id).await.unwrap().is_none());
+    assert!(store.find_by_email(&user.email).await.unwrap().is_none());
+    assert!(
+        !store.delete_user(&user).await.unwrap(),
+        "contract: repeating is harmless"
+    );
+    store
+        .create_user(&same_email)
+        .await
+        .expect("contract: a deleted user's email may be used again");
 }
 
 /// Families: put, get, membership lookups.
@@ -200,6 +212,34 @@ pub async fn check_revocation_store(store: &dyn RevocationStore) {
         Ok(RefreshState::Fresh(r)) | Ok(RefreshState::Reused(r)) => assert_eq!(r, &record),
         other => panic!("{other:?}"),
     }
+    // Forgetting a user removes their records, used or not, and no one else's.
+    let other = RefreshRecord {
+        token_hash: unique("hash"),
+        chain_id: unique("chain"),
+        user_id: random_user(),
+        issued_at: now,
+        expires_at: now + TimeDelta::days(1),
+    };
+    let second = RefreshRecord {
+        token_hash: unique("hash"),
+        ..record.clone()
+    };
+    store.insert_refresh(&other).await.unwrap();
+    store.insert_refresh(&second).await.unwrap();
+    assert_eq!(
+        store.forget_user(&record.user_id).await.unwrap(),
+        2,
+        "contract: every record of the user"
+    );
+    assert_eq!(
+        store.consume_refresh(&second.token_hash).await.unwrap(),
+        RefreshState::Unknown
+    );
+    assert_eq!(store.forget_user(&record.user_id).await.unwrap(), 0);
+    assert!(matches!(
+        store.consume_refresh(&other.token_hash).await.unwrap(),
+        RefreshState::Fresh(_)
+    ));
 
     let (jti, family) = (unique("jti"), unique("fam"));
     assert!(!store.is_revoked(Some(&jti), Some(&family)).await.unwrap());

@@ -82,23 +82,68 @@ impl DynamoFamilyDirectory {
 
     async fn set_membership(&self, user: &str, family: &str, member: bool) -> Result<()> {
         let meta = &self.db.inner.tables.meta;
-        let expression = if member {
-            "ADD families :f"
-        } else {
-            "DELETE families :f"
-        };
-        self.db
+        let key = format!("member#{user}");
+        let update = self
+            .db
             .inner
             .client
             .update_item()
             .table_name(meta)
-            .key("pk", s(format!("member#{user}")))
-            .update_expression(expression)
-            .expression_attribute_values(":f", AttributeValue::Ss(vec![family.to_owned()]))
+            .key("pk", s(key.clone()))
+            .expression_attribute_values(":f", AttributeValue::Ss(vec![family.to_owned()]));
+        if member {
+            update
+                .update_expression("ADD families :f")
+                .send()
+                .await
+                .map_err(|e| map_sdk("UpdateItem", meta, e))?;
+            return Ok(());
+        }
+        // Never creates the item; and one left with no family is removed, so nothing
+        // names a user who belongs nowhere.
+        let result = update
+            .update_expression("DELETE families :f")
+            .condition_expression("attribute_exists(pk)")
+            .return_values(ReturnValue::AllNew)
             .send()
-            .await
-            .map_err(|e| map_sdk("UpdateItem", meta, e))?;
-        Ok(())
+            .await;
+        match result {
+            Ok(out) => {
+                let empty = out
+                    .attributes
+                    .as_ref()
+                    .is_none_or(|a| !a.contains_key("families"));
+                if empty {
+                    self.db
+                        .inner
+                        .client
+                        .delete_item()
+                        .table_name(meta)
+                        .key("pk", s(key))
+                        .condition_expression("attribute_not_exists(families)")
+                        .send()
+                        .await
+                        .map(drop)
+                        .or_else(|e| {
+                            if e.as_service_error()
+                                .is_some_and(|e| e.is_conditional_check_failed_exception())
+                            {
+                                Ok(()) // a family was added meanwhile
+                            } else {
+                                Err(map_sdk("DeleteItem", meta, e))
+                            }
+                        })?;
+                }
+                Ok(())
+            }
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(map_sdk("UpdateItem", meta, e)),
+        }
     }
 }
 

@@ -93,6 +93,44 @@ impl RevocationStore for DynamoRevocationStore {
         }
     }
 
+    /// The one read of the whole meta table outside an administrator's listing: refresh
+    /// records are found by token, not by user, and an index by user would cost a write on
+    /// every login and refresh for the rare erasure. The table holds only short-lived
+    /// records (tokens, counters, claims), read in pages.
+    #[tracing::instrument(name = "dynamodb.forget_user", skip_all, fields(user = %user))]
+    async fn forget_user(&self, user: &UserId) -> Result<u64> {
+        let meta = &self.db.inner.tables.meta;
+        let mut start = None;
+        let mut keys = Vec::new();
+        loop {
+            let out = self
+                .db
+                .inner
+                .client
+                .scan()
+                .table_name(meta)
+                .filter_expression("begins_with(pk, :p) AND userId = :u")
+                .expression_attribute_values(":p", s("refresh#"))
+                .expression_attribute_values(":u", s(user.as_str()))
+                .projection_expression("pk")
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take())
+                .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                .send()
+                .await
+                .map_err(|e| map_sdk("Scan", meta, e))?;
+            self.db.inner.meter.record(out.consumed_capacity(), false);
+            keys.extend(out.items.unwrap_or_default());
+            match out.last_evaluated_key {
+                Some(key) if !key.is_empty() => start = Some(key),
+                _ => break,
+            }
+        }
+        let count = keys.len() as u64;
+        crate::batch::delete_keys(&self.db, meta, keys).await?;
+        Ok(count)
+    }
+
     #[tracing::instrument(name = "dynamodb.consume_refresh", skip_all)]
     async fn consume_refresh(&self, token_hash: &str) -> Result<RefreshState> {
         let meta = &self.db.inner.tables.meta;

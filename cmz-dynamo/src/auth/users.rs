@@ -165,4 +165,22 @@ impl UserStore for DynamoUserStore {
             Err(e) => Err(map_sdk("UpdateItem", table, e)),
         }
     }
+
+    #[tracing::instrument(name = "dynamodb.delete_user", skip_all, fields(user = %user.user_id))]
+    async fn delete_user(&self, user: &User) -> Result<bool> {
+        let (users, meta) = (&self.db.inner.tables.users, &self.db.inner.tables.meta);
+        let removed = self
+            .db
+            .delete_item(users, "userId", user.user_id.as_str())
+            .await?;
+        // What cmz keeps to find the user: the email claim and the membership index.
+        let email = user.email.trim().to_lowercase();
+        self.db
+            .delete_item(meta, "pk", &format!("email#{email}"))
+            .await?;
+        self.db
+            .delete_item(meta, "pk", &format!("member#{}", user.user_id))
+            .await?;
+        Ok(removed.is_some())
+    }
 }

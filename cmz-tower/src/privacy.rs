@@ -1,9 +1,10 @@
-//! `GET /conversations/export`: a family's (or one user's) conversations, streamed as JSON
-//! or as a printable HTML page, by content negotiation.
+//! What parents ask for: `GET /conversations/export` (a family's or one user's
+//! conversations, streamed as JSON or as a printable HTML page, by content negotiation) and
+//! `DELETE /users/{userId}/data` (everything cmz holds about a user, erased).
 
 use axum::Extension;
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use cmz_core::access::Principal;
@@ -123,4 +124,33 @@ pub(crate) async fn export(
         );
     }
     Ok(response)
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct EraseQuery {
+    reason: Option<String>,
+}
+
+/// `DELETE /users/{userId}/data`: the user's conversations, tokens, family places, account
+/// and counters, for the user, their parent or an administrator.
+pub(crate) async fn erase_user(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(user): Path<String>,
+    ApiQuery(q): ApiQuery<EraseQuery>,
+) -> Result<axum::Json<cmz_env::Erasure>, ApiError> {
+    let user = id(UserId::new, user)?;
+    let reason = q.reason.filter(|r| !r.trim().is_empty());
+    if reason.as_ref().is_some_and(|r| r.chars().count() > 200) {
+        return Err(ApiError::validation(
+            "reason",
+            "reason is at most 200 characters",
+        ));
+    }
+    let erased = state
+        .inner
+        .services
+        .erase_user(&principal, &user, reason.as_deref())
+        .await?;
+    Ok(axum::Json(erased))
 }
