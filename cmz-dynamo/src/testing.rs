@@ -259,3 +259,37 @@ pub async fn isolated() -> Dynamo {
     dynamo.ensure_tables().await.expect("create test tables");
     dynamo
 }
+
+/// Every item of every cmz table of `settings` (skipping tables that do not exist), as
+/// `(table, item as JSON)`: for tests that prove what a delete left behind.
+pub async fn scan_all_tables(settings: &DynamoSettings) -> Vec<(String, serde_json::Value)> {
+    let dynamo = Dynamo::connect(settings.clone()).await;
+    let mut found = Vec::new();
+    for (_, table) in settings.tables.all() {
+        let mut start = None;
+        loop {
+            let page = dynamo
+                .client()
+                .scan()
+                .table_name(table)
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await;
+            let Ok(page) = page else { break };
+            for item in page.items() {
+                let json = serde_json::Value::Object(
+                    item.iter()
+                        .map(|(k, v)| (k.clone(), crate::attr::to_json(v)))
+                        .collect(),
+                );
+                found.push((table.to_owned(), json));
+            }
+            match page.last_evaluated_key {
+                Some(key) if !key.is_empty() => start = Some(key),
+                _ => break,
+            }
+        }
+    }
+    found
+}

@@ -227,3 +227,134 @@ async fn a_missing_table_is_named_at_startup() {
             .is_ok()
     );
 }
+
+/// An erasure leaves nothing behind: after it, no item of any cmz table mentions the child
+/// (id, email) or anything they said, except the tombstone that keeps running turns from
+/// writing back (it holds the id and a time, no content). Other children's data stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_leaves_nothing_in_any_table() {
+    let env = environment(&[]);
+    let server = start(&env).await;
+    let login = |email: &'static str, password: &'static str| {
+        let server = &server;
+        async move {
+            let body = server
+                .post(
+                    "/auth",
+                    None,
+                    json!({"username": email, "password": password}),
+                )
+                .await;
+            assert_eq!(body.0, 200, "{body:?}");
+            (
+                body.1["token"].as_str().unwrap().to_owned(),
+                body.1["refreshToken"].as_str().map(str::to_owned),
+            )
+        }
+    };
+    let (leo, refresh) = login("student2@cmz.org", "student123").await;
+    let (ana, _) = login("student1@cmz.org", "student123").await;
+    let (parent, _) = login("parent@cmz.org", "parent123").await;
+    // A failed login leaves a throttle counter too.
+    let wrong = server
+        .post(
+            "/auth",
+            None,
+            json!({"username": "student2@cmz.org", "password": "nope"}),
+        )
+        .await;
+    assert_eq!(wrong.0, 401);
+    let said = "my hamster Zorblax-7781 loves seeds";
+    let mut session: Option<String> = None;
+    for n in 0..12 {
+        let mut body = json!({"animalId": "cougar", "message": format!("{said} ({n})")});
+        if let Some(id) = &session {
+            body["sessionId"] = id.clone().into();
+        }
+        let reply = server.post("/convo_turn", Some(&leo), body).await;
+        assert_eq!(reply.0, 200, "{reply:?}");
+        session = reply.1["sessionId"].as_str().map(str::to_owned);
+    }
+    server
+        .post(
+            "/convo_turn",
+            Some(&ana),
+            json!({"animalId": "cougar", "message": "Ana keeps this"}),
+        )
+        .await;
+    let settings = cmz_dynamo::DynamoSettings::from_env(|n| env.get(n).cloned()).unwrap();
+    let mentions = |items: &[(String, Value)], needle: &str| -> Vec<String> {
+        items
+            .iter()
+            .filter(|(_, item)| item.to_string().contains(needle))
+            .map(|(table, item)| format!("{table}: {item}"))
+            .collect()
+    };
+    let before = cmz_dynamo::testing::scan_all_tables(&settings).await;
+    assert!(
+        mentions(&before, "Zorblax").len() >= 6,
+        "the turns are stored"
+    );
+    assert!(!mentions(&before, "user_student_leo").is_empty());
+
+    let erased = server
+        .call(
+            server.client.delete(format!(
+                "{}/users/user_student_leo/data?reason=test",
+                server.base
+            )),
+            Some(&parent),
+        )
+        .await;
+    assert_eq!(erased.0, 200, "{erased:?}");
+    assert_eq!(erased.1["sessions"], 1);
+    assert_eq!(erased.1["messages"], 24);
+    assert_eq!(erased.1["account"], true);
+
+    let after = cmz_dynamo::testing::scan_all_tables(&settings).await;
+    assert!(
+        mentions(&after, "Zorblax").is_empty(),
+        "{:#?}",
+        mentions(&after, "Zorblax")
+    );
+    assert!(
+        mentions(&after, "student2@cmz.org").is_empty(),
+        "{:#?}",
+        mentions(&after, "student2@cmz.org")
+    );
+    let left: Vec<String> = mentions(&after, "user_student_leo")
+        .into_iter()
+        .filter(|item| !item.contains("deletedAt"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "only tombstones may name the child: {left:#?}"
+    );
+    // The tombstones hold no content: keys, a time, an expiry.
+    for (_, item) in after
+        .iter()
+        .filter(|(_, i)| i.to_string().contains("user_student_leo"))
+    {
+        let keys: Vec<&String> = item.as_object().unwrap().keys().collect();
+        assert!(keys.len() <= 4, "a tombstone with content: {item}");
+    }
+    assert!(
+        !mentions(&after, "Ana keeps this").is_empty(),
+        "other children's data stays"
+    );
+    // No way back in: no login, no refresh.
+    let again = server
+        .post(
+            "/auth",
+            None,
+            json!({"username": "student2@cmz.org", "password": "student123"}),
+        )
+        .await;
+    assert_eq!(again.0, 401);
+    if let Some(refresh) = refresh {
+        let renewed = server
+            .post("/auth/refresh", None, json!({"refreshToken": refresh}))
+            .await;
+        assert_eq!(renewed.0, 401);
+    }
+}
