@@ -250,11 +250,17 @@ async fn a_server_killed_mid_turn_loses_nothing_acknowledged_and_leaves_nothing_
                 "failure code {code}"
             );
         }
-        let history = store
-            .history(&id, PageRequest::first(1000))
-            .await
-            .unwrap()
-            .items;
+        // A restarted server may take a while to answer again on a loaded machine.
+        let restarted = Instant::now();
+        let history = loop {
+            match store.history(&id, PageRequest::first(1000)).await {
+                Ok(page) => break page.items,
+                Err(e) if e.is_temporary() && restarted.elapsed() < Duration::from_secs(90) => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => panic!("the restarted server does not answer: {e:?}"),
+            }
+        };
         // Whole turns only, every acknowledged turn, and at most the one in flight more.
         assert_eq!(history.len() % 2, 0, "no half turn");
         for pair in history.chunks(2) {
