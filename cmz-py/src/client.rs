@@ -150,6 +150,29 @@ impl Client {
         Ok(to_python(py, &value)?.unbind())
     }
 
+    /// Erases everything cmz holds about `user_id`: conversations, refresh tokens, family
+    /// places, counters and the account, in every store (for the user, their parent or an
+    /// administrator; audited with counts and `reason`). Calling it again finishes an
+    /// interrupted erasure. Returns `{sessions, messages, account, families, refreshTokens}`.
+    #[pyo3(signature = (principal, user_id, *, reason=None))]
+    fn erase_user(
+        &self,
+        py: Python<'_>,
+        principal: &crate::principal::Principal,
+        user_id: String,
+        reason: Option<String>,
+    ) -> PyResult<Py<PyAny>> {
+        let user = cmz_core::ids::UserId::new(user_id).map_err(crate::errors::to_py)?;
+        let (state, principal) = (self.state.clone(), principal.inner.clone());
+        let value = block_on(py, async move {
+            let erased = state
+                .erase_user(&principal, &user, reason.as_deref())
+                .await?;
+            crate::convert::to_json(&erased)
+        })?;
+        Ok(to_python(py, &value)?.unbind())
+    }
+
     fn __repr__(&self) -> String {
         "cmz.Client()".to_owned()
     }

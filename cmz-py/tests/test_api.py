@@ -254,3 +254,25 @@ def test_a_parent_exports_their_family(backend, tmp_path):
         client.conversations.export(parent, tmp_path / "x.json", parent_user_id="user_parent_chen")
     with pytest.raises(cmz.ValidationError):
         client.conversations.export(parent, tmp_path / "x.json", start="yesterday")
+
+
+def test_a_parent_erases_a_childs_data(backend):
+    client = make_client(backend)
+    leo = login(client, "student2@cmz.org", "student123")
+    parent = login(client, "parent@cmz.org", "parent123")
+    kim = login(client, "other@cmz.org", "other123")
+    reply = client.conversations.turn(leo, "cougar", "hello from Leo")
+    with pytest.raises(cmz.Forbidden):
+        client.erase_user(kim, "user_student_leo")
+    erased = client.erase_user(parent, "user_student_leo", reason="request 42")
+    assert erased["refreshTokens"] == 1, "the login's refresh token"
+    assert {k: v for k, v in erased.items() if k != "refreshTokens"} == {
+        "sessions": 1,
+        "messages": 2,
+        "account": True,
+        "families": 1,
+    }
+    with pytest.raises(cmz.NotFound):
+        client.conversations.session(parent, reply["sessionId"])
+    with pytest.raises(cmz.Unauthorized):
+        client.auth.login("student2@cmz.org", "student123")
