@@ -1,6 +1,7 @@
 // End-to-end check of the demo chat page (examples/static/index.html) in a real browser:
 // a wrong password shows an error, logging in works, a reply streams in, and after a
-// reload the conversation is still there in "Past conversations".
+// reload the conversation is still there in "Past conversations". Then a parent logs in,
+// reads their child's conversation, downloads it (JSON and a printable page) and deletes it.
 //
 //   CMZ_DEMO_URL    base URL of a running server (default http://127.0.0.1:8080)
 //   CMZ_SCREENSHOT  where to save the final screenshot (default target/screenshots/chat.png)
@@ -159,6 +160,71 @@ async function run(page) {
   log(`  reported: ${violations.find((v) => v.startsWith("event:"))}`);
 }
 
+// A parent's controls: the child's conversation is listed, readable, exported and deleted.
+async function runParent(page) {
+  const CHILD_MESSAGE = `Do <b>lions</b> & tigers nap? ${Date.now()}`;
+  log("as the child student1@cmz.org (over the API): one turn");
+  const auth = await (await fetch(`${BASE}/auth`, {
+    method: "POST", headers: { "content-type": "application/json" },
+    body: JSON.stringify({ username: "student1@cmz.org", password: "student123" }),
+  })).json();
+  const turn = await fetch(`${BASE}/convo_turn`, {
+    method: "POST", headers: { "content-type": "application/json", authorization: `Bearer ${auth.token}` },
+    body: JSON.stringify({ animalId: "cougar", message: CHILD_MESSAGE }),
+  });
+  check(turn.ok, `the child's turn answered ${turn.status}`);
+
+  log("log out, log in as parent@cmz.org");
+  await page.locator(tid("logout")).click();
+  await page.locator(tid("login-email")).waitFor({ state: "visible" });
+  await page.locator(tid("login-email")).fill("parent@cmz.org");
+  await page.locator(tid("login-password")).fill("parent123");
+  await page.locator(tid("login-submit")).click();
+  await page.locator(tid("family-view")).waitFor({ state: "visible" });
+  const item = page.locator(tid("family-item")).filter({ hasText: "Ana Rivera" }).first();
+  await item.waitFor({ state: "visible" });
+  log(`  listed: "${(await item.innerText()).replace(/\s+/g, " ").trim()}"`);
+
+  log("read the child's conversation");
+  await item.click();
+  await page.locator(tid("reading-child")).waitFor({ state: "visible" });
+  await page.waitForFunction(
+    ([sel, msg]) => Array.from(document.querySelectorAll(sel), (n) => n.textContent).includes(msg),
+    [`${tid("chat-log")} ${tid("msg-user")}`, CHILD_MESSAGE],
+  );
+  log("  the child's message is shown, as text");
+
+  log("download the export (JSON) and the printable copy");
+  const [json] = await Promise.all([page.waitForEvent("download"), page.locator(tid("export-json")).click()]);
+  const exported = JSON.parse(await streamText(await json.createReadStream()));
+  const messages = exported.sessions.flatMap((s) => s.messages.map((m) => m.text));
+  check(messages.includes(CHILD_MESSAGE), `the JSON export lacks the child's message: ${JSON.stringify(messages).slice(0, 300)}`);
+  const [html] = await Promise.all([page.waitForEvent("download"), page.locator(tid("export-html")).click()]);
+  const printable = await streamText(await html.createReadStream());
+  check(printable.includes("Do &lt;b&gt;lions&lt;/b&gt; &amp; tigers nap?"), "the printable copy lacks the escaped message");
+  log(`  ${exported.sessions.length} conversation(s) exported; the printable copy escapes the text`);
+
+  log("delete the child's conversation");
+  page.once("dialog", (d) => d.accept());
+  const count = await page.locator(tid("family-item")).count();
+  await page.locator(`${tid("family-list")} li`).filter({ hasText: "Ana Rivera" }).first().locator(tid("family-delete")).click();
+  await page.waitForFunction(
+    ([sel, before]) => document.querySelectorAll(sel).length < before,
+    [tid("family-item"), count],
+  );
+  const after = await fetch(`${BASE}/conversations/sessions/${(await turn.json()).sessionId}`, {
+    headers: { authorization: `Bearer ${auth.token}` },
+  });
+  check(after.status === 404, `the deleted conversation still answers ${after.status}`);
+  log("  deleted: gone from the list and from the server");
+}
+
+async function streamText(stream) {
+  const chunks = [];
+  for await (const chunk of stream) chunks.push(chunk);
+  return Buffer.concat(chunks).toString("utf8");
+}
+
 async function main() {
   console.log(`browser check of the demo chat page at ${BASE}`);
   let browser;
@@ -179,7 +245,7 @@ async function main() {
         "--disable-sync",
       ],
     });
-    const context = await browser.newContext({ viewport: { width: 1100, height: 760 } });
+    const context = await browser.newContext({ viewport: { width: 1100, height: 760 }, acceptDownloads: true });
     context.setDefaultTimeout(TIMEOUT);
     context.setDefaultNavigationTimeout(TIMEOUT);
     page = await context.newPage();
@@ -187,6 +253,7 @@ async function main() {
     page.on("console", (m) => { if (m.type() === "error") consoleErrors.push(m.text()); });
     page.on("pageerror", (e) => consoleErrors.push(`page error: ${e.message}`));
     await run(page);
+    await runParent(page);
     await screenshot(page);
     ok = true;
   } catch (e) {

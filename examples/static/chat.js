@@ -90,6 +90,8 @@
     $("sessions-list").replaceChildren();
     $("animal-select").replaceChildren();
     $("about").hidden = true;
+    $("family-view").hidden = true;
+    $("family-list").replaceChildren();
     setStatus("");
   }
   function showLoginError(msg) {
@@ -108,6 +110,7 @@
     if (state.sessionId) await openSession(state.sessionId, { quiet: true });
     else greet();
     loadSessions();
+    loadFamily();
   }
 
   // ---- Health / model label ----
@@ -390,6 +393,87 @@
     markActive();
     updateSend();
   }
+
+  // ---- A parent's view: their children's conversations, to read, export or delete ----
+  function isParent() { return ((state.user || {}).role || "") === "parent"; }
+  async function loadFamily() {
+    const view = $("family-view");
+    view.hidden = !isParent();
+    if (view.hidden) return;
+    const list = $("family-list");
+    let sessions;
+    try {
+      const r = await api(`/convo_history?${new URLSearchParams({ parentUserId: state.user.userId, limit: "50" })}`);
+      sessions = (r && r.sessions) || [];
+    } catch (e) {
+      list.replaceChildren(el("li", { class: "empty", text: `Could not load your family's conversations: ${e.message}` }));
+      return;
+    }
+    if (!sessions.length) {
+      list.replaceChildren(el("li", { class: "empty", "data-testid": "family-empty", text: "Your children have no conversations." }));
+      return;
+    }
+    list.replaceChildren(...sessions.map((s) => {
+      const child = s.userName || s.userId;
+      const count = Number(s.messageCount) || 0;
+      const open = el("button", { type: "button", class: "session", "data-testid": "family-item", "data-session-id": s.sessionId },
+        el("span", { class: "name", text: `${child} with ${s.animalName || animalName(s.animalId)}` }),
+        el("span", { class: "meta", text: `${fmtTime(s.lastMessageTime || s.startTime)} · ${count} message${count === 1 ? "" : "s"}` }),
+        s.lastMessage ? el("span", { class: "summary", text: s.lastMessage }) : null);
+      open.addEventListener("click", () => readChildSession(s.sessionId, child));
+      const del = el("button", { type: "button", class: "btn ghost small danger", "data-testid": "family-delete",
+        "aria-label": `Delete ${child}'s conversation`, text: "Delete" });
+      del.addEventListener("click", () => deleteChildSession(s.sessionId, child));
+      return el("li", { class: "family-item" }, open, del);
+    }));
+  }
+  async function readChildSession(sessionId, child) {
+    closeStream();
+    let h;
+    try {
+      h = await api(`/convo_history?${new URLSearchParams({ sessionId })}`);
+    } catch (e) {
+      sysNote(`Could not open that conversation: ${e.message}`, true);
+      return;
+    }
+    // Read only: a parent never writes into a child's conversation.
+    state.sessionId = null; save();
+    const log = $("chat-log");
+    log.replaceChildren(el("div", { class: "sys", "data-testid": "reading-child", text: `${child}'s conversation (read only)` }));
+    for (const t of Array.isArray(h.turns) ? h.turns : []) {
+      addBubble(t.role === "user" ? "user" : "assistant", t.content || "", t.role === "user" ? child : animalName(h.animalId));
+    }
+    markActive();
+  }
+  async function deleteChildSession(sessionId, child) {
+    if (!window.confirm(`Delete ${child}'s conversation? This cannot be undone.`)) return;
+    try {
+      await api(`/convo_history?${new URLSearchParams({ sessionId })}`, { method: "DELETE" });
+      sysNote(`${child}'s conversation was deleted.`);
+    } catch (e) {
+      sysNote(`Could not delete that conversation: ${e.message}`, true);
+    }
+    loadFamily();
+  }
+  async function exportFamily(format) {
+    // The export needs the token, so it is fetched and handed to the browser as a file.
+    try {
+      const res = await fetch(`/conversations/export?${new URLSearchParams({ format })}`, {
+        headers: { Authorization: `Bearer ${state.token}` },
+      });
+      if (!res.ok) throw new Error(`the export failed (${res.status})`);
+      const url = URL.createObjectURL(await res.blob());
+      const a = el("a", { href: url, download: `conversations.${format}` });
+      document.body.append(a);
+      a.click();
+      a.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 60_000);
+    } catch (e) {
+      sysNote(`Could not export: ${e.message}`, true);
+    }
+  }
+  $("export-json").addEventListener("click", () => exportFamily("json"));
+  $("export-html").addEventListener("click", () => exportFamily("html"));
 
   // ---- Start ----
   loadHealth();
