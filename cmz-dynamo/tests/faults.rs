@@ -440,6 +440,7 @@ async fn unprocessed_batch_keys_are_fetched_again_or_the_read_fails_never_part_o
                 parents: vec![parent.clone()],
                 students: vec![UserId::new(format!("batch-kid-{n}")).unwrap()],
                 soft_delete: false,
+                retention_days: None,
             })
             .await
             .unwrap();

@@ -53,6 +53,22 @@ impl std::fmt::Debug for Services {
     }
 }
 
+/// How long a conversation must be idle to have ended, for a family that keeps
+/// conversations only until they end: 30 minutes.
+pub const CONVERSATION_ENDS_AFTER: chrono::TimeDelta = chrono::TimeDelta::minutes(30);
+
+/// What [`Services::apply_family_retention`] deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetentionReport {
+    /// Families with a retention of their own.
+    pub families: u64,
+    /// Sessions deleted.
+    pub sessions: u64,
+    /// Messages deleted.
+    pub messages: u64,
+}
+
 /// What [`Services::erase_user`] removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -148,6 +164,36 @@ impl Services {
             families: account.families,
             refresh_tokens: account.refresh_tokens,
         })
+    }
+
+    /// Applies every family's own retention: deletes their students' conversations
+    /// inactive for longer than the family keeps them (a family that keeps them only until
+    /// they end: inactive for [`CONVERSATION_ENDS_AFTER`]). The deployment's own retention
+    /// (`CMZ_RETENTION_DAYS`) is DynamoDB's TTL; this is the shorter one a family chose. The
+    /// HTTP server runs it every `CMZ_RETENTION_SWEEP_SECONDS` (default 600); it is safe to
+    /// run from several servers at once.
+    pub async fn apply_family_retention(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<RetentionReport> {
+        let mut report = RetentionReport::default();
+        for family in self.auth.families_with_retention().await? {
+            let Some(days) = family.retention_days else {
+                continue;
+            };
+            let cutoff = if days == 0 {
+                now - CONVERSATION_ENDS_AFTER
+            } else {
+                now - chrono::TimeDelta::days(i64::from(days))
+            };
+            report.families += 1;
+            for student in &family.students {
+                let deleted = self.conversations.expire_sessions(student, cutoff).await?;
+                report.sessions += deleted.sessions;
+                report.messages += deleted.messages;
+            }
+        }
+        Ok(report)
     }
 
     /// The chat model's health check.

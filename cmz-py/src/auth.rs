@@ -198,6 +198,29 @@ impl Auth {
         )
     }
 
+    /// Chooses how long a family's conversations are kept (`None`: as the deployment
+    /// keeps them; 0: until each conversation ends), for a parent of the family or an
+    /// administrator. Returns the family.
+    #[pyo3(signature = (principal, family_id, days))]
+    fn set_family_retention(
+        &self,
+        py: Python<'_>,
+        principal: &Principal,
+        family_id: String,
+        days: Option<u32>,
+    ) -> PyResult<Py<PyAny>> {
+        let family = cmz_core::ids::FamilyId::new(family_id).map_err(crate::errors::to_py)?;
+        let (state, principal) = (self.state.clone(), principal.inner.clone());
+        let value = block_on(py, async move {
+            let family = state
+                .auth()
+                .set_family_retention(&principal, &family, days)
+                .await?;
+            crate::convert::to_json(&family)
+        })?;
+        Ok(to_python(py, &value)?.unbind())
+    }
+
     /// Checks a password against an argon2id hash or a legacy `salt:pbkdf2` hash.
     fn verify_password(
         &self,

@@ -173,6 +173,17 @@ impl Client {
         Ok(to_python(py, &value)?.unbind())
     }
 
+    /// Applies every family's own retention now (what the HTTP server does every few
+    /// minutes): `{families, sessions, messages}` deleted.
+    fn apply_family_retention(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let state = self.state.clone();
+        let value = block_on(py, async move {
+            let report = state.apply_family_retention(chrono::Utc::now()).await?;
+            crate::convert::to_json(&report)
+        })?;
+        Ok(to_python(py, &value)?.unbind())
+    }
+
     fn __repr__(&self) -> String {
         "cmz.Client()".to_owned()
     }

@@ -276,3 +276,17 @@ def test_a_parent_erases_a_childs_data(backend):
         client.conversations.session(parent, reply["sessionId"])
     with pytest.raises(cmz.Unauthorized):
         client.auth.login("student2@cmz.org", "student123")
+
+
+def test_a_family_chooses_its_retention(backend):
+    client = make_client(backend)
+    parent = login(client, "parent@cmz.org", "parent123")
+    ana = login(client, "student1@cmz.org", "student123")
+    family = client.auth.set_family_retention(parent, "family_rivera", 0)
+    assert family["retentionDays"] == 0
+    with pytest.raises(cmz.Forbidden):
+        client.auth.set_family_retention(ana, "family_rivera", None)
+    client.conversations.turn(ana, "cougar", "still talking")
+    # A current conversation has not ended: nothing is deleted yet.
+    assert client.apply_family_retention() == {"families": 1, "sessions": 0, "messages": 0}
+    assert client.auth.set_family_retention(parent, "family_rivera", None).get("retentionDays") is None

@@ -37,7 +37,39 @@ pub async fn state_from_env(lookup: &Lookup<'_>) -> Result<AppState> {
     // Boxed, so that a caller's future does not inline every backend's setup: inlined,
     // it nests deep enough to overflow the compiler's layout query depth in `main`.
     let services = Box::pin(cmz_env::services_from_env(lookup)).await?;
+    let every = cmz_env::number::<u64>(lookup, "CMZ_RETENTION_SWEEP_SECONDS")?
+        .unwrap_or(600)
+        .max(10);
+    tokio::spawn(retention_sweeps(
+        services.clone(),
+        std::time::Duration::from_secs(every),
+    ));
     Ok(AppState::new(services, settings))
+}
+
+/// Applies the families' own retention every `every` (see
+/// `cmz_env::Services::apply_family_retention`); a failed sweep only logs.
+async fn retention_sweeps(services: cmz_env::Services, every: std::time::Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        match services.apply_family_retention(chrono::Utc::now()).await {
+            Ok(report) if report.sessions > 0 => {
+                tracing::info!(
+                    families = report.families,
+                    sessions = report.sessions,
+                    messages = report.messages,
+                    "family retention applied"
+                );
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(
+                    code = error.code().as_str(),
+                    "family retention sweep failed"
+                );
+            }
+        }
+    }
 }
 
 /// Serves `app` on `bind` until Ctrl-C (or SIGTERM), finishing requests in flight.

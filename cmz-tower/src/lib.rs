@@ -190,6 +190,10 @@ const TABLE: &[(Route, MakeHandler)] = &[
     (route("DELETE", "/users/{userId}/data", false), || {
         axum::routing::delete(privacy::erase_user)
     }),
+    (
+        route("PUT", "/families/{familyId}/retention", false),
+        || axum::routing::put(privacy::set_retention),
+    ),
 ];
 
 /// Every route [`router`] serves, and only those.
@@ -241,7 +245,7 @@ pub fn with_layers(app: Router, settings: &HttpSettings) -> Router {
     }
     let cors = CorsLayer::new()
         .allow_origin(settings.cors_origins.clone())
-        .allow_methods([Method::GET, Method::POST, Method::DELETE])
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
         .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
         .max_age(Duration::from_secs(600));
     app.layer(outer.layer(cors).layer(inner))

@@ -1,6 +1,7 @@
 //! What parents ask for: `GET /conversations/export` (a family's or one user's
 //! conversations, streamed as JSON or as a printable HTML page, by content negotiation) and
-//! `DELETE /users/{userId}/data` (everything cmz holds about a user, erased).
+//! `DELETE /users/{userId}/data` (everything cmz holds about a user, erased) and
+//! `PUT /families/{familyId}/retention` (how long a family's conversations are kept).
 
 use axum::Extension;
 use axum::body::{Body, Bytes};
@@ -13,7 +14,7 @@ use cmz_core::service::{ExportFormat, ExportItem, ExportRange, ExportWriter};
 use futures::StreamExt as _;
 use serde::Deserialize;
 
-use crate::error::{ApiError, ApiQuery};
+use crate::error::{ApiError, ApiJson, ApiQuery};
 use crate::routes::{id, parse_date};
 use crate::state::AppState;
 
@@ -153,4 +154,35 @@ pub(crate) async fn erase_user(
         .erase_user(&principal, &user, reason.as_deref())
         .await?;
     Ok(axum::Json(erased))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RetentionBody {
+    /// Days (0: until each conversation ends); null: as the deployment keeps them.
+    days: Option<i64>,
+}
+
+/// `PUT /families/{familyId}/retention`: a parent of the family (or an administrator)
+/// chooses how long its conversations are kept.
+pub(crate) async fn set_retention(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(family): Path<String>,
+    ApiJson(body): ApiJson<RetentionBody>,
+) -> Result<axum::Json<cmz_core::auth::Family>, ApiError> {
+    let family = id(cmz_core::ids::FamilyId::new, family)?;
+    let days = body
+        .days
+        .map(|d| {
+            u32::try_from(d).map_err(|_| ApiError::validation("days", "days must be 0 or more"))
+        })
+        .transpose()?;
+    let updated = state
+        .inner
+        .services
+        .auth()
+        .set_family_retention(&principal, &family, days)
+        .await?;
+    Ok(axum::Json(updated))
 }

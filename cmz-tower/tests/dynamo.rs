@@ -358,3 +358,106 @@ async fn an_erasure_leaves_nothing_in_any_table() {
         assert_eq!(renewed.0, 401);
     }
 }
+
+/// A family that keeps conversations only until they end: its parent says so over HTTP,
+/// and the retention sweep deletes its children's ended conversations on DynamoDB, and
+/// nobody else's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_familys_retention_is_applied() {
+    use cmz_core::ids::{AnimalId, SessionId, UserId};
+    use cmz_core::store::{ConversationStore, TurnAppend};
+    use cmz_core::types::{NewMessage, Role, Session};
+
+    let env = environment(&[]);
+    let server = start(&env).await;
+    let parent = server.login("parent@cmz.org", "parent123").await;
+    let set = server
+        .call(
+            server
+                .client
+                .put(format!("{}/families/family_rivera/retention", server.base))
+                .header("content-type", "application/json")
+                .body(json!({"days": 0}).to_string()),
+            Some(&parent),
+        )
+        .await;
+    assert_eq!(set.0, 200, "{set:?}");
+    assert_eq!(set.1["retentionDays"], 0);
+    let listed = server.get("/family_list", &parent).await;
+    assert_eq!(listed.1[0]["retentionDays"], 0, "{listed:?}");
+
+    // An ended conversation (an hour old) of each family's child, and a current one.
+    let settings = cmz_dynamo::DynamoSettings::from_env(|n| env.get(n).cloned()).unwrap();
+    let store = cmz_dynamo::Dynamo::connect(settings).await.conversations();
+    let hour_ago = chrono::Utc::now() - chrono::TimeDelta::hours(1);
+    let mut sessions = Vec::new();
+    for (user, at) in [
+        ("user_student_ana", hour_ago),
+        ("user_student_kim", hour_ago),
+        ("user_student_leo", chrono::Utc::now()),
+    ] {
+        let (user, animal) = (UserId::new(user).unwrap(), AnimalId::new("cougar").unwrap());
+        let mut session = Session::new(
+            SessionId::generate(&animal, &user).unwrap(),
+            user,
+            animal,
+            "Cora",
+        );
+        session.started_at = at;
+        session.last_activity = at;
+        let mut messages = vec![
+            NewMessage::new(Role::User, "hi"),
+            NewMessage::new(Role::Assistant, "hello"),
+        ];
+        for m in &mut messages {
+            m.created_at = at;
+        }
+        store
+            .append_turn(TurnAppend {
+                session_id: session.id.clone(),
+                expected_count: 0,
+                messages,
+                turn_key: None,
+                new_session: Some(session.clone()),
+                began_at: chrono::Utc::now(),
+            })
+            .await
+            .unwrap();
+        sessions.push(session.id);
+    }
+    let services = cmz_env::services_from_env(&|n| env.get(n).cloned())
+        .await
+        .unwrap();
+    let report = services
+        .apply_family_retention(chrono::Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.families, report.sessions, report.messages),
+        (1, 1, 2)
+    );
+    let kept: Vec<bool> =
+        futures::future::join_all(sessions.iter().map(|id| store.get_session(id)))
+            .await
+            .into_iter()
+            .map(|s| s.unwrap().is_some())
+            .collect();
+    assert_eq!(
+        kept,
+        [false, true, true],
+        "Ana's ended one goes; Kim's family chose nothing; Leo's is current"
+    );
+    // Only the family's parents choose.
+    let kim = server.login("other@cmz.org", "other123").await;
+    let refused = server
+        .call(
+            server
+                .client
+                .put(format!("{}/families/family_rivera/retention", server.base))
+                .header("content-type", "application/json")
+                .body(json!({"days": null}).to_string()),
+            Some(&kim),
+        )
+        .await;
+    assert_eq!(refused.0, 403);
+}

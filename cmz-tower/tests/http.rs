@@ -1702,3 +1702,54 @@ async fn a_parent_erases_a_childs_data() {
     assert_eq!(again.0, 200);
     assert_eq!(again.1["account"], false);
 }
+
+/// Only a family's parents (or an administrator) choose its retention, within bounds.
+#[tokio::test]
+async fn a_family_chooses_its_retention() {
+    let server = start().await;
+    let parent = server.login("parent@cmz.org", "parent123").await;
+    let ana = server.login("student1@cmz.org", "student123").await;
+    let put = |family: &'static str, token: String, body: Value| {
+        let request = server
+            .client
+            .put(server.url(&format!("/families/{family}/retention")))
+            .header("content-type", "application/json")
+            .bearer_auth(token)
+            .body(body.to_string());
+        async { server.send(request).await }
+    };
+    let set = put("family_rivera", parent.clone(), json!({"days": 30})).await;
+    assert_eq!(set.0, 200, "{set:?}");
+    assert_eq!(set.1["retentionDays"], 30);
+    let listed = server.get("/family_list", Some(&parent)).await;
+    assert_eq!(listed.1[0]["retentionDays"], 30);
+    assert_error(
+        &put("family_chen", parent.clone(), json!({"days": 1})).await,
+        403,
+        "forbidden",
+    );
+    assert_error(
+        &put("family_rivera", ana, json!({"days": 1})).await,
+        403,
+        "forbidden",
+    );
+    assert_error(
+        &put("family_none", parent.clone(), json!({"days": 1})).await,
+        404,
+        "not_found",
+    );
+    for bad in [
+        json!({"days": -1}),
+        json!({"days": 3651}),
+        json!({"weeks": 2}),
+    ] {
+        assert_error(
+            &put("family_rivera", parent.clone(), bad).await,
+            400,
+            "validation_error",
+        );
+    }
+    let back = put("family_rivera", parent, json!({"days": null})).await;
+    assert_eq!(back.0, 200);
+    assert!(back.1.get("retentionDays").is_none(), "{back:?}");
+}

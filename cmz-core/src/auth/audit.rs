@@ -28,6 +28,8 @@ pub enum AuditKind {
     /// Personal details were taken out of a child's message before it was stored or sent
     /// (the reason names their types only, never the text).
     PersonalDetails,
+    /// A family chose how long its conversations are kept.
+    Retention,
     /// A user's data was erased (the subject is whose; the reason holds the counts, never
     /// content).
     Erasure,

@@ -84,8 +84,9 @@ impl DevDirectory {
         }
     }
 
-    /// Creates the users (passwords hashed with `hasher`) and families; users that already
-    /// exist are left as they are.
+    /// Creates the users (passwords hashed with `hasher`) and families; users and families
+    /// that already exist are left as they are (a family's chosen retention, a parent's
+    /// changes survive a restart).
     pub async fn seed(
         &self,
         users: &dyn UserStore,
@@ -112,7 +113,9 @@ impl DevDirectory {
             }
         }
         for family in &self.families {
-            families.put_family(family).await?;
+            if families.get_family(&family.family_id).await?.is_none() {
+                families.put_family(family).await?;
+            }
         }
         tracing::info!(
             users = self.users.len(),

@@ -82,6 +82,76 @@ impl AuthService {
         Ok(listed.into_iter().filter(|f| !f.soft_delete).collect())
     }
 
+    /// The live families that chose a retention of their own: what a retention job reads
+    /// (no principal: the deployment's own rule; backends may scan).
+    pub async fn families_with_retention(&self) -> Result<Vec<Family>> {
+        let listed = self
+            .inner
+            .stores
+            .families
+            .list_families()
+            .instrument(span("list_families"))
+            .await?;
+        Ok(listed
+            .into_iter()
+            .filter(|f| !f.soft_delete && f.retention_days.is_some())
+            .collect())
+    }
+
+    /// The longest a family may choose to keep its conversations, in days (ten years); a
+    /// deployment that keeps them less still deletes them sooner.
+    pub const MAX_RETENTION_DAYS: u32 = 3650;
+
+    /// Sets how long `family`'s conversations are kept (`None`: as long as the deployment
+    /// keeps them; `Some(0)`: only until each conversation ends), for a parent of that
+    /// family or a role that sees everything (`forbidden` for anyone else, `not_found` for
+    /// an unknown or deleted family). Audited. `cmz_env::Services::apply_family_retention`
+    /// applies it.
+    #[tracing::instrument(name = "cmz.set_family_retention", skip_all, fields(user = %principal.user_id, family = %family))]
+    pub async fn set_family_retention(
+        &self,
+        principal: &Principal,
+        family: &FamilyId,
+        days: Option<u32>,
+    ) -> Result<Family> {
+        if days.is_some_and(|d| d > Self::MAX_RETENTION_DAYS) {
+            return Err(Error::validation(
+                "days",
+                format!("days is at most {}", Self::MAX_RETENTION_DAYS),
+            ));
+        }
+        let families = &self.inner.stores.families;
+        let mut found = families
+            .get_family(family)
+            .instrument(span("get_family"))
+            .await?
+            .filter(|f| !f.soft_delete)
+            .ok_or_else(|| Error::not_found(format!("family {family}")))?;
+        if !principal.role.sees_everything() && !found.parents.contains(&principal.user_id) {
+            return Err(Error::forbidden(
+                "only the family's parents choose how long its conversations are kept",
+            ));
+        }
+        found.retention_days = days;
+        families
+            .put_family(&found)
+            .instrument(span("put_family"))
+            .await?;
+        let mut event = super::AuditEvent::new(
+            super::AuditKind::Retention,
+            super::AuditOutcome::Allowed,
+            match days {
+                Some(0) => format!("family {family}: conversations kept until they end"),
+                Some(d) => format!("family {family}: conversations kept {d} days"),
+                None => format!("family {family}: conversations kept as the deployment keeps them"),
+            },
+        );
+        event.actor = Some(principal.user_id.clone());
+        event.actor_role = Some(principal.role);
+        self.inner.stores.audit.record(event).await;
+        Ok(found)
+    }
+
     /// The students of `parent`'s families (deleted families left out), for a caller who
     /// is that parent or sees everything; `forbidden` for anyone else. Reading their
     /// conversations still passes the conversation policy, student by student.

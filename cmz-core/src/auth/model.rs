@@ -85,6 +85,11 @@ pub struct Family {
     /// Soft-deleted families grant nothing.
     #[serde(default)]
     pub soft_delete: bool,
+    /// How long the family's conversations are kept, in days, when the family chose less
+    /// than the deployment keeps (`CMZ_RETENTION_DAYS`); `Some(0)` keeps them only until
+    /// the conversation ends (see `cmz_env::Services::apply_family_retention`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_days: Option<u32>,
 }
 
 impl Family {

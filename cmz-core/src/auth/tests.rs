@@ -1083,6 +1083,7 @@ async fn policy_fixture() -> (
                     .map(|s| UserId::new(s).unwrap())
                     .collect(),
                 soft_delete: false,
+                retention_days: None,
             })
             .await
             .unwrap();

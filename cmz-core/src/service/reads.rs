@@ -192,6 +192,58 @@ impl ConversationService {
         Ok(report)
     }
 
+    /// Deletes `owner`'s sessions whose last activity is before `inactive_before`: what a
+    /// retention job does (no principal: the deployment's own rule; audited). A turn
+    /// running in one of them writes nothing back.
+    #[tracing::instrument(name = "cmz.expire_sessions", skip_all, fields(owner = %owner))]
+    pub async fn expire_sessions(
+        &self,
+        owner: &UserId,
+        inactive_before: chrono::DateTime<chrono::Utc>,
+    ) -> Result<DeleteReport> {
+        let inner = &self.inner;
+        let store = &inner.store;
+        let mut expired = Vec::new();
+        {
+            let mut listing = crate::store::paged(|cursor| {
+                store.list_sessions(
+                    SessionScope::User(owner.clone()),
+                    PageRequest { limit: 100, cursor },
+                )
+            });
+            // Newest activity first: the old ones are at the end.
+            while let Some(session) = listing.next().await {
+                let session = session?;
+                if session.last_activity < inactive_before {
+                    expired.push(session.id);
+                }
+            }
+        }
+        let mut report = DeleteReport::default();
+        for id in expired {
+            let scope = DeleteScope::Session(id);
+            inner.tombstones.record(&scope).await;
+            let deleted = store.delete(scope).await?;
+            report.sessions += deleted.sessions;
+            report.messages += deleted.messages;
+        }
+        if report.sessions > 0 {
+            if let Some(audit) = &inner.audit {
+                let mut event = AuditEvent::new(
+                    AuditKind::Retention,
+                    AuditOutcome::Allowed,
+                    format!(
+                        "retention: {} sessions, {} messages inactive since before {inactive_before}",
+                        report.sessions, report.messages
+                    ),
+                );
+                event.subject = Some(owner.clone());
+                audit.record(event).await;
+            }
+        }
+        Ok(report)
+    }
+
     /// Whether the conversation store answers (one cheap read), for health checks.
     pub async fn store_is_reachable(&self) -> bool {
         match SessionId::new("health_check") {

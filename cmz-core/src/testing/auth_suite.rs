@@ -128,6 +128,7 @@ pub async fn check_family_directory(directory: &dyn FamilyDirectory) {
         parents: vec![parent.clone()],
         students: vec![a.clone(), b.clone()],
         soft_delete: false,
+        retention_days: None,
     };
     directory.put_family(&family).await.unwrap();
     assert_eq!(
@@ -158,12 +159,18 @@ pub async fn check_family_directory(directory: &dyn FamilyDirectory) {
     );
     let changed = Family {
         students: vec![a.clone()],
+        retention_days: Some(0),
         ..family.clone()
     };
     directory.put_family(&changed).await.unwrap();
     assert!(
         directory.families_of(&b).await.unwrap().is_empty(),
         "contract: put_family replaces"
+    );
+    assert_eq!(
+        directory.get_family(&changed.family_id).await.unwrap(),
+        Some(changed.clone()),
+        "contract: a family's retention is kept"
     );
     assert!(
         directory

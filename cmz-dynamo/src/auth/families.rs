@@ -35,6 +35,9 @@ impl DynamoFamilyDirectory {
             parents: ids("parents"),
             students: ids("students"),
             soft_delete: reader.bool("softDelete"),
+            retention_days: reader
+                .opt_u64("retentionDays")
+                .and_then(|d| u32::try_from(d).ok()),
         })
     }
 
@@ -196,6 +199,9 @@ impl FamilyDirectory for DynamoFamilyDirectory {
             "softDelete".into(),
             AttributeValue::Bool(family.soft_delete),
         );
+        if let Some(days) = family.retention_days {
+            item.insert("retentionDays".into(), n(days));
+        }
         let old = self
             .db
             .inner
