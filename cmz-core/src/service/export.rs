@@ -233,7 +233,7 @@ impl ExportWriter {
         let mut out = String::new();
         match item {
             ExportItem::Session(session) => {
-                out.push_str(&self.close_session());
+                out.push_str(self.close_session());
                 self.in_session = true;
                 self.messages_in_session = 0;
                 let first = self.sessions == 0;
@@ -246,9 +246,9 @@ impl ExportWriter {
                         let _ = write!(out, "{{\"session\":{},\"messages\":[", json(session));
                     }
                     ExportFormat::Html => {
-                        let _ = write!(
+                        let _ = writeln!(
                             out,
-                            "<section><h2>{}</h2><p class=\"when\">{} to {} · {} messages · {}</p>\n",
+                            "<section><h2>{}</h2><p class=\"when\">{} to {} · {} messages · {}</p>",
                             html(&session.animal_name),
                             session.started_at.format("%Y-%m-%d %H:%M UTC"),
                             session.last_activity.format("%Y-%m-%d %H:%M UTC"),
