@@ -150,7 +150,7 @@ static PHONE: LazyLock<Regex> =
     LazyLock::new(|| regex(r"(?:\+\d{1,3}[\s.-]?)?(?:\(\d{2,4}\)[\s.-]?)?\d[\d\s.-]{4,16}\d"));
 static PHONE_INTRO: LazyLock<Regex> = LazyLock::new(|| {
     regex(
-        r"(?i)\b(?:my|our|(?:mom|mum|mommy|mother|dad|daddy|father|grandma|grandpa|parents)'?s)\s+(?:(?:phone|cell|mobile|home|telephone)\s+)?(?:number|phone)\s+is\s+(\+?\(?\d[\d\s().-]{1,18}\d)",
+        r"(?i)\b(?:my|our|(?:mom|mum|mommy|mother|dad|daddy|father|grandma|grandpa|parents)'?s)\s+(?:(?:phone|cell|mobile|home|telephone)\s+)?(?:number|phone)\s+is[ \t]+(\+?\(?\d[\d\s().-]{1,18}\d)",
     )
 });
 static ADDRESS: LazyLock<Regex> = LazyLock::new(|| {
@@ -160,17 +160,17 @@ static ADDRESS: LazyLock<Regex> = LazyLock::new(|| {
 });
 static ADDRESS_INTRO: LazyLock<Regex> = LazyLock::new(|| {
     regex(
-        r"(?i)\b(?:(?:i|we)\s+live\s+at|my\s+(?:home\s+)?address\s+is|(?:my|our)\s+house\s+is\s+(?:at|on))\s+([^.!?,;\n]{2,80}?)\s*(?:[.!?,;\n]|\s+and\s|\s+but\s|$)",
+        r"(?i)\b(?:(?:i|we)\s+live\s+at|my\s+(?:home\s+)?address\s+is|(?:my|our)\s+house\s+is\s+(?:at|on))[ \t]+([^.!?,;\n]{2,80}?)\s*(?:[.!?,;\n]|\s+and\s|\s+but\s|$)",
     )
 });
 static NAME_INTRO: LazyLock<Regex> = LazyLock::new(|| {
     regex(
-        r"(?i)\b(?:my\s+(?:full\s+|real\s+|last\s+)?name\s+is|my\s+name's|i'?m\s+called|i\s+am\s+called|call\s+me|my\s+nickname\s+is|(?:my|our)\s+(?:best\s+friend|friend|brother|sister|mom|mum|mommy|mother|dad|daddy|father|teacher|cousin|grandma|grandpa|grandmother|grandfather|aunt|uncle)'?s\s+name\s+is)\s+([a-z][a-z'-]{0,30})(\s+[a-z][a-z'-]{0,30})?",
+        r"(?i)\b(?:my\s+(?:full\s+|real\s+|last\s+)?name\s+is|my\s+name's|i'?m\s+called|i\s+am\s+called|call\s+me|my\s+nickname\s+is|(?:my|our)\s+(?:best\s+friend|friend|brother|sister|mom|mum|mommy|mother|dad|daddy|father|teacher|cousin|grandma|grandpa|grandmother|grandfather|aunt|uncle)'?s\s+name\s+is)[ \t]+([a-z][a-z'-]{0,30})([ \t]+[a-z][a-z'-]{0,30})?",
     )
 });
 static SCHOOL_INTRO: LazyLock<Regex> = LazyLock::new(|| {
     regex(
-        r"(?i)\b(?:my\s+school\s+is(?:\s+called|\s+named)?|my\s+school's\s+name\s+is)\s+([^.!?,\n]{2,60}?)\s*(?:[.!?,\n]|$)|\b(?:i|we)\s+(?:go\s+to|attend)\s+((?:[a-z0-9'.-]+\s+){0,4}?(?:school|elementary|academy|kindergarten|preschool|montessori)\b)",
+        r"(?i)\b(?:my\s+school\s+is(?:\s+called|\s+named)?|my\s+school's\s+name\s+is)[ \t]+([^.!?,\n]{2,60}?)\s*(?:[.!?,\n]|$)|\b(?:i|we)\s+(?:go\s+to|attend)[ \t]+((?:[a-z0-9'.-]+[ \t]+){0,4}?(?:school|elementary|academy|kindergarten|preschool|montessori)\b)",
     )
 });
 
@@ -275,6 +275,27 @@ impl Redactor {
             .is_ok_and(|number| phonenumber::is_valid(&number))
     }
 
+    /// The length of the longest prefix of a digit run that is a phone number, ending at a
+    /// digit before a separator (a run may carry more digits than the number: "call
+    /// 206 555 0142 7 times").
+    fn phone_prefix(&self, run: &str) -> Option<usize> {
+        let run = run.trim_end_matches(['.', '-', ' ']);
+        let mut ends: Vec<usize> = run
+            .char_indices()
+            .filter(|&(i, c)| {
+                c.is_ascii_digit()
+                    && run[i + 1..]
+                        .chars()
+                        .next()
+                        .is_none_or(|next| !next.is_ascii_digit())
+            })
+            .map(|(i, _)| i + 1)
+            .collect();
+        ends.reverse();
+        ends.into_iter()
+            .find(|&end| self.is_phone(&run[..end]))
+    }
+
     /// The spans of personal details in `text`, each with its kind.
     fn spans(&self, text: &str) -> Vec<(usize, usize, PiiKind)> {
         let mut spans = Vec::new();
@@ -295,9 +316,8 @@ impl Redactor {
             }
         }
         for m in PHONE.find_iter(text) {
-            let candidate = m.as_str().trim_end_matches(['.', '-', ' ']);
-            if self.is_phone(candidate) {
-                spans.push((m.start(), m.start() + candidate.len(), PiiKind::Phone));
+            if let Some(len) = self.phone_prefix(m.as_str()) {
+                spans.push((m.start(), m.start() + len, PiiKind::Phone));
             }
         }
         for c in ADDRESS.captures_iter(text) {
@@ -355,14 +375,26 @@ impl Redactor {
         let mut out = String::with_capacity(text.len());
         let mut kinds: Vec<PiiKind> = Vec::new();
         let mut at = 0;
-        for (start, end, kind) in spans {
-            if start < at {
-                continue; // inside a detail already replaced
+        let mut spans = spans.into_iter().peekable();
+        while let Some((start, mut end, kind)) = spans.next() {
+            // Details that overlap are replaced together: nothing of either survives.
+            let mut cluster = vec![kind];
+            while let Some(&(next_start, next_end, next_kind)) = spans.peek() {
+                if next_start >= end {
+                    break;
+                }
+                end = end.max(next_end);
+                if !cluster.contains(&next_kind) {
+                    cluster.push(next_kind);
+                }
+                spans.next();
             }
             out.push_str(&text[at..start]);
-            out.push_str(kind.placeholder());
-            if !kinds.contains(&kind) {
-                kinds.push(kind);
+            for kind in cluster {
+                out.push_str(kind.placeholder());
+                if !kinds.contains(&kind) {
+                    kinds.push(kind);
+                }
             }
             at = end;
         }
@@ -443,5 +475,10 @@ mod tests {
         assert_eq!(us.redact("ring +44 20 7946 0018").kinds, [PiiKind::Phone]);
         let nothing = us.redact("lions sleep 20 hours");
         assert!(matches!(nothing.text, Cow::Borrowed(_)));
+        // Details that overlap go together (found by fuzzing: the email's start was in the
+        // phone number, and its end survived).
+        let out = us.redact("1 2 3 4 5 999997wdia.org---88kid.one@example.org/s");
+        assert_eq!(out.text, "[phone][email]/s");
+        assert_eq!(out.kinds, [PiiKind::Phone, PiiKind::Email]);
     }
 }
