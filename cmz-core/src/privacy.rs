@@ -292,8 +292,7 @@ impl Redactor {
             .map(|(i, _)| i + 1)
             .collect();
         ends.reverse();
-        ends.into_iter()
-            .find(|&end| self.is_phone(&run[..end]))
+        ends.into_iter().find(|&end| self.is_phone(&run[..end]))
     }
 
     /// The spans of personal details in `text`, each with its kind.

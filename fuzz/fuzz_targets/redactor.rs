@@ -22,7 +22,10 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(out.text, text, "nothing found, nothing changed");
     }
     for kind in &out.kinds {
-        assert!(out.text.contains(kind.placeholder()), "{kind:?} has its placeholder");
+        assert!(
+            out.text.contains(kind.placeholder()),
+            "{kind:?} has its placeholder"
+        );
     }
     let _ = redactor.redact(&out.text);
     let planted = format!("{text} \nwrite to kid.one@example.org or call 206-555-0142 please");
