@@ -143,7 +143,8 @@ impl Services {
     /// conversations (sessions, messages, turn keys, summaries; a tombstone that holds only
     /// the user id keeps turns already running from writing any of it back), then their
     /// refresh tokens, their place in families, their account and their counters. One call,
-    /// batched; an interrupted erasure is finished by calling it again. `principal` needs
+    /// batched; an interrupted erasure is finished by calling it again (`not_found` once
+    /// nothing is left: no account, no conversations). `principal` needs
     /// the policy's delete right on the user (themselves, their parent, an administrator);
     /// `reason` (a request number, say) goes to the audit log with the counts.
     pub async fn erase_user(
@@ -152,6 +153,24 @@ impl Services {
         user: &UserId,
         reason: Option<&str>,
     ) -> Result<Erasure> {
+        // Who may, first; then whether there is anything to erase (so nobody learns which
+        // users exist from a refusal).
+        use cmz_core::access::AccessPolicy as _;
+        self.auth
+            .policy()
+            .authorize(principal, cmz_core::access::Action::Delete, user)
+            .await?;
+        let has_conversations = !self
+            .conversations
+            .sessions_of(principal, user, cmz_core::store::PageRequest::first(1))
+            .await?
+            .items
+            .is_empty();
+        if !has_conversations && !self.auth.has_account(user).await? {
+            return Err(cmz_core::Error::not_found(format!(
+                "no data is held for user {user}"
+            )));
+        }
         let conversations = self
             .conversations
             .delete_with_reason(principal, DeleteScope::User(user.clone()), reason)

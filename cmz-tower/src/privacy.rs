@@ -159,8 +159,9 @@ pub(crate) async fn erase_user(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RetentionBody {
-    /// Days (0: until each conversation ends); null: as the deployment keeps them.
-    days: Option<i64>,
+    /// Days (0: until each conversation ends); null: as the deployment keeps them. Required
+    /// (a `Value`, so that a missing field is an error and `null` is not).
+    days: serde_json::Value,
 }
 
 /// `PUT /families/{familyId}/retention`: a parent of the family (or an administrator)
@@ -172,12 +173,17 @@ pub(crate) async fn set_retention(
     ApiJson(body): ApiJson<RetentionBody>,
 ) -> Result<axum::Json<cmz_core::auth::Family>, ApiError> {
     let family = id(cmz_core::ids::FamilyId::new, family)?;
-    let days = body
-        .days
-        .map(|d| {
-            u32::try_from(d).map_err(|_| ApiError::validation("days", "days must be 0 or more"))
-        })
-        .transpose()?;
+    let days = match body.days {
+        serde_json::Value::Null => None,
+        value => Some(
+            value
+                .as_u64()
+                .and_then(|d| u32::try_from(d).ok())
+                .ok_or_else(|| {
+                    ApiError::validation("days", "days must be a whole number from 0, or null")
+                })?,
+        ),
+    };
     let updated = state
         .inner
         .services

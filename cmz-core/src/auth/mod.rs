@@ -415,6 +415,12 @@ impl AuthService {
         })
     }
 
+    /// Whether `user` has an account. For callers that already checked the principal may
+    /// act on the user (an erasure): the answer says who exists.
+    pub async fn has_account(&self, user: &UserId) -> Result<bool> {
+        Ok(self.inner.stores.users.get_user(user).await?.is_some())
+    }
+
     /// Removes what the auth stores hold about `user` for an erasure of their data: their
     /// refresh tokens (so no session of theirs can be renewed), their place in every family,
     /// their account, and their turn counter. `principal` needs the policy's delete right
