@@ -2,6 +2,7 @@
 
 pub mod access;
 pub mod auth;
+pub mod care;
 pub mod chat;
 pub mod error;
 pub mod ids;

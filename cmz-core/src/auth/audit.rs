@@ -36,6 +36,9 @@ pub enum AuditKind {
     /// A user's conversations were exported (the subject is whose; the reason holds the
     /// counts).
     Export,
+    /// Staff opened a review-queue item or marked it reviewed (the subject is whose
+    /// conversation; the reason names the item, never content).
+    Review,
 }
 
 /// Whether it was allowed.

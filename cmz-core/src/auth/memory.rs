@@ -8,7 +8,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::model::{Family, RefreshRecord, RefreshState, User};
-use super::stores::{FamilyDirectory, RateCount, RateLimitStore, RevocationStore, UserStore};
+use super::stores::{
+    FamilyDirectory, RateCount, RateLimitStore, RevocationStore, Tally, UserStore,
+};
 use crate::error::{Error, Result};
 use crate::ids::{FamilyId, UserId};
 
@@ -209,6 +211,7 @@ impl RevocationStore for InMemoryRevocationStore {
 #[derive(Debug, Default)]
 pub struct InMemoryRateLimitStore {
     counters: Mutex<HashMap<String, RateCount>>,
+    totals: Mutex<HashMap<String, (u64, DateTime<Utc>)>>,
 }
 
 impl InMemoryRateLimitStore {
@@ -265,5 +268,29 @@ impl RateLimitStore for InMemoryRateLimitStore {
             counter.count = counter.count.saturating_sub(1);
         }
         Ok(())
+    }
+
+    async fn add(&self, key: &str, amount: i64, ceiling: u64, window: Duration) -> Result<Tally> {
+        let now = Utc::now();
+        let mut totals = lock(&self.totals);
+        if totals.len() > 10_000 {
+            totals.retain(|_, (_, resets_at)| *resets_at > now);
+        }
+        let (total, resets_at) = totals
+            .entry(key.to_owned())
+            .or_insert((0, now + window_delta(window)));
+        if *resets_at <= now {
+            *total = 0;
+            *resets_at = now + window_delta(window);
+        }
+        let added = amount < 0 || *total < ceiling;
+        if added {
+            *total = total.saturating_add_signed(amount);
+        }
+        Ok(Tally {
+            total: *total,
+            added,
+            resets_at: *resets_at,
+        })
     }
 }

@@ -58,7 +58,7 @@ use settings::random_bytes;
 pub use settings::{AuthSettings, LoginLimits};
 pub use stores::{
     DynFamilyDirectory, DynRateLimitStore, DynRevocationStore, DynUserStore, FamilyDirectory,
-    RateCount, RateLimitStore, RateLimitStoreExt, RevocationStore, UserStore,
+    RateCount, RateLimitStore, RateLimitStoreExt, RevocationStore, Tally, UserStore,
 };
 pub use tokens::{
     AccessClaims, DEFAULT_ISSUER, IssuedToken, MAX_LEEWAY, MAX_TOKEN_BYTES, MIN_SECRET_BYTES,

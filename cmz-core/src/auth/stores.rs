@@ -87,6 +87,17 @@ pub struct RateCount {
     pub resets_at: DateTime<Utc>,
 }
 
+/// The answer to [`RateLimitStore::add`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    /// The total in the current window after the call (before it, when refused).
+    pub total: u64,
+    /// Whether the amount was added (`false`: the total was already at the ceiling).
+    pub added: bool,
+    /// When the current window ends.
+    pub resets_at: DateTime<Utc>,
+}
+
 /// Conveniences on every [`RateLimitStore`] (a blanket implementation).
 #[async_trait]
 pub trait RateLimitStoreExt: RateLimitStore {
@@ -124,6 +135,11 @@ impl<T: RateLimitStore + ?Sized> RateLimitStoreExt for T {}
 /// - `reset` clears a key.
 /// - `release` takes back one hit in the current window (never below 0); a backend that
 ///   cannot may leave the count as it is (the default), which only makes a limit stricter.
+/// - `add` is an atomic "add if below": a positive `amount` is added only while the total
+///   is below `ceiling` (so of many concurrent adds at the edge exactly the ones that saw
+///   room get in, and the total passes the ceiling by at most one amount); a negative one
+///   (taking back part of what was added) always applies and never goes below 0. A key
+///   never added to (or whose window ended) has total 0. `add` keys are not `hit` keys.
 #[async_trait]
 pub trait RateLimitStore: Debug + Send + Sync + 'static {
     /// Counts a hit.
@@ -137,6 +153,8 @@ pub trait RateLimitStore: Debug + Send + Sync + 'static {
         let _ = key;
         Ok(())
     }
+    /// Adds `amount` to a total (tokens, say) while it is below `ceiling`.
+    async fn add(&self, key: &str, amount: i64, ceiling: u64, window: Duration) -> Result<Tally>;
 }
 
 /// A shared, type-erased user store.

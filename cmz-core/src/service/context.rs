@@ -88,7 +88,7 @@ impl TokenCounts {
     }
 
     /// The prompt tokens of `fixed` messages and the reply priming.
-    fn framing(&self, fixed: &[ChatMessage]) -> u32 {
+    pub(super) fn framing(&self, fixed: &[ChatMessage]) -> u32 {
         fixed
             .iter()
             .map(|m| Tokenizer::message_cost(self.count(&m.content)))

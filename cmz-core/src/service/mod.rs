@@ -26,6 +26,8 @@
 //! ```
 
 mod animals;
+mod budget;
+mod care;
 mod config;
 mod context;
 mod export;
@@ -53,6 +55,11 @@ use futures::{Stream, StreamExt as _};
 use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
+pub use budget::{BUDGET_MESSAGE, BudgetExceeded, BudgetScope, BudgetStatus, Budgets};
+pub use care::{
+    MAX_REPORT_DAYS, NO_MODEL, Quota, ReviewContext, USAGE_FORGET_DAYS, UsageGrouping, UsageReport,
+    UsageReportRow,
+};
 pub use config::{ConversationConfig, ModelFailurePolicy};
 pub use export::{ExportFormat, ExportItem, ExportRange, ExportWriter};
 pub use external::ExternalTurn;
@@ -97,6 +104,8 @@ struct Inner {
     moderator: Option<DynModerator>,
     audit: Option<DynAuditSink>,
     turn_limit: Option<TurnLimit>,
+    budgets: Option<budget::BudgetLimits>,
+    care: Option<crate::care::DynCareStore>,
     folds: Arc<rolling::Folds>,
     counts: Arc<context::TokenCounts>,
 }
@@ -135,6 +144,8 @@ struct ReadyTurn {
     redacted: Vec<crate::privacy::PiiKind>,
     /// The deployment blocks such messages: the reply is the persona's reminder.
     privacy_block: bool,
+    /// The budget reservation, the caller's family and turn-limit standing.
+    costs: care::TurnCosts,
 }
 
 enum TurnStart {
@@ -198,6 +209,8 @@ impl ConversationService {
                 moderator: None,
                 audit: None,
                 turn_limit: None,
+                budgets: None,
+                care: None,
                 folds: Arc::default(),
                 counts: Arc::new(context::TokenCounts::new(config.tokenizer)),
                 config,
@@ -256,11 +269,31 @@ impl ConversationService {
         }
     }
 
-    async fn count_model_call(&self, principal: &Principal) -> Result<()> {
+    async fn count_model_call(
+        &self,
+        principal: &Principal,
+    ) -> Result<Option<(TurnLimitStatus, u64)>> {
         match &self.inner.turn_limit {
-            Some(limit) => limit.hit(principal).await,
-            None => Ok(()),
+            Some(limit) => limit.hit(principal).await.map(Some),
+            None => Ok(None),
         }
+    }
+
+    /// Prepares a turn that counted against the turn limit (`standing`), and reserves its
+    /// tokens in the budgets before anything calls the model.
+    async fn start(
+        &self,
+        principal: &Principal,
+        request: TurnRequest,
+        standing: Option<(TurnLimitStatus, u64)>,
+    ) -> Result<TurnStart> {
+        let mut prepared = match self.prepare(principal, request).await? {
+            TurnStart::Run(prepared) => prepared,
+            replay => return Ok(replay),
+        };
+        prepared.costs.turn_limit = standing;
+        self.reserve_budget(principal, &mut prepared).await?;
+        Ok(TurnStart::Run(prepared))
     }
 
     /// The config in force.
@@ -281,8 +314,8 @@ impl ConversationService {
     #[tracing::instrument(name = "cmz.turn", skip_all, fields(user = %principal.user_id, animal = %request.animal_id))]
     pub async fn turn(&self, principal: &Principal, request: TurnRequest) -> Result<TurnReply> {
         require_runtime()?;
-        self.count_model_call(principal).await?;
-        let prepared = match self.prepare(principal, request).await? {
+        let standing = self.count_model_call(principal).await?;
+        let prepared = match self.start(principal, request, standing).await? {
             TurnStart::Replay(reply) => return Ok(*reply),
             TurnStart::Run(prepared) => *prepared,
         };

@@ -27,6 +27,7 @@ impl ConversationService {
             since,
             began_at,
             fold,
+            costs,
             ..
         } = prepared;
         let (messages, key, stored_user) = match user {
@@ -81,7 +82,11 @@ impl ConversationService {
             None => (stored.next(), stored.next()),
         };
         match (user, assistant) {
-            (Some(user), Some(assistant)) => Ok(TurnReply::new(created, user, assistant, false)),
+            (Some(user), Some(assistant)) => {
+                let mut reply = TurnReply::new(created, user, assistant, false);
+                self.account_turn(&session, costs, &mut reply).await;
+                Ok(reply)
+            }
             // Only the user message was stored (model error mode); the caller returns the error.
             (Some(user), None) => Ok(TurnReply::new(created, user.clone(), user, false)),
             _ => Err(Error::internal(

@@ -292,6 +292,11 @@ impl ConversationService {
             fold,
             redacted,
             privacy_block,
+            costs: care::TurnCosts {
+                budget: None,
+                family: principal.family_id.clone(),
+                turn_limit: None,
+            },
         })))
     }
 }

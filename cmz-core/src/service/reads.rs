@@ -169,6 +169,11 @@ impl ConversationService {
                 op = "delete"
             ))
             .await?;
+        // A user's delete also takes what cost and care keep of them: their feedback, the
+        // queue items of their conversations, their usage counters.
+        if let DeleteScope::User(owner) = &scope {
+            self.forget_care(owner).await?;
+        }
         tracing::info!(
             sessions = report.sessions,
             messages = report.messages,

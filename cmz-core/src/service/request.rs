@@ -120,6 +120,9 @@ pub struct TurnReply {
     /// What moderation decided: `flagged` when the message (or, at the strict level, the
     /// reply) was refused, with the categories that fired (empty for a replayed turn).
     pub moderation: ModerationVerdict,
+    /// Where the caller stands against the turn limit and the token budgets after this
+    /// turn (`None` for a replayed turn).
+    pub quota: Option<super::Quota>,
 }
 
 impl TurnReply {
@@ -144,6 +147,7 @@ impl TurnReply {
             user_message: user,
             assistant_message: assistant,
             replayed,
+            quota: None,
         }
     }
 }

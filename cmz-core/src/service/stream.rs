@@ -18,8 +18,8 @@ impl ConversationService {
         request: TurnRequest,
     ) -> Result<TurnStream> {
         require_runtime()?;
-        self.count_model_call(principal).await?;
-        match self.prepare(principal, request).await? {
+        let standing = self.count_model_call(principal).await?;
+        match self.start(principal, request, standing).await? {
             TurnStart::Replay(reply) => Ok(TurnStream {
                 session_id: reply.session_id.clone(),
                 session_created: false,

@@ -331,4 +331,72 @@ pub async fn check_rate_limit_store(store: &dyn RateLimitStore) {
     );
     let other = UserId::new(unique("u")).unwrap();
     assert_eq!(store.peek(other.as_str(), window).await.unwrap().count, 0);
+    check_rate_limit_totals(store).await;
+}
+
+/// `add` is an atomic "add while below the ceiling": concurrent adds at the edge pass it by
+/// at most one amount; taking back always applies and never goes below 0.
+pub async fn check_rate_limit_totals(store: &dyn RateLimitStore) {
+    let window = Duration::from_secs(60);
+    let key = unique("total:");
+    let empty = store.add(&key, 0, u64::MAX, window).await.unwrap();
+    assert_eq!(
+        (empty.total, empty.added),
+        (0, true),
+        "contract: a new total is 0"
+    );
+    let adds =
+        futures::future::join_all((0..20).map(|_| store.add(&key, 100, 1_050, window))).await;
+    let admitted = adds.iter().filter(|a| a.as_ref().unwrap().added).count();
+    assert_eq!(
+        admitted, 11,
+        "contract: adds get in while the total is below the ceiling (0..=1,000 of 1,050)"
+    );
+    let refused = adds
+        .iter()
+        .find(|a| !a.as_ref().unwrap().added)
+        .unwrap()
+        .as_ref()
+        .unwrap();
+    assert!(
+        refused.total >= 1_050,
+        "a refusal reports the total that refused it"
+    );
+    let total = store.add(&key, 0, u64::MAX, window).await.unwrap();
+    assert_eq!(total.total, 1_100, "contract: over by at most one amount");
+    assert!(total.resets_at > Utc::now() && total.resets_at <= Utc::now() + TimeDelta::seconds(61));
+    let back = store.add(&key, -300, 0, window).await.unwrap();
+    assert_eq!(
+        (back.total, back.added),
+        (800, true),
+        "contract: taking back always applies"
+    );
+    let again = store.add(&key, 10, 1_000, window).await.unwrap();
+    assert_eq!((again.total, again.added), (810, true));
+    let floor = store.add(&key, -5_000, 0, window).await.unwrap();
+    assert_eq!(floor.total, 0, "contract: never below 0");
+    let short = unique("total:");
+    store
+        .add(&short, 7, 100, Duration::from_millis(200))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        store
+            .add(&short, 0, u64::MAX, Duration::from_millis(200))
+            .await
+            .unwrap()
+            .total,
+        0,
+        "contract: totals end with their window"
+    );
+    assert_eq!(
+        store
+            .add(&short, 5, 100, Duration::from_millis(200))
+            .await
+            .unwrap()
+            .total,
+        5,
+        "contract: a new window starts from the amount"
+    );
 }

@@ -15,12 +15,14 @@
 //! ```
 
 mod auth_suite;
+mod care_suite;
 mod long_conversation;
 mod model_suite;
 mod scripted;
 mod store_suite;
 
 pub use auth_suite::*;
+pub use care_suite::*;
 pub use long_conversation::*;
 pub use model_suite::*;
 pub use scripted::{Failure, ScriptedModel, Step};
