@@ -316,11 +316,17 @@ impl ConversationService {
             if let Err(error) = care.add_usage(&key, &counts).await {
                 tracing::warn!(code = error.code().as_str(), error = %error.report(), "could not count the turn's usage");
             }
-            let reasons = if assistant.role == Role::Assistant {
+            let mut reasons = if assistant.role == Role::Assistant {
                 reasons_of(assistant)
             } else {
                 Vec::new()
             };
+            if !reply.user_message.metadata.redacted.is_empty()
+                && assistant.role == Role::Assistant
+                && !reasons.contains(&ReviewReason::Redacted)
+            {
+                reasons.push(ReviewReason::Redacted);
+            }
             if !reasons.is_empty() {
                 let item = ReviewItem {
                     id: ReviewItem::id_for(assistant.created_at, &session.id, assistant.seq),

@@ -545,4 +545,6 @@ fn millis(duration: Duration) -> u64 {
 }
 
 #[cfg(test)]
+mod care_tests;
+#[cfg(test)]
 mod tests;
