@@ -164,6 +164,7 @@ def run(args, endpoint):
         "FAMILY_DYNAMO_TABLE_NAME": prefix + "quest-dev-family",
         "ANIMAL_DYNAMO_TABLE_NAME": prefix + "quest-dev-animal",
         "CMZ_META_TABLE_NAME": prefix + "quest-dev-cmz",
+        "CMZ_CARE_TABLE_NAME": prefix + "quest-dev-cmz-care",
     }
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CMZ_", "JWT_"))}
     env.update(tables)

@@ -18,8 +18,8 @@ use crate::config::{DynamoSettings, TableNames};
 use crate::error::map_sdk;
 use crate::tables::{TableEvent, TablesReport};
 use crate::{
-    DynamoConversationStore, DynamoFamilyDirectory, DynamoPersonaDirectory, DynamoRateLimitStore,
-    DynamoRevocationStore, DynamoUserStore, tables,
+    DynamoCareStore, DynamoConversationStore, DynamoFamilyDirectory, DynamoPersonaDirectory,
+    DynamoRateLimitStore, DynamoRevocationStore, DynamoUserStore, tables,
 };
 
 /// A DynamoDB connection with cmz's table names and settings; hands out the stores.
@@ -179,6 +179,11 @@ impl Dynamo {
     /// Shared rate-limit counters.
     pub fn rate_limits(&self) -> DynamoRateLimitStore {
         DynamoRateLimitStore::new(self.clone())
+    }
+
+    /// Usage counters, feedback and the review queue (the care table).
+    pub fn care(&self) -> DynamoCareStore {
+        DynamoCareStore::new(self.clone())
     }
 
     /// One strongly consistent `GetItem` by a string hash key, its capacity metered.

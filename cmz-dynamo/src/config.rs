@@ -34,6 +34,9 @@ pub struct TableNames {
     /// claims, family membership and migration progress (`CMZ_META_TABLE_NAME`, default
     /// `quest-dev-cmz`).
     pub meta: String,
+    /// Cost and care: daily usage counters, feedback and the review queue
+    /// (`CMZ_CARE_TABLE_NAME`, default `quest-dev-cmz-care`).
+    pub care: String,
 }
 
 impl Default for TableNames {
@@ -46,12 +49,13 @@ impl Default for TableNames {
             families: "quest-dev-family".into(),
             animals: "quest-dev-animal".into(),
             meta: "quest-dev-cmz".into(),
+            care: "quest-dev-cmz-care".into(),
         }
     }
 }
 
 /// The environment variable behind each table name, in [`TableNames::all`] order.
-pub const TABLE_VARIABLES: [&str; 7] = [
+pub const TABLE_VARIABLES: [&str; 8] = [
     "CONVERSATION_DYNAMO_TABLE_NAME",
     "CONVERSATION_SESSION_TABLE_NAME",
     "CONVERSATION_MESSAGE_TABLE_NAME",
@@ -59,6 +63,7 @@ pub const TABLE_VARIABLES: [&str; 7] = [
     "FAMILY_DYNAMO_TABLE_NAME",
     "ANIMAL_DYNAMO_TABLE_NAME",
     "CMZ_META_TABLE_NAME",
+    "CMZ_CARE_TABLE_NAME",
 ];
 
 impl TableNames {
@@ -94,7 +99,7 @@ impl TableNames {
     }
 
     /// The names in a fixed order, with the variable that sets each.
-    pub fn all(&self) -> [(&'static str, &str); 7] {
+    pub fn all(&self) -> [(&'static str, &str); 8] {
         [
             (TABLE_VARIABLES[0], &self.conversations),
             (TABLE_VARIABLES[1], &self.sessions),
@@ -103,10 +108,11 @@ impl TableNames {
             (TABLE_VARIABLES[4], &self.families),
             (TABLE_VARIABLES[5], &self.animals),
             (TABLE_VARIABLES[6], &self.meta),
+            (TABLE_VARIABLES[7], &self.care),
         ]
     }
 
-    fn all_mut(&mut self) -> [&mut String; 7] {
+    fn all_mut(&mut self) -> [&mut String; 8] {
         [
             &mut self.conversations,
             &mut self.sessions,
@@ -115,6 +121,7 @@ impl TableNames {
             &mut self.families,
             &mut self.animals,
             &mut self.meta,
+            &mut self.care,
         ]
     }
 }

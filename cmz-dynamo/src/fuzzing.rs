@@ -14,8 +14,9 @@ use crate::config::DynamoSettings;
 use crate::conversations as conv;
 
 /// Runs every decoder of stored items on `item`: turn items, legacy conversations,
-/// sessions, personas, users, families, refresh tokens and rate counters. Each may answer
-/// an error for an item it cannot read; none may panic.
+/// sessions, personas, users, families, refresh tokens, rate counters, usage counters,
+/// feedback and review items. Each may answer an error for an item it cannot read; none
+/// may panic.
 pub fn decode_item(item: &HashMap<String, AttributeValue>) {
     let id = SessionId::new("conv_fuzz_user_00000000").ok();
     if let Some(id) = &id {
@@ -31,6 +32,9 @@ pub fn decode_item(item: &HashMap<String, AttributeValue>) {
     let _ = crate::DynamoFamilyDirectory::family_from(item);
     let _ = crate::DynamoRevocationStore::record_from(item, "fuzz");
     let _ = crate::auth::count_from(item);
+    let _ = crate::care::usage_from(item);
+    let _ = crate::care::feedback_from(item);
+    let _ = crate::care::review_from(item);
     let _ = crate::attr::to_json(&AttributeValue::M(item.clone()));
 }
 

@@ -4,6 +4,7 @@ mod attr;
 mod auth;
 mod backend;
 mod batch;
+mod care;
 mod config;
 mod conversations;
 mod error;
@@ -21,6 +22,7 @@ pub use auth::{
     DynamoFamilyDirectory, DynamoRateLimitStore, DynamoRevocationStore, DynamoUserStore,
 };
 pub use backend::{CapacityReport, Dynamo};
+pub use care::DynamoCareStore;
 pub use config::{DynamoSettings, TABLE_VARIABLES, TableNames};
 pub use conversations::DynamoConversationStore;
 pub use personas::DynamoPersonaDirectory;

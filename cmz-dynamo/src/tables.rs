@@ -79,7 +79,7 @@ impl Projected {
 
 fn specs(names: &TableNames) -> Vec<(&str, &'static str, Spec)> {
     use ScalarAttributeType::{N, S};
-    let [conv, sess, msgs, users, fams, animals, meta] = names.all();
+    let [conv, sess, msgs, users, fams, animals, meta, care] = names.all();
     vec![
         (
             conv.1,
@@ -167,6 +167,18 @@ fn specs(names: &TableNames) -> Vec<(&str, &'static str, Spec)> {
             Spec {
                 hash: ("pk", S),
                 range: None,
+                indexes: &[],
+                retired_indexes: &[],
+                local_indexes: &[],
+                ttl: true,
+            },
+        ),
+        (
+            care.1,
+            care.0,
+            Spec {
+                hash: ("pk", S),
+                range: Some(("sk", S)),
                 indexes: &[],
                 retired_indexes: &[],
                 local_indexes: &[],

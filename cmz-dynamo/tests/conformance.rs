@@ -1,7 +1,9 @@
 //! The whole `cmz_core::testing` conformance list against the DynamoDB stores, on Amazon's
 //! DynamoDB Local.
 
-use cmz_core::testing::{SuiteOptions, run_auth_store_suite, run_conversation_store_suite};
+use cmz_core::testing::{
+    SuiteOptions, run_auth_store_suite, run_care_store_suite, run_conversation_store_suite,
+};
 use cmz_dynamo::testing::isolated;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -36,6 +38,12 @@ async fn auth_stores_conform() {
         &dynamo.rate_limits(),
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn care_store_conforms() {
+    let dynamo = isolated().await;
+    run_care_store_suite(&dynamo.care()).await;
 }
 
 /// A turn too large for one item goes through `TransactWriteItems`: stored whole, or a

@@ -238,18 +238,11 @@ async fn legacy_conversations_are_read_and_continued() {
 }
 
 fn migrate(dynamo: &Dynamo, args: &[&str]) -> std::process::Child {
-    let t = dynamo.tables();
     Command::new(env!("CARGO_BIN_EXE_cmz-dynamo"))
         .arg("migrate")
         .args(args)
         .env("DYNAMODB_ENDPOINT_URL", shared_endpoint())
-        .env("CONVERSATION_DYNAMO_TABLE_NAME", &t.conversations)
-        .env("CONVERSATION_SESSION_TABLE_NAME", &t.sessions)
-        .env("CONVERSATION_MESSAGE_TABLE_NAME", &t.messages)
-        .env("USER_DYNAMO_TABLE_NAME", &t.users)
-        .env("FAMILY_DYNAMO_TABLE_NAME", &t.families)
-        .env("ANIMAL_DYNAMO_TABLE_NAME", &t.animals)
-        .env("CMZ_META_TABLE_NAME", &t.meta)
+        .envs(dynamo.tables().all())
         .env("CMZ_CURSOR_SECRET", "cmz-test-cursor-secret")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -257,6 +257,7 @@ async fn a_legacy_deployment_is_upgraded_in_place_and_cmz_runs_on_it() {
             "{:?} (CONVERSATION_MESSAGE_TABLE_NAME) does not exist",
             t.messages
         ),
+        format!("{:?} (CMZ_CARE_TABLE_NAME) does not exist", t.care),
         format!("add it in place, keeping every item, with `{ENSURE_TABLES_COMMAND}`"),
     ] {
         assert!(message.contains(&expected), "{expected:?} in {message}");
@@ -291,6 +292,8 @@ async fn a_legacy_deployment_is_upgraded_in_place_and_cmz_runs_on_it() {
             added(&t.users, EMAIL_INDEX),
             created(&t.meta, "CMZ_META_TABLE_NAME"),
             ttl(&t.meta),
+            created(&t.care, "CMZ_CARE_TABLE_NAME"),
+            ttl(&t.care),
         ]
     );
     assert!(
@@ -328,7 +331,7 @@ async fn a_legacy_deployment_is_upgraded_in_place_and_cmz_runs_on_it() {
     )
     .await;
     assert_active_index(&dynamo, &t.users, EMAIL_INDEX, "email", None).await;
-    for table in [&t.sessions, &t.messages, &t.meta] {
+    for table in [&t.sessions, &t.messages, &t.meta, &t.care] {
         assert_eq!(
             ttl_of(&dynamo, table).await,
             (TimeToLiveStatus::Enabled, Some(TTL_ATTRIBUTE.to_owned())),

@@ -4,7 +4,8 @@ use std::sync::Arc;
 
 use cmz_core::Result;
 use cmz_core::auth::AuthStores;
-use cmz_core::memory::{InMemoryConversationStore, InMemoryPersonaDirectory};
+use cmz_core::care::DynCareStore;
+use cmz_core::memory::{InMemoryCareStore, InMemoryConversationStore, InMemoryPersonaDirectory};
 use cmz_core::persona::DynPersonaDirectory;
 use cmz_core::store::DynConversationStore;
 
@@ -15,6 +16,7 @@ pub(crate) struct Backends {
     pub(crate) store: DynConversationStore,
     pub(crate) personas: DynPersonaDirectory,
     pub(crate) auth: AuthStores,
+    pub(crate) care: DynCareStore,
     #[cfg(feature = "dynamo")]
     pub(crate) dynamo: Option<cmz_dynamo::Dynamo>,
 }
@@ -33,6 +35,7 @@ pub(crate) fn in_memory() -> Backends {
         store: Arc::new(InMemoryConversationStore::new()),
         personas: Arc::new(InMemoryPersonaDirectory::with_personas(default_personas())),
         auth: AuthStores::in_memory(),
+        care: Arc::new(InMemoryCareStore::new()),
         #[cfg(feature = "dynamo")]
         dynamo: None,
     }
@@ -78,6 +81,7 @@ pub(crate) async fn dynamo(
             limits: Arc::new(dynamo.rate_limits()),
             audit: Arc::new(cmz_core::auth::TracingAuditSink),
         },
+        care: Arc::new(dynamo.care()),
         dynamo: Some(dynamo),
     }))
 }

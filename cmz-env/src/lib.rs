@@ -259,6 +259,8 @@ fn check_dev_users(lookup: &Lookup<'_>) -> Result<()> {
 ///   `OPENAI_BASE_URL` are set, else the offline persona model.
 /// - Auth: [`AuthSettings::from_lookup`] (production needs `JWT_SECRET`; development
 ///   users need `CMZ_DEV_USERS` and the `dev` feature).
+/// - Cost and care: usage counters, feedback and the review queue in the same backend as
+///   the conversations; daily token budgets from [`ServiceSettings::budgets`].
 /// - Policy and defaults: the platform policy, [`ConversationConfig::default`] with the
 ///   context budget and summary cadence of [`ServiceSettings`], counted in the encoding of
 ///   the chosen model ([`Tokenizer::for_model`]), and the per-user turn limit.
@@ -273,6 +275,7 @@ pub async fn services_from_env(lookup: &Lookup<'_>) -> Result<Services> {
     };
     let audit = backends.auth.audit.clone();
     let rate_limits = backends.auth.limits.clone();
+    let care = backends.care.clone();
     let auth = AuthService::new(AuthSettings::from_lookup(lookup)?, backends.auth).await?;
     let chosen = model::chat_model(lookup, settings.offline_chunk_delay, settings.moderation)?;
     tracing::info!(
@@ -307,7 +310,9 @@ pub async fn services_from_env(lookup: &Lookup<'_>) -> Result<Services> {
         rate_limits.clone(),
         settings.turn_limit,
         settings.turn_window,
-    );
+    )
+    .with_budgets(rate_limits.clone(), settings.budgets)
+    .with_care(care);
     if let Some(moderator) = chosen.moderator {
         conversations = conversations.with_moderation(moderator, audit);
     }

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use cmz_core::moderation::ModerationLevel;
 use cmz_core::privacy::{RedactionMode, Redactor};
+use cmz_core::service::Budgets;
 use cmz_core::{Error, Result};
 
 /// Where settings come from: a function from a variable name to its value, such as
@@ -46,6 +47,10 @@ pub struct ServiceSettings {
     /// Whose phone numbers count as personal details (`CMZ_PHONE_REGION`, an ISO 3166
     /// code; default `US`). International numbers (`+44 …`) always do.
     pub redactor: Redactor,
+    /// Daily token budgets (`CMZ_DAILY_TOKEN_BUDGET_USER`, `CMZ_DAILY_TOKEN_BUDGET_FAMILY`,
+    /// `CMZ_DAILY_TOKEN_BUDGET_DEPLOYMENT`; unset or 0: none, the default), counted in the
+    /// rate-limit store so every server shares them.
+    pub budgets: Budgets,
 }
 
 impl Default for ServiceSettings {
@@ -61,6 +66,7 @@ impl Default for ServiceSettings {
             summary_every_turns: None,
             personal_details: RedactionMode::Redact,
             redactor: Redactor::default(),
+            budgets: Budgets::default(),
         }
     }
 }
@@ -115,6 +121,14 @@ impl ServiceSettings {
                 )
             })?;
         }
+        let budget = |name| -> Result<Option<u64>> {
+            Ok(number::<u64>(lookup, name)?.filter(|tokens| *tokens > 0))
+        };
+        settings.budgets = Budgets {
+            user: budget("CMZ_DAILY_TOKEN_BUDGET_USER")?,
+            family: budget("CMZ_DAILY_TOKEN_BUDGET_FAMILY")?,
+            deployment: budget("CMZ_DAILY_TOKEN_BUDGET_DEPLOYMENT")?,
+        };
         if let Some(budget) = number::<u32>(lookup, "CMZ_CONTEXT_BUDGET_TOKENS")? {
             settings.context_budget_tokens = Some(budget.max(256));
         }

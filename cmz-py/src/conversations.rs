@@ -5,9 +5,10 @@
 
 use std::sync::Arc;
 
-use cmz_core::ids::{AnimalId, SessionId, UserId};
+use cmz_core::care::{ReviewState, Vote};
+use cmz_core::ids::{AnimalId, MessageId, SessionId, UserId};
 use cmz_core::service::{
-    ExportFormat, ExportItem, ExportRange, ExportWriter, ExternalTurn, TurnRequest,
+    ExportFormat, ExportItem, ExportRange, ExportWriter, ExternalTurn, TurnRequest, UsageGrouping,
 };
 use cmz_core::store::{DeleteScope, PageRequest, SessionScope};
 use cmz_core::types::MessageMetadata;
@@ -482,6 +483,188 @@ impl Conversations {
     /// (`user_id`), or the caller's own; sessions with activity between `start` and `end`
     /// (RFC 3339); `format` `json` or `html` (a printable page). Audited. Returns
     /// `{"sessions": n, "messages": n, "path": path}`.
+    /// Gives a thumbs up (`vote="up"`) or down (`"down"`) on one of the animal's replies in a
+    /// session the principal may read, with an optional note (at most 500 characters;
+    /// personal details taken out). One vote per user and message: a second replaces the
+    /// first; a thumbs down puts the reply in the staff review queue. Returns the stored
+    /// vote (`userId`, `sessionId`, `messageId`, `seq`, `vote`, `note`, `animalId`,
+    /// `persona`, `model`, `at`, ...).
+    #[pyo3(signature = (principal, session_id, message_id, vote, *, note=None))]
+    fn feedback(
+        &self,
+        py: Python<'_>,
+        principal: &Principal,
+        session_id: String,
+        message_id: String,
+        vote: &str,
+        note: Option<String>,
+    ) -> PyResult<Py<PyAny>> {
+        let vote: Vote = vote.parse().map_err(crate::errors::to_py)?;
+        let session = id(SessionId::new, session_id)?;
+        let message = id(MessageId::new, message_id)?;
+        let (state, principal) = (self.state.clone(), principal.inner.clone());
+        sync_value(py, async move {
+            to_json(
+                &state
+                    .conversations()
+                    .give_feedback(&principal, &session, &message, vote, note)
+                    .await?,
+            )
+        })
+    }
+
+    /// The principal's own vote on a reply, or `None`.
+    fn my_feedback(
+        &self,
+        py: Python<'_>,
+        principal: &Principal,
+        session_id: String,
+        message_id: String,
+    ) -> PyResult<Py<PyAny>> {
+        let session = id(SessionId::new, session_id)?;
+        let message = id(MessageId::new, message_id)?;
+        let (state, principal) = (self.state.clone(), principal.inner.clone());
+        sync_value(py, async move {
+            to_json(
+                &state
+                    .conversations()
+                    .my_feedback(&principal, &session, &message)
+                    .await?,
+            )
+        })
+    }
+
+    /// Staff: a page of the review queue, newest first (`state` `"open"` or `"reviewed"`):
+    /// `{"items": [...], "nextCursor": str | None}`.
+    #[pyo3(signature = (principal, *, state="open", limit=20, cursor=None))]
+    fn review_queue(
+        &self,
+        py: Python<'_>,
+        principal: &Principal,
+        state: &str,
+        limit: i128,
+        cursor: Option<String>,
+    ) -> PyResult<Py<PyAny>> {
+        let review_state: ReviewState = state.parse().map_err(crate::errors::to_py)?;
+        let page = page(limit, cursor)?;
+        let (state, principal) = (self.state.clone(), principal.inner.clone());
+        sync_value(py, async move {
+            let listed = state
+                .conversations()
+                .review_queue(&principal, review_state, page)
+                .await?;
+            Ok(json!({
+                "items": to_json(&listed.items)?,
+                "nextCursor": listed.next.map(|c| c.as_str().to_owned()),
+            }))
+        })
+    }
+
+    /// Staff: one queue item and up to `around` messages on each side of it (audited):
+    /// `{"item": {...}, "messages": [...]}`.
+    #[pyo3(signature = (principal, item_id, *, around=3))]
+    fn review_item(
+        &self,
+        py: Python<'_>,
+        principal: &Principal,
+        item_id: String,
+        around: i128,
+    ) -> PyResult<Py<PyAny>> {
+        let around = usize::try_from(around)
+            .ok()
+            .filter(|a| *a <= 20)
+            .ok_or_else(|| {
+                crate::errors::to_py(Error::validation(
+                    "around",
+                    format!("around must be from 0 to 20, got {around}"),
+                ))
+            })?;
+        let (state, principal) = (self.state.clone(), principal.inner.clone());
+        sync_value(py, async move {
+            let opened = state
+                .conversations()
+                .review_item(&principal, &item_id, around)
+                .await?;
+            Ok(json!({
+                "item": to_json(&opened.item)?,
+                "messages": opened.messages.iter().map(message_json).collect::<Result<Vec<_>>>()?,
+            }))
+        })
+    }
+
+    /// Staff: marks an open queue item reviewed, with an optional note (audited); returns
+    /// the item with its `review`.
+    #[pyo3(signature = (principal, item_id, *, note=None))]
+    fn mark_reviewed(
+        &self,
+        py: Python<'_>,
+        principal: &Principal,
+        item_id: String,
+        note: Option<String>,
+    ) -> PyResult<Py<PyAny>> {
+        let (state, principal) = (self.state.clone(), principal.inner.clone());
+        sync_value(py, async move {
+            to_json(
+                &state
+                    .conversations()
+                    .mark_reviewed(&principal, &item_id, note)
+                    .await?,
+            )
+        })
+    }
+
+    /// Administrators: tokens, turns and fallbacks of the UTC days `start..=end`
+    /// (`YYYY-MM-DD`, default today), grouped by `group_by` (comma-separated `day`,
+    /// `family`, `user`, `animal`, `model`): `{"from", "to", "rows": [...], "total": {...}}`.
+    /// With `csv=True` the report as CSV text instead.
+    #[pyo3(signature = (principal, *, start=None, end=None, group_by="day", csv=false))]
+    fn usage(
+        &self,
+        py: Python<'_>,
+        principal: &Principal,
+        start: Option<String>,
+        end: Option<String>,
+        group_by: &str,
+        csv: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let day =
+            |field: &'static str, value: Option<String>, default: chrono::NaiveDate| match value
+                .filter(|v| !v.is_empty())
+            {
+                None => Ok(default),
+                Some(v) => chrono::NaiveDate::parse_from_str(&v, "%Y-%m-%d").map_err(|_| {
+                    crate::errors::to_py(Error::validation(
+                        field,
+                        format!("{field} must be a date (YYYY-MM-DD), got {v:?}"),
+                    ))
+                }),
+            };
+        let to = day("end", end, chrono::Utc::now().date_naive())?;
+        let from = day("start", start, to)?;
+        let grouping: UsageGrouping = group_by.parse().map_err(crate::errors::to_py)?;
+        let (state, principal) = (self.state.clone(), principal.inner.clone());
+        sync_value(py, async move {
+            let report = state
+                .conversations()
+                .usage_report(&principal, from, to, grouping)
+                .await?;
+            if csv {
+                Ok(Value::String(report.to_csv()))
+            } else {
+                to_json(&report)
+            }
+        })
+    }
+
+    /// Where the principal's daily token budgets stand (a list of `{scope, budget, used,
+    /// resetsAt}`; empty without budgets).
+    fn budgets(&self, py: Python<'_>, principal: &Principal) -> PyResult<Py<PyAny>> {
+        let (state, principal) = (self.state.clone(), principal.inner.clone());
+        sync_value(py, async move {
+            to_json(&state.conversations().budget_status(&principal).await?)
+        })
+    }
+
     #[pyo3(signature = (principal, path, *, parent_user_id=None, user_id=None, start=None, end=None, format="json"))]
     fn export(
         &self,

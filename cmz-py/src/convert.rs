@@ -50,6 +50,15 @@ pub(crate) fn reply_json(reply: &TurnReply) -> Result<Value> {
             "flagged": reply.moderation.flagged,
             "categories": reply.moderation.categories,
         },
+        "rateLimit": reply.quota.as_ref().map(|quota| {
+            let limit = quota.turn_limit.as_ref();
+            json!({
+                "remaining": limit.map(|l| l.limit.saturating_sub(l.used)),
+                "resetTime": limit.map(|l| l.resets_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+                "dailyUsage": quota.calls_today,
+                "tokenBudgets": quota.budgets,
+            })
+        }),
     }))
 }
 

@@ -106,6 +106,20 @@ pub(crate) fn to_py(error: cmz_core::Error) -> PyErr {
             } => {
                 retry_after = Some(after.as_secs_f64());
                 let _ = details.set_item("retryAfter", after.as_secs_f64());
+                // A daily token budget: which, how large, how much is used, when it resets
+                // (the HTTP 429's details).
+                if let Some(exceeded) = error.budget_exceeded() {
+                    let status = exceeded.0;
+                    let _ = details.set_item("budget", status.scope.as_str());
+                    let _ = details.set_item("limit", status.budget);
+                    let _ = details.set_item("used", status.used);
+                    let _ = details.set_item(
+                        "resetTime",
+                        status
+                            .resets_at
+                            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    );
+                }
             }
             _ => {}
         }

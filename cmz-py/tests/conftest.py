@@ -17,6 +17,7 @@ TABLE_VARIABLES = [
     "FAMILY_DYNAMO_TABLE_NAME",
     "ANIMAL_DYNAMO_TABLE_NAME",
     "CMZ_META_TABLE_NAME",
+    "CMZ_CARE_TABLE_NAME",
 ]
 DEFAULTS = {
     "CONVERSATION_DYNAMO_TABLE_NAME": "quest-dev-conversation",
@@ -26,6 +27,7 @@ DEFAULTS = {
     "FAMILY_DYNAMO_TABLE_NAME": "quest-dev-family",
     "ANIMAL_DYNAMO_TABLE_NAME": "quest-dev-animal",
     "CMZ_META_TABLE_NAME": "quest-dev-cmz",
+    "CMZ_CARE_TABLE_NAME": "quest-dev-cmz-care",
 }
 
 

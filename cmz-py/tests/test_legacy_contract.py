@@ -548,7 +548,7 @@ def test_a_legacy_deployment_upgrades_in_place_and_compat_continues_it(own_dynam
         ("CONVERSATION_DYNAMO_TABLE_NAME", "conversation"), ("CONVERSATION_SESSION_TABLE_NAME", "session"),
         ("USER_DYNAMO_TABLE_NAME", "user"), ("FAMILY_DYNAMO_TABLE_NAME", "family"),
         ("ANIMAL_DYNAMO_TABLE_NAME", "animal"), ("CONVERSATION_MESSAGE_TABLE_NAME", "message"),
-        ("CMZ_META_TABLE_NAME", "cmz"),
+        ("CMZ_META_TABLE_NAME", "cmz"), ("CMZ_CARE_TABLE_NAME", "care"),
     ]}
 
     def fixture(*args):

@@ -3,6 +3,7 @@
 mod animals;
 mod auth_layer;
 mod body_timeout;
+mod care;
 mod client_ip;
 mod config;
 mod error;
@@ -155,6 +156,7 @@ const TABLE: &[(Route, MakeHandler)] = &[
         post(routes::logout)
     }),
     (route("GET", "/me", false), || get(routes::me)),
+    (route("GET", "/me/limits", false), || get(care::my_limits)),
     (route("GET", "/animals", false), || get(animals::animals)),
     (route("POST", "/convo_turn", false), || {
         post(routes::convo_turn)
@@ -194,6 +196,33 @@ const TABLE: &[(Route, MakeHandler)] = &[
         route("PUT", "/families/{familyId}/retention", false),
         || axum::routing::put(privacy::set_retention),
     ),
+    (
+        route(
+            "POST",
+            "/conversations/sessions/{sessionId}/messages/{messageId}/feedback",
+            false,
+        ),
+        || post(care::give_feedback),
+    ),
+    (
+        route(
+            "GET",
+            "/conversations/sessions/{sessionId}/messages/{messageId}/feedback",
+            false,
+        ),
+        || get(care::my_feedback),
+    ),
+    (route("GET", "/review/queue", false), || {
+        get(care::review_queue)
+    }),
+    (route("GET", "/review/queue/{itemId}", false), || {
+        get(care::review_item)
+    }),
+    (
+        route("POST", "/review/queue/{itemId}/reviewed", false),
+        || post(care::mark_reviewed),
+    ),
+    (route("GET", "/usage", false), || get(care::usage)),
 ];
 
 /// Every route [`router`] serves, and only those.

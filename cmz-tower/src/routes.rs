@@ -229,6 +229,19 @@ pub(crate) async fn model_call_error(
         return error.into();
     };
     let retry_after = retry_after.map(|wait| wait.as_secs().max(1));
+    // A token budget: which, how large, how much is used and when it resets.
+    if let Some(exceeded) = error.budget_exceeded() {
+        let status = exceeded.0;
+        return ApiError {
+            retry_after,
+            ..ApiError::new("rate_limit_exceeded", error.to_string()).with_details(json!({
+                "budget": status.scope.as_str(),
+                "limit": status.budget,
+                "used": status.used,
+                "resetTime": status.resets_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            }))
+        };
+    }
     // A refused call is counted too, so the counter is past the limit only when the turn
     // limit refused it (not when the model provider answered 429).
     let status = match state.conversations().turn_limit_status(principal).await {
@@ -279,6 +292,37 @@ struct TurnResponse<'a> {
     replayed: bool,
     turn: TurnMeta<'a>,
     moderation: Moderation<'a>,
+    /// The legacy block (remaining calls in the turn limit's window, when it resets, the
+    /// calls made today) and the token budgets; absent for a replayed turn.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate_limit: Option<RateLimitBlock<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RateLimitBlock<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remaining: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reset_time: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    daily_usage: Option<u64>,
+    token_budgets: &'a [cmz_core::service::BudgetStatus],
+}
+
+impl<'a> RateLimitBlock<'a> {
+    fn of(quota: &'a cmz_core::service::Quota) -> Self {
+        let limit = quota.turn_limit.as_ref();
+        Self {
+            remaining: limit.map(|l| l.limit.saturating_sub(l.used)),
+            reset_time: limit.map(|l| {
+                l.resets_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            }),
+            daily_usage: quota.calls_today,
+            token_budgets: &quota.budgets,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -321,6 +365,7 @@ impl<'a> TurnResponse<'a> {
                 flagged: reply.moderation.flagged,
                 categories: &reply.moderation.categories,
             },
+            rate_limit: reply.quota.as_ref().map(RateLimitBlock::of),
         }
     }
 }

@@ -114,6 +114,8 @@ async fn run(
                 "interrupted": reply.interrupted,
                 "tokensPrompt": reply.usage.map(|u| u.prompt_tokens),
                 "tokensCompletion": reply.usage.map(|u| u.completion_tokens),
+                // The reply's id (for feedback on it).
+                "messageId": reply.assistant_message.id,
             }),
         )
         }

@@ -461,3 +461,64 @@ async fn a_familys_retention_is_applied() {
         .await;
     assert_eq!(refused.0, 403);
 }
+
+/// Two servers share one family's daily token budget through DynamoDB: turns on either
+/// count, the one that starts over it is refused on the other, with the budget's details;
+/// feedback given on one server is in the queue read on the other, and usage is counted
+/// once per turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_share_a_family_budget_the_review_queue_and_usage() {
+    let env = environment(&[("CMZ_DAILY_TOKEN_BUDGET_FAMILY", "1")]);
+    let (a, b) = (start(&env).await, start(&env).await);
+    let ana = a.login("student1@cmz.org", "student123").await;
+    let leo = b.login("student2@cmz.org", "student123").await;
+    let admin = a.login("admin@cmz.org", "admin123").await;
+    let first = a.turn(&ana, "cougar", "hello").await;
+    assert_eq!(first.0, 200, "{first:?}");
+    let budget = &first.1["rateLimit"]["tokenBudgets"][0];
+    assert_eq!(budget["scope"], "family");
+    assert!(budget["used"].as_u64().unwrap() >= 1);
+    // Leo is in the same family: his turn on the other server starts over the budget.
+    let (status, body) = b.turn(&leo, "cougar", "hi").await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["details"]["budget"], "family");
+    assert_eq!(body["details"]["limit"], 1);
+    // Kim's family is not affected.
+    let kim = b.login("other@cmz.org", "other123").await;
+    assert_eq!(b.turn(&kim, "porcupine", "hi").await.0, 200);
+
+    let session = first.1["sessionId"].as_str().unwrap();
+    let message = first.1["turnId"].as_str().unwrap();
+    let voted = b
+        .post(
+            &format!("/conversations/sessions/{session}/messages/{message}/feedback"),
+            Some(&ana),
+            json!({"vote": "down", "note": "too short"}),
+        )
+        .await;
+    assert_eq!(voted.0, 200, "{voted:?}");
+    let queue = a.get("/review/queue", &admin).await;
+    assert_eq!(queue.0, 200, "{queue:?}");
+    assert_eq!(queue.1["items"][0]["reasons"], json!(["thumbs_down"]));
+    let item = queue.1["items"][0]["id"].as_str().unwrap();
+    let marked = b
+        .post(
+            &format!("/review/queue/{item}/reviewed"),
+            Some(&admin),
+            json!({}),
+        )
+        .await;
+    assert_eq!(marked.0, 200, "{marked:?}");
+    let usage = b.get("/usage?groupBy=family,user", &admin).await;
+    assert_eq!(usage.0, 200, "{usage:?}");
+    assert_eq!(usage.1["total"]["turns"], 2, "{usage:?}");
+    assert!(
+        usage.1["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["familyId"] == "family_rivera"
+                && r["userId"] == "user_student_ana"
+                && r["turns"] == 1)
+    );
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 use cmz_core::auth::{AuthService, AuthSettings, AuthStores, DevDirectory, PasswordHasher};
 use cmz_core::ids::AnimalId;
 use cmz_core::memory::{InMemoryConversationStore, InMemoryPersonaDirectory};
-use cmz_core::service::{ConversationConfig, ConversationService, TurnRequest};
+use cmz_core::service::{Budgets, ConversationConfig, ConversationService, TurnRequest};
 use cmz_core::testing::ScriptedModel;
 use cmz_core::types::{AnimalStatus, Persona};
 use cmz_tower::{AppState, HttpSettings};
@@ -43,6 +43,17 @@ async fn start_limited(
     personas: Vec<Persona>,
     turn_limit: u32,
 ) -> Server {
+    start_budgeted(model, settings, personas, turn_limit, Budgets::default()).await
+}
+
+/// A server with a turn limit and daily token budgets.
+async fn start_budgeted(
+    model: ScriptedModel,
+    settings: HttpSettings,
+    personas: Vec<Persona>,
+    turn_limit: u32,
+    budgets: Budgets,
+) -> Server {
     let stores = AuthStores::in_memory();
     let rate_limits = stores.limits.clone();
     let auth_settings = AuthSettings {
@@ -59,7 +70,9 @@ async fn start_limited(
         Arc::new(auth.policy()),
         ConversationConfig::default(),
     )
-    .with_turn_limit(rate_limits.clone(), turn_limit, Duration::from_secs(3600));
+    .with_turn_limit(rate_limits.clone(), turn_limit, Duration::from_secs(3600))
+    .with_budgets(rate_limits.clone(), budgets)
+    .with_care(Arc::new(cmz_core::memory::InMemoryCareStore::new()));
     let services = cmz_tower::Services::new(conversations, auth, cmz_tower::offline_health());
     let state = AppState::new(services, settings);
     let app = cmz_tower::router(state.clone());
@@ -791,13 +804,17 @@ async fn metrics_count_turns_tokens_and_errors() {
         .text()
         .await
         .unwrap();
-    assert!(text.contains("cmz_turns_total{outcome=\"ok\"} 1"), "{text}");
+    // The recorder is process-wide: other tests of this binary running at the same time
+    // add to it, so this test's own calls are a lower bound.
+    let value = |series: &str| -> u64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(value("cmz_turns_total{outcome=\"ok\"}") >= 1, "{text}");
+    assert!(value("cmz_tokens_total{kind=\"prompt\"}") >= 10, "{text}");
     assert!(
-        text.contains("cmz_tokens_total{kind=\"prompt\"} 10"),
-        "{text}"
-    );
-    assert!(
-        text.contains("cmz_http_errors_total{code=\"validation_error\"} 1"),
+        value("cmz_http_errors_total{code=\"validation_error\"}") >= 1,
         "{text}"
     );
     assert!(text.contains("cmz_turn_duration_seconds"), "{text}");
@@ -1757,4 +1774,220 @@ async fn a_family_chooses_its_retention() {
     let back = put("family_rivera", parent, json!({"days": null})).await;
     assert_eq!(back.0, 200);
     assert!(back.1.get("retentionDays").is_none(), "{back:?}");
+}
+
+/// A reply's legacy `rateLimit` block is filled; a thumbs down goes to the staff queue,
+/// which staff open and mark reviewed; admins read usage as JSON and CSV; children reach
+/// none of the staff routes.
+#[tokio::test]
+async fn feedback_the_review_queue_and_the_usage_report_over_http() {
+    let server = start().await;
+    let ana = server.login("student1@cmz.org", "student123").await;
+    let leo = server.login("student2@cmz.org", "student123").await;
+    let admin = server.login("admin@cmz.org", "admin123").await;
+    let turn = server.turn(&ana, "cougar", "do you purr?", None).await;
+    assert_eq!(turn.0, 200, "{turn:?}");
+    let limit = &turn.1["rateLimit"];
+    assert_eq!(limit["remaining"], 49, "{limit}");
+    assert_eq!(limit["dailyUsage"], 1);
+    assert!(limit["resetTime"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(limit["tokenBudgets"], json!([]));
+    let session = turn.1["sessionId"].as_str().unwrap().to_owned();
+    let message = turn.1["turnId"].as_str().unwrap().to_owned();
+    let path = format!("/conversations/sessions/{session}/messages/{message}/feedback");
+
+    let voted = server
+        .post_json(
+            &path,
+            Some(&ana),
+            json!({"vote": "down", "note": "cougars don't purr?"}),
+        )
+        .await;
+    assert_eq!(voted.0, 200, "{voted:?}");
+    assert_eq!(voted.1["vote"], "down");
+    assert_eq!(voted.1["persona"], "Cora the Cougar");
+    assert_eq!(voted.1["model"], "scripted");
+    assert_eq!(server.get(&path, Some(&ana)).await.1["vote"], "down");
+    assert_error(&server.get(&path, Some(&admin)).await, 404, "not_found");
+    assert_error(
+        &server
+            .post_json(&path, Some(&ana), json!({"vote": "sideways"}))
+            .await,
+        400,
+        "validation_error",
+    );
+    assert_error(
+        &server
+            .post_json(&path, Some(&leo), json!({"vote": "up"}))
+            .await,
+        404,
+        "not_found",
+    );
+
+    assert_error(
+        &server.get("/review/queue", Some(&ana)).await,
+        403,
+        "forbidden",
+    );
+    let queue = server.get("/review/queue", Some(&admin)).await;
+    assert_eq!(queue.0, 200, "{queue:?}");
+    let items = queue.1["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{queue:?}");
+    assert_eq!(items[0]["reasons"], json!(["thumbs_down"]));
+    assert_eq!(items[0]["messageId"], message.as_str());
+    let item = items[0]["id"].as_str().unwrap().to_owned();
+    let opened = server
+        .get(&format!("/review/queue/{item}?around=1"), Some(&admin))
+        .await;
+    assert_eq!(opened.0, 200, "{opened:?}");
+    assert_eq!(opened.1["messages"].as_array().unwrap().len(), 2);
+    assert_eq!(opened.1["messages"][0]["content"], "do you purr?");
+    assert_error(
+        &server
+            .get(&format!("/review/queue/{item}"), Some(&ana))
+            .await,
+        403,
+        "forbidden",
+    );
+    assert_error(
+        &server.get("/review/queue/not-an-item", Some(&admin)).await,
+        400,
+        "validation_error",
+    );
+    let reviewed_path = format!("/review/queue/{item}/reviewed");
+    let marked = server
+        .post_json(
+            &reviewed_path,
+            Some(&admin),
+            json!({"note": "they do, a little"}),
+        )
+        .await;
+    assert_eq!(marked.0, 200, "{marked:?}");
+    assert_eq!(marked.1["review"]["by"], "user_admin");
+    assert_error(
+        &server
+            .post_json(&reviewed_path, Some(&admin), json!({}))
+            .await,
+        404,
+        "not_found",
+    );
+    let reviewed = server
+        .get("/review/queue?state=reviewed", Some(&admin))
+        .await;
+    assert_eq!(reviewed.1["items"][0]["id"], item.as_str());
+    assert!(
+        server.get("/review/queue", Some(&admin)).await.1["items"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+
+    server.turn(&leo, "cougar", "hello", None).await;
+    let usage = server.get("/usage?groupBy=user,animal", Some(&admin)).await;
+    assert_eq!(usage.0, 200, "{usage:?}");
+    let rows = usage.1["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{usage:?}");
+    assert_eq!(usage.1["total"]["turns"], 2);
+    assert_eq!(usage.1["total"]["promptTokens"], 20);
+    assert!(rows.iter().any(|r| r["userId"] == "user_student_ana"
+        && r["animalId"] == "cougar"
+        && r["totalTokens"] == 15));
+    let csv = server
+        .client
+        .get(server.url("/usage?groupBy=user&format=csv"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(csv.status(), 200);
+    assert_eq!(csv.headers()["content-type"], "text/csv; charset=utf-8");
+    let text = csv.text().await.unwrap();
+    assert!(text.starts_with("day,familyId,userId,"), "{text}");
+    assert!(text.contains(",user_student_leo,,,10,5,15,1,0\n"), "{text}");
+    assert_error(&server.get("/usage", Some(&ana)).await, 403, "forbidden");
+    assert_error(
+        &server.get("/usage?from=yesterday", Some(&admin)).await,
+        400,
+        "validation_error",
+    );
+    assert_error(
+        &server.get("/usage?groupBy=week", Some(&admin)).await,
+        400,
+        "validation_error",
+    );
+}
+
+/// A turn over a daily token budget is a 429 with the budget, what is used, when it resets
+/// and `Retry-After`; nothing is stored for it.
+#[tokio::test]
+async fn a_turn_over_the_daily_token_budget_is_refused_with_the_budget() {
+    let server = start_budgeted(
+        ScriptedModel::echo(),
+        HttpSettings::default(),
+        cmz_tower::sample_personas(),
+        50,
+        Budgets {
+            user: Some(20),
+            ..Budgets::default()
+        },
+    )
+    .await;
+    let ana = server.login("student1@cmz.org", "student123").await;
+    let first = server.turn(&ana, "cougar", "one", None).await;
+    assert_eq!(first.0, 200, "{first:?}");
+    assert_eq!(
+        first.1["rateLimit"]["tokenBudgets"],
+        json!([{"scope": "user", "budget": 20, "used": 15, "resetsAt": first.1["rateLimit"]["tokenBudgets"][0]["resetsAt"]}])
+    );
+    let session = first.1["sessionId"].as_str().unwrap().to_owned();
+    assert_eq!(
+        server.turn(&ana, "cougar", "two", Some(&session)).await.0,
+        200
+    );
+    let response = server
+        .client
+        .post(server.url("/convo_turn"))
+        .bearer_auth(&ana)
+        .header("content-type", "application/json")
+        .body(json!({"animalId": "cougar", "message": "three", "sessionId": session}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    let wait: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=86_400).contains(&wait));
+    let body: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+    assert_eq!(body["code"], "rate_limit_exceeded");
+    assert_eq!(body["details"]["budget"], "user");
+    assert_eq!(body["details"]["limit"], 20);
+    assert_eq!(body["details"]["used"], 30);
+    assert!(
+        body["details"]["resetTime"]
+            .as_str()
+            .unwrap()
+            .ends_with("T00:00:00Z")
+    );
+    let history = server
+        .get(&format!("/convo_history?sessionId={session}"), Some(&ana))
+        .await;
+    assert_eq!(
+        history.1["turns"].as_array().unwrap().len(),
+        4,
+        "nothing stored"
+    );
+    // The stream refuses alike, before any event.
+    let stream = server
+        .get(
+            &format!("/convo_turn/stream?animalId=cougar&message=hi&token={ana}"),
+            None,
+        )
+        .await;
+    assert_error(&stream, 429, "rate_limit_exceeded");
+    // Another child has a budget of their own.
+    let leo = server.login("student2@cmz.org", "student123").await;
+    assert_eq!(server.turn(&leo, "cougar", "hi", None).await.0, 200);
 }

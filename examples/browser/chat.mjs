@@ -116,6 +116,25 @@ async function run(page) {
   check(await page.locator(tid("send-button")).isEnabled(), "send button still disabled after the reply");
   log(`  reply: "${reply.length > 100 ? `${reply.slice(0, 100)}…` : reply}"`);
 
+  log("thumbs down on the reply: it goes to the staff review queue");
+  const lastRow = page.locator(`${tid("chat-log")} .row.assistant`).last();
+  await lastRow.locator(tid("thumb-down")).click();
+  await page.waitForFunction(
+    (sel) => { const rows = document.querySelectorAll(sel); const b = rows[rows.length - 1]?.querySelector('[data-testid="thumb-down"]'); return b && b.getAttribute("aria-pressed") === "true"; },
+    `${tid("chat-log")} .row.assistant`,
+  );
+  const queued = page.locator(`${tid("review-list")} ${tid("review-item")}`).filter({ hasText: "thumbs down" }).first();
+  await queued.waitFor({ state: "visible" });
+  log(`  queued: "${(await queued.innerText()).replace(/\s+/g, " ").trim()}"`);
+  await queued.click();
+  await page.locator(tid("reviewing")).waitFor({ state: "visible" });
+  check(await page.locator(`${tid("chat-log")} .bubble.flagged`).count() === 1, "the reviewed reply is not marked in the conversation");
+  check((await page.locator(`${tid("chat-log")} .bubble.flagged`).textContent()).trim() === reply, "the marked reply is not the one voted on");
+  const before = await page.locator(tid("review-item")).count();
+  await page.locator(`${tid("review-list")} li`).filter({ hasText: "thumbs down" }).first().locator(tid("review-done")).click();
+  await page.waitForFunction(([sel, n]) => document.querySelectorAll(sel).length < n, [tid("review-item"), before]);
+  log("  opened with the reply marked, then marked reviewed: gone from the queue");
+
   log("reload: expect to stay logged in, with the conversation listed");
   await page.reload({ waitUntil: "domcontentloaded" });
   await page.locator(tid("logout")).waitFor({ state: "visible" });
@@ -219,6 +238,35 @@ async function runParent(page) {
   log("  deleted: gone from the list and from the server");
 }
 
+// A child over the daily token budget (a server started with a 1-token budget): the second
+// message is refused before it starts, and the page says so in the animal's voice.
+async function runBudget(context) {
+  const url = (process.env.CMZ_DEMO_BUDGET_URL || "").replace(/\/+$/, "");
+  if (!url) { log("no CMZ_DEMO_BUDGET_URL: the budget check is skipped"); return; }
+  const page = await context.newPage();
+  await watchPolicy(page);
+  log(`a child over the daily budget, at ${url}`);
+  await page.goto(`${url}/`, { waitUntil: "domcontentloaded" });
+  await page.locator(tid("login-email")).fill("student1@cmz.org");
+  await page.locator(tid("login-password")).fill("student123");
+  await page.locator(tid("login-submit")).click();
+  await page.locator(tid("logout")).waitFor({ state: "visible" });
+  await page.waitForFunction((sel) => { const s = document.querySelector(sel); return s && s.options.length > 0 && s.value; }, tid("animal-select"));
+  const say = async (text) => {
+    await page.locator(tid("message-input")).fill(text);
+    await page.locator(tid("send-button")).click();
+    await page.waitForFunction((sel) => ["done", "error", "limited"].includes(document.querySelector(sel)?.textContent.trim()), tid("stream-status"));
+    return (await page.locator(tid("stream-status")).textContent()).trim();
+  };
+  check(await say("Hello!") === "done", "the first message (within the budget) was not answered");
+  check(await say("Tell me more!") === "limited", "the message over the budget was not refused as limited");
+  const note = (await page.locator(tid("limit-note")).textContent()).trim();
+  check(/nap/.test(note) && /tomorrow/.test(note), `the refusal is not said in character: "${note}"`);
+  check(await page.locator(tid("msg-assistant")).count() === 1, "a reply bubble was left for the refused message");
+  log(`  said: "${note}"`);
+  await page.close();
+}
+
 async function streamText(stream) {
   const chunks = [];
   for await (const chunk of stream) chunks.push(chunk);
@@ -254,6 +302,7 @@ async function main() {
     page.on("pageerror", (e) => consoleErrors.push(`page error: ${e.message}`));
     await run(page);
     await runParent(page);
+    await runBudget(context);
     await screenshot(page);
     ok = true;
   } catch (e) {

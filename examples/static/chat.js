@@ -24,7 +24,7 @@
       if (v == null) continue;
       if (k === "class") n.className = v;
       else if (k === "text") n.textContent = v;
-      else if (k.startsWith("data-") || k === "type" || k === "role") n.setAttribute(k, v);
+      else if (k.startsWith("data-") || k.startsWith("aria-") || k === "type" || k === "role") n.setAttribute(k, v);
       else n[k] = v;
     }
     for (const c of children) if (c != null) n.append(c);
@@ -92,6 +92,8 @@
     $("about").hidden = true;
     $("family-view").hidden = true;
     $("family-list").replaceChildren();
+    $("review-view").hidden = true;
+    $("review-list").replaceChildren();
     setStatus("");
   }
   function showLoginError(msg) {
@@ -111,6 +113,7 @@
     else greet();
     loadSessions();
     loadFamily();
+    loadReview();
   }
 
   // ---- Health / model label ----
@@ -230,6 +233,45 @@
     log.scrollTop = log.scrollHeight;
     return { row, bubble };
   }
+  // Thumbs up / down on one of the animal's replies (one vote each; a second replaces it).
+  function addThumbs(row, sessionId, messageId) {
+    if (!sessionId || !messageId || row.querySelector(".thumbs")) return;
+    const box = el("span", { class: "thumbs" });
+    for (const [vote, label, face] of [["up", "Good answer", "\u{1F44D}"], ["down", "Not a good answer", "\u{1F44E}"]]) {
+      const b = el("button", { type: "button", class: "thumb", "data-testid": `thumb-${vote}`,
+        "aria-label": label, "aria-pressed": "false", title: label, text: face });
+      b.addEventListener("click", async () => {
+        try {
+          await api(`/conversations/sessions/${encodeURIComponent(sessionId)}/messages/${encodeURIComponent(messageId)}/feedback`,
+            { method: "POST", body: { vote } });
+          for (const other of box.querySelectorAll(".thumb")) other.setAttribute("aria-pressed", String(other === b));
+          if (isStaff()) loadReview();
+        } catch (e) {
+          sysNote(`Could not save your vote: ${e.message}`, true);
+        }
+      });
+      box.append(b);
+    }
+    row.append(box);
+  }
+  // Why a turn was refused before it started (the stream cannot read the 429's body): the
+  // caller's limits, said the way the animal would.
+  async function explainRefusal(animalId) {
+    try {
+      const limits = await api("/me/limits");
+      if (!limits || !limits.limited) return false;
+      const name = animalName(animalId);
+      const budget = (limits.tokenBudgets || []).find((b) => b.used >= b.budget);
+      const when = budget ? "tomorrow" : "in a little while";
+      const log = $("chat-log");
+      log.append(el("div", { class: "sys limit", "data-testid": "limit-note",
+        text: `${name} is taking a nap now \u2014 we talked a lot today! Come back ${when} and we can chat again.` }));
+      log.scrollTop = log.scrollHeight;
+      return true;
+    } catch (_) {
+      return false;
+    }
+  }
   function setStatus(text) { $("stream-status").textContent = text; }
   function updateSend() {
     $("send-button").disabled = streaming || !$("animal-select").value;
@@ -313,18 +355,21 @@
       rememberSession(d.sessionId);
       if (d.fallback) row.append(el("span", { class: "note", text: "(The animal is resting — a backup reply was used.)" }));
       if (d.interrupted) row.append(el("span", { class: "note", text: "(The reply was cut short.)" }));
+      addThumbs(row, d.sessionId || state.sessionId, d.messageId);
       finish("done");
       loadSessions();
     });
     // Fires both for a server-sent `event: error` (has data) and for a connection
     // failure (no data). Either way close, so the browser does not reconnect.
-    source.addEventListener("error", (e) => {
+    source.addEventListener("error", async (e) => {
       if (finished) { source.close(); return; }
       const d = e && e.data ? parse(e) : null;
       const msg = d && d.error ? d.error : "The connection was lost. Please try again.";
       if (!text) row.remove();
-      sysNote(`Oops: ${msg}`, true);
       finish("error");
+      // Refused before it started: maybe a limit (the animal says so), else the error.
+      if (!d && !text && await explainRefusal(animalId)) { setStatus("limited"); return; }
+      sysNote(`Oops: ${msg}`, true);
       if (d && (d.code === "unauthorized" || d.code === 401 || d.code === "token_expired")) expired();
       else if (text) loadSessions();
     });
@@ -387,8 +432,9 @@
     const turns = Array.isArray(h.turns) ? h.turns : [];
     if (!turns.length) sysNote("This conversation is empty.");
     for (const t of turns) {
-      addBubble(t.role === "user" ? "user" : "assistant", t.content || "",
+      const { row } = addBubble(t.role === "user" ? "user" : "assistant", t.content || "",
         t.role === "user" ? "You" : animalName(h.animalId));
+      if (t.role === "assistant") addThumbs(row, state.sessionId, t.messageId);
     }
     markActive();
     updateSend();
@@ -474,6 +520,66 @@
   }
   $("export-json").addEventListener("click", () => exportFamily("json"));
   $("export-html").addEventListener("click", () => exportFamily("html"));
+
+  // ---- Staff: the replies to review (thumbs down, refusals, fallbacks, redactions) ----
+  function isStaff() { return ["admin", "administrator", "zookeeper"].includes(((state.user || {}).role || "")); }
+  const REASONS = { thumbs_down: "thumbs down", moderated: "refused", fallback: "fallback",
+    interrupted: "cut short", redacted: "personal details" };
+  async function loadReview() {
+    const view = $("review-view");
+    view.hidden = !isStaff();
+    if (view.hidden) return;
+    const list = $("review-list");
+    let items;
+    try {
+      items = ((await api("/review/queue?limit=20")) || {}).items || [];
+    } catch (e) {
+      list.replaceChildren(el("li", { class: "empty", text: `Could not load the queue: ${e.message}` }));
+      return;
+    }
+    if (!items.length) {
+      list.replaceChildren(el("li", { class: "empty", "data-testid": "review-empty", text: "Nothing to review." }));
+      return;
+    }
+    list.replaceChildren(...items.map((item) => {
+      const reasons = (item.reasons || []).map((r) => REASONS[r] || r).join(", ");
+      const open = el("button", { type: "button", class: "session", "data-testid": "review-item", "data-item-id": item.id },
+        el("span", { class: "name", text: `${animalName(item.animalId)} \u00b7 ${reasons}` }),
+        el("span", { class: "meta", text: `${item.ownerId} \u00b7 ${fmtTime(item.flaggedAt)}` }));
+      open.addEventListener("click", () => openReview(item));
+      const done = el("button", { type: "button", class: "btn ghost small", "data-testid": "review-done",
+        "aria-label": "Mark reviewed", text: "Reviewed" });
+      done.addEventListener("click", async () => {
+        try {
+          await api(`/review/queue/${encodeURIComponent(item.id)}/reviewed`, { method: "POST", body: {} });
+        } catch (e) {
+          sysNote(`Could not mark it reviewed: ${e.message}`, true);
+        }
+        loadReview();
+      });
+      return el("li", { class: "family-item" }, open, done);
+    }));
+  }
+  async function openReview(item) {
+    closeStream();
+    let opened;
+    try {
+      opened = await api(`/review/queue/${encodeURIComponent(item.id)}?around=2`);
+    } catch (e) {
+      sysNote(`Could not open it: ${e.message}`, true);
+      return;
+    }
+    state.sessionId = null; save();
+    const log = $("chat-log");
+    log.replaceChildren(el("div", { class: "sys", "data-testid": "reviewing",
+      text: `Reviewing ${item.ownerId}'s conversation with ${animalName(item.animalId)} (read only)` }));
+    for (const m of opened.messages || []) {
+      const { bubble } = addBubble(m.role === "user" ? "user" : "assistant", m.content || "",
+        m.role === "user" ? item.ownerId : animalName(item.animalId));
+      if (m.messageId === item.messageId) bubble.classList.add("flagged");
+    }
+    markActive();
+  }
 
   // ---- Start ----
   loadHealth();

@@ -260,6 +260,7 @@ impl RateLimitStore for InMemoryRateLimitStore {
 
     async fn reset(&self, key: &str) -> Result<()> {
         lock(&self.counters).remove(key);
+        lock(&self.totals).remove(key);
         Ok(())
     }
 

@@ -132,7 +132,7 @@ impl<T: RateLimitStore + ?Sized> RateLimitStoreExt for T {}
 ///   (a new window starts at the first hit after the previous one ended) and returns the
 ///   count after it; concurrent hits are all counted.
 /// - `peek` reads without counting; a key never hit (or whose window ended) has count 0.
-/// - `reset` clears a key.
+/// - `reset` clears a key: its hit counter and its `add` total.
 /// - `release` takes back one hit in the current window (never below 0); a backend that
 ///   cannot may leave the count as it is (the default), which only makes a limit stricter.
 /// - `add` is an atomic "add if below": a positive `amount` is added only while the total

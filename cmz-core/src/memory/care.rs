@@ -22,7 +22,7 @@ pub struct InMemoryCareStore {
 #[derive(Debug, Default)]
 struct State {
     /// By day, user, animal and model; the family is the latest one seen.
-    usage: BTreeMap<(NaiveDate, UserId, AnimalId, String), (Option<FamilyId>, UsageCounts)>,
+    usage: BTreeMap<CounterId, (Option<FamilyId>, UsageCounts)>,
     feedback: HashMap<(UserId, SessionId, u64), Feedback>,
     open: BTreeMap<String, ReviewItem>,
     reviewed: BTreeMap<String, ReviewItem>,
@@ -40,6 +40,9 @@ impl InMemoryCareStore {
 }
 
 const CURSOR_KIND: &str = "review";
+
+/// A usage counter's identity: day, user, animal, model.
+type CounterId = (NaiveDate, UserId, AnimalId, String);
 
 #[async_trait]
 impl CareStore for InMemoryCareStore {

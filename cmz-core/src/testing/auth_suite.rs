@@ -375,6 +375,13 @@ pub async fn check_rate_limit_totals(store: &dyn RateLimitStore) {
     assert_eq!((again.total, again.added), (810, true));
     let floor = store.add(&key, -5_000, 0, window).await.unwrap();
     assert_eq!(floor.total, 0, "contract: never below 0");
+    store.add(&key, 40, 1_000, window).await.unwrap();
+    store.reset(&key).await.unwrap();
+    assert_eq!(
+        store.add(&key, 0, u64::MAX, window).await.unwrap().total,
+        0,
+        "contract: reset clears a total too"
+    );
     let short = unique("total:");
     store
         .add(&short, 7, 100, Duration::from_millis(200))

@@ -27,7 +27,7 @@ use aws_sdk_dynamodb::types::{
 use chrono::{DateTime, TimeZone as _, Utc};
 use cmz_core::auth::{
     Family, FamilyDirectory, RateCount, RateLimitStore, RefreshRecord, RefreshState,
-    RevocationStore, User, UserStore,
+    RevocationStore, Tally, User, UserStore,
 };
 use cmz_core::ids::{FamilyId, UserId};
 use cmz_core::{Error, Result};

@@ -143,6 +143,36 @@ class Conversations:
     def delete(self, principal: Principal, session_id: str) -> Dict[str, Any]: ...
     def adelete(self, principal: Principal, session_id: str) -> Any: ...
     def summarize(self, principal: Principal, session_id: str) -> Dict[str, Any]: ...
+    def feedback(
+        self,
+        principal: Principal,
+        session_id: str,
+        message_id: str,
+        vote: str,
+        *,
+        note: Optional[str] = None,
+    ) -> Dict[str, Any]: ...
+    def my_feedback(self, principal: Principal, session_id: str, message_id: str) -> Optional[Dict[str, Any]]: ...
+    def review_queue(
+        self,
+        principal: Principal,
+        *,
+        state: str = "open",
+        limit: int = 20,
+        cursor: Optional[str] = None,
+    ) -> Dict[str, Any]: ...
+    def review_item(self, principal: Principal, item_id: str, *, around: int = 3) -> Dict[str, Any]: ...
+    def mark_reviewed(self, principal: Principal, item_id: str, *, note: Optional[str] = None) -> Dict[str, Any]: ...
+    def usage(
+        self,
+        principal: Principal,
+        *,
+        start: Optional[str] = None,
+        end: Optional[str] = None,
+        group_by: str = "day",
+        csv: bool = False,
+    ) -> Any: ...
+    def budgets(self, principal: Principal) -> List[Dict[str, Any]]: ...
     def export(
         self,
         principal: Principal,
