@@ -40,6 +40,7 @@ def tables():
         "FAMILY_DYNAMO_TABLE_NAME": "quest-dev-family",
         "ANIMAL_DYNAMO_TABLE_NAME": "quest-dev-animal",
         "CMZ_META_TABLE_NAME": "quest-dev-cmz",
+        "CMZ_CARE_TABLE_NAME": "quest-dev-cmz-care",
     }
     return {k: prefix + v for k, v in names.items()}
 

@@ -171,9 +171,21 @@ mod tests {
             "CMZ_SUMMARY_EVERY_TURNS" => Some("0".into()),
             "CMZ_PERSONAL_DETAILS" => Some("block".into()),
             "CMZ_PHONE_REGION" => Some("gb".into()),
+            "CMZ_DAILY_TOKEN_BUDGET_USER" => Some("20000".into()),
+            "CMZ_DAILY_TOKEN_BUDGET_FAMILY" => Some("0".into()),
+            "CMZ_DAILY_TOKEN_BUDGET_DEPLOYMENT" => Some(" 5000000 ".into()),
             _ => None,
         })
         .unwrap();
+        assert_eq!(
+            set.budgets,
+            Budgets {
+                user: Some(20_000),
+                family: None,
+                deployment: Some(5_000_000)
+            },
+            "0 is no budget"
+        );
         assert_eq!(set.turn_limit, 1);
         assert_eq!(set.turn_window, Duration::from_secs(60));
         assert!(set.create_tables);
@@ -184,6 +196,7 @@ mod tests {
         for (name, value) in [
             ("CMZ_PERSONAL_DETAILS", "sometimes"),
             ("CMZ_PHONE_REGION", "Narnia"),
+            ("CMZ_DAILY_TOKEN_BUDGET_FAMILY", "lots"),
         ] {
             let bad =
                 ServiceSettings::from_lookup(&|n| (n == name).then(|| value.into())).unwrap_err();
