@@ -224,6 +224,21 @@ impl BudgetLimits {
         Ok(hold)
     }
 
+    /// Adds `tokens` spent outside a turn (a running summary) to every budget that applies,
+    /// whatever room is left. Failures are logged.
+    pub(super) async fn charge(&self, principal: &Principal, tokens: u64) {
+        let amount = i64::try_from(tokens).unwrap_or(i64::MAX);
+        for counter in self.counters(principal, Utc::now().date_naive()) {
+            if let Err(error) = self.store.add(&counter.key, amount, u64::MAX, WINDOW).await {
+                tracing::warn!(
+                    code = error.code().as_str(),
+                    scope = counter.scope.as_str(),
+                    "could not count tokens in a budget"
+                );
+            }
+        }
+    }
+
     /// Where the caller's budgets stand today (read without reserving).
     pub(super) async fn status(&self, principal: &Principal) -> Result<Vec<BudgetStatus>> {
         let now = Utc::now();

@@ -347,6 +347,46 @@ impl ConversationService {
         reply.quota = Some(quota);
     }
 
+    /// Counts a running summary's model call: its tokens in the usage counters (no turn)
+    /// and in the budgets of the session's user, `family` and the deployment (always
+    /// added: the turn that caused it was already admitted). Failures are logged.
+    pub(super) async fn account_summary(
+        &self,
+        session: &Session,
+        family: Option<FamilyId>,
+        model: String,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+    ) {
+        if let Some(limits) = &self.inner.budgets {
+            let owner = Principal {
+                family_id: family.clone(),
+                ..Principal::new(session.user_id.clone(), crate::access::UserRole::User)
+            };
+            limits
+                .charge(&owner, prompt_tokens + completion_tokens)
+                .await;
+        }
+        if let Some(care) = &self.inner.care {
+            let key = UsageKey {
+                day: Utc::now().date_naive(),
+                user_id: session.user_id.clone(),
+                family_id: family,
+                animal_id: session.animal_id.clone(),
+                model,
+            };
+            let counts = UsageCounts {
+                prompt_tokens,
+                completion_tokens,
+                turns: 0,
+                fallbacks: 0,
+            };
+            if let Err(error) = care.add_usage(&key, &counts).await {
+                tracing::warn!(code = error.code().as_str(), error = %error.report(), "could not count the running summary's usage");
+            }
+        }
+    }
+
     /// Records `principal`'s thumbs up or down (and an optional note of at most
     /// [`MAX_NOTE_CHARS`] characters, personal details taken out) on an assistant message
     /// of a session they may read. A second vote by the same user replaces the first. A

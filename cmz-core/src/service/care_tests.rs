@@ -707,3 +707,72 @@ async fn erasing_a_user_takes_their_feedback_queue_items_and_usage() {
         ["k2"]
     );
 }
+
+#[tokio::test]
+async fn a_running_summarys_tokens_count_in_usage_and_budgets_but_not_as_turns() {
+    let care = Arc::new(InMemoryCareStore::new());
+    let limits = Arc::new(InMemoryRateLimitStore::new());
+    let store = Arc::new(InMemoryConversationStore::new());
+    let service = ConversationService::with(
+        store.clone(),
+        Arc::new(InMemoryPersonaDirectory::with_personas([Persona::new(
+            lion(),
+            "Leo",
+        )])),
+        Arc::new(ScriptedModel::echo()),
+        Arc::new(OwnerOrAdminPolicy),
+        ConversationConfig {
+            context_window: 1,
+            summary_every_turns: 1,
+            ..Default::default()
+        },
+    )
+    .with_care(care.clone())
+    .with_budgets(
+        limits,
+        Budgets {
+            family: Some(1_000_000),
+            ..Default::default()
+        },
+    );
+    let me = in_family("k1", "fam1");
+    let first = service
+        .turn(&me, TurnRequest::new(lion(), "one"))
+        .await
+        .unwrap();
+    for text in ["two", "three", "four"] {
+        service
+            .turn(
+                &me,
+                TurnRequest::new(lion(), text).in_session(first.session_id.clone()),
+            )
+            .await
+            .unwrap();
+        service.summaries_settled().await;
+    }
+    let folds = store
+        .get_session(&first.session_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .rolling_summary
+        .expect("a running summary")
+        .folds;
+    assert!(folds >= 1);
+    let admin = Principal::new(UserId::new("admin1").unwrap(), UserRole::Admin);
+    let report = service
+        .usage_report(&admin, today(), today(), UsageGrouping::default())
+        .await
+        .unwrap();
+    assert_eq!(report.total.turns, 4, "a summary is not a turn");
+    assert_eq!(
+        report.total.total_tokens(),
+        15 * (4 + u64::from(folds)),
+        "every model call's tokens: 4 turns and {folds} summaries"
+    );
+    assert_eq!(
+        service.budget_status(&me).await.unwrap()[0].used,
+        report.total.total_tokens(),
+        "the family's budget counts them too"
+    );
+}

@@ -54,7 +54,7 @@ impl ConversationService {
         let stored = match appended? {
             AppendOutcome::Appended(stored) => {
                 if let Some(plan) = fold {
-                    self.schedule_fold(&session.id, plan);
+                    self.schedule_fold(&session.id, plan, costs.family.clone());
                 }
                 stored
             }

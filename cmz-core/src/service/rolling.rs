@@ -57,7 +57,14 @@ impl ConversationService {
 
     /// Starts folding `plan` into the session's running summary in the background, unless
     /// a fold of that session is already running here.
-    pub(super) fn schedule_fold(&self, id: &SessionId, plan: FoldPlan) {
+    /// `family` is the family of the caller whose turn scheduled it: the summary's tokens
+    /// count in their budgets and usage.
+    pub(super) fn schedule_fold(
+        &self,
+        id: &SessionId,
+        plan: FoldPlan,
+        family: Option<crate::ids::FamilyId>,
+    ) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -69,7 +76,7 @@ impl ConversationService {
         let span = tracing::info_span!("cmz.rolling_summary", session = %id, through = plan.through, up_to = plan.up_to);
         runtime.spawn(
             async move {
-                if let Err(error) = service.fold(&id, plan).await {
+                if let Err(error) = service.fold(&id, plan, family).await {
                     // Only the code: never the conversation's text.
                     tracing::warn!(code = error.code().as_str(), "running summary not written");
                 }
@@ -81,7 +88,12 @@ impl ConversationService {
 
     /// Reads the uncovered turns, asks the model for the new summary (a deterministic one
     /// when it cannot answer), and stores it if it still covers more than the stored one.
-    async fn fold(&self, id: &SessionId, plan: FoldPlan) -> Result<()> {
+    async fn fold(
+        &self,
+        id: &SessionId,
+        plan: FoldPlan,
+        family: Option<crate::ids::FamilyId>,
+    ) -> Result<()> {
         let inner = &self.inner;
         let config = &inner.config;
         let Some(session) = inner.store.get_session(id).await? else {
@@ -143,11 +155,21 @@ impl ConversationService {
         let (text, spent, fallback) = match called {
             Ok(Ok(completion)) if !completion.content.trim().is_empty() => {
                 let text = completion.content.trim().to_owned();
-                let spent = completion.usage.map_or_else(
-                    || u64::from(prompt_tokens) + u64::from(config.tokenizer.count(&text)),
-                    |u| u64::from(u.total()),
+                let (prompt, reply) = completion.usage.map_or_else(
+                    || {
+                        (
+                            u64::from(prompt_tokens),
+                            u64::from(config.tokenizer.count(&text)),
+                        )
+                    },
+                    |u| (u64::from(u.prompt_tokens), u64::from(u.completion_tokens)),
                 );
-                (text, spent, false)
+                let model = completion
+                    .model
+                    .unwrap_or_else(|| inner.model.name().to_owned());
+                self.account_summary(&session, family, model, prompt, reply)
+                    .await;
+                (text, prompt + reply, false)
             }
             other => {
                 let code = match &other {
