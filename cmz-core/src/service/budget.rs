@@ -198,28 +198,46 @@ impl BudgetLimits {
             prompt_estimate: prompt,
             settled: false,
         };
-        for counter in self.counters(principal, now.date_naive()) {
-            let tally = self
-                .store
-                .add(&counter.key, amount, counter.budget, WINDOW)
-                .await?;
-            if !tally.added {
-                let status = BudgetStatus {
-                    scope: counter.scope,
-                    budget: counter.budget,
-                    used: tally.total,
-                    resets_at: day_end(now),
-                };
-                // The reservations already made go back now, not when `hold` drops.
-                hold.give_back().await;
-                let wait = (status.resets_at - now)
-                    .to_std()
-                    .unwrap_or(Duration::ZERO)
-                    .max(Duration::from_secs(1));
-                return Err(Error::rate_limited(BUDGET_MESSAGE, Some(wait))
-                    .with_source(BudgetExceeded(status)));
+        // Every budget at once (one round trip to a remote store, not one per budget).
+        let counters = self.counters(principal, now.date_naive());
+        let tallies = futures::future::join_all(
+            counters
+                .iter()
+                .map(|counter| self.store.add(&counter.key, amount, counter.budget, WINDOW)),
+        )
+        .await;
+        let mut refused = None;
+        let mut failed = None;
+        for (counter, tally) in counters.into_iter().zip(tallies) {
+            match tally {
+                Ok(tally) if tally.added => hold.counters.push((counter, tally)),
+                Ok(tally) => {
+                    refused.get_or_insert(BudgetStatus {
+                        scope: counter.scope,
+                        budget: counter.budget,
+                        used: tally.total,
+                        resets_at: day_end(now),
+                    });
+                }
+                Err(error) => {
+                    failed.get_or_insert(error);
+                }
             }
-            hold.counters.push((counter, tally));
+        }
+        if let Some(error) = failed {
+            hold.give_back().await;
+            return Err(error);
+        }
+        if let Some(status) = refused {
+            // The reservations made in the other budgets go back now, not when `hold` drops.
+            hold.give_back().await;
+            let wait = (status.resets_at - now)
+                .to_std()
+                .unwrap_or(Duration::ZERO)
+                .max(Duration::from_secs(1));
+            return Err(
+                Error::rate_limited(BUDGET_MESSAGE, Some(wait)).with_source(BudgetExceeded(status))
+            );
         }
         Ok(hold)
     }
@@ -265,9 +283,16 @@ impl BudgetHold {
         let delta = i64::try_from(delta).unwrap_or(if delta < 0 { i64::MIN } else { i64::MAX });
         let resets_at = day_end(Utc::now());
         let mut statuses = Vec::with_capacity(self.counters.len());
-        for (counter, tally) in std::mem::take(&mut self.counters) {
-            // A settlement always applies: it only moves what this turn already holds.
-            let used = match self.store.add(&counter.key, delta, u64::MAX, WINDOW).await {
+        let counters = std::mem::take(&mut self.counters);
+        // A settlement always applies: it only moves what this turn already holds.
+        let settled = futures::future::join_all(
+            counters
+                .iter()
+                .map(|(counter, _)| self.store.add(&counter.key, delta, u64::MAX, WINDOW)),
+        )
+        .await;
+        for ((counter, tally), after) in counters.into_iter().zip(settled) {
+            let used = match after {
                 Ok(after) => after.total,
                 Err(error) => {
                     tracing::warn!(
@@ -291,8 +316,15 @@ impl BudgetHold {
     async fn give_back(&mut self) {
         self.settled = true;
         let amount = -i64::try_from(self.reserved).unwrap_or(i64::MAX);
-        for (counter, _) in std::mem::take(&mut self.counters) {
-            if let Err(error) = self.store.add(&counter.key, amount, u64::MAX, WINDOW).await {
+        let counters = std::mem::take(&mut self.counters);
+        let given = futures::future::join_all(
+            counters
+                .iter()
+                .map(|(counter, _)| self.store.add(&counter.key, amount, u64::MAX, WINDOW)),
+        )
+        .await;
+        for ((counter, _), result) in counters.iter().zip(given) {
+            if let Err(error) = result {
                 tracing::warn!(
                     code = error.code().as_str(),
                     scope = counter.scope.as_str(),

@@ -47,6 +47,12 @@ pub struct ConversationConfig {
     pub temperature: Option<f32>,
     /// Streamed deltas buffered for a slow consumer before the model is paused. Default 32.
     pub stream_buffer: usize,
+    /// How long a resumable stream (see
+    /// [`stream_turn_resumable`](super::ConversationService::stream_turn_resumable)) keeps
+    /// generating after its last client went away, waiting for one to come back, and how
+    /// long a finished one is kept for a reconnect. Default 20 s
+    /// (`CMZ_STREAM_RESUME_GRACE_MS`); zero cancels the model as soon as the client goes.
+    pub stream_resume_grace: Duration,
     /// The least moderation every turn gets when a moderator is configured; a request may
     /// ask for more, never less. Default [`ModerationLevel::Standard`].
     pub moderation_level: ModerationLevel,
@@ -96,6 +102,7 @@ impl Default for ConversationConfig {
             max_reply_tokens: 1_000,
             temperature: Some(0.7),
             stream_buffer: 32,
+            stream_resume_grace: Duration::from_secs(20),
             moderation_level: ModerationLevel::Standard,
             max_context_summary_chars: 2_000,
             context_budget_tokens: 16_384,

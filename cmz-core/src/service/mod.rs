@@ -40,6 +40,7 @@ mod privacy;
 pub mod prompt;
 mod reads;
 mod request;
+mod resume;
 mod rolling;
 mod stream;
 mod summary;
@@ -67,6 +68,7 @@ use limit::TurnLimit;
 pub use limit::{TURN_LIMIT_MESSAGE, TurnLimitStatus, turn_limit_key};
 use locks::{SessionLease, SessionLocks};
 pub use request::{MAX_TURN_KEY_LEN, Summary, TurnEvent, TurnReply, TurnRequest, TurnStream};
+pub use resume::{EventNumber, ResumableStream, StreamItem};
 use tombstones::Tombstones;
 
 use crate::access::{Action, DynAccessPolicy, OwnerOrAdminPolicy, Principal};
@@ -108,6 +110,7 @@ struct Inner {
     care: Option<crate::care::DynCareStore>,
     folds: Arc<rolling::Folds>,
     counts: Arc<context::TokenCounts>,
+    streams: Arc<resume::Streams>,
 }
 
 /// What a turn's message is, before the model runs.
@@ -212,6 +215,7 @@ impl ConversationService {
                 budgets: None,
                 care: None,
                 folds: Arc::default(),
+                streams: Arc::default(),
                 counts: Arc::new(context::TokenCounts::new(config.tokenizer)),
                 config,
             }),
@@ -546,5 +550,7 @@ fn millis(duration: Duration) -> u64 {
 
 #[cfg(test)]
 mod care_tests;
+#[cfg(test)]
+mod resume_tests;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,394 @@
+//! Streams that survive a dropped connection: a streamed turn runs on its own, its events
+//! are kept (numbered) while it runs and for a grace period after, and a client that comes
+//! back with the number of the last event it saw gets the rest exactly once.
+//!
+//! A client that goes away does not stop the turn at once: the model keeps generating for
+//! [`ConversationConfig::stream_resume_grace`](super::ConversationConfig) waiting for a
+//! reconnect; without one the turn is cancelled and the partial reply stored `interrupted`,
+//! as before. [`ConversationService::stop_stream`] cancels at once.
+//!
+//! Memory per stream is bounded by the reply's size limit: the reply's text once, plus four
+//! bytes per streamed piece (where each piece ends), plus the final reply.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use tokio::sync::{Notify, watch};
+
+use super::*;
+use crate::error::Code;
+
+/// Numbers of a stream's events: `0` is the start (before any piece), pieces of the reply
+/// are `1..=n`, the end (the stored reply, or the error) is `n + 1`.
+pub type EventNumber = u64;
+
+/// One numbered event of a resumable stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamItem {
+    /// Its number within the turn's stream.
+    pub number: EventNumber,
+    /// A piece of the reply, or the end.
+    pub event: TurnEvent,
+}
+
+/// A streamed turn that a client may leave and come back to (see the module docs).
+pub struct ResumableStream {
+    /// The stream's id, for [`ConversationService::resume_stream`] and
+    /// [`ConversationService::stop_stream`].
+    pub stream_id: String,
+    /// The session, new or continued.
+    pub session_id: SessionId,
+    /// Whether this turn created the session.
+    pub session_created: bool,
+    events: BoxStream<'static, Result<StreamItem>>,
+}
+
+impl std::fmt::Debug for ResumableStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResumableStream")
+            .field("stream_id", &self.stream_id)
+            .field("session_id", &self.session_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Stream for ResumableStream {
+    type Item = Result<StreamItem>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.events.poll_next_unpin(cx)
+    }
+}
+
+/// How a stream ended.
+#[derive(Debug, Clone)]
+enum End {
+    Stored(Box<TurnReply>),
+    Failed(Code, String),
+    /// Cancelled (no client came back in time, or stopped): the engine stores what was
+    /// produced, marked interrupted.
+    Cancelled,
+}
+
+#[derive(Debug, Default)]
+struct Buffer {
+    /// The reply so far.
+    text: String,
+    /// Where each piece ends in `text` (piece `k` is `text[ends[k-2]..ends[k-1]]`).
+    ends: Vec<u32>,
+    end: Option<End>,
+    /// Clients reading it now.
+    attached: usize,
+    /// Bumped on every attach, so a grace timer knows whether someone came back meanwhile.
+    attaches: u64,
+}
+
+impl Buffer {
+    fn piece(&self, number: EventNumber) -> Option<&str> {
+        let index = usize::try_from(number).ok()?.checked_sub(1)?;
+        let end = *self.ends.get(index)? as usize;
+        let start = index.checked_sub(1).map_or(0, |i| self.ends[i] as usize);
+        self.text.get(start..end)
+    }
+
+    /// The event after `seen`, if it is there yet; `Err(())` when the stream is over.
+    fn next_after(&self, seen: EventNumber) -> std::result::Result<Option<StreamItem>, ()> {
+        let pieces = self.ends.len() as u64;
+        if seen < pieces {
+            let number = seen + 1;
+            let text = self.piece(number).unwrap_or_default().to_owned();
+            return Ok(Some(StreamItem {
+                number,
+                event: TurnEvent::Delta(text),
+            }));
+        }
+        match (&self.end, seen == pieces) {
+            (Some(End::Stored(reply)), true) => Ok(Some(StreamItem {
+                number: pieces + 1,
+                event: TurnEvent::Complete(reply.clone()),
+            })),
+            (Some(_), _) => Err(()),
+            (None, _) => Ok(None),
+        }
+    }
+}
+
+/// A running (or recently finished) streamed turn.
+#[derive(Debug)]
+struct Live {
+    owner: UserId,
+    session_id: SessionId,
+    session_created: bool,
+    buffer: Mutex<Buffer>,
+    changed: Notify,
+    cancel: watch::Sender<bool>,
+}
+
+impl Live {
+    fn buffer(&self) -> std::sync::MutexGuard<'_, Buffer> {
+        self.buffer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The streams of one process.
+#[derive(Debug, Default)]
+pub(super) struct Streams {
+    live: Mutex<HashMap<String, Arc<Live>>>,
+}
+
+impl Streams {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Live>>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many streams are kept now (running or in their grace period).
+    pub(super) fn len(&self) -> usize {
+        self.map().len()
+    }
+}
+
+/// A reader of a stream; the last one to leave starts the grace period.
+struct Attached {
+    live: Arc<Live>,
+    grace: Duration,
+}
+
+impl Attached {
+    fn new(live: Arc<Live>, grace: Duration) -> Self {
+        {
+            let mut buffer = live.buffer();
+            buffer.attached += 1;
+            buffer.attaches += 1;
+        }
+        Self { live, grace }
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let (left, attaches) = {
+            let mut buffer = self.live.buffer();
+            buffer.attached = buffer.attached.saturating_sub(1);
+            (
+                buffer.attached == 0 && buffer.end.is_none(),
+                buffer.attaches,
+            )
+        };
+        if !left {
+            return;
+        }
+        if self.grace.is_zero() {
+            let _ = self.live.cancel.send(true);
+            return;
+        }
+        let (live, grace) = (self.live.clone(), self.grace);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                tokio::time::sleep(grace).await;
+                let gone = {
+                    let buffer = live.buffer();
+                    buffer.attached == 0 && buffer.attaches == attaches && buffer.end.is_none()
+                };
+                if gone {
+                    tracing::info!("no client came back for the stream; cancelling it");
+                    let _ = live.cancel.send(true);
+                }
+            });
+        } else {
+            let _ = self.live.cancel.send(true);
+        }
+    }
+}
+
+/// The events after `seen`, then the live rest, for one reader.
+fn read_from(
+    live: Arc<Live>,
+    seen: EventNumber,
+    grace: Duration,
+) -> BoxStream<'static, Result<StreamItem>> {
+    let attached = Attached::new(live, grace);
+    futures::stream::unfold(
+        (attached, seen, false),
+        |(attached, seen, over)| async move {
+            if over {
+                return None;
+            }
+            let live = attached.live.clone();
+            loop {
+                let notified = live.changed.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let next = live.buffer().next_after(seen);
+                match next {
+                    Ok(Some(item)) => {
+                        let number = item.number;
+                        let last = matches!(item.event, TurnEvent::Complete(_));
+                        return Some((Ok(item), (attached, number, last)));
+                    }
+                    Err(()) => {
+                        let end = live.buffer().end.clone();
+                        return match end {
+                            Some(End::Failed(code, message)) => {
+                                Some((Err(Error::new(code, message)), (attached, seen, true)))
+                            }
+                            Some(End::Cancelled) => Some((
+                                Err(Error::new(
+                                    Code::Conflict,
+                                    "the stream was stopped; its reply is stored as interrupted",
+                                )),
+                                (attached, seen, true),
+                            )),
+                            _ => None,
+                        };
+                    }
+                    Ok(None) => notified.await,
+                }
+            }
+        },
+    )
+    .boxed()
+}
+
+impl ConversationService {
+    /// Runs one turn as a stream a client may leave and come back to (see the module docs):
+    /// the events are numbered, kept while the turn runs and for the grace period after it.
+    /// Request errors come back at once, as from [`stream_turn`](Self::stream_turn).
+    #[tracing::instrument(name = "cmz.stream_turn_resumable", skip_all, fields(user = %principal.user_id, animal = %request.animal_id))]
+    pub async fn stream_turn_resumable(
+        &self,
+        principal: &Principal,
+        request: TurnRequest,
+    ) -> Result<ResumableStream> {
+        // Unguessable: a stream id is not a credential (the owner is checked too), but it
+        // must not tell anyone which streams exist.
+        let stream_id = crate::random::secret_hex(12)?;
+        let turn = self.stream_turn(principal, request).await?;
+        let grace = self.inner.config.stream_resume_grace;
+        let (cancel, mut cancelled) = watch::channel(false);
+        let live = Arc::new(Live {
+            owner: principal.user_id.clone(),
+            session_id: turn.session_id.clone(),
+            session_created: turn.session_created,
+            buffer: Mutex::default(),
+            changed: Notify::new(),
+            cancel,
+        });
+        self.inner
+            .streams
+            .map()
+            .insert(stream_id.clone(), live.clone());
+        // The reader is attached before the pump starts, so a fast turn is never cancelled
+        // for want of one.
+        let events = read_from(live.clone(), 0, grace);
+        let streams = self.inner.streams.clone();
+        let id = stream_id.clone();
+        let (session_id, session_created) = (live.session_id.clone(), live.session_created);
+        tokio::spawn(
+            async move {
+                let mut turn = turn;
+                let end = loop {
+                    tokio::select! {
+                        biased;
+                        changed = cancelled.changed() => {
+                            if changed.is_err() || *cancelled.borrow() {
+                                break End::Cancelled;
+                            }
+                        }
+                        item = turn.next() => match item {
+                            Some(Ok(TurnEvent::Delta(piece))) => {
+                                let mut buffer = live.buffer();
+                                buffer.text.push_str(&piece);
+                                let end = u32::try_from(buffer.text.len()).unwrap_or(u32::MAX);
+                                buffer.ends.push(end);
+                                drop(buffer);
+                                live.changed.notify_waiters();
+                            }
+                            Some(Ok(TurnEvent::Complete(reply))) => break End::Stored(reply),
+                            Some(Err(error)) => break End::Failed(error.code(), error.to_string()),
+                            None => break End::Failed(Code::Internal, "the turn ended without a reply".into()),
+                        },
+                    }
+                };
+                // Dropping the turn's stream cancels the model; the engine stores what was
+                // produced, marked interrupted.
+                drop(turn);
+                live.buffer().end = Some(end);
+                live.changed.notify_waiters();
+                // Kept for a reconnect within the grace period, then forgotten.
+                tokio::time::sleep(grace).await;
+                streams.map().remove(&id);
+            }
+            .in_current_span(),
+        );
+        Ok(ResumableStream {
+            stream_id,
+            session_id,
+            session_created,
+            events,
+        })
+    }
+
+    /// Comes back to a stream after event `seen` (0: from the start): the events missed,
+    /// exactly once, then the live rest. `not_found` for a stream that is unknown, over
+    /// for longer than the grace period, or another user's.
+    pub fn resume_stream(
+        &self,
+        principal: &Principal,
+        stream_id: &str,
+        seen: EventNumber,
+    ) -> Result<ResumableStream> {
+        let live = self
+            .inner
+            .streams
+            .map()
+            .get(stream_id)
+            .filter(|live| live.owner == principal.user_id)
+            .cloned()
+            .ok_or_else(|| stream_not_found(stream_id))?;
+        {
+            let buffer = live.buffer();
+            if seen > buffer.ends.len() as u64 + 1 {
+                return Err(Error::validation(
+                    "Last-Event-ID",
+                    format!("stream {stream_id} has no event {seen}"),
+                ));
+            }
+        }
+        Ok(ResumableStream {
+            stream_id: stream_id.to_owned(),
+            session_id: live.session_id.clone(),
+            session_created: live.session_created,
+            events: read_from(live, seen, self.inner.config.stream_resume_grace),
+        })
+    }
+
+    /// Stops a running stream at once: the model call is cancelled and what was produced is
+    /// stored marked interrupted. `not_found` as for [`resume_stream`](Self::resume_stream);
+    /// stopping a stream that already ended is harmless.
+    pub fn stop_stream(&self, principal: &Principal, stream_id: &str) -> Result<()> {
+        let live = self
+            .inner
+            .streams
+            .map()
+            .get(stream_id)
+            .filter(|live| live.owner == principal.user_id)
+            .cloned()
+            .ok_or_else(|| stream_not_found(stream_id))?;
+        let _ = live.cancel.send(true);
+        Ok(())
+    }
+
+    /// How many resumable streams this process keeps now (running, or finished within the
+    /// grace period).
+    pub fn kept_streams(&self) -> usize {
+        self.inner.streams.len()
+    }
+}
+
+fn stream_not_found(id: &str) -> Error {
+    Error::not_found(format!(
+        "stream {id} (it ended more than the grace period ago, or is not yours); read the session's history"
+    ))
+}
