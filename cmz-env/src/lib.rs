@@ -296,6 +296,7 @@ pub async fn services_from_env(lookup: &Lookup<'_>) -> Result<Services> {
             .unwrap_or(defaults.summary_every_turns),
         personal_details: settings.personal_details,
         redactor: settings.redactor,
+        stream_resume_grace: settings.stream_resume_grace,
         ..defaults
     };
     let mut conversations = ConversationService::with(

@@ -51,6 +51,10 @@ pub struct ServiceSettings {
     /// `CMZ_DAILY_TOKEN_BUDGET_DEPLOYMENT`; unset or 0: none, the default), counted in the
     /// rate-limit store so every server shares them.
     pub budgets: Budgets,
+    /// How long a streamed turn whose client went away keeps generating, waiting for the
+    /// client to come back, and how long a finished one can be replayed
+    /// (`CMZ_STREAM_RESUME_GRACE_MS`, default 20,000; 0 cancels at once).
+    pub stream_resume_grace: Duration,
 }
 
 impl Default for ServiceSettings {
@@ -67,6 +71,7 @@ impl Default for ServiceSettings {
             personal_details: RedactionMode::Redact,
             redactor: Redactor::default(),
             budgets: Budgets::default(),
+            stream_resume_grace: Duration::from_secs(20),
         }
     }
 }
@@ -95,6 +100,9 @@ impl ServiceSettings {
         }
         if let Some(window) = number::<u64>(lookup, "CMZ_TURN_RATE_WINDOW_SECONDS")? {
             settings.turn_window = Duration::from_secs(window.max(1));
+        }
+        if let Some(ms) = number::<u64>(lookup, "CMZ_STREAM_RESUME_GRACE_MS")? {
+            settings.stream_resume_grace = Duration::from_millis(ms);
         }
         if let Some(ms) = number::<u64>(lookup, "CMZ_OFFLINE_CHUNK_DELAY_MS")? {
             settings.offline_chunk_delay = Duration::from_millis(ms);
@@ -172,6 +180,7 @@ mod tests {
             "CMZ_PERSONAL_DETAILS" => Some("block".into()),
             "CMZ_PHONE_REGION" => Some("gb".into()),
             "CMZ_DAILY_TOKEN_BUDGET_USER" => Some("20000".into()),
+            "CMZ_STREAM_RESUME_GRACE_MS" => Some("0".into()),
             "CMZ_DAILY_TOKEN_BUDGET_FAMILY" => Some("0".into()),
             "CMZ_DAILY_TOKEN_BUDGET_DEPLOYMENT" => Some(" 5000000 ".into()),
             _ => None,
@@ -186,6 +195,7 @@ mod tests {
             },
             "0 is no budget"
         );
+        assert_eq!(set.stream_resume_grace, Duration::ZERO);
         assert_eq!(set.turn_limit, 1);
         assert_eq!(set.turn_window, Duration::from_secs(60));
         assert!(set.create_tables);

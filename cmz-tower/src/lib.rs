@@ -167,6 +167,10 @@ const TABLE: &[(Route, MakeHandler)] = &[
     (route("POST", "/convo_turn/stream", false), || {
         post(sse::stream_post)
     }),
+    (
+        route("POST", "/convo_turn/stream/{streamId}/stop", false),
+        || post(sse::stop),
+    ),
     (route("GET", "/convo_history", false), || {
         get(routes::convo_history)
     }),

@@ -134,7 +134,12 @@ async fn the_seed_checklist_and_the_policy_on_dynamodb() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_cut_mid_way_is_stored_interrupted_in_dynamodb() {
-    let server = start(&environment(&[("CMZ_OFFLINE_CHUNK_DELAY_MS", "40")])).await;
+    // No grace period: the client going away cancels the turn at once.
+    let server = start(&environment(&[
+        ("CMZ_OFFLINE_CHUNK_DELAY_MS", "40"),
+        ("CMZ_STREAM_RESUME_GRACE_MS", "0"),
+    ]))
+    .await;
     let token = server.login("student1@cmz.org", "student123").await;
     let response = server
         .client

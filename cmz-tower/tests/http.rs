@@ -54,6 +54,38 @@ async fn start_budgeted(
     turn_limit: u32,
     budgets: Budgets,
 ) -> Server {
+    start_configured(
+        model,
+        settings,
+        personas,
+        turn_limit,
+        budgets,
+        ConversationConfig::default(),
+    )
+    .await
+}
+
+/// A server with the sample animals and an engine config of its own.
+async fn start_with_config(model: ScriptedModel, config: ConversationConfig) -> Server {
+    start_configured(
+        model,
+        HttpSettings::default(),
+        cmz_tower::sample_personas(),
+        50,
+        Budgets::default(),
+        config,
+    )
+    .await
+}
+
+async fn start_configured(
+    model: ScriptedModel,
+    settings: HttpSettings,
+    personas: Vec<Persona>,
+    turn_limit: u32,
+    budgets: Budgets,
+    config: ConversationConfig,
+) -> Server {
     let stores = AuthStores::in_memory();
     let rate_limits = stores.limits.clone();
     let auth_settings = AuthSettings {
@@ -68,7 +100,7 @@ async fn start_budgeted(
         personas.clone(),
         Arc::new(model),
         Arc::new(auth.policy()),
-        ConversationConfig::default(),
+        config,
     )
     .with_turn_limit(rate_limits.clone(), turn_limit, Duration::from_secs(3600))
     .with_budgets(rate_limits.clone(), budgets)
@@ -468,7 +500,12 @@ async fn streamed_turns_use_the_legacy_events_and_headers() {
 async fn a_client_that_disconnects_mid_stream_leaves_an_interrupted_reply() {
     let model = ScriptedModel::always("one two three four five six seven eight nine ten")
         .with_chunk_delay(Duration::from_millis(40));
-    let server = start_with(model, HttpSettings::default()).await;
+    // No grace period: a client that goes away cancels the model at once.
+    let config = ConversationConfig {
+        stream_resume_grace: Duration::ZERO,
+        ..ConversationConfig::default()
+    };
+    let server = start_with_config(model, config).await;
     let token = server.login("student1@cmz.org", "student123").await;
     let response = server
         .client
@@ -1990,4 +2027,166 @@ async fn a_turn_over_the_daily_token_budget_is_refused_with_the_budget() {
     // Another child has a budget of their own.
     let leo = server.login("student2@cmz.org", "student123").await;
     assert_eq!(server.turn(&leo, "cougar", "hi", None).await.0, 200);
+}
+
+/// A browser that loses the connection mid-reply reconnects with `Last-Event-ID` (as
+/// EventSource does by itself) and gets every event it missed exactly once, then the rest;
+/// the turn went on meanwhile and is stored whole. A stop cancels at once.
+#[tokio::test]
+async fn a_dropped_stream_is_resumed_with_last_event_id_and_a_stop_cancels_it() {
+    let model = ScriptedModel::always("one two three four five six seven eight nine ten")
+        .with_chunk_delay(Duration::from_millis(30));
+    let config = ConversationConfig {
+        stream_resume_grace: Duration::from_secs(5),
+        ..ConversationConfig::default()
+    };
+    let server = start_with_config(model, config).await;
+    let token = server.login("student1@cmz.org", "student123").await;
+    let url = server.url(&format!(
+        "/convo_turn/stream?animalId=cougar&message=story&token={token}"
+    ));
+    let open = |last: Option<String>| {
+        let mut request = server
+            .client
+            .get(&url)
+            .header("accept", "text/event-stream");
+        if let Some(last) = last {
+            request = request.header("last-event-id", last);
+        }
+        request.send()
+    };
+    let response = open(None).await.unwrap();
+    let mut events = response.bytes_stream().eventsource();
+    let mut text = String::new();
+    let (mut last_id, mut session) = (String::new(), String::new());
+    let mut pieces = 0;
+    while let Some(event) = events.next().await {
+        let event = event.unwrap();
+        assert!(!event.id.is_empty(), "every event has an id: {event:?}");
+        let data: Value = serde_json::from_str(&event.data).unwrap();
+        if event.event == "metadata" {
+            let stream_id = data["streamId"].as_str().unwrap();
+            session = data["sessionId"].as_str().unwrap().to_owned();
+            assert_eq!(event.id, format!("{stream_id}.0"));
+        }
+        if event.event == "message" {
+            text.push_str(data["content"].as_str().unwrap());
+            last_id = event.id.clone();
+            pieces += 1;
+            if pieces == 3 {
+                break;
+            }
+        }
+    }
+    drop(events);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let response = open(Some(last_id.clone())).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut events = response.bytes_stream().eventsource();
+    let mut complete = Value::Null;
+    let mut numbers = Vec::new();
+    while let Some(event) = events.next().await {
+        let event = event.unwrap();
+        assert_ne!(
+            event.event, "metadata",
+            "a resumed stream does not start again"
+        );
+        numbers.push(event.id.rsplit_once('.').unwrap().1.parse::<u64>().unwrap());
+        let data: Value = serde_json::from_str(&event.data).unwrap();
+        match event.event.as_str() {
+            "message" => text.push_str(data["content"].as_str().unwrap()),
+            "complete" => complete = data,
+            other => panic!("unexpected {other}: {data}"),
+        }
+    }
+    assert_eq!(numbers[0], 4, "the first event after {last_id}");
+    assert!(numbers.windows(2).all(|w| w[1] == w[0] + 1), "{numbers:?}");
+    assert_eq!(complete["interrupted"], false, "the turn went on meanwhile");
+    assert_eq!(text, "one two three four five six seven eight nine ten");
+    assert_eq!(complete["fullResponse"], text.as_str());
+    let history = server
+        .get(&format!("/convo_history?sessionId={session}"), Some(&token))
+        .await;
+    assert_eq!(
+        history.1["turns"][1]["content"],
+        text.as_str(),
+        "stored once, whole"
+    );
+    assert_eq!(
+        history.1["turns"].as_array().unwrap().len(),
+        2,
+        "no second turn"
+    );
+
+    // Another user cannot resume it; a malformed id is a 400; an unknown stream a 404.
+    let other = server.login("student2@cmz.org", "student123").await;
+    let foreign = server
+        .client
+        .get(server.url(&format!(
+            "/convo_turn/stream?animalId=cougar&message=x&token={other}"
+        )))
+        .header("accept", "text/event-stream")
+        .header("last-event-id", last_id.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(foreign.status(), 404);
+    let bad = open(Some("garbage".into())).await.unwrap();
+    assert_eq!(bad.status(), 400);
+
+    // A stop cancels at once; the reply so far is stored, marked interrupted.
+    let response = open(None).await.unwrap();
+    let mut events = response.bytes_stream().eventsource();
+    let mut second = (String::new(), String::new());
+    while let Some(event) = events.next().await {
+        let event = event.unwrap();
+        let data: Value = serde_json::from_str(&event.data).unwrap();
+        if event.event == "metadata" {
+            second = (
+                data["streamId"].as_str().unwrap().to_owned(),
+                data["sessionId"].as_str().unwrap().to_owned(),
+            );
+        }
+        if event.event == "message" {
+            break;
+        }
+    }
+    let stopped = server
+        .post_json(
+            &format!("/convo_turn/stream/{}/stop", second.0),
+            Some(&other),
+            json!({}),
+        )
+        .await;
+    assert_eq!(stopped.0, 404, "only the owner stops it");
+    let stopped = server
+        .post_json(
+            &format!("/convo_turn/stream/{}/stop", second.0),
+            Some(&token),
+            json!({}),
+        )
+        .await;
+    assert_eq!(stopped.0, 204, "{stopped:?}");
+    let mut ended = None;
+    while let Some(event) = events.next().await {
+        let event = event.unwrap();
+        if event.event == "error" {
+            ended = Some(event.data);
+        }
+    }
+    assert!(ended.is_some(), "the reader learns it was stopped");
+    for _ in 0..100 {
+        let history = server
+            .get(
+                &format!("/convo_history?sessionId={}&includeMetadata=true", second.1),
+                Some(&token),
+            )
+            .await;
+        if history.0 == 200 && history.1["turns"].as_array().unwrap().len() == 2 {
+            assert_eq!(history.1["turns"][1]["metadata"]["interrupted"], true);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the stopped turn was not stored");
 }
