@@ -13,6 +13,7 @@
 // Prints `1 passed, 0 failed` and exits 0 on success; otherwise says why, saves the
 // screenshot anyway and exits 1.
 import { mkdirSync } from "node:fs";
+import net from "node:net";
 import { dirname } from "node:path";
 import { chromium } from "playwright-core";
 
@@ -267,6 +268,77 @@ async function runBudget(context) {
   await page.close();
 }
 
+// A proxy in front of a server that cuts the first streamed reply after two pieces, as a
+// phone walking out of Wi-Fi would; everything else passes through.
+function cuttingProxy(target) {
+  const { hostname, port } = new URL(target);
+  let cut = false;
+  const server = net.createServer((client) => {
+    const upstream = net.connect(Number(port), hostname);
+    let victim = false;
+    let pieces = 0;
+    client.on("data", (chunk) => {
+      const head = chunk.toString("latin1");
+      if (!cut && /^GET \/convo_turn\/stream/.test(head) && !/last-event-id:/i.test(head)) victim = true;
+      upstream.write(chunk);
+    });
+    upstream.on("data", (chunk) => {
+      client.write(chunk);
+      if (!victim || cut) return;
+      pieces += (chunk.toString("utf8").match(/event: ?message/g) || []).length;
+      if (pieces >= 2) {
+        cut = true;
+        client.destroy();
+        upstream.destroy();
+      }
+    });
+    const close = () => { client.destroy(); upstream.destroy(); };
+    client.on("error", close); upstream.on("error", close);
+    client.on("end", close); upstream.on("end", close);
+  });
+  return new Promise((resolve) => server.listen(0, "127.0.0.1", () => resolve({
+    url: `http://127.0.0.1:${server.address().port}`,
+    wasCut: () => cut,
+    close: () => server.close(),
+  })));
+}
+
+// The connection drops mid-reply: the page reconnects by itself and shows the whole reply
+// once (compared with the reply the server stored).
+async function runReconnect(context) {
+  const slow = (process.env.CMZ_DEMO_SLOW_URL || "").replace(/\/+$/, "");
+  if (!slow) { log("no CMZ_DEMO_SLOW_URL: the reconnect check is skipped"); return; }
+  const proxy = await cuttingProxy(slow);
+  const page = await context.newPage();
+  try {
+    await watchPolicy(page);
+    log(`a reply cut mid-way, through a proxy to ${slow}`);
+    await page.goto(`${proxy.url}/`, { waitUntil: "domcontentloaded" });
+    await page.locator(tid("login-email")).fill("student1@cmz.org");
+    await page.locator(tid("login-password")).fill("student123");
+    await page.locator(tid("login-submit")).click();
+    await page.locator(tid("logout")).waitFor({ state: "visible" });
+    await page.waitForFunction((sel) => { const s = document.querySelector(sel); return s && s.options.length > 0 && s.value; }, tid("animal-select"));
+    await page.locator(tid("message-input")).fill("Tell me about your day, please!");
+    await page.locator(tid("send-button")).click();
+    await page.waitForFunction((sel) => ["done", "error", "limited"].includes(document.querySelector(sel)?.textContent.trim()), tid("stream-status"), { timeout: 30_000 });
+    const status = (await page.locator(tid("stream-status")).textContent()).trim();
+    check(proxy.wasCut(), "the proxy never cut the stream");
+    check(status === "done", `the cut reply did not finish (status "${status}")`);
+    const shown = (await page.locator(tid("msg-assistant")).last().textContent()).trim();
+    const token = await page.evaluate(() => JSON.parse(sessionStorage.getItem("cmz.demo")).token);
+    const sessionId = await page.evaluate(() => JSON.parse(sessionStorage.getItem("cmz.demo")).sessionId);
+    const history = await (await fetch(`${slow}/convo_history?sessionId=${sessionId}`, { headers: { authorization: `Bearer ${token}` } })).json();
+    const stored = history.turns[history.turns.length - 1];
+    check(stored.content.trim() === shown, `the page shows ${JSON.stringify(shown)}, the server stored ${JSON.stringify(stored.content)}`);
+    check(history.turns.length === 2, `${history.turns.length} messages stored: a reconnect started another turn`);
+    log(`  reconnected; the whole reply shown once (${shown.split(/\s+/).length} words)`);
+  } finally {
+    await page.close();
+    proxy.close();
+  }
+}
+
 async function streamText(stream) {
   const chunks = [];
   for await (const chunk of stream) chunks.push(chunk);
@@ -303,6 +375,7 @@ async function main() {
     await run(page);
     await runParent(page);
     await runBudget(context);
+    await runReconnect(context);
     await screenshot(page);
     ok = true;
   } catch (e) {

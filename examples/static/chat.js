@@ -322,6 +322,8 @@
     setStatus("streaming…");
     let text = "";
     let finished = false;
+    let started = false;
+    const status = () => $("stream-status").textContent;
     const source = new EventSource(`/convo_turn/stream?${params}`);
     es = source;
 
@@ -340,9 +342,10 @@
     };
 
     source.addEventListener("session", (e) => { const d = parse(e); if (d) rememberSession(d.sessionId); });
-    source.addEventListener("metadata", (e) => { const d = parse(e); if (d) rememberSession(d.sessionId); });
+    source.addEventListener("metadata", (e) => { const d = parse(e); if (d) { started = true; rememberSession(d.sessionId); } });
     source.addEventListener("message", (e) => {
       const d = parse(e);
+      if (status() !== "streaming…") setStatus("streaming…");
       if (d && typeof d.content === "string") {
         text += d.content;
         bubble.textContent = text;
@@ -364,11 +367,24 @@
     source.addEventListener("error", async (e) => {
       if (finished) { source.close(); return; }
       const d = e && e.data ? parse(e) : null;
+      // The connection dropped mid-reply: the browser reconnects by itself with the last
+      // event's id, and the server sends the rest of the same reply (nothing twice).
+      if (!d && started && source.readyState === EventSource.CONNECTING) {
+        setStatus("reconnecting…");
+        return;
+      }
+      // Could not resume (the reply ended too long ago): show what was stored.
+      if (!d && started && text && state.sessionId) {
+        finish("done");
+        openSession(state.sessionId, { quiet: true });
+        return;
+      }
       const msg = d && d.error ? d.error : "The connection was lost. Please try again.";
       if (!text) row.remove();
-      finish("error");
-      // Refused before it started: maybe a limit (the animal says so), else the error.
+      // The final status only once it is known why (a limit is said in character).
+      finish("…");
       if (!d && !text && await explainRefusal(animalId)) { setStatus("limited"); return; }
+      setStatus("error");
       sysNote(`Oops: ${msg}`, true);
       if (d && (d.code === "unauthorized" || d.code === 401 || d.code === "token_expired")) expired();
       else if (text) loadSessions();
