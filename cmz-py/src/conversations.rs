@@ -3,8 +3,6 @@
 // Python methods take their keyword arguments one by one.
 #![allow(clippy::too_many_arguments)]
 
-use std::sync::Arc;
-
 use cmz_core::care::{ReviewState, Vote};
 use cmz_core::ids::{AnimalId, MessageId, SessionId, UserId};
 use cmz_core::service::{
@@ -16,7 +14,6 @@ use cmz_core::{Error, Result};
 use cmz_env::Services;
 use pyo3::prelude::*;
 use serde_json::{Value, json};
-use tokio::sync::Mutex;
 
 use crate::convert::*;
 use crate::principal::Principal;
@@ -190,10 +187,12 @@ impl Conversations {
         })
     }
 
-    /// Streams a turn: iterate (or `async for`) to get `{"type": "delta", "content": ...}`
-    /// dicts, then one `{"type": "complete", ...}` with the stored turn. Abandoning it
-    /// (or `close()`) cancels the model call and stores the partial reply, marked
-    /// interrupted.
+    /// Streams a turn: iterate (or `async for`) to get `{"type": "delta", "content": ...,
+    /// "id": n}` dicts, then one `{"type": "complete", "id": n, ...}` with the stored turn.
+    /// `close()` cancels the model call at once and stores the partial reply, marked
+    /// interrupted; a stream abandoned without `close()` keeps running for the resume grace
+    /// period (`CMZ_STREAM_RESUME_GRACE_MS`, default 20 s) so `resume_stream` can pick it up,
+    /// then is cancelled the same way.
     #[pyo3(signature = (principal, animal_id, message, *, session_id=None, context_window=None, turn_key=None, max_tokens=None, temperature=None, context_summary=None, moderation_level=None, priority=None))]
     fn stream_turn(
         &self,
@@ -226,17 +225,38 @@ impl Conversations {
             },
         )?;
         let state = self.state.clone();
+        let owner = args.principal.clone();
         let stream = block_on(py, async move {
             state
                 .conversations()
-                .stream_turn(&args.principal, args.request)
+                .stream_turn_resumable(&args.principal, args.request)
                 .await
         })?;
-        Ok(TurnStream {
-            session_id: stream.session_id.to_string(),
-            session_created: stream.session_created,
-            inner: Arc::new(Mutex::new(Some(stream))),
-        })
+        Ok(TurnStream::new(stream, self.state.clone(), owner))
+    }
+
+    /// Picks up a stream (of this principal) after event `after` (the `id` of the last
+    /// event received; 0: from the start): the events missed, exactly once, then the live
+    /// rest. `NotFound` once it ended more than the grace period ago.
+    #[pyo3(signature = (principal, stream_id, *, after=0))]
+    fn resume_stream(
+        &self,
+        principal: &Principal,
+        stream_id: &str,
+        after: u64,
+    ) -> PyResult<TurnStream> {
+        // Inside the runtime, so a reader let go of later still gets its grace period.
+        let _runtime = crate::runtime::runtime().enter();
+        let stream = self
+            .state
+            .conversations()
+            .resume_stream(&principal.inner, stream_id, after)
+            .map_err(crate::errors::to_py)?;
+        Ok(TurnStream::new(
+            stream,
+            self.state.clone(),
+            principal.inner.clone(),
+        ))
     }
 
     /// Stores a turn whose reply was produced elsewhere (no model call): the user message

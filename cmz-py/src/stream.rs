@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use cmz_core::Result;
-use cmz_core::service::TurnEvent;
+use cmz_core::service::{ResumableStream, StreamItem, TurnEvent};
 use futures::StreamExt as _;
 use pyo3::exceptions::PyStopAsyncIteration;
 use pyo3::prelude::*;
@@ -16,17 +16,40 @@ use crate::runtime::{block_on, runtime, to_python};
 /// A streamed turn (see `Conversations.stream_turn`).
 #[pyclass(frozen, module = "cmz._cmz")]
 pub(crate) struct TurnStream {
-    pub(crate) inner: Arc<Mutex<Option<cmz_core::service::TurnStream>>>,
+    pub(crate) inner: Arc<Mutex<Option<ResumableStream>>>,
     /// The session, new or continued.
     #[pyo3(get)]
     pub(crate) session_id: String,
     /// Whether this turn created the session.
     #[pyo3(get)]
     pub(crate) session_created: bool,
+    /// The stream's id, for `Conversations.resume_stream` (and what the HTTP API sends as
+    /// `streamId`).
+    #[pyo3(get)]
+    pub(crate) stream_id: String,
+    pub(crate) services: cmz_env::Services,
+    pub(crate) principal: cmz_core::access::Principal,
+}
+
+impl TurnStream {
+    pub(crate) fn new(
+        stream: ResumableStream,
+        services: cmz_env::Services,
+        principal: cmz_core::access::Principal,
+    ) -> Self {
+        Self {
+            session_id: stream.session_id.to_string(),
+            session_created: stream.session_created,
+            stream_id: stream.stream_id.clone(),
+            inner: Arc::new(Mutex::new(Some(stream))),
+            services,
+            principal,
+        }
+    }
 }
 
 pub(crate) async fn next_event(
-    inner: Arc<Mutex<Option<cmz_core::service::TurnStream>>>,
+    inner: Arc<Mutex<Option<ResumableStream>>>,
 ) -> Result<Option<Value>> {
     let mut guard = inner.lock().await;
     let Some(stream) = guard.as_mut() else {
@@ -41,11 +64,20 @@ pub(crate) async fn next_event(
             *guard = None;
             Err(e)
         }
-        Some(Ok(TurnEvent::Delta(text))) => Ok(Some(json!({"type": "delta", "content": text}))),
-        Some(Ok(TurnEvent::Complete(reply))) => {
+        Some(Ok(StreamItem {
+            number,
+            event: TurnEvent::Delta(text),
+        })) => Ok(Some(
+            json!({"type": "delta", "content": text, "id": number}),
+        )),
+        Some(Ok(StreamItem {
+            number,
+            event: TurnEvent::Complete(reply),
+        })) => {
             *guard = None;
             let mut value = reply_json(&reply)?;
             value["type"] = json!("complete");
+            value["id"] = json!(number);
             Ok(Some(value))
         }
     }
@@ -80,12 +112,21 @@ impl TurnStream {
         })
     }
 
-    /// Stops the turn: the model call is cancelled and the partial reply is stored,
-    /// marked interrupted.
+    /// Stops the turn at once: the model call is cancelled and the partial reply is
+    /// stored, marked interrupted. (Abandoning the stream instead leaves the turn running
+    /// for the resume grace period, `CMZ_STREAM_RESUME_GRACE_MS`, in case it is resumed.)
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         let inner = self.inner.clone();
+        let (services, principal, id) = (
+            self.services.clone(),
+            self.principal.clone(),
+            self.stream_id.clone(),
+        );
         block_on(py, async move {
-            inner.lock().await.take();
+            if inner.lock().await.take().is_some() {
+                // Kept by the service until the grace period ends; gone after is fine.
+                let _ = services.conversations().stop_stream(&principal, &id);
+            }
             Ok(())
         })
     }

@@ -112,7 +112,8 @@ def test_streams_sync_and_async(client, admin):
 
 
 def test_an_abandoned_stream_stores_an_interrupted_reply(backend):
-    client = make_client(backend, {"CMZ_OFFLINE_CHUNK_DELAY_MS": "40"})
+    # Without a resume grace period, an abandoned stream is cancelled at once.
+    client = make_client(backend, {"CMZ_OFFLINE_CHUNK_DELAY_MS": "40", "CMZ_STREAM_RESUME_GRACE_MS": "0"})
     kid = login(client, "student1@cmz.org", "student123")
     stream = client.conversations.stream_turn(kid, "cougar", "Tell me a long story")
     assert next(stream)["type"] == "delta"
@@ -229,6 +230,35 @@ def test_personal_details_are_taken_out(backend):
     # The legacy module stores through the same gate.
     with pytest.raises(cmz.ValidationError):
         make_client(backend, {"CMZ_PERSONAL_DETAILS": "sometimes"})
+
+
+def test_a_stream_is_resumed_after_the_last_event_seen(backend):
+    client = make_client(backend, {"CMZ_OFFLINE_CHUNK_DELAY_MS": "30"})
+    kid = login(client, "student1@cmz.org", "student123")
+    stream = client.conversations.stream_turn(kid, "cougar", "Tell me a long story")
+    first = [next(stream), next(stream)]
+    assert [e["id"] for e in first] == [1, 2]
+    stream_id, session = stream.stream_id, stream.session_id
+    del stream  # the connection dropped; the turn goes on
+    import time
+
+    time.sleep(0.2)
+    rest = list(client.conversations.resume_stream(kid, stream_id, after=2))
+    assert rest[0]["id"] == 3, "exactly the events after the last one seen"
+    assert [e["id"] for e in rest] == list(range(3, 3 + len(rest)))
+    complete = rest[-1]
+    assert complete["type"] == "complete" and complete["interrupted"] is False
+    text = "".join(e["content"] for e in first + rest[:-1])
+    assert text == complete["reply"], "the whole reply, nothing lost or doubled"
+    assert len(client.conversations.history(kid, session)["messages"]) == 2
+    # Within the grace period a finished stream is replayed whole.
+    replay = list(client.conversations.resume_stream(kid, stream_id))
+    assert "".join(e.get("content", "") for e in replay[:-1]) == complete["reply"]
+    other = login(client, "student2@cmz.org", "student123")
+    with pytest.raises(cmz.NotFound):
+        client.conversations.resume_stream(other, stream_id)
+    with pytest.raises(cmz.NotFound):
+        client.conversations.resume_stream(kid, "no-such-stream")
 
 
 def test_a_parent_exports_their_family(backend, tmp_path):

@@ -153,6 +153,9 @@ impl Streams {
 struct Attached {
     live: Arc<Live>,
     grace: Duration,
+    /// Where the grace timer runs: a reader may be dropped outside any runtime (a Python
+    /// caller letting go of a stream).
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Attached {
@@ -162,7 +165,11 @@ impl Attached {
             buffer.attached += 1;
             buffer.attaches += 1;
         }
-        Self { live, grace }
+        Self {
+            live,
+            grace,
+            runtime: tokio::runtime::Handle::try_current().ok(),
+        }
     }
 }
 
@@ -184,7 +191,7 @@ impl Drop for Attached {
             return;
         }
         let (live, grace) = (self.live.clone(), self.grace);
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        if let Some(runtime) = &self.runtime {
             runtime.spawn(async move {
                 tokio::time::sleep(grace).await;
                 let gone = {
