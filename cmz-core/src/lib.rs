@@ -11,6 +11,7 @@ pub mod moderation;
 pub mod persona;
 pub mod privacy;
 pub mod random;
+pub mod relay;
 pub mod service;
 pub mod store;
 pub mod tokens;

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use crate::error::Result;
 
 /// What a moderator decided about a text.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct ModerationVerdict {
     /// The text should not reach the model.
     pub flagged: bool,

@@ -241,17 +241,18 @@ impl Conversations {
     #[pyo3(signature = (principal, stream_id, *, after=0))]
     fn resume_stream(
         &self,
+        py: Python<'_>,
         principal: &Principal,
-        stream_id: &str,
+        stream_id: String,
         after: u64,
     ) -> PyResult<TurnStream> {
-        // Inside the runtime, so a reader let go of later still gets its grace period.
-        let _runtime = crate::runtime::runtime().enter();
-        let stream = self
-            .state
-            .conversations()
-            .resume_stream(&principal.inner, stream_id, after)
-            .map_err(crate::errors::to_py)?;
+        let (state, owner) = (self.state.clone(), principal.inner.clone());
+        let stream = block_on(py, async move {
+            state
+                .conversations()
+                .resume_stream(&owner, &stream_id, after)
+                .await
+        })?;
         Ok(TurnStream::new(
             stream,
             self.state.clone(),

@@ -125,7 +125,7 @@ impl TurnStream {
         block_on(py, async move {
             if inner.lock().await.take().is_some() {
                 // Kept by the service until the grace period ends; gone after is fine.
-                let _ = services.conversations().stop_stream(&principal, &id);
+                let _ = services.conversations().stop_stream(&principal, &id).await;
             }
             Ok(())
         })

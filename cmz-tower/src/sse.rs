@@ -39,7 +39,7 @@ pub(crate) async fn stream_get(
     headers: HeaderMap,
     ApiQuery(q): ApiQuery<StreamQuery>,
 ) -> Result<Response, ApiError> {
-    if let Some(resumed) = resume(&state, &principal, &headers)? {
+    if let Some(resumed) = resume(&state, &principal, &headers).await? {
         return Ok(resumed);
     }
     let request = ConvoTurnRequest {
@@ -65,7 +65,7 @@ pub(crate) async fn stream_post(
     headers: HeaderMap,
     ApiJson(mut body): ApiJson<ConvoTurnRequest>,
 ) -> Result<Response, ApiError> {
-    if let Some(resumed) = resume(&state, &principal, &headers)? {
+    if let Some(resumed) = resume(&state, &principal, &headers).await? {
         return Ok(resumed);
     }
     body.animal_id = resolve_animal(&state, body.animal_id).await?;
@@ -87,7 +87,7 @@ fn event_id(stream: &str, number: u64) -> String {
 
 /// A reconnect (`Last-Event-ID: <streamId>.<n>`): the rest of that stream instead of a new
 /// turn. `None` when the request is not one.
-fn resume(
+async fn resume(
     state: &AppState,
     principal: &Principal,
     headers: &HeaderMap,
@@ -109,7 +109,8 @@ fn resume(
     };
     let stream = state
         .conversations()
-        .resume_stream(principal, &stream_id, seen)?;
+        .resume_stream(principal, &stream_id, seen)
+        .await?;
     Ok(Some(respond(events(
         stream,
         None,
@@ -124,7 +125,10 @@ pub(crate) async fn stop(
     Extension(principal): Extension<Principal>,
     Path(stream_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    state.conversations().stop_stream(&principal, &stream_id)?;
+    state
+        .conversations()
+        .stop_stream(&principal, &stream_id)
+        .await?;
     Ok(axum::http::StatusCode::NO_CONTENT.into_response())
 }
 async fn run(

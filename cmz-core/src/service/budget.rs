@@ -39,7 +39,7 @@ impl Budgets {
 }
 
 /// Whose budget.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BudgetScope {
     /// The caller's own.
@@ -62,7 +62,7 @@ impl BudgetScope {
 }
 
 /// Where one budget stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct BudgetStatus {
     /// Whose budget.

@@ -20,7 +20,7 @@ pub const NO_MODEL: &str = "none";
 
 /// Where a caller stands after a turn: the legacy reply's `rateLimit` block and the token
 /// budgets.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Quota {
     /// The turn limit after this call (when there is one).
     pub turn_limit: Option<TurnLimitStatus>,

@@ -19,7 +19,7 @@ pub(super) struct TurnLimit {
 }
 
 /// Where a user stands against the turn limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TurnLimitStatus {
     /// Model calls allowed per window.
     pub limit: u32,

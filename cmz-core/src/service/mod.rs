@@ -111,6 +111,7 @@ struct Inner {
     folds: Arc<rolling::Folds>,
     counts: Arc<context::TokenCounts>,
     streams: Arc<resume::Streams>,
+    mirror: Option<crate::relay::DynStreamMirror>,
 }
 
 /// What a turn's message is, before the model runs.
@@ -216,6 +217,7 @@ impl ConversationService {
                 care: None,
                 folds: Arc::default(),
                 streams: Arc::default(),
+                mirror: None,
                 counts: Arc::new(context::TokenCounts::new(config.tokenizer)),
                 config,
             }),

@@ -92,8 +92,9 @@ impl TurnRequest {
     }
 }
 
-/// The outcome of a turn.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The outcome of a turn (serializable, so a stream's end can be relayed to another
+/// server).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TurnReply {
     /// The animal's reply.
     pub reply: String,

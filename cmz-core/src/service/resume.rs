@@ -17,6 +17,7 @@ use tokio::sync::{Notify, watch};
 
 use super::*;
 use crate::error::Code;
+use crate::relay::{DynStreamMirror, MirrorEvent, MirroredStream};
 
 /// Numbers of a stream's events: `0` is the start (before any piece), pieces of the reply
 /// are `1..=n`, the end (the stored reply, or the error) is `n + 1`.
@@ -118,6 +119,10 @@ impl Buffer {
 /// A running (or recently finished) streamed turn.
 #[derive(Debug)]
 struct Live {
+    id: String,
+    /// Where other servers read the stream (dropped after its first failure: the stream
+    /// goes on in process).
+    mirror: Mutex<Option<DynStreamMirror>>,
     owner: UserId,
     session_id: SessionId,
     session_created: bool,
@@ -130,6 +135,31 @@ impl Live {
     fn buffer(&self) -> std::sync::MutexGuard<'_, Buffer> {
         self.buffer.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn mirror(&self) -> Option<DynStreamMirror> {
+        self.mirror
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Copies an event to the mirror; on failure warns once and goes on in process.
+    async fn mirror_event(&self, number: EventNumber, event: &MirrorEvent, keep: Duration) {
+        let Some(mirror) = self.mirror() else { return };
+        if let Err(error) = mirror.append(&self.id, number, event, keep).await {
+            self.mirror_failed(&error);
+        }
+    }
+
+    fn mirror_failed(&self, error: &Error) {
+        tracing::warn!(code = error.code().as_str(), error = %error.report(), "the stream mirror failed; this stream goes on in this process only");
+        self.mirror.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}
+
+/// How long a reader on another server counts as attached after its last read.
+fn fresh_for(grace: Duration) -> Duration {
+    grace.max(Duration::from_secs(3))
 }
 
 /// The streams of one process.
@@ -193,14 +223,26 @@ impl Drop for Attached {
         let (live, grace) = (self.live.clone(), self.grace);
         if let Some(runtime) = &self.runtime {
             runtime.spawn(async move {
-                tokio::time::sleep(grace).await;
-                let gone = {
-                    let buffer = live.buffer();
-                    buffer.attached == 0 && buffer.attaches == attaches && buffer.end.is_none()
-                };
-                if gone {
+                loop {
+                    tokio::time::sleep(grace).await;
+                    let gone = {
+                        let buffer = live.buffer();
+                        buffer.attached == 0 && buffer.attaches == attaches && buffer.end.is_none()
+                    };
+                    if !gone {
+                        return;
+                    }
+                    // A reader on another server keeps it going.
+                    if let Some(mirror) = live.mirror() {
+                        match mirror.touched(&live.id).await {
+                            Ok(true) => continue,
+                            Ok(false) => {}
+                            Err(error) => live.mirror_failed(&error),
+                        }
+                    }
                     tracing::info!("no client came back for the stream; cancelling it");
                     let _ = live.cancel.send(true);
+                    return;
                 }
             });
         } else {
@@ -240,13 +282,7 @@ fn read_from(
                             Some(End::Failed(code, message)) => {
                                 Some((Err(Error::new(code, message)), (attached, seen, true)))
                             }
-                            Some(End::Cancelled) => Some((
-                                Err(Error::new(
-                                    Code::Conflict,
-                                    "the stream was stopped; its reply is stored as interrupted",
-                                )),
-                                (attached, seen, true),
-                            )),
+                            Some(End::Cancelled) => Some((Err(stopped()), (attached, seen, true))),
                             _ => None,
                         };
                     }
@@ -274,7 +310,26 @@ impl ConversationService {
         let turn = self.stream_turn(principal, request).await?;
         let grace = self.inner.config.stream_resume_grace;
         let (cancel, mut cancelled) = watch::channel(false);
+        let keep = self
+            .inner
+            .config
+            .stream_resume_grace
+            .max(Duration::from_secs(60));
+        let mut mirror = self.inner.mirror.clone();
+        if let Some(copy) = &mirror {
+            let info = MirroredStream {
+                owner: principal.user_id.clone(),
+                session_id: turn.session_id.clone(),
+                session_created: turn.session_created,
+            };
+            if let Err(error) = copy.open(&stream_id, &info, keep).await {
+                tracing::warn!(code = error.code().as_str(), error = %error.report(), "the stream mirror failed; this stream goes on in this process only");
+                mirror = None;
+            }
+        }
         let live = Arc::new(Live {
+            id: stream_id.clone(),
+            mirror: Mutex::new(mirror),
             owner: principal.user_id.clone(),
             session_id: turn.session_id.clone(),
             session_created: turn.session_created,
@@ -295,6 +350,9 @@ impl ConversationService {
         tokio::spawn(
             async move {
                 let mut turn = turn;
+                let mut pieces: EventNumber = 0;
+                let mut check_stop = tokio::time::interval(STOP_POLL);
+                check_stop.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let end = loop {
                     tokio::select! {
                         biased;
@@ -303,14 +361,26 @@ impl ConversationService {
                                 break End::Cancelled;
                             }
                         }
+                        _ = check_stop.tick(), if live.mirror().is_some() => {
+                            if let Some(mirror) = live.mirror() {
+                                match mirror.stop_requested(&live.id).await {
+                                    Ok(true) => break End::Cancelled,
+                                    Ok(false) => {}
+                                    Err(error) => live.mirror_failed(&error),
+                                }
+                            }
+                        }
                         item = turn.next() => match item {
                             Some(Ok(TurnEvent::Delta(piece))) => {
-                                let mut buffer = live.buffer();
-                                buffer.text.push_str(&piece);
-                                let end = u32::try_from(buffer.text.len()).unwrap_or(u32::MAX);
-                                buffer.ends.push(end);
-                                drop(buffer);
+                                {
+                                    let mut buffer = live.buffer();
+                                    buffer.text.push_str(&piece);
+                                    let end = u32::try_from(buffer.text.len()).unwrap_or(u32::MAX);
+                                    buffer.ends.push(end);
+                                }
                                 live.changed.notify_waiters();
+                                pieces += 1;
+                                live.mirror_event(pieces, &MirrorEvent::Piece { text: piece }, keep).await;
                             }
                             Some(Ok(TurnEvent::Complete(reply))) => break End::Stored(reply),
                             Some(Err(error)) => break End::Failed(error.code(), error.to_string()),
@@ -321,8 +391,17 @@ impl ConversationService {
                 // Dropping the turn's stream cancels the model; the engine stores what was
                 // produced, marked interrupted.
                 drop(turn);
+                let copy = match &end {
+                    End::Stored(reply) => MirrorEvent::Stored { reply: reply.clone() },
+                    End::Failed(code, message) => MirrorEvent::Failed {
+                        code: code.as_str().to_owned(),
+                        message: message.clone(),
+                    },
+                    End::Cancelled => MirrorEvent::Cancelled,
+                };
                 live.buffer().end = Some(end);
                 live.changed.notify_waiters();
+                live.mirror_event(pieces + 1, &copy, keep).await;
                 // Kept for a reconnect within the grace period, then forgotten.
                 tokio::time::sleep(grace).await;
                 streams.map().remove(&id);
@@ -338,53 +417,133 @@ impl ConversationService {
     }
 
     /// Comes back to a stream after event `seen` (0: from the start): the events missed,
-    /// exactly once, then the live rest. `not_found` for a stream that is unknown, over
-    /// for longer than the grace period, or another user's.
-    pub fn resume_stream(
+    /// exactly once, then the live rest; from this process, or, with a
+    /// [stream mirror](crate::relay), from the server running it. `not_found` for a stream
+    /// that is unknown, over for longer than the grace period, or another user's.
+    pub async fn resume_stream(
         &self,
         principal: &Principal,
         stream_id: &str,
         seen: EventNumber,
     ) -> Result<ResumableStream> {
-        let live = self
-            .inner
-            .streams
-            .map()
-            .get(stream_id)
-            .filter(|live| live.owner == principal.user_id)
-            .cloned()
-            .ok_or_else(|| stream_not_found(stream_id))?;
-        {
-            let buffer = live.buffer();
-            if seen > buffer.ends.len() as u64 + 1 {
-                return Err(Error::validation(
-                    "Last-Event-ID",
-                    format!("stream {stream_id} has no event {seen}"),
-                ));
+        let local = self.inner.streams.map().get(stream_id).cloned();
+        if let Some(live) = local {
+            if live.owner != principal.user_id {
+                return Err(stream_not_found(stream_id));
             }
+            {
+                let buffer = live.buffer();
+                if seen > buffer.ends.len() as u64 + 1 {
+                    return Err(Error::validation(
+                        "Last-Event-ID",
+                        format!("stream {stream_id} has no event {seen}"),
+                    ));
+                }
+            }
+            return Ok(ResumableStream {
+                stream_id: stream_id.to_owned(),
+                session_id: live.session_id.clone(),
+                session_created: live.session_created,
+                events: read_from(live, seen, self.inner.config.stream_resume_grace),
+            });
         }
+        let Some(mirror) = self.inner.mirror.clone() else {
+            return Err(stream_not_found(stream_id));
+        };
+        let info = mirror
+            .info(stream_id)
+            .await?
+            .filter(|info| info.owner == principal.user_id)
+            .ok_or_else(|| stream_not_found(stream_id))?;
+        let fresh = fresh_for(self.inner.config.stream_resume_grace);
+        let id = stream_id.to_owned();
+        let events = futures::stream::unfold(
+            (mirror, id, seen, Vec::<(u64, MirrorEvent)>::new(), false),
+            move |(mirror, id, seen, mut pending, over)| async move {
+                if over {
+                    return None;
+                }
+                loop {
+                    if !pending.is_empty() {
+                        let (number, event) = pending.remove(0);
+                        let item = match event {
+                            MirrorEvent::Piece { text } => Ok(StreamItem {
+                                number,
+                                event: TurnEvent::Delta(text),
+                            }),
+                            MirrorEvent::Stored { reply } => Ok(StreamItem {
+                                number,
+                                event: TurnEvent::Complete(reply),
+                            }),
+                            MirrorEvent::Failed { code, message } => {
+                                Err(Error::new(code.parse().unwrap_or(Code::Internal), message))
+                            }
+                            MirrorEvent::Cancelled => Err(stopped()),
+                        };
+                        let last = !matches!(
+                            item,
+                            Ok(StreamItem {
+                                event: TurnEvent::Delta(_),
+                                ..
+                            })
+                        );
+                        return Some((item, (mirror, id, number, pending, last)));
+                    }
+                    // Seen reading here: the server running the turn waits for this reader.
+                    let read = match mirror.touch(&id, fresh).await {
+                        Ok(()) => mirror.read(&id, seen, MIRROR_WAIT).await,
+                        Err(error) => Err(error),
+                    };
+                    match read {
+                        Ok(events) => pending = events,
+                        Err(error) => return Some((Err(error), (mirror, id, seen, pending, true))),
+                    }
+                }
+            },
+        )
+        .boxed();
         Ok(ResumableStream {
             stream_id: stream_id.to_owned(),
-            session_id: live.session_id.clone(),
-            session_created: live.session_created,
-            events: read_from(live, seen, self.inner.config.stream_resume_grace),
+            session_id: info.session_id,
+            session_created: info.session_created,
+            events,
         })
     }
 
-    /// Stops a running stream at once: the model call is cancelled and what was produced is
-    /// stored marked interrupted. `not_found` as for [`resume_stream`](Self::resume_stream);
+    /// Stops a running stream at once (in this process, or, with a stream mirror, on the
+    /// server running it): the model call is cancelled and what was produced is stored
+    /// marked interrupted. `not_found` as for [`resume_stream`](Self::resume_stream);
     /// stopping a stream that already ended is harmless.
-    pub fn stop_stream(&self, principal: &Principal, stream_id: &str) -> Result<()> {
-        let live = self
-            .inner
-            .streams
-            .map()
-            .get(stream_id)
-            .filter(|live| live.owner == principal.user_id)
-            .cloned()
+    pub async fn stop_stream(&self, principal: &Principal, stream_id: &str) -> Result<()> {
+        let local = self.inner.streams.map().get(stream_id).cloned();
+        if let Some(live) = local {
+            if live.owner != principal.user_id {
+                return Err(stream_not_found(stream_id));
+            }
+            let _ = live.cancel.send(true);
+            return Ok(());
+        }
+        let Some(mirror) = self.inner.mirror.clone() else {
+            return Err(stream_not_found(stream_id));
+        };
+        mirror
+            .info(stream_id)
+            .await?
+            .filter(|info| info.owner == principal.user_id)
             .ok_or_else(|| stream_not_found(stream_id))?;
-        let _ = live.cancel.send(true);
-        Ok(())
+        let keep = self
+            .inner
+            .config
+            .stream_resume_grace
+            .max(Duration::from_secs(60));
+        mirror.request_stop(stream_id, keep).await
+    }
+
+    /// Shares resumable streams with other servers through `mirror` (see
+    /// [`crate::relay`]): a reconnect that lands on another server resumes the same turn,
+    /// and a stop asked there reaches it.
+    pub fn with_stream_mirror(self, mirror: DynStreamMirror) -> Self {
+        self.rebuilt(|inner| inner.mirror = Some(mirror))
     }
 
     /// How many resumable streams this process keeps now (running, or finished within the
@@ -393,6 +552,18 @@ impl ConversationService {
         self.inner.streams.len()
     }
 }
+
+fn stopped() -> Error {
+    Error::new(
+        Code::Conflict,
+        "the stream was stopped; its reply is stored as interrupted",
+    )
+}
+
+/// How often the server running a mirrored stream looks for a stop asked elsewhere.
+const STOP_POLL: Duration = Duration::from_millis(250);
+/// How long a reader on another server waits for new events in one read.
+const MIRROR_WAIT: Duration = Duration::from_secs(1);
 
 fn stream_not_found(id: &str) -> Error {
     Error::not_found(format!(

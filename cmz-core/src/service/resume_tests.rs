@@ -87,6 +87,7 @@ async fn a_reconnect_gets_every_missed_event_once_and_the_turn_is_not_interrupte
     tokio::time::sleep(Duration::from_millis(120)).await;
     let rest: Vec<StreamItem> = service
         .resume_stream(&kid(), &id, 3)
+        .await
         .unwrap()
         .map(Result::unwrap)
         .collect()
@@ -114,6 +115,7 @@ async fn a_reconnect_gets_every_missed_event_once_and_the_turn_is_not_interrupte
     // After it ended, within the grace period: replayed from the start.
     let replay: Vec<StreamItem> = service
         .resume_stream(&kid(), &id, 0)
+        .await
         .unwrap()
         .map(Result::unwrap)
         .collect()
@@ -122,16 +124,25 @@ async fn a_reconnect_gets_every_missed_event_once_and_the_turn_is_not_interrupte
     // Never someone else's, never an event that does not exist.
     let other = Principal::new(UserId::new("k2").unwrap(), UserRole::Student);
     assert_eq!(
-        service.resume_stream(&other, &id, 0).unwrap_err().code(),
+        service
+            .resume_stream(&other, &id, 0)
+            .await
+            .unwrap_err()
+            .code(),
         "not_found"
     );
     assert_eq!(
-        service.resume_stream(&kid(), "nope", 0).unwrap_err().code(),
+        service
+            .resume_stream(&kid(), "nope", 0)
+            .await
+            .unwrap_err()
+            .code(),
         "not_found"
     );
     assert_eq!(
         service
             .resume_stream(&kid(), &id, 10_000)
+            .await
             .unwrap_err()
             .code(),
         "validation_error"
@@ -197,11 +208,15 @@ async fn a_stop_cancels_at_once_and_only_the_owner_may() {
     assert_eq!(
         service
             .stop_stream(&other, &stream.stream_id)
+            .await
             .unwrap_err()
             .code(),
         "not_found"
     );
-    service.stop_stream(&kid(), &stream.stream_id).unwrap();
+    service
+        .stop_stream(&kid(), &stream.stream_id)
+        .await
+        .unwrap();
     let rest: Vec<_> = (&mut stream).collect().await;
     assert!(
         matches!(rest.last(), Some(Err(e)) if e.code() == "conflict"),
@@ -227,11 +242,175 @@ async fn a_stream_is_forgotten_after_the_grace_period() {
             ..
         }))
     ));
-    assert!(service.resume_stream(&kid(), &id, 0).is_ok());
+    assert!(service.resume_stream(&kid(), &id, 0).await.is_ok());
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
-        service.resume_stream(&kid(), &id, 0).unwrap_err().code(),
+        service.resume_stream(&kid(), &id, 0).await.unwrap_err().code(),
         "not_found"
     );
     assert_eq!(service.kept_streams(), 0);
+}
+
+/// Two servers sharing one store and one mirror: a stream started on one is resumed on the
+/// other with nothing lost or doubled, the first keeps generating while the second reads,
+/// and a stop asked on the second reaches the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_started_on_one_server_is_resumed_and_stopped_on_another() {
+    let store = Arc::new(InMemoryConversationStore::new());
+    let mirror = Arc::new(crate::relay::InMemoryStreamMirror::new());
+    let server = |delay: u64| {
+        ConversationService::with(
+            store.clone(),
+            Arc::new(InMemoryPersonaDirectory::with_personas([Persona::new(
+                lion(),
+                "Leo",
+            )])),
+            Arc::new(ScriptedModel::echo().with_chunk_delay(Duration::from_millis(delay))),
+            Arc::new(OwnerOrAdminPolicy),
+            ConversationConfig {
+                // Shorter than the turn: only the reader on `b` keeps it going.
+                stream_resume_grace: Duration::from_millis(100),
+                ..Default::default()
+            },
+        )
+        .with_stream_mirror(mirror.clone())
+    };
+    let (a, b) = (server(60), server(60));
+    let mut first = a
+        .stream_turn_resumable(&kid(), TurnRequest::new(lion(), MESSAGE))
+        .await
+        .unwrap();
+    let seen = vec![first.next().await.unwrap().unwrap()];
+    let (id, session) = (first.stream_id.clone(), first.session_id.clone());
+    drop(first);
+    let rest: Vec<StreamItem> = b
+        .resume_stream(&kid(), &id, 1)
+        .await
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+        .await;
+    assert_eq!(rest[0].number, 2);
+    let numbers: Vec<_> = rest.iter().map(|i| i.number).collect();
+    assert!(numbers.windows(2).all(|w| w[1] == w[0] + 1), "{numbers:?}");
+    let TurnEvent::Complete(reply) = &rest.last().unwrap().event else {
+        panic!("ends with the stored reply: {rest:?}")
+    };
+    assert!(
+        !reply.interrupted,
+        "a reader elsewhere kept the turn going past the grace period"
+    );
+    assert_eq!(format!("{}{}", text_of(&seen), text_of(&rest)), reply.reply);
+    assert_eq!(stored_reply(&store, &session).await.content, reply.reply);
+    let other = Principal::new(UserId::new("k2").unwrap(), UserRole::Student);
+    assert_eq!(
+        b.resume_stream(&other, &id, 0).await.unwrap_err().code(),
+        "not_found"
+    );
+
+    // A stop asked on `b` reaches the turn on `a`.
+    let mut second = a
+        .stream_turn_resumable(
+            &kid(),
+            TurnRequest::new(lion(), MESSAGE).in_session(session.clone()),
+        )
+        .await
+        .unwrap();
+    second.next().await.unwrap().unwrap();
+    assert_eq!(
+        b.stop_stream(&other, &second.stream_id)
+            .await
+            .unwrap_err()
+            .code(),
+        "not_found"
+    );
+    b.stop_stream(&kid(), &second.stream_id).await.unwrap();
+    let ended: Vec<_> = (&mut second).collect().await;
+    assert!(
+        matches!(ended.last(), Some(Err(e)) if e.code() == "conflict"),
+        "{ended:?}"
+    );
+}
+
+/// A mirror that fails: the stream goes on in process, and its reader never notices.
+#[tokio::test]
+async fn a_failing_mirror_leaves_the_stream_in_process() {
+    #[derive(Debug)]
+    struct Down;
+    #[async_trait::async_trait]
+    impl crate::relay::StreamMirror for Down {
+        async fn open(&self, _: &str, _: &crate::relay::MirroredStream, _: Duration) -> Result<()> {
+            Err(Error::unavailable(
+                "redis",
+                std::io::Error::other("connection refused"),
+            ))
+        }
+        async fn append(
+            &self,
+            _: &str,
+            _: u64,
+            _: &crate::relay::MirrorEvent,
+            _: Duration,
+        ) -> Result<()> {
+            Err(Error::unavailable(
+                "redis",
+                std::io::Error::other("connection refused"),
+            ))
+        }
+        async fn info(&self, _: &str) -> Result<Option<crate::relay::MirroredStream>> {
+            Err(Error::unavailable(
+                "redis",
+                std::io::Error::other("connection refused"),
+            ))
+        }
+        async fn read(
+            &self,
+            _: &str,
+            _: u64,
+            _: Duration,
+        ) -> Result<Vec<(u64, crate::relay::MirrorEvent)>> {
+            Err(Error::unavailable(
+                "redis",
+                std::io::Error::other("connection refused"),
+            ))
+        }
+        async fn request_stop(&self, _: &str, _: Duration) -> Result<()> {
+            Err(Error::unavailable(
+                "redis",
+                std::io::Error::other("connection refused"),
+            ))
+        }
+        async fn stop_requested(&self, _: &str) -> Result<bool> {
+            Err(Error::unavailable(
+                "redis",
+                std::io::Error::other("connection refused"),
+            ))
+        }
+        async fn touch(&self, _: &str, _: Duration) -> Result<()> {
+            Err(Error::unavailable(
+                "redis",
+                std::io::Error::other("connection refused"),
+            ))
+        }
+        async fn touched(&self, _: &str) -> Result<bool> {
+            Err(Error::unavailable(
+                "redis",
+                std::io::Error::other("connection refused"),
+            ))
+        }
+    }
+    let (service, _) = service(Duration::from_secs(5), Duration::from_millis(5));
+    let service = service.with_stream_mirror(Arc::new(Down));
+    let stream = service
+        .stream_turn_resumable(&kid(), TurnRequest::new(lion(), MESSAGE))
+        .await
+        .unwrap();
+    let id = stream.stream_id.clone();
+    let items: Vec<StreamItem> = stream.map(Result::unwrap).collect().await;
+    assert!(matches!(
+        items.last().unwrap().event,
+        TurnEvent::Complete(_)
+    ));
+    // Resumed in this process, as without a mirror.
+    assert!(service.resume_stream(&kid(), &id, 0).await.is_ok());
 }

@@ -18,6 +18,7 @@ mod auth_suite;
 mod care_suite;
 mod long_conversation;
 mod model_suite;
+mod relay_suite;
 mod scripted;
 mod store_suite;
 
@@ -25,5 +26,6 @@ pub use auth_suite::*;
 pub use care_suite::*;
 pub use long_conversation::*;
 pub use model_suite::*;
+pub use relay_suite::*;
 pub use scripted::{Failure, ScriptedModel, Step};
 pub use store_suite::*;
