@@ -98,3 +98,25 @@ pub(crate) async fn dynamo(
     }
     Ok(None)
 }
+
+/// Redis, when `REDIS_URL` is set (and the build has the `redis` feature): streams, turn
+/// limits and token budgets are shared through it.
+#[cfg(feature = "redis")]
+pub(crate) async fn redis(lookup: &Lookup<'_>) -> Result<Option<cmz_redis::Redis>> {
+    let Some(url) = lookup("REDIS_URL").filter(|v| !v.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let redis = cmz_redis::Redis::connect(url.trim()).await?;
+    tracing::info!("streams, turn limits and budgets shared through Redis");
+    Ok(Some(redis))
+}
+
+#[cfg(not(feature = "redis"))]
+pub(crate) async fn redis(lookup: &Lookup<'_>) -> Result<Option<std::convert::Infallible>> {
+    if lookup("REDIS_URL").is_some_and(|v| !v.trim().is_empty()) {
+        tracing::warn!(
+            "REDIS_URL is set but this build has no `redis` feature; streams and limits stay in this process"
+        );
+    }
+    Ok(None)
+}

@@ -259,6 +259,9 @@ fn check_dev_users(lookup: &Lookup<'_>) -> Result<()> {
 ///   `OPENAI_BASE_URL` are set, else the offline persona model.
 /// - Auth: [`AuthSettings::from_lookup`] (production needs `JWT_SECRET`; development
 ///   users need `CMZ_DEV_USERS` and the `dev` feature).
+/// - Redis (feature `redis`, `REDIS_URL`): turn limits, login throttles and token budgets
+///   counted in Redis, and resumable streams mirrored there so a reconnect that lands on
+///   another server resumes the same turn.
 /// - Cost and care: usage counters, feedback and the review queue in the same backend as
 ///   the conversations; daily token budgets from [`ServiceSettings::budgets`].
 /// - Policy and defaults: the platform policy, [`ConversationConfig::default`] with the
@@ -269,10 +272,16 @@ fn check_dev_users(lookup: &Lookup<'_>) -> Result<()> {
 pub async fn services_from_env(lookup: &Lookup<'_>) -> Result<Services> {
     let settings = ServiceSettings::from_lookup(lookup)?;
     check_dev_users(lookup)?;
-    let backends = match backends::dynamo(lookup, &settings).await? {
+    #[cfg_attr(not(feature = "redis"), allow(unused_mut))]
+    let mut backends = match backends::dynamo(lookup, &settings).await? {
         Some(backends) => backends,
         None => backends::in_memory(),
     };
+    let redis = backends::redis(lookup).await?;
+    #[cfg(feature = "redis")]
+    if let Some(redis) = &redis {
+        backends.auth.limits = Arc::new(redis.rate_limits());
+    }
     let audit = backends.auth.audit.clone();
     let rate_limits = backends.auth.limits.clone();
     let care = backends.care.clone();
@@ -317,6 +326,12 @@ pub async fn services_from_env(lookup: &Lookup<'_>) -> Result<Services> {
     if let Some(moderator) = chosen.moderator {
         conversations = conversations.with_moderation(moderator, audit);
     }
+    #[cfg(feature = "redis")]
+    if let Some(redis) = &redis {
+        conversations = conversations.with_stream_mirror(Arc::new(redis.stream_mirror()));
+    }
+    #[cfg(not(feature = "redis"))]
+    let _ = redis;
     let health = chosen.health;
     #[cfg_attr(not(feature = "dynamo"), allow(unused_mut))]
     let mut services = Services::new(conversations, auth, health);

@@ -245,7 +245,11 @@ async fn a_stream_is_forgotten_after_the_grace_period() {
     assert!(service.resume_stream(&kid(), &id, 0).await.is_ok());
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
-        service.resume_stream(&kid(), &id, 0).await.unwrap_err().code(),
+        service
+            .resume_stream(&kid(), &id, 0)
+            .await
+            .unwrap_err()
+            .code(),
         "not_found"
     );
     assert_eq!(service.kept_streams(), 0);
