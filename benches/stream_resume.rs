@@ -24,7 +24,9 @@ fn service(reply: &str, grace: Duration) -> ConversationService {
     let lion = AnimalId::new("lion").expect("id");
     ConversationService::with(
         Arc::new(InMemoryConversationStore::new()),
-        Arc::new(InMemoryPersonaDirectory::with_personas([Persona::new(lion, "Leo")])),
+        Arc::new(InMemoryPersonaDirectory::with_personas([Persona::new(
+            lion, "Leo",
+        )])),
         Arc::new(ScriptedModel::always(reply)),
         Arc::new(OwnerOrAdminPolicy),
         ConversationConfig {
@@ -42,16 +44,28 @@ enum Kind {
 }
 
 async fn one(service: &ConversationService, kind: Kind, user: usize) -> usize {
-    let kid = Principal::new(UserId::new(format!("kid{user}")).expect("id"), UserRole::Student);
+    let kid = Principal::new(
+        UserId::new(format!("kid{user}")).expect("id"),
+        UserRole::Student,
+    );
     let request = TurnRequest::new(AnimalId::new("lion").expect("id"), "Tell me everything");
     match kind {
-        Kind::Today => service.stream_turn(&kid, request).await.expect("turn").count().await,
-        _ => service
-            .stream_turn_resumable(&kid, request)
-            .await
-            .expect("turn")
-            .count()
-            .await,
+        Kind::Today => {
+            service
+                .stream_turn(&kid, request)
+                .await
+                .expect("turn")
+                .count()
+                .await
+        }
+        _ => {
+            service
+                .stream_turn_resumable(&kid, request)
+                .await
+                .expect("turn")
+                .count()
+                .await
+        }
     }
 }
 

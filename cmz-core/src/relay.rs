@@ -92,6 +92,19 @@ pub trait StreamMirror: Debug + Send + Sync + 'static {
         event: &MirrorEvent,
         keep: Duration,
     ) -> Result<()>;
+    /// Appends events in order (numbers increasing), as `append` each; a backend may send
+    /// them in one request.
+    async fn append_all(
+        &self,
+        stream: &str,
+        events: &[(u64, MirrorEvent)],
+        keep: Duration,
+    ) -> Result<()> {
+        for (number, event) in events {
+            self.append(stream, *number, event, keep).await?;
+        }
+        Ok(())
+    }
     /// The stream's owner and session, while it is kept.
     async fn info(&self, stream: &str) -> Result<Option<MirroredStream>>;
     /// The events after `after`.

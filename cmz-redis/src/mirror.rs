@@ -73,28 +73,39 @@ impl StreamMirror for RedisStreamMirror {
         event: &MirrorEvent,
         keep: Duration,
     ) -> Result<()> {
-        let data = serde_json::to_string(event)
-            .map_err(|e| Error::internal("serialize a stream event").with_source(e))?;
-        let (events, info) = (key(stream, ""), key(stream, "info"));
-        let keep = millis(keep);
+        self.append_all(stream, &[(number, event.clone())], keep)
+            .await
+    }
+
+    /// All of them in one atomic pipeline (`XADD` each, then the expiries).
+    #[tracing::instrument(name = "redis.stream_append", skip_all, fields(events = events.len()))]
+    async fn append_all(
+        &self,
+        stream: &str,
+        events: &[(u64, MirrorEvent)],
+        keep: Duration,
+    ) -> Result<()> {
+        let (key_events, key_info) = (key(stream, ""), key(stream, "info"));
+        let keep = millis(keep) as i64;
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for (number, event) in events {
+            let data = serde_json::to_string(event)
+                .map_err(|e| Error::internal("serialize a stream event").with_source(e))?;
+            pipe.cmd("XADD")
+                .arg(&key_events)
+                .arg(format!("0-{number}"))
+                .arg("e")
+                .arg(data)
+                .ignore();
+        }
+        pipe.pexpire(&key_events, keep).ignore();
+        pipe.pexpire(&key_info, keep).ignore();
         let mut connection = self.redis.connection();
-        let added: redis::RedisResult<()> = redis::pipe()
-            .atomic()
-            .cmd("XADD")
-            .arg(&events)
-            .arg(format!("0-{number}"))
-            .arg("e")
-            .arg(data)
-            .ignore()
-            .pexpire(&events, keep as i64)
-            .ignore()
-            .pexpire(&info, keep as i64)
-            .ignore()
-            .query_async(&mut connection)
-            .await;
+        let added: redis::RedisResult<()> = pipe.query_async(&mut connection).await;
         match added {
             Ok(()) => Ok(()),
-            // An id at or below the last one: this event is already there (a retry).
+            // An id at or below the last one: these events are already there (a retry).
             Err(error) if error.to_string().contains("equal or smaller") => Ok(()),
             Err(error) => Err(unavailable("XADD", error)),
         }

@@ -143,14 +143,6 @@ impl Live {
             .clone()
     }
 
-    /// Copies an event to the mirror; on failure warns once and goes on in process.
-    async fn mirror_event(&self, number: EventNumber, event: &MirrorEvent, keep: Duration) {
-        let Some(mirror) = self.mirror() else { return };
-        if let Err(error) = mirror.append(&self.id, number, event, keep).await {
-            self.mirror_failed(&error);
-        }
-    }
-
     fn mirror_failed(&self, error: &Error) {
         tracing::warn!(code = error.code().as_str(), error = %error.report(), "the stream mirror failed; this stream goes on in this process only");
         self.mirror.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -341,6 +333,13 @@ impl ConversationService {
             .streams
             .map()
             .insert(stream_id.clone(), live.clone());
+        // Copies go to the mirror from a task of their own, in batches, so the stream never
+        // waits for the mirror.
+        let copies = live.mirror().map(|mirror| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(write_copies(live.clone(), mirror, rx, keep).in_current_span());
+            tx
+        });
         // The reader is attached before the pump starts, so a fast turn is never cancelled
         // for want of one.
         let events = read_from(live.clone(), 0, grace);
@@ -380,7 +379,9 @@ impl ConversationService {
                                 }
                                 live.changed.notify_waiters();
                                 pieces += 1;
-                                live.mirror_event(pieces, &MirrorEvent::Piece { text: piece }, keep).await;
+                                if let Some(copies) = &copies {
+                                    let _ = copies.send((pieces, MirrorEvent::Piece { text: piece }));
+                                }
                             }
                             Some(Ok(TurnEvent::Complete(reply))) => break End::Stored(reply),
                             Some(Err(error)) => break End::Failed(error.code(), error.to_string()),
@@ -399,9 +400,17 @@ impl ConversationService {
                     },
                     End::Cancelled => MirrorEvent::Cancelled,
                 };
-                live.buffer().end = Some(end);
+                {
+                    let mut buffer = live.buffer();
+                    buffer.end = Some(end);
+                    // Kept for the grace period: no spare capacity.
+                    buffer.text.shrink_to_fit();
+                    buffer.ends.shrink_to_fit();
+                }
                 live.changed.notify_waiters();
-                live.mirror_event(pieces + 1, &copy, keep).await;
+                if let Some(copies) = copies {
+                    let _ = copies.send((pieces + 1, copy));
+                }
                 // Kept for a reconnect within the grace period, then forgotten.
                 tokio::time::sleep(grace).await;
                 streams.map().remove(&id);
@@ -550,6 +559,27 @@ impl ConversationService {
     /// grace period).
     pub fn kept_streams(&self) -> usize {
         self.inner.streams.len()
+    }
+}
+
+/// Writes a stream's copies to the mirror in order, each batch of waiting events in one
+/// go; after a failure, warns once and drops the rest (the stream goes on in process).
+async fn write_copies(
+    live: Arc<Live>,
+    mirror: DynStreamMirror,
+    mut rx: mpsc::UnboundedReceiver<(EventNumber, MirrorEvent)>,
+    keep: Duration,
+) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, 64).await > 0 {
+        if live.mirror().is_none() {
+            return;
+        }
+        if let Err(error) = mirror.append_all(&live.id, &batch, keep).await {
+            live.mirror_failed(&error);
+            return;
+        }
+        batch.clear();
     }
 }
 
