@@ -1,7 +1,7 @@
 //! What a daily token budget adds to a turn: the same turn (instant model, 10 turns of
 //! history) with no budget and with user + family + deployment budgets, on the in-memory
-//! stores and on DynamoDB Local (conversations and budget counters in DynamoDB), in one
-//! run. Prints µs per turn (medians of rounds) and the added latency and ratio.
+//! stores, on DynamoDB Local (conversations and budget counters in DynamoDB) and on
+//! DynamoDB with the counters in Redis, in one run. Prints µs per turn (medians of rounds) and the added latency and ratio.
 //!
 //! `cargo bench -p cmz-benches --bench budget` (uses `CMZ_TEST_DYNAMODB_URL` if set, else
 //! starts DynamoDB Local).
@@ -57,7 +57,7 @@ async fn measure(
 
 fn report(name: &str, (without, with): (f64, f64)) {
     println!(
-        "{name:<10} no budget {without:>9.1} µs/turn   3 budgets {with:>9.1} µs/turn   added {:>8.1} µs ({:.2}×)",
+        "{name:<25} no budget {without:>9.1} µs/turn   3 budgets {with:>9.1} µs/turn   added {:>8.1} µs ({:.2}×)",
         with - without,
         with / without
     );
@@ -86,8 +86,27 @@ fn main() {
             30,
         )
         .await;
+        // The same on DynamoDB with the budgets counted in Redis (cmz-redis), as a
+        // deployment with REDIS_URL does.
+        let _server;
+        let url = match std::env::var("CMZ_TEST_REDIS_URL") {
+            Ok(url) => url,
+            Err(_) => {
+                _server = cmz_redis::testing::RedisServer::start();
+                _server.url()
+            }
+        };
+        let redis = cmz_redis::Redis::connect(&url).await.expect("redis");
+        let on_redis = measure(
+            Arc::new(dynamo.conversations()),
+            Arc::new(redis.rate_limits()),
+            7,
+            30,
+        )
+        .await;
         println!("a turn with daily token budgets (user, family, deployment) against one without");
         report("memory", memory);
         report("dynamodb", on_dynamo);
+        report("dynamodb + redis budgets", on_redis);
     });
 }
