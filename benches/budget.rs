@@ -64,11 +64,7 @@ fn report(name: &str, (without, with): (f64, f64)) {
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = cmz_benches::runtime();
     runtime.block_on(async {
         let memory = measure(
             Arc::new(InMemoryConversationStore::new()),
@@ -88,14 +84,7 @@ fn main() {
         .await;
         // The same on DynamoDB with the budgets counted in Redis (cmz-redis), as a
         // deployment with REDIS_URL does.
-        let _server;
-        let url = match std::env::var("CMZ_TEST_REDIS_URL") {
-            Ok(url) => url,
-            Err(_) => {
-                _server = cmz_redis::testing::RedisServer::start();
-                _server.url()
-            }
-        };
+        let (_server, url) = cmz_benches::redis_url();
         let redis = cmz_redis::Redis::connect(&url).await.expect("redis");
         let on_redis = measure(
             Arc::new(dynamo.conversations()),

@@ -246,6 +246,28 @@ impl ConversationStore for LegacyDocumentStore {
     }
 }
 
+/// The runtime the benchmarks run on: two worker threads (the machine's cores).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// A Redis for a benchmark: `CMZ_TEST_REDIS_URL`'s, or a `redis-server` started here (kept
+/// running as long as the returned guard).
+pub fn redis_url() -> (Option<cmz_redis::testing::RedisServer>, String) {
+    match std::env::var("CMZ_TEST_REDIS_URL") {
+        Ok(url) => (None, url),
+        Err(_) => {
+            let server = cmz_redis::testing::RedisServer::start();
+            let url = server.url();
+            (Some(server), url)
+        }
+    }
+}
+
 /// The median of `samples` (the upper one of the middle two for an even count).
 pub fn median(mut samples: Vec<f64>) -> f64 {
     samples.sort_by(f64::total_cmp);

@@ -21,11 +21,7 @@ const TURNS: usize = 500;
 const AT: [usize; 3] = [10, 100, 500];
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = cmz_benches::runtime();
     // Load the encoding's tables before timing anything.
     cmz_core::tokens::Tokenizer::default().count("warm up");
     let fixed = ConversationConfig {

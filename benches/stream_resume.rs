@@ -96,19 +96,8 @@ fn rss_bytes() -> u64 {
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let _server;
-    let url = match std::env::var("CMZ_TEST_REDIS_URL") {
-        Ok(url) => url,
-        Err(_) => {
-            _server = cmz_redis::testing::RedisServer::start();
-            _server.url()
-        }
-    };
+    let runtime = cmz_benches::runtime();
+    let (_server, url) = cmz_benches::redis_url();
     runtime.block_on(async {
         let words: Vec<String> = (0..PIECES).map(|i| format!("word{i}")).collect();
         let reply = words.join(" ");

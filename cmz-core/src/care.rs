@@ -304,7 +304,8 @@ impl ReviewItem {
 /// # Contract
 /// - `add_usage` adds to one counter atomically: concurrent adds are all counted.
 /// - `usage` returns every counter of the days `from..=to`, ordered by key; reading it
-///   never scans messages.
+///   never scans messages. `user_usage` sums one user's counters of one day (one
+///   partition read, not the day's whole report).
 /// - `put_feedback` keeps one vote per (user, session, seq): a second replaces the first.
 /// - `flag` adds `item` to the open queue, or adds its reasons to the open item with the
 ///   same id (the union, sorted). An item already reviewed is opened again.
@@ -321,6 +322,8 @@ pub trait CareStore: Debug + Send + Sync + 'static {
     async fn add_usage(&self, key: &UsageKey, counts: &UsageCounts) -> Result<()>;
     /// The counters of the days `from..=to`.
     async fn usage(&self, from: NaiveDate, to: NaiveDate) -> Result<Vec<UsageRow>>;
+    /// One user's counters of one day, summed (every animal and model).
+    async fn user_usage(&self, user: &UserId, day: NaiveDate) -> Result<UsageCounts>;
     /// Stores (or replaces) a vote.
     async fn put_feedback(&self, feedback: &Feedback) -> Result<()>;
     /// Reads a user's vote on a message.

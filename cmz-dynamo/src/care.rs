@@ -135,6 +135,11 @@ impl CareStore for DynamoCareStore {
         self.usage_rows(from, to).await
     }
 
+    #[tracing::instrument(name = "dynamodb.care_user_usage", skip_all)]
+    async fn user_usage(&self, user: &UserId, day: NaiveDate) -> Result<UsageCounts> {
+        self.user_usage_counts(user, day).await
+    }
+
     #[tracing::instrument(name = "dynamodb.care_put_feedback", skip_all)]
     async fn put_feedback(&self, feedback: &Feedback) -> Result<()> {
         self.put_vote(feedback).await

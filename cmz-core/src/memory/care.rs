@@ -81,6 +81,19 @@ impl CareStore for InMemoryCareStore {
             .collect())
     }
 
+    async fn user_usage(&self, user: &UserId, day: NaiveDate) -> Result<UsageCounts> {
+        let mut total = UsageCounts::default();
+        for (_, (_, counts)) in self
+            .state()
+            .usage
+            .iter()
+            .filter(|((d, owner, ..), _)| *d == day && owner == user)
+        {
+            total.add(counts);
+        }
+        Ok(total)
+    }
+
     async fn put_feedback(&self, feedback: &Feedback) -> Result<()> {
         self.state().feedback.insert(
             (

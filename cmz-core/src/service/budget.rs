@@ -275,6 +275,20 @@ impl BudgetLimits {
     }
 }
 
+/// Adds `amount` (whatever the budget) to every counter at once.
+async fn add_to_all(
+    store: &DynRateLimitStore,
+    counters: &[(Counter, Tally)],
+    amount: i64,
+) -> Vec<Result<Tally>> {
+    futures::future::join_all(
+        counters
+            .iter()
+            .map(|(counter, _)| store.add(&counter.key, amount, u64::MAX, WINDOW)),
+    )
+    .await
+}
+
 impl BudgetHold {
     /// Settles the reservation to `actual` tokens and says where each budget stands.
     pub(super) async fn settle(mut self, actual: u64) -> Vec<BudgetStatus> {
@@ -285,12 +299,7 @@ impl BudgetHold {
         let mut statuses = Vec::with_capacity(self.counters.len());
         let counters = std::mem::take(&mut self.counters);
         // A settlement always applies: it only moves what this turn already holds.
-        let settled = futures::future::join_all(
-            counters
-                .iter()
-                .map(|(counter, _)| self.store.add(&counter.key, delta, u64::MAX, WINDOW)),
-        )
-        .await;
+        let settled = add_to_all(&self.store, &counters, delta).await;
         for ((counter, tally), after) in counters.into_iter().zip(settled) {
             let used = match after {
                 Ok(after) => after.total,
@@ -317,12 +326,7 @@ impl BudgetHold {
         self.settled = true;
         let amount = -i64::try_from(self.reserved).unwrap_or(i64::MAX);
         let counters = std::mem::take(&mut self.counters);
-        let given = futures::future::join_all(
-            counters
-                .iter()
-                .map(|(counter, _)| self.store.add(&counter.key, amount, u64::MAX, WINDOW)),
-        )
-        .await;
+        let given = add_to_all(&self.store, &counters, amount).await;
         for ((counter, _), result) in counters.iter().zip(given) {
             if let Err(error) = result {
                 tracing::warn!(

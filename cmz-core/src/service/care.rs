@@ -24,7 +24,8 @@ pub const NO_MODEL: &str = "none";
 pub struct Quota {
     /// The turn limit after this call (when there is one).
     pub turn_limit: Option<TurnLimitStatus>,
-    /// Model calls the caller made today (UTC), this one included (with a turn limit).
+    /// Turns the caller took today (UTC), this one included, from the usage counters
+    /// (with a care store).
     pub calls_today: Option<u64>,
     /// Each token budget that applies, after this turn was settled.
     pub budgets: Vec<BudgetStatus>,
@@ -181,6 +182,21 @@ fn reasons_of(message: &Message) -> Vec<ReviewReason> {
     reasons
 }
 
+/// The queue item of a reply of `session`.
+fn review_item(session: &Session, message: &Message, reasons: Vec<ReviewReason>) -> ReviewItem {
+    ReviewItem {
+        id: ReviewItem::id_for(message.created_at, &session.id, message.seq),
+        session_id: session.id.clone(),
+        message_id: message.id.clone(),
+        seq: message.seq,
+        owner_id: session.user_id.clone(),
+        animal_id: session.animal_id.clone(),
+        reasons,
+        flagged_at: message.created_at,
+        review: None,
+    }
+}
+
 fn check_note(note: Option<String>) -> Result<Option<String>> {
     let note = note.map(|n| n.trim().to_owned()).filter(|n| !n.is_empty());
     if let Some(note) = &note {
@@ -200,7 +216,7 @@ fn check_note(note: Option<String>) -> Result<Option<String>> {
 pub(super) struct TurnCosts {
     pub(super) budget: Option<BudgetHold>,
     pub(super) family: Option<FamilyId>,
-    pub(super) turn_limit: Option<(TurnLimitStatus, u64)>,
+    pub(super) turn_limit: Option<TurnLimitStatus>,
 }
 
 impl ConversationService {
@@ -289,8 +305,8 @@ impl ConversationService {
         };
         let mut quota = Quota {
             budgets: Vec::new(),
-            turn_limit: costs.turn_limit.map(|(status, _)| status),
-            calls_today: costs.turn_limit.map(|(_, calls)| calls),
+            turn_limit: costs.turn_limit,
+            calls_today: None,
         };
         if let Some(hold) = costs.budget {
             quota.budgets = hold.settle(prompt_tokens + completion_tokens).await;
@@ -316,6 +332,17 @@ impl ConversationService {
             if let Err(error) = care.add_usage(&key, &counts).await {
                 tracing::warn!(code = error.code().as_str(), error = %error.report(), "could not count the turn's usage");
             }
+            // The legacy `dailyUsage`: a read of the counters just written, no write of its
+            // own.
+            match care.user_usage(&session.user_id, key.day).await {
+                Ok(today) => quota.calls_today = Some(today.turns),
+                Err(error) => {
+                    tracing::warn!(
+                        code = error.code().as_str(),
+                        "could not read the day's turns"
+                    );
+                }
+            }
             let mut reasons = if assistant.role == Role::Assistant {
                 reasons_of(assistant)
             } else {
@@ -328,17 +355,7 @@ impl ConversationService {
                 reasons.push(ReviewReason::Redacted);
             }
             if !reasons.is_empty() {
-                let item = ReviewItem {
-                    id: ReviewItem::id_for(assistant.created_at, &session.id, assistant.seq),
-                    session_id: session.id.clone(),
-                    message_id: assistant.id.clone(),
-                    seq: assistant.seq,
-                    owner_id: session.user_id.clone(),
-                    animal_id: session.animal_id.clone(),
-                    reasons,
-                    flagged_at: assistant.created_at,
-                    review: None,
-                };
+                let item = review_item(session, assistant, reasons);
                 if let Err(error) = care.flag(&item).await {
                     tracing::warn!(code = error.code().as_str(), error = %error.report(), "could not queue the reply for review");
                 }
@@ -430,18 +447,12 @@ impl ConversationService {
         };
         care.put_feedback(&feedback).await?;
         if vote == Vote::Down {
-            let item = ReviewItem {
-                id: ReviewItem::id_for(message.created_at, &session.id, message.seq),
-                session_id: session.id.clone(),
-                message_id: message.id.clone(),
-                seq: message.seq,
-                owner_id: session.user_id.clone(),
-                animal_id: session.animal_id.clone(),
-                reasons: vec![ReviewReason::ThumbsDown],
-                flagged_at: message.created_at,
-                review: None,
-            };
-            care.flag(&item).await?;
+            care.flag(&review_item(
+                &session,
+                &message,
+                vec![ReviewReason::ThumbsDown],
+            ))
+            .await?;
         }
         Ok(feedback)
     }

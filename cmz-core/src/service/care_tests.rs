@@ -300,7 +300,8 @@ async fn the_reply_says_where_the_caller_stands() {
                 user: Some(1_000),
                 ..Default::default()
             },
-        );
+        )
+        .with_care(Arc::new(InMemoryCareStore::new()));
     let me = kid("k1");
     let first = service
         .turn(&me, TurnRequest::new(lion(), "one"))

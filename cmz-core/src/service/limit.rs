@@ -50,55 +50,24 @@ pub fn turn_limit_key(user: &UserId) -> String {
     format!("turns:{user}")
 }
 
-/// The day's model calls of a user (its key names the day).
-fn daily_key(user: &UserId, day: chrono::NaiveDate) -> String {
-    format!("calls:{user}:{day}")
-}
-
-const DAY_WINDOW: Duration = Duration::from_secs(25 * 3600);
-
 impl TurnLimit {
-    /// Counts one model call (and the day's calls, for the legacy `dailyUsage`);
-    /// `rate_limit_exceeded` with the wait when over the limit.
-    pub(super) async fn hit(&self, principal: &Principal) -> Result<(TurnLimitStatus, u64)> {
-        let now = Utc::now();
-        let (count, daily) = futures::future::join(
-            self.store
-                .check(&key(principal), self.limit, self.window, TURN_LIMIT_MESSAGE),
-            self.store.add(
-                &daily_key(&principal.user_id, now.date_naive()),
-                1,
-                u64::MAX,
-                DAY_WINDOW,
-            ),
-        )
-        .await;
-        let count = count?;
-        let calls = match daily {
-            Ok(tally) => tally.total,
-            Err(error) => {
-                tracing::warn!(
-                    code = error.code().as_str(),
-                    "could not count the day's calls"
-                );
-                0
-            }
-        };
-        let status = TurnLimitStatus {
+    /// Counts one model call; `rate_limit_exceeded` with the wait when over the limit.
+    pub(super) async fn hit(&self, principal: &Principal) -> Result<TurnLimitStatus> {
+        let count = self
+            .store
+            .check(&key(principal), self.limit, self.window, TURN_LIMIT_MESSAGE)
+            .await?;
+        Ok(TurnLimitStatus {
             limit: self.limit,
             window: self.window,
             used: count.count,
             resets_at: count.resets_at,
-        };
-        Ok((status, calls))
+        })
     }
 
-    /// Forgets a user's counters (their erasure).
+    /// Forgets a user's counter (their erasure).
     pub(super) async fn forget(&self, user: &UserId) -> Result<()> {
-        self.store.reset(&turn_limit_key(user)).await?;
-        self.store
-            .reset(&daily_key(user, Utc::now().date_naive()))
-            .await
+        self.store.reset(&turn_limit_key(user)).await
     }
 
     /// Reads the user's counter without counting.

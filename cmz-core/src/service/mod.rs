@@ -275,10 +275,7 @@ impl ConversationService {
         }
     }
 
-    async fn count_model_call(
-        &self,
-        principal: &Principal,
-    ) -> Result<Option<(TurnLimitStatus, u64)>> {
+    async fn count_model_call(&self, principal: &Principal) -> Result<Option<TurnLimitStatus>> {
         match &self.inner.turn_limit {
             Some(limit) => limit.hit(principal).await.map(Some),
             None => Ok(None),
@@ -291,7 +288,7 @@ impl ConversationService {
         &self,
         principal: &Principal,
         request: TurnRequest,
-        standing: Option<(TurnLimitStatus, u64)>,
+        standing: Option<TurnLimitStatus>,
     ) -> Result<TurnStart> {
         let mut prepared = match self.prepare(principal, request).await? {
             TurnStart::Run(prepared) => prepared,

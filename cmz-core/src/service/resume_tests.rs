@@ -341,13 +341,16 @@ async fn a_stream_started_on_one_server_is_resumed_and_stopped_on_another() {
 async fn a_failing_mirror_leaves_the_stream_in_process() {
     #[derive(Debug)]
     struct Down;
+    fn down<T>() -> Result<T> {
+        Err(Error::unavailable(
+            "redis",
+            std::io::Error::other("connection refused"),
+        ))
+    }
     #[async_trait::async_trait]
     impl crate::relay::StreamMirror for Down {
         async fn open(&self, _: &str, _: &crate::relay::MirroredStream, _: Duration) -> Result<()> {
-            Err(Error::unavailable(
-                "redis",
-                std::io::Error::other("connection refused"),
-            ))
+            down()
         }
         async fn append(
             &self,
@@ -356,16 +359,10 @@ async fn a_failing_mirror_leaves_the_stream_in_process() {
             _: &crate::relay::MirrorEvent,
             _: Duration,
         ) -> Result<()> {
-            Err(Error::unavailable(
-                "redis",
-                std::io::Error::other("connection refused"),
-            ))
+            down()
         }
         async fn info(&self, _: &str) -> Result<Option<crate::relay::MirroredStream>> {
-            Err(Error::unavailable(
-                "redis",
-                std::io::Error::other("connection refused"),
-            ))
+            down()
         }
         async fn read(
             &self,
@@ -373,34 +370,19 @@ async fn a_failing_mirror_leaves_the_stream_in_process() {
             _: u64,
             _: Duration,
         ) -> Result<Vec<(u64, crate::relay::MirrorEvent)>> {
-            Err(Error::unavailable(
-                "redis",
-                std::io::Error::other("connection refused"),
-            ))
+            down()
         }
         async fn request_stop(&self, _: &str, _: Duration) -> Result<()> {
-            Err(Error::unavailable(
-                "redis",
-                std::io::Error::other("connection refused"),
-            ))
+            down()
         }
         async fn stop_requested(&self, _: &str) -> Result<bool> {
-            Err(Error::unavailable(
-                "redis",
-                std::io::Error::other("connection refused"),
-            ))
+            down()
         }
         async fn touch(&self, _: &str, _: Duration) -> Result<()> {
-            Err(Error::unavailable(
-                "redis",
-                std::io::Error::other("connection refused"),
-            ))
+            down()
         }
         async fn touched(&self, _: &str) -> Result<bool> {
-            Err(Error::unavailable(
-                "redis",
-                std::io::Error::other("connection refused"),
-            ))
+            down()
         }
     }
     let (service, _) = service(Duration::from_secs(5), Duration::from_millis(5));

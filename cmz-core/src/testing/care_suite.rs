@@ -116,6 +116,20 @@ pub async fn check_usage_counters(store: &dyn CareStore) {
         .filter(|row| row.key.user_id == user)
         .collect();
     assert_eq!(both.len(), 4, "contract: `to` is included");
+    assert_eq!(
+        store.user_usage(&user, day).await.unwrap(),
+        UsageCounts {
+            prompt_tokens: 1_200,
+            completion_tokens: 360,
+            turns: 13,
+            fallbacks: 1
+        },
+        "contract: one user's day, every animal and model"
+    );
+    assert_eq!(
+        store.user_usage(&random_user(), day).await.unwrap(),
+        UsageCounts::default()
+    );
 }
 
 fn feedback(user: &UserId, session: &SessionId, seq: u64, vote: Vote) -> Feedback {

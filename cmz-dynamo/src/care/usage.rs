@@ -116,6 +116,27 @@ impl DynamoCareStore {
         Ok(())
     }
 
+    /// One `Query` of the day's partition, from the user's prefix.
+    pub(super) async fn user_usage_counts(
+        &self,
+        user: &UserId,
+        day: NaiveDate,
+    ) -> Result<UsageCounts> {
+        let items = self
+            .query_all(
+                self.query()
+                    .key_condition_expression("pk = :pk AND begins_with(sk, :user)")
+                    .expression_attribute_values(":pk", s(day_pk(day)))
+                    .expression_attribute_values(":user", s(user_prefix(user))),
+            )
+            .await?;
+        let mut total = UsageCounts::default();
+        for item in &items {
+            total.add(&usage_from(item)?.counts);
+        }
+        Ok(total)
+    }
+
     /// One `Query` per day (a few at a time), sorted by key.
     pub(super) async fn usage_rows(&self, from: NaiveDate, to: NaiveDate) -> Result<Vec<UsageRow>> {
         let per_day: Vec<Vec<Item>> = futures::stream::iter(days(from, to).map(|day| {
