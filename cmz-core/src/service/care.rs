@@ -229,7 +229,7 @@ impl ConversationService {
 
     /// Daily token budgets, counted in `store` (shared by every process that uses it). A
     /// turn that would start over a budget fails with `rate_limit_exceeded` before the model
-    /// is called, its error's source a [`BudgetExceeded`](super::BudgetExceeded) (see
+    /// is called, its error's source a [`BudgetExceeded`] (see
     /// [`Error::budget_exceeded`]); nothing is stored for it.
     pub fn with_budgets(self, store: DynRateLimitStore, budgets: Budgets) -> Self {
         self.rebuilt(|inner| {
