@@ -82,7 +82,7 @@ pub(crate) async fn review_queue(
     Extension(principal): Extension<Principal>,
     ApiQuery(q): ApiQuery<QueueQuery>,
 ) -> ApiResult<Json<Value>> {
-    let review_state = match q.state.as_deref().filter(|s| !s.is_empty()) {
+    let review_state = match q.state.as_deref() {
         Some(value) => value.parse()?,
         None => ReviewState::Open,
     };
@@ -180,7 +180,7 @@ pub(crate) struct UsageQuery {
 }
 
 fn day(field: &str, value: Option<String>, default: NaiveDate) -> ApiResult<NaiveDate> {
-    match value.filter(|v| !v.is_empty()) {
+    match value {
         None => Ok(default),
         Some(v) => NaiveDate::parse_from_str(&v, "%Y-%m-%d").map_err(|_| {
             ApiError::validation(field, format!("{field} must be a date (YYYY-MM-DD)"))
@@ -200,7 +200,7 @@ pub(crate) async fn usage(
     let to = day("to", q.to, today)?;
     let from = day("from", q.from, to)?;
     let grouping: UsageGrouping = q.group_by.as_deref().unwrap_or("day").parse()?;
-    let csv = match q.format.as_deref().map(str::trim).filter(|f| !f.is_empty()) {
+    let csv = match q.format.as_deref().map(str::trim) {
         Some("csv") => true,
         Some("json") => false,
         Some(_) => return Err(ApiError::validation("format", "format must be json or csv")),

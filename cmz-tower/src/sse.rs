@@ -101,11 +101,12 @@ async fn resume(
         .and_then(|v| v.trim().rsplit_once('.'))
         .and_then(|(stream, n)| Some((stream.to_owned(), n.parse::<u64>().ok()?)))
         .filter(|(stream, _)| !stream.is_empty() && stream.len() <= 64);
+    // An id this server never sends names no stream of it: as an unknown stream.
     let Some((stream_id, seen)) = parsed else {
-        return Err(ApiError::validation(
-            "Last-Event-ID",
-            "Last-Event-ID must be an event id this server sent (<streamId>.<n>)",
-        ));
+        return Err(cmz_core::Error::not_found(
+            "the stream of that Last-Event-ID (not an event id this server sent); read the session's history",
+        )
+        .into());
     };
     let stream = state
         .conversations()

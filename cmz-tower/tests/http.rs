@@ -2118,7 +2118,7 @@ async fn a_dropped_stream_is_resumed_with_last_event_id_and_a_stop_cancels_it() 
         "no second turn"
     );
 
-    // Another user cannot resume it; a malformed id is a 400; an unknown stream a 404.
+    // Another user cannot resume it; a malformed id or an unknown stream is a 404.
     let other = server.login("student2@cmz.org", "student123").await;
     let foreign = server
         .client
@@ -2132,7 +2132,11 @@ async fn a_dropped_stream_is_resumed_with_last_event_id_and_a_stop_cancels_it() 
         .unwrap();
     assert_eq!(foreign.status(), 404);
     let bad = open(Some("garbage".into())).await.unwrap();
-    assert_eq!(bad.status(), 400);
+    assert_eq!(
+        bad.status(),
+        404,
+        "an id this server never sends names no stream"
+    );
 
     // A stop cancels at once; the reply so far is stored, marked interrupted.
     let response = open(None).await.unwrap();

@@ -592,7 +592,8 @@ impl ConversationService {
     }
 
     /// Administrators (the policy's every-user read) read usage of the days `from..=to`
-    /// (at most [`MAX_REPORT_DAYS`]), summed by `grouping`, from the counters kept as turns
+    /// (a longer range than [`MAX_REPORT_DAYS`] is cut to its newest days; the report's
+    /// `from` is where it starts), summed by `grouping`, from the counters kept as turns
     /// were stored.
     #[tracing::instrument(name = "cmz.usage_report", skip_all, fields(user = %principal.user_id))]
     pub async fn usage_report(
@@ -606,12 +607,8 @@ impl ConversationService {
         if to < from {
             return Err(Error::validation("to", "to must not be before from"));
         }
-        if (to - from).num_days() >= MAX_REPORT_DAYS {
-            return Err(Error::validation(
-                "to",
-                format!("a report covers at most {MAX_REPORT_DAYS} days"),
-            ));
-        }
+        // A longer range is cut to its newest days (the report's `from` says so).
+        let from = from.max(to - chrono::TimeDelta::days(MAX_REPORT_DAYS - 1));
         self.inner
             .policy
             .authorize_all(principal, Action::Read)
