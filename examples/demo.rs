@@ -16,7 +16,9 @@ use axum::routing::get;
 use cmz_tower::SecurityHeadersLayer;
 
 // A server allocates and frees on every request from several threads; mimalloc's
-// per-thread heaps avoid the contended arena locks of the system allocator.
+// per-thread heaps avoid the contended arena locks of the system allocator. Feature
+// `system-allocator` leaves it out for heap profilers.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -41,6 +43,8 @@ fn page() -> axum::Router {
         .route("/", get(|| async { Html(PAGE) }))
         .route("/chat.js", file("text/javascript; charset=utf-8", SCRIPT))
         .route("/chat.css", file("text/css; charset=utf-8", STYLES))
+        // `POST /` and the like: the API's JSON 405, not an empty one.
+        .method_not_allowed_fallback(cmz_tower::method_not_allowed)
         .layer(
             SecurityHeadersLayer::new()
                 .with_content_security_policy(HeaderValue::from_static(PAGE_POLICY)),

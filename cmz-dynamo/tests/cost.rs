@@ -1,9 +1,10 @@
 //! Per-turn cost stays constant in conversation length, measured with DynamoDB's own
 //! `ConsumedCapacity` on DynamoDB Local.
 
+use aws_sdk_dynamodb::types::AttributeValue;
 use cmz_core::ids::{AnimalId, SessionId, UserId};
 use cmz_core::store::{ConversationStore, TurnAppend};
-use cmz_core::types::{NewMessage, Role, Session};
+use cmz_core::types::{NewMessage, Role, RollingSummary, Session};
 use cmz_dynamo::testing::isolated;
 
 const QUESTION: usize = 90;
@@ -111,4 +112,96 @@ async fn ten_thousand_turns_cost_the_same_as_the_first() {
     }
     let stored = store.get_session(&id).await.unwrap().unwrap();
     assert_eq!(stored.message_count, 2 * turns);
+}
+
+/// A running summary (a few hundred tokens) does not make every later turn dearer: it is
+/// kept beside the turns, not on the session item that every turn rewrites (and the user
+/// index copies). Reading the session fetches it: one more small read, no write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_summary_adds_nothing_to_later_turns() {
+    let dynamo = isolated().await;
+    let store = dynamo.conversations();
+    let (user, animal) = (
+        UserId::new("u-cost-summary").unwrap(),
+        AnimalId::new("lion").unwrap(),
+    );
+    let id = SessionId::generate(&animal, &user).unwrap();
+    let session = Session::new(id.clone(), user, animal, "Leo");
+    let mut plain = Vec::new();
+    for t in 1..=4u64 {
+        let before = dynamo.capacity();
+        let new = (t == 1).then(|| session.clone());
+        store
+            .append_turn(turn(&id, 2 * (t - 1), new))
+            .await
+            .expect("append");
+        plain.push(dynamo.capacity() - before);
+    }
+    // About 300 tokens of summary: with it on the session item, each turn cost ~10 WCU.
+    let summary = RollingSummary {
+        text: "The visitor likes big cats and asked how far cougars jump. ".repeat(24),
+        through: 6,
+        tokens: 300,
+        updated_at: chrono::Utc::now(),
+        folds: 1,
+        tokens_spent: 900,
+        fallback: false,
+    };
+    assert!(summary.text.len() > 1_400);
+    assert!(store.set_rolling_summary(&id, &summary).await.unwrap());
+    for t in 5..=8u64 {
+        let before = dynamo.capacity();
+        store
+            .append_turn(turn(&id, 2 * (t - 1), None))
+            .await
+            .expect("append");
+        let cost = dynamo.capacity() - before;
+        println!(
+            "turn {t} after a summary: {} WCU in {} request(s)",
+            cost.write_units, cost.requests
+        );
+        assert_eq!(
+            cost.write_units, plain[1].write_units,
+            "turn {t} costs what turn 2 cost without a summary"
+        );
+        assert!(cost.write_units <= 4.0);
+    }
+    let before = dynamo.capacity();
+    let read = store.get_session(&id).await.unwrap().unwrap();
+    let cost = dynamo.capacity() - before;
+    assert_eq!(read.rolling_summary, Some(summary.clone()));
+    assert_eq!(read.message_count, 16);
+    assert_eq!(cost.requests, 2, "the session item, then its summary");
+    assert_eq!(cost.write_units, 0.0);
+    // Deleting the conversation takes the summary with the turns (and counts it as no
+    // message).
+    let partition = || async {
+        dynamo
+            .client()
+            .query()
+            .table_name(&dynamo.tables().messages)
+            .key_condition_expression("conversationId = :c")
+            .expression_attribute_values(":c", AttributeValue::S(id.as_str().into()))
+            .consistent_read(true)
+            .send()
+            .await
+            .unwrap()
+            .items()
+            .len()
+    };
+    assert_eq!(partition().await, 9, "eight turn items and the summary");
+    let deleted = store
+        .delete(cmz_core::store::DeleteScope::Session(id.clone()))
+        .await
+        .unwrap();
+    assert_eq!(deleted.messages, 16);
+    assert_eq!(partition().await, 0, "nothing of the conversation is left");
+    assert!(store.get_session(&id).await.unwrap().is_none());
+    assert!(
+        !store
+            .set_rolling_summary(&id, &summary)
+            .await
+            .is_ok_and(|kept| kept),
+        "no summary for a deleted session"
+    );
 }

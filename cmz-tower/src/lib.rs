@@ -45,6 +45,7 @@ pub use config::{LEGACY_FRONTEND_ORIGINS, demo_env, serve, state_from_env};
 pub use error::{ApiError, ApiJson, ApiQuery, HTTP_CODES, status_for, status_of};
 #[cfg(feature = "prometheus")]
 pub use metrics::prometheus_router;
+pub use routes::method_not_allowed;
 pub use security_headers::{API_CONTENT_SECURITY_POLICY, SecurityHeaders, SecurityHeadersLayer};
 pub use serve::{ConnectionLimits, serve_with};
 pub use state::{AppState, HttpSettings};

@@ -712,6 +712,9 @@ pub(crate) async fn not_found() -> ApiError {
     ApiError::new("not_found", "no such route")
 }
 
-pub(crate) async fn method_not_allowed() -> ApiError {
+/// The JSON `405` (`method_not_allowed`) of a route asked with a method it does not
+/// serve. For the routes an application serves beside cmz's
+/// (`Router::method_not_allowed_fallback`), so every error it answers has the same body.
+pub async fn method_not_allowed() -> ApiError {
     ApiError::new("method_not_allowed", "method not allowed on this route")
 }

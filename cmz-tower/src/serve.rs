@@ -24,6 +24,8 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::ConnectInfo;
 use cmz_core::{Error, Result};
+
+use crate::client_ip::TrustedProxies;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
@@ -33,7 +35,7 @@ use tower::ServiceExt as _;
 
 /// Limits on connections, from the legacy-style variables of
 /// [`from_lookup`](Self::from_lookup).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectionLimits {
     /// How long a client has to send a request's headers, from their first byte
     /// (`CMZ_HEADER_TIMEOUT_MS`, default 10,000).
@@ -48,6 +50,10 @@ pub struct ConnectionLimits {
     /// Open connections from one IP address (`CMZ_MAX_CONNECTIONS_PER_IP`, default 512:
     /// a school behind one NAT address opens several per browser).
     pub max_connections_per_ip: usize,
+    /// The load balancers and proxies in front (`CMZ_TRUSTED_PROXIES`, none by default):
+    /// every visitor arrives from their addresses, so they are not held to
+    /// `max_connections_per_ip` (only to `max_connections`).
+    pub trusted_proxies: TrustedProxies,
 }
 
 impl Default for ConnectionLimits {
@@ -57,6 +63,7 @@ impl Default for ConnectionLimits {
             idle_timeout: Duration::from_secs(60),
             max_connections: 4096,
             max_connections_per_ip: 512,
+            trusted_proxies: TrustedProxies::none(),
         }
     }
 }
@@ -84,8 +91,9 @@ fn positive(
 
 impl ConnectionLimits {
     /// Limits from environment-style variables (`CMZ_HEADER_TIMEOUT_MS`,
-    /// `CMZ_IDLE_TIMEOUT_MS`, `CMZ_MAX_CONNECTIONS`, `CMZ_MAX_CONNECTIONS_PER_IP`); an
-    /// unset variable keeps its default, a bad one is a `validation_error` naming it.
+    /// `CMZ_IDLE_TIMEOUT_MS`, `CMZ_MAX_CONNECTIONS`, `CMZ_MAX_CONNECTIONS_PER_IP`,
+    /// `CMZ_TRUSTED_PROXIES`); an unset variable keeps its default, a bad one is a
+    /// `validation_error` naming it.
     pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self> {
         let defaults = Self::default();
         let millis = |name, default: Duration| {
@@ -102,6 +110,10 @@ impl ConnectionLimits {
                 "CMZ_MAX_CONNECTIONS_PER_IP",
                 defaults.max_connections_per_ip,
             )?,
+            trusted_proxies: match lookup("CMZ_TRUSTED_PROXIES") {
+                Some(list) => TrustedProxies::parse(&list)?,
+                None => TrustedProxies::none(),
+            },
         })
     }
 }
@@ -283,10 +295,17 @@ pub async fn serve_with(
             metrics::counter!("cmz_connections_refused_total", "reason" => "total").increment(1);
             continue;
         };
-        let Some(slot) = per_address.take(remote.ip(), limits.max_connections_per_ip) else {
-            tracing::debug!("per-address connection limit reached; closing a new connection");
-            metrics::counter!("cmz_connections_refused_total", "reason" => "address").increment(1);
-            continue;
+        // A trusted proxy carries every visitor's connections: only the total cap holds.
+        let slot = if limits.trusted_proxies.trusts(remote.ip()) {
+            None
+        } else {
+            let Some(slot) = per_address.take(remote.ip(), limits.max_connections_per_ip) else {
+                tracing::debug!("per-address connection limit reached; closing a new connection");
+                metrics::counter!("cmz_connections_refused_total", "reason" => "address")
+                    .increment(1);
+                continue;
+            };
+            Some(slot)
         };
         let _ = stream.set_nodelay(true);
         let activity = Activity::new();
@@ -327,7 +346,7 @@ async fn run_connection(
     activity: Arc<Activity>,
     idle_timeout: Duration,
     _permit: OwnedSemaphorePermit,
-    _slot: AddressSlot,
+    _slot: Option<AddressSlot>,
 ) {
     tokio::pin!(connection);
     let check = (idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
@@ -363,6 +382,7 @@ pub(crate) async fn serve_until(
         idle_timeout_ms = limits.idle_timeout.as_millis() as u64,
         max_connections = limits.max_connections,
         max_connections_per_ip = limits.max_connections_per_ip,
+        trusted_proxies = !limits.trusted_proxies.is_empty(),
         "connection limits"
     );
     serve_with(listener, app, limits, shutdown).await;

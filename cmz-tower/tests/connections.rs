@@ -8,7 +8,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::routing::get;
-use cmz_tower::{ConnectionLimits, serve_with};
+use cmz_tower::{ConnectionLimits, TrustedProxies, serve_with};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -50,6 +50,7 @@ fn limits() -> ConnectionLimits {
         idle_timeout: Duration::from_millis(400),
         max_connections: 4,
         max_connections_per_ip: 3,
+        trusted_proxies: TrustedProxies::none(),
     }
 }
 
@@ -217,6 +218,37 @@ async fn connections_beyond_the_caps_are_closed_at_once() {
 }
 
 #[tokio::test]
+async fn a_trusted_proxy_is_held_to_the_total_cap_only() {
+    // Behind a load balancer every visitor arrives from its address: the per-address cap
+    // (2 here) would cap the whole service.
+    let server = start(ConnectionLimits {
+        max_connections: 5,
+        max_connections_per_ip: 2,
+        trusted_proxies: TrustedProxies::parse("127.0.0.1").unwrap(),
+        ..limits()
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(TcpStream::connect(server.address).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The fifth is still served, past the per-address cap.
+    assert!(get_once(server.address, "/").await.contains("hello"));
+    // The total cap still holds: five held, a sixth is closed unanswered.
+    held.push(TcpStream::connect(server.address).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut sixth = TcpStream::connect(server.address).await.unwrap();
+    sixth
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .ok();
+    let (seen, closed) = read_until_closed(&mut sixth, Duration::from_secs(2)).await;
+    assert!(seen.is_empty(), "{seen}");
+    assert!(closed.expect("closed") < Duration::from_millis(300));
+}
+
+#[tokio::test]
 async fn shutdown_finishes_requests_in_flight_then_returns() {
     let mut server = start(limits()).await;
     let slow = tokio::spawn(get_once(server.address, "/slow"));
@@ -240,9 +272,14 @@ fn limits_come_from_the_legacy_style_variables() {
         "CMZ_IDLE_TIMEOUT_MS" => Some("30000".into()),
         "CMZ_MAX_CONNECTIONS" => Some("100".into()),
         "CMZ_MAX_CONNECTIONS_PER_IP" => Some("20".into()),
+        "CMZ_TRUSTED_PROXIES" => Some("10.0.0.0/8".into()),
         _ => None,
     })
     .unwrap();
+    assert_eq!(
+        set.trusted_proxies,
+        TrustedProxies::parse("10.0.0.0/8").unwrap()
+    );
     assert_eq!(set.header_read_timeout, Duration::from_millis(2500));
     assert_eq!(set.idle_timeout, Duration::from_secs(30));
     assert_eq!((set.max_connections, set.max_connections_per_ip), (100, 20));

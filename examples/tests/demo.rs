@@ -19,10 +19,14 @@ struct Fetched {
 }
 
 fn get(address: &str, path: &str) -> Option<Fetched> {
+    send(address, "GET", path)
+}
+
+fn send(address: &str, method: &str, path: &str) -> Option<Fetched> {
     let mut stream = std::net::TcpStream::connect(address).ok()?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
     let mut response = String::new();
@@ -171,4 +175,31 @@ fn the_page_and_the_api_carry_security_headers_and_a_policy_the_page_satisfies()
             "{path}"
         );
     }
+}
+
+#[test]
+fn a_method_the_page_does_not_serve_is_the_apis_json_405() {
+    let (_demo, address) = start_demo();
+    for (method, path) in [("POST", "/"), ("DELETE", "/chat.js"), ("PUT", "/chat.css")] {
+        let fetched = send(&address, method, path).unwrap();
+        assert_eq!(fetched.status, 405, "{method} {path}");
+        assert!(
+            fetched.headers["content-type"].starts_with("application/json"),
+            "{method} {path}: {:?}",
+            fetched.headers
+        );
+        assert!(
+            fetched.body.contains(r#""code":"method_not_allowed""#),
+            "{method} {path}: {}",
+            fetched.body
+        );
+    }
+    // The API's routes answer the same way.
+    let api = send(&address, "DELETE", "/system_health").unwrap();
+    assert_eq!(api.status, 405);
+    assert!(
+        api.body.contains(r#""code":"method_not_allowed""#),
+        "{}",
+        api.body
+    );
 }

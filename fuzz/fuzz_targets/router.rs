@@ -21,7 +21,7 @@ use cmz_core::auth::{
     User, UserType,
 };
 use cmz_core::ids::{FamilyId, UserId};
-use cmz_core::memory::{InMemoryConversationStore, InMemoryPersonaDirectory};
+use cmz_core::memory::{InMemoryCareStore, InMemoryConversationStore, InMemoryPersonaDirectory};
 use cmz_core::service::{ConversationConfig, ConversationService};
 use cmz_core::testing::ScriptedModel;
 use cmz_core::types::Persona;
@@ -94,7 +94,10 @@ fn build() -> App {
             Arc::new(auth.policy()),
             ConversationConfig::default(),
         )
-        .with_turn_limit(rate_limits.clone(), u32::MAX, Duration::from_secs(3600));
+        .with_turn_limit(rate_limits.clone(), u32::MAX, Duration::from_secs(3600))
+        // Feedback, the review queue and usage reports answer as in a deployment (without
+        // a care store they are a 503, which this target counts as a crash).
+        .with_care(Arc::new(InMemoryCareStore::new()));
         let services = Services::new(conversations, auth, cmz_tower::offline_health());
         cmz_tower::router(AppState::new(services, HttpSettings::default()))
     });

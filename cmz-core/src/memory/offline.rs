@@ -128,25 +128,27 @@ impl ChatModel for OfflinePersonaModel {
     }
 
     async fn stream(&self, request: ChatRequest) -> Result<BoxStream<'static, Result<ChatChunk>>> {
+        // One word per chunk, cut from the reply as it is sent: an open stream holds the
+        // reply once, not a chunk per word.
         let reply = Self::reply(&request)?;
-        let mut chunks: Vec<Result<ChatChunk>> = reply
-            .split_inclusive(' ')
-            .map(|word| Ok(ChatChunk::Delta(word.to_owned())))
-            .collect();
-        chunks.push(Ok(ChatChunk::Done {
-            usage: None,
-            model: Some(Self::NAME.to_owned()),
-        }));
         let delay = self.chunk_delay;
-        if delay.is_zero() {
-            return Ok(futures::stream::iter(chunks).boxed());
-        }
-        Ok(futures::stream::iter(chunks)
-            .then(move |chunk| async move {
+        let words = futures::stream::unfold(Some((reply, 0usize)), move |state| async move {
+            let (reply, at) = state?;
+            if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
-                chunk
-            })
-            .boxed())
+            }
+            if at >= reply.len() {
+                let done = ChatChunk::Done {
+                    usage: None,
+                    model: Some(Self::NAME.to_owned()),
+                };
+                return Some((Ok(done), None));
+            }
+            let end = reply[at..].find(' ').map_or(reply.len(), |i| at + i + 1);
+            let word = ChatChunk::Delta(reply[at..end].to_owned());
+            Some((Ok(word), Some((reply, end))))
+        });
+        Ok(words.boxed())
     }
 
     fn name(&self) -> &str {

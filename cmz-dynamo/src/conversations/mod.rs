@@ -7,10 +7,13 @@
 //!   A turn too large for one 400 KB item is written as one item per message in a
 //!   transaction instead. A turn key is stored on the turn's first item (`turnKey`, with
 //!   `turnMsgs`) and found through the local secondary index `turnKey-index`.
+//!   The session's running summary is the item at `seq` 0 (module `summary`): turn reads
+//!   all start at 1, and a delete of the partition takes it too.
 //! - **sessions table**: the legacy session item plus `animalName`, `summary`, `cmzV` (2 once
-//!   cmz writes the session) and `legacyCount` (messages still in the legacy conversation
-//!   item, which keep their positions 1..=legacyCount). GSIs list by user and by animal on
-//!   `lastActivity`.
+//!   cmz writes the session), `legacyCount` (messages still in the legacy conversation
+//!   item, which keep their positions 1..=legacyCount) and `rsThrough` (how far the running
+//!   summary goes, once there is one). GSIs list by user on `lastActivity` (every
+//!   attribute projected) and by animal on `startTime` (keys only).
 //! - **legacy conversations table**: read only. A legacy conversation keeps its messages
 //!   where they are; its next turn goes to the messages table at `legacyCount + 1`.
 //!
@@ -38,8 +41,10 @@
 //!    (the listing runs a second time a second later, for a GSI that lags).
 //!
 //! Plain conditional writes cost half of transactional ones, so a 90 + 600 character turn
-//! costs 1 WCU for the item and 5 for the session update with its two GSIs: 6 WCU, at turn
-//! 2 and at turn 10,000 alike; the first turn costs 4 WCU and 1 RCU. Deletes leave
+//! costs 1 WCU for the item and 3 for the session update with the user index (whose entry
+//! moves with `lastActivity`; the animal index is keyed by `startTime` and a turn never
+//! writes it): 4 WCU, at turn 2 and at turn 10,000 alike, with a running summary or
+//! without (it is not on the session item); the first turn costs no more and 1 RCU. Deletes leave
 //! tombstones (module `tombstones`), and checking them adds no write: the checks are
 //! conditions of writes the turn makes anyway, plus the first turn's read. (The same check
 //! as a `ConditionCheck` in one `TransactWriteItems` with the first turn's writes measured
@@ -51,6 +56,7 @@ mod codec;
 mod cursors;
 mod deletes;
 mod listing;
+mod summary;
 mod tombstones;
 
 use async_trait::async_trait;
@@ -117,6 +123,8 @@ pub(crate) struct Stored {
     pub(crate) continued: bool,
     /// The sessions table has an item for it.
     pub(crate) has_item: bool,
+    /// Its running summary is kept beside its turns (see `summary`).
+    summary_kept: bool,
 }
 
 /// How the session item changes in a turn.
@@ -211,49 +219,6 @@ impl DynamoConversationStore {
         }
     }
 
-    /// Stores a rolling summary on the session item unless the stored one covers as much.
-    async fn put_rolling_summary(&self, id: &SessionId, summary: &RollingSummary) -> Result<bool> {
-        let table = self.sessions_table();
-        let result = self
-            .client()
-            .update_item()
-            .table_name(table)
-            .key("sessionId", s(id.as_str()))
-            .update_expression("SET #r = :r")
-            // A session, not a tombstone; and only forward.
-            .condition_expression(
-                "attribute_exists(userId) AND (attribute_not_exists(#r) OR #r.#t < :t)",
-            )
-            .expression_attribute_names("#r", ROLLING_SUMMARY)
-            .expression_attribute_names("#t", "through")
-            .expression_attribute_values(":r", rolling_summary_value(summary))
-            .expression_attribute_values(":t", n(summary.through))
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await;
-        match result {
-            Ok(out) => {
-                self.db.inner.meter.record(out.consumed_capacity(), true);
-                Ok(true)
-            }
-            Err(e) => {
-                let old = e.as_service_error().and_then(|e| match e {
-                    aws_sdk_dynamodb::operation::update_item::UpdateItemError::ConditionalCheckFailedException(failed) => {
-                        Some(failed.item().map(|item| item.contains_key("userId")))
-                    }
-                    _ => None,
-                });
-                match old {
-                    // The session is there: its summary already covers as much.
-                    Some(Some(true)) => Ok(false),
-                    Some(_) => Err(session_not_found(id)),
-                    None => Err(map_sdk("UpdateItem", table, e)),
-                }
-            }
-        }
-    }
-
     /// Reads a session and where its messages live: the session item, else a legacy
     /// conversation item.
     pub(crate) async fn load(&self, id: &SessionId) -> Result<Option<Stored>> {
@@ -264,6 +229,7 @@ impl DynamoConversationStore {
         match item {
             Some(item) => {
                 let continued = Reader::new(&item, "session").opt_str("cmzV").is_some();
+                let summary_kept = item.contains_key(summary::SUMMARY_THROUGH);
                 if continued {
                     let session = session_from_item(&item)?;
                     let legacy_count = Reader::new(&item, "session")
@@ -274,6 +240,7 @@ impl DynamoConversationStore {
                         legacy_count,
                         continued,
                         has_item: true,
+                        summary_kept,
                     }));
                 }
                 let mut session = session_from_item(&item)?;
@@ -293,6 +260,7 @@ impl DynamoConversationStore {
                     legacy_count,
                     continued: false,
                     has_item: true,
+                    summary_kept,
                 }))
             }
             None => {
@@ -306,6 +274,7 @@ impl DynamoConversationStore {
                     legacy_count,
                     continued: false,
                     has_item: false,
+                    summary_kept: false,
                 }))
             }
         }
@@ -528,7 +497,14 @@ impl ConversationStore for DynamoConversationStore {
 
     #[tracing::instrument(name = "dynamodb.get_session", skip_all, fields(session = %id))]
     async fn get_session(&self, id: &SessionId) -> Result<Option<Session>> {
-        Ok(self.load(id).await?.map(|s| s.session))
+        let Some(stored) = self.load(id).await? else {
+            return Ok(None);
+        };
+        let mut session = stored.session;
+        if stored.summary_kept {
+            self.attach_rolling_summary(&mut session).await?;
+        }
+        Ok(Some(session))
     }
 
     #[tracing::instrument(name = "dynamodb.append_turn", skip_all, fields(session = %append.session_id, expected = append.expected_count))]
