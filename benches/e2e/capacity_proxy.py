@@ -21,14 +21,19 @@ class Meter:
         self.read_units = 0.0
         self.write_units = 0.0
         self.requests = 0
+        # (operation, table) -> [requests, units]: where the units go.
+        self.by_operation = {}
 
-    def add(self, operation, consumed):
+    def add(self, operation, consumed, table=""):
         units = 0.0
         entries = consumed if isinstance(consumed, list) else [consumed]
         for entry in entries:
             if isinstance(entry, dict):
                 units += float(entry.get("CapacityUnits") or 0.0)
         with self.lock:
+            slot = self.by_operation.setdefault((operation, table), [0, 0.0])
+            slot[0] += 1
+            slot[1] += units
             self.requests += 1
             if operation in WRITES:
                 self.write_units += units
@@ -37,7 +42,8 @@ class Meter:
 
     def snapshot(self):
         with self.lock:
-            return {"readUnits": self.read_units, "writeUnits": self.write_units, "requests": self.requests}
+            return {"readUnits": self.read_units, "writeUnits": self.write_units, "requests": self.requests,
+                    "byOperation": {f"{op} {table}".strip(): list(v) for (op, table), v in self.by_operation.items()}}
 
 
 async def _read_message(reader):
@@ -107,8 +113,12 @@ class CapacityProxy:
                     return
                 operation = headers.get("x-amz-target", "").rsplit(".", 1)[-1]
                 metered = operation in READS or operation in WRITES
+                table = ""
                 if metered and body:
                     request = json.loads(body)
+                    table = request.get("TableName") or ",".join(sorted({
+                        next(iter(item.values())).get("TableName", "") for item in request.get("TransactItems", [])
+                    } | set(request.get("RequestItems", {}))))
                     request.setdefault("ReturnConsumedCapacity", "TOTAL")
                     if request["ReturnConsumedCapacity"] == "NONE":
                         request["ReturnConsumedCapacity"] = "TOTAL"
@@ -131,7 +141,7 @@ class CapacityProxy:
                         consumed = json.loads(response_body).get("ConsumedCapacity")
                     except ValueError:
                         consumed = None
-                    self.meter.add(operation, consumed or [])
+                    self.meter.add(operation, consumed or [], table)
                 client_writer.write(head + raw)
                 await client_writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):

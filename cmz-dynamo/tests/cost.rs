@@ -148,7 +148,25 @@ async fn a_running_summary_adds_nothing_to_later_turns() {
         fallback: false,
     };
     assert!(summary.text.len() > 1_400);
+    // Storing it: the summary item (2 WCU for ~1.5 KB) and, the first time, the session's
+    // marker (its item and the user index); then only the summary item.
+    let before = dynamo.capacity();
     assert!(store.set_rolling_summary(&id, &summary).await.unwrap());
+    let first_fold = dynamo.capacity() - before;
+    let before = dynamo.capacity();
+    let later = RollingSummary {
+        through: 8,
+        ..summary.clone()
+    };
+    assert!(store.set_rolling_summary(&id, &later).await.unwrap());
+    let next_fold = dynamo.capacity() - before;
+    println!(
+        "storing a summary: {} WCU the first time, {} WCU after",
+        first_fold.write_units, next_fold.write_units
+    );
+    assert!(first_fold.write_units <= 4.0, "{first_fold:?}");
+    assert!(next_fold.write_units <= 2.0, "{next_fold:?}");
+    let summary = later;
     for t in 5..=8u64 {
         let before = dynamo.capacity();
         store
@@ -204,4 +222,5 @@ async fn a_running_summary_adds_nothing_to_later_turns() {
             .is_ok_and(|kept| kept),
         "no summary for a deleted session"
     );
+    assert_eq!(partition().await, 0, "nor an item of it left behind");
 }
