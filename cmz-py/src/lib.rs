@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod auth;
+mod care;
 mod client;
 mod conversations;
 mod convert;

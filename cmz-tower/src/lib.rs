@@ -7,6 +7,7 @@ mod care;
 mod client_ip;
 mod config;
 mod error;
+mod health;
 mod metrics;
 mod privacy;
 mod routes;
@@ -43,9 +44,9 @@ pub use cmz_env::{HealthCheck, ModelHealth, Services, cached, offline_health};
 pub use cmz_env::{SAMPLE_PERSONAS, sample_personas};
 pub use config::{LEGACY_FRONTEND_ORIGINS, demo_env, serve, state_from_env};
 pub use error::{ApiError, ApiJson, ApiQuery, HTTP_CODES, status_for, status_of};
+pub use health::method_not_allowed;
 #[cfg(feature = "prometheus")]
 pub use metrics::prometheus_router;
-pub use routes::method_not_allowed;
 pub use security_headers::{API_CONTENT_SECURITY_POLICY, SecurityHeaders, SecurityHeadersLayer};
 pub use serve::{ConnectionLimits, serve_with};
 pub use state::{AppState, HttpSettings};
@@ -93,8 +94,8 @@ pub fn router(state: AppState) -> Router {
         app = app.route(route.path, handler);
     }
     let app = app
-        .fallback(routes::not_found)
-        .method_not_allowed_fallback(routes::method_not_allowed)
+        .fallback(health::not_found)
+        .method_not_allowed_fallback(health::method_not_allowed)
         .with_state(state);
     with_layers(app, &settings)
 }
@@ -142,10 +143,10 @@ const TABLE: &[(Route, MakeHandler)] = &[
         post(routes::refresh)
     }),
     (route("GET", "/chatgpt/health", true), || {
-        get(routes::chatgpt_health)
+        get(health::chatgpt_health)
     }),
     (route("GET", "/system_health", true), || {
-        get(routes::system_health)
+        get(health::system_health)
     }),
     (route("GET", "/animal_list", true), || {
         get(animals::animal_list)

@@ -18,6 +18,7 @@
 //! ```
 
 mod audit;
+mod claims;
 mod dev;
 mod directory;
 mod memory;
