@@ -95,8 +95,7 @@ impl DynamoConversationStore {
             .table_name(table)
             .key("sessionId", s(id.as_str()))
             .expression_attribute_values(":count", n(count))
-            .expression_attribute_values(":at", time(at))
-            .return_consumed_capacity(ReturnConsumedCapacity::Total);
+            .expression_attribute_values(":at", time(at));
         match extra {
             Some(stored) => {
                 expression.push_str(", cmzV = :v, legacyCount = :legacy, animalName = if_not_exists(animalName, :name)");
@@ -118,19 +117,8 @@ impl DynamoConversationStore {
                 .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
                 .expression_attribute_values(":ttl", n(ttl));
         }
-        match update.update_expression(expression).send().await {
-            Ok(out) => {
-                self.record(out.consumed_capacity(), true);
-                Ok(true)
-            }
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(map_sdk("UpdateItem", table, e)),
-        }
+        self.update_if(table, update.update_expression(expression))
+            .await
     }
 
     /// After a lost race on a turn key: brings the session's count up to the newest stored

@@ -299,6 +299,32 @@ impl DynamoConversationStore {
         }
     }
 
+    /// Sends a conditional `UpdateItem` on `table`: `true` when it was written, `false`
+    /// when its condition failed.
+    async fn update_if(
+        &self,
+        table: &str,
+        update: aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder,
+    ) -> Result<bool> {
+        match update
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await
+        {
+            Ok(out) => {
+                self.record(out.consumed_capacity(), true);
+                Ok(true)
+            }
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(map_sdk("UpdateItem", table, e)),
+        }
+    }
+
     fn record<'a>(
         &self,
         consumed: impl IntoIterator<Item = &'a aws_sdk_dynamodb::types::ConsumedCapacity>,

@@ -65,34 +65,22 @@ impl DynamoConversationStore {
             .expression_attribute_names("#t", "through")
             .expression_attribute_values(":r", rolling_summary_value(summary))
             .expression_attribute_values(":t", n(summary.through))
-            .expression_attribute_values(":zero", n(0))
-            .return_consumed_capacity(ReturnConsumedCapacity::Total);
+            .expression_attribute_values(":zero", n(0));
         if let Some(ttl) = self.db.ttl() {
             expression.push_str(", #ttl = :ttl");
             update = update
                 .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
                 .expression_attribute_values(":ttl", n(ttl));
         }
-        match update.update_expression(expression).send().await {
-            Ok(out) => {
-                self.record(out.consumed_capacity(), true);
-                Ok(true)
-            }
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(map_sdk("UpdateItem", table, e)),
-        }
+        self.update_if(table, update.update_expression(expression))
+            .await
     }
 
     /// Marks the session item as having a summary beside its turns (dropping one an earlier
     /// version kept on the item); `false` when the session is gone.
     async fn mark_summary_kept(&self, id: &SessionId, summary: &RollingSummary) -> Result<bool> {
         let table = self.sessions_table();
-        let result = self
+        let update = self
             .client()
             .update_item()
             .table_name(table)
@@ -101,23 +89,8 @@ impl DynamoConversationStore {
             .condition_expression("attribute_exists(userId)")
             .expression_attribute_names("#m", SUMMARY_THROUGH)
             .expression_attribute_names("#r", ROLLING_SUMMARY)
-            .expression_attribute_values(":t", n(summary.through))
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await;
-        match result {
-            Ok(out) => {
-                self.record(out.consumed_capacity(), true);
-                Ok(true)
-            }
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(map_sdk("UpdateItem", table, e)),
-        }
+            .expression_attribute_values(":t", n(summary.through));
+        self.update_if(table, update).await
     }
 
     async fn delete_summary_item(&self, id: &SessionId) -> Result<()> {
