@@ -124,7 +124,7 @@ impl AccessClaims {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum TokenRejection {
-    /// Longer than [`MAX_TOKEN_BYTES`].
+    /// Longer than [`MAX_TOKEN_BYTES`](super::tokens::MAX_TOKEN_BYTES).
     Oversized,
     /// Not three base64url parts with a JSON header (includes `alg: none`).
     Malformed,
