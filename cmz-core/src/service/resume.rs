@@ -428,7 +428,9 @@ impl ConversationService {
     /// Comes back to a stream after event `seen` (0: from the start): the events missed,
     /// exactly once, then the live rest; from this process, or, with a
     /// [stream mirror](crate::relay), from the server running it. `not_found` for a stream
-    /// that is unknown, over for longer than the grace period, or another user's.
+    /// that is unknown, over for longer than the grace period, or another user's. A stream
+    /// read from another server ends with `unavailable` when nothing comes for longer than
+    /// the model's timeout plus a few seconds (that server died or stopped copying it).
     pub async fn resume_stream(
         &self,
         principal: &Principal,
@@ -465,6 +467,7 @@ impl ConversationService {
             .filter(|info| info.owner == principal.user_id)
             .ok_or_else(|| stream_not_found(stream_id))?;
         let fresh = fresh_for(self.inner.config.stream_resume_grace);
+        let silence = silence_limit(self.inner.config.model_timeout);
         let id = stream_id.to_owned();
         let events = futures::stream::unfold(
             (mirror, id, seen, Vec::<(u64, MirrorEvent)>::new(), false),
@@ -472,6 +475,7 @@ impl ConversationService {
                 if over {
                     return None;
                 }
+                let mut heard = tokio::time::Instant::now();
                 loop {
                     if !pending.is_empty() {
                         let (number, event) = pending.remove(0);
@@ -504,7 +508,23 @@ impl ConversationService {
                         Err(error) => Err(error),
                     };
                     match read {
-                        Ok(events) => pending = events,
+                        Ok(events) if events.is_empty() && heard.elapsed() >= silence => {
+                            // The server running the turn died or stopped copying it: a
+                            // model that slow would have timed out there already.
+                            let error = Error::Unavailable {
+                                message: format!(
+                                    "stream {id}: the server running it stopped sending; read the session's history"
+                                ),
+                                source: None,
+                            };
+                            return Some((Err(error), (mirror, id, seen, pending, true)));
+                        }
+                        Ok(events) => {
+                            if !events.is_empty() {
+                                heard = tokio::time::Instant::now();
+                            }
+                            pending = events;
+                        }
                         Err(error) => return Some((Err(error), (mirror, id, seen, pending, true))),
                     }
                 }
@@ -594,6 +614,12 @@ fn stopped() -> Error {
 const STOP_POLL: Duration = Duration::from_millis(250);
 /// How long a reader on another server waits for new events in one read.
 const MIRROR_WAIT: Duration = Duration::from_secs(1);
+
+/// How long a reader on another server waits without an event before it gives up on the
+/// stream: longer than the model may be silent (its timeout) plus the copies' delay.
+fn silence_limit(model_timeout: Duration) -> Duration {
+    model_timeout + 3 * MIRROR_WAIT
+}
 
 fn stream_not_found(id: &str) -> Error {
     Error::not_found(format!(

@@ -400,3 +400,49 @@ async fn a_failing_mirror_leaves_the_stream_in_process() {
     // Resumed in this process, as without a mirror.
     assert!(service.resume_stream(&kid(), &id, 0).await.is_ok());
 }
+
+#[tokio::test]
+async fn a_reader_elsewhere_gives_up_when_the_running_server_goes_silent() {
+    // A stream another server opened in the mirror and then stopped copying (it died):
+    // the reader here ends with `unavailable` instead of waiting for ever.
+    let mirror = Arc::new(crate::relay::InMemoryStreamMirror::new());
+    let service = ConversationService::with(
+        Arc::new(InMemoryConversationStore::new()),
+        Arc::new(InMemoryPersonaDirectory::with_personas([Persona::new(
+            lion(),
+            "Leo",
+        )])),
+        Arc::new(ScriptedModel::echo()),
+        Arc::new(OwnerOrAdminPolicy),
+        ConversationConfig {
+            model_timeout: Duration::from_millis(200),
+            ..Default::default()
+        },
+    )
+    .with_stream_mirror(mirror.clone());
+    let session = crate::ids::SessionId::generate(&lion(), &kid().user_id).unwrap();
+    let info = crate::relay::MirroredStream {
+        owner: kid().user_id.clone(),
+        session_id: session,
+        session_created: true,
+    };
+    use crate::relay::StreamMirror as _;
+    mirror
+        .open("0123456789abcdef01234567", &info, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let items: Vec<_> = service
+        .resume_stream(&kid(), "0123456789abcdef01234567", 0)
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    assert_eq!(items.len(), 1, "{items:?}");
+    assert_eq!(items[0].as_ref().unwrap_err().code(), "unavailable");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(200) && waited < Duration::from_secs(10),
+        "{waited:?}"
+    );
+}
