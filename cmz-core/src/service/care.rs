@@ -317,10 +317,11 @@ impl ConversationService {
                 user_id: session.user_id.clone(),
                 family_id: costs.family,
                 animal_id: session.animal_id.clone(),
+                // A reply refused at the strict level was still the model's work.
                 model: metadata
                     .model
                     .clone()
-                    .filter(|_| answered_by_model)
+                    .filter(|_| answered_by_model || metadata.usage().is_some())
                     .unwrap_or_else(|| NO_MODEL.to_owned()),
             };
             let counts = UsageCounts {

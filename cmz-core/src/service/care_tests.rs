@@ -782,3 +782,57 @@ async fn a_running_summarys_tokens_count_in_usage_and_budgets_but_not_as_turns()
         "the family's budget counts them too"
     );
 }
+
+/// Flags any text with "BAD" in it.
+#[derive(Debug)]
+struct FlagsBad;
+
+#[async_trait::async_trait]
+impl crate::moderation::Moderator for FlagsBad {
+    async fn check(&self, text: &str) -> Result<crate::moderation::ModerationVerdict> {
+        Ok(crate::moderation::ModerationVerdict {
+            flagged: text.contains("BAD"),
+            categories: vec!["harassment".into()],
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_reply_refused_at_the_strict_level_still_counts_what_the_model_spent() {
+    let care = Arc::new(InMemoryCareStore::new());
+    let limits = Arc::new(InMemoryRateLimitStore::new());
+    let service = service(ScriptedModel::always("a BAD reply about lions"))
+        .with_care(care.clone())
+        .with_budgets(
+            limits,
+            Budgets {
+                user: Some(1_000),
+                family: None,
+                deployment: None,
+            },
+        )
+        .with_moderation(Arc::new(FlagsBad), Arc::new(InMemoryAuditSink::new()));
+    let me = kid("k1");
+    let refused = service
+        .turn(
+            &me,
+            TurnRequest::new(lion(), "hello").with_moderation_level(ModerationLevel::Strict),
+        )
+        .await
+        .unwrap();
+    assert!(refused.moderation.flagged);
+    assert!(!refused.reply.contains("BAD"));
+    let admin = Principal::new(UserId::new("admin1").unwrap(), UserRole::Admin);
+    let report = service
+        .usage_report(&admin, today(), today(), "model".parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.total.prompt_tokens, report.total.completion_tokens),
+        (10, 5),
+        "the refused reply's tokens are counted: {report:?}"
+    );
+    assert_eq!(report.rows[0].model.as_deref(), Some("scripted"));
+    let status = service.budget_status(&me).await.unwrap();
+    assert_eq!(status[0].used, 15, "{status:?}");
+}

@@ -381,7 +381,13 @@ impl ConversationService {
     ) -> Result<TurnReply> {
         match self.screen_reply(&prepared, &reply.content).await {
             Ok(None) => self.persist(prepared, Some(reply)).await,
-            Ok(Some(refusal)) => self.finish_refused(prepared, refusal).await,
+            Ok(Some((mut refusal, verdict))) => {
+                // The model did produce the refused reply: what it reported spending
+                // counts in the usage counters and the budgets.
+                refusal.metadata.set_usage(reply.metadata.usage());
+                refusal.metadata.model = reply.metadata.model;
+                self.finish_refused(prepared, (refusal, verdict)).await
+            }
             Err(error) => self.finish_failed(prepared, error, None, started).await,
         }
     }
