@@ -1095,6 +1095,32 @@ async fn a_client_chosen_session_id_starts_a_session_that_continues() {
         )
         .await;
     assert_error(&stolen, 404, "not_found");
+    // And the stream with its request in a JSON body.
+    let response = server
+        .client
+        .post(server.url("/convo_turn/stream"))
+        .bearer_auth(&ana)
+        .header("accept", "text/event-stream")
+        .header("content-type", "application/json")
+        .body(r#"{"animalId":"cougar","message":"hello","sessionId":"session_1730000000002"}"#)
+        .send()
+        .await
+        .unwrap();
+    let events = sse_events(response).await;
+    assert_eq!(events[0].0, "session");
+    assert_eq!(events[0].1["sessionId"], "session_1730000000002");
+    assert_eq!(events.last().unwrap().0, "complete");
+    let stolen = server
+        .client
+        .post(server.url("/convo_turn/stream"))
+        .bearer_auth(&kim)
+        .header("accept", "text/event-stream")
+        .header("content-type", "application/json")
+        .body(r#"{"animalId":"cougar","message":"hi","sessionId":"session_1730000000002"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stolen.status(), 404);
 }
 
 #[tokio::test]
