@@ -191,7 +191,7 @@ const FUNCTION_WORDS: &[&str] = &[
 ];
 
 fn is_function_word(word: &str) -> bool {
-    FUNCTION_WORDS.iter().any(|w| w.eq_ignore_ascii_case(word))
+    any_of(FUNCTION_WORDS, word)
 }
 
 /// Words that follow "call me" or "…'s name is" in ordinary sentences ("call me back
@@ -232,7 +232,7 @@ const NOT_NAMES: &[&str] = &[
 const NOT_SCHOOLS: &[&str] = &[
     "fun", "cool", "big", "small", "nice", "boring", "great", "awesome", "far", "close", "near",
     "closed", "open", "hard", "easy", "new", "old", "good", "bad", "the", "best", "worst",
-    "really", "very", "so", "out", "over", "done", "great", "huge", "little",
+    "really", "very", "so", "out", "over", "done", "huge", "little",
 ];
 
 /// Words before "school" that name a kind of school, not one school ("middle school").

@@ -24,6 +24,13 @@ fn turn(id: &SessionId, expected: u64, new_session: Option<Session>) -> TurnAppe
     }
 }
 
+/// A new session of `user` with the lion, and its id.
+fn lion_session(user: &str) -> (SessionId, Session) {
+    let (user, animal) = (UserId::new(user).unwrap(), AnimalId::new("lion").unwrap());
+    let id = SessionId::generate(&animal, &user).unwrap();
+    (id.clone(), Session::new(id, user, animal, "Leo"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_turns_cost_the_same_as_the_first() {
     let turns: u64 = std::env::var("CMZ_COST_TURNS")
@@ -32,12 +39,7 @@ async fn ten_thousand_turns_cost_the_same_as_the_first() {
         .unwrap_or(10_000);
     let dynamo = isolated().await;
     let store = dynamo.conversations();
-    let (user, animal) = (
-        UserId::new("u-cost").unwrap(),
-        AnimalId::new("lion").unwrap(),
-    );
-    let id = SessionId::generate(&animal, &user).unwrap();
-    let session = Session::new(id.clone(), user, animal, "Leo");
+    let (id, session) = lion_session("u-cost");
 
     let mut per_turn = Vec::new();
     let mut window_reads = Vec::new();
@@ -121,12 +123,7 @@ async fn ten_thousand_turns_cost_the_same_as_the_first() {
 async fn a_running_summary_adds_nothing_to_later_turns() {
     let dynamo = isolated().await;
     let store = dynamo.conversations();
-    let (user, animal) = (
-        UserId::new("u-cost-summary").unwrap(),
-        AnimalId::new("lion").unwrap(),
-    );
-    let id = SessionId::generate(&animal, &user).unwrap();
-    let session = Session::new(id.clone(), user, animal, "Leo");
+    let (id, session) = lion_session("u-cost-summary");
     let mut plain = Vec::new();
     for t in 1..=4u64 {
         let before = dynamo.capacity();

@@ -111,12 +111,7 @@ impl DynamoConversationStore {
                     .expression_attribute_values(":v", s(SCHEMA_VERSION));
             }
         }
-        if let Some(ttl) = self.db.ttl() {
-            expression.push_str(", #ttl = :ttl");
-            update = update
-                .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
-                .expression_attribute_values(":ttl", n(ttl));
-        }
+        update = self.with_ttl(update, &mut expression);
         self.update_if(table, update.update_expression(expression))
             .await
     }
@@ -208,12 +203,7 @@ impl DynamoConversationStore {
             .expression_attribute_values(":at", time(last_at))
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .return_consumed_capacity(ReturnConsumedCapacity::Total);
-        if let Some(ttl) = ttl {
-            expression.push_str(", #ttl = :ttl");
-            update = update
-                .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
-                .expression_attribute_values(":ttl", n(ttl));
-        }
+        update = self.with_ttl(update, &mut expression);
         let old = match update.update_expression(expression).send().await {
             Ok(out) => {
                 self.record(out.consumed_capacity(), true);

@@ -220,6 +220,24 @@ impl DynamoConversationStore {
         }
     }
 
+    /// `update` with `, #ttl = :ttl` added to its `SET` `expression`, when the store keeps
+    /// conversations for a limited time.
+    fn with_ttl(
+        &self,
+        update: aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder,
+        expression: &mut String,
+    ) -> aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder {
+        match self.db.ttl() {
+            Some(ttl) => {
+                expression.push_str(", #ttl = :ttl");
+                update
+                    .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
+                    .expression_attribute_values(":ttl", n(ttl))
+            }
+            None => update,
+        }
+    }
+
     /// Sends a conditional `UpdateItem` on `table`: `true` when it was written, `false`
     /// when its condition failed.
     async fn update_if(

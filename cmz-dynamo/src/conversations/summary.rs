@@ -66,12 +66,7 @@ impl DynamoConversationStore {
             .expression_attribute_values(":r", rolling_summary_value(summary))
             .expression_attribute_values(":t", n(summary.through))
             .expression_attribute_values(":zero", n(0));
-        if let Some(ttl) = self.db.ttl() {
-            expression.push_str(", #ttl = :ttl");
-            update = update
-                .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
-                .expression_attribute_values(":ttl", n(ttl));
-        }
+        update = self.with_ttl(update, &mut expression);
         self.update_if(table, update.update_expression(expression))
             .await
     }
