@@ -1,3 +1,6 @@
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+
 use async_trait::async_trait;
 use futures::StreamExt as _;
 use futures::stream::BoxStream;
@@ -35,19 +38,15 @@ impl OfflinePersonaModel {
     }
 
     fn reply(request: &ChatRequest) -> Result<String> {
-        let system = request
+        let card = request
             .messages
             .first()
             .filter(|m| m.role == Role::System)
-            .map(|m| m.content.as_str())
-            .filter(|prompt| is_persona_prompt(prompt))
+            .and_then(|m| PersonaCard::of(&m.content))
             .ok_or_else(|| Error::Unavailable {
                 message: "the offline persona model only answers persona conversations".into(),
                 source: None,
             })?;
-        // A configured prompt (the zoo's own text) says nothing the model can read back:
-        // answer without a name or facts rather than quote it.
-        let (name, facts) = parse_system_prompt(system).unwrap_or(("", Vec::new()));
         let question = request
             .messages
             .iter()
@@ -59,21 +58,89 @@ impl OfflinePersonaModel {
             .iter()
             .filter(|m| m.role == Role::User)
             .count();
-        let greeting = if request.messages.iter().any(|m| m.role == Role::Assistant) {
-            String::new()
-        } else if name.is_empty() {
-            "Hi there! ".to_owned()
-        } else {
-            format!("Hi, I'm {name}! ")
+        let mut reply = String::with_capacity(160);
+        if !request.messages.iter().any(|m| m.role == Role::Assistant) {
+            // A configured prompt (the zoo's own text) says nothing the model can read
+            // back: answer without a name or facts rather than quote it.
+            if card.name.is_empty() {
+                reply.push_str("Hi there! ");
+            } else {
+                reply.push_str("Hi, I'm ");
+                reply.push_str(&card.name);
+                reply.push_str("! ");
+            }
+        }
+        match card.best_fact(question, turn) {
+            Some(fact) => {
+                reply.push_str(fact);
+                reply.push_str(" What else would you like to know?");
+            }
+            None => reply.push_str(
+                "I love meeting visitors. Ask me anything about my life here at the zoo!",
+            ),
+        }
+        Ok(reply)
+    }
+}
+
+/// What the model reads from a persona prompt: the name and the facts, each fact with its
+/// words lowercased for matching. Read once per distinct prompt (a persona's prompt is the
+/// same on every turn), not on every turn.
+#[derive(Debug)]
+struct PersonaCard {
+    name: String,
+    facts: Vec<(String, Vec<String>)>,
+}
+
+/// How many distinct prompts are remembered before the cache starts over.
+const CARDS_KEPT: usize = 256;
+
+static CARDS: LazyLock<Mutex<HashMap<String, Arc<PersonaCard>>>> = LazyLock::new(Mutex::default);
+
+impl PersonaCard {
+    /// The card of `prompt`, or `None` when it is not a persona prompt.
+    fn of(prompt: &str) -> Option<Arc<Self>> {
+        let cards = || CARDS.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(card) = cards().get(prompt) {
+            return Some(Arc::clone(card));
+        }
+        if !is_persona_prompt(prompt) {
+            return None;
+        }
+        let (name, facts) = parse_system_prompt(prompt).unwrap_or(("", Vec::new()));
+        let card = Arc::new(Self {
+            name: name.to_owned(),
+            facts: facts
+                .into_iter()
+                .map(|fact| (fact.to_owned(), words(fact).map(lowercase).collect()))
+                .collect(),
+        });
+        let mut cards = cards();
+        if cards.len() >= CARDS_KEPT {
+            cards.clear();
+        }
+        cards.insert(prompt.to_owned(), Arc::clone(&card));
+        Some(card)
+    }
+
+    /// The fact sharing the most words with the question; with no overlap, a different
+    /// fact each turn.
+    fn best_fact(&self, question: &str, turn: usize) -> Option<&str> {
+        if self.facts.is_empty() {
+            return None;
+        }
+        let asked: Vec<String> = words(question).map(str::to_lowercase).collect();
+        let scored = self
+            .facts
+            .iter()
+            .enumerate()
+            .map(|(i, (_, words))| (words.iter().filter(|w| asked.contains(w)).count(), i))
+            .max_by_key(|&(score, i)| (score, std::cmp::Reverse(i)));
+        let index = match scored {
+            Some((score, i)) if score > 0 => i,
+            _ => turn.saturating_sub(1) % self.facts.len(),
         };
-        let Some(fact) = best_fact(&facts, question, turn) else {
-            return Ok(format!(
-                "{greeting}I love meeting visitors. Ask me anything about my life here at the zoo!"
-            ));
-        };
-        Ok(format!(
-            "{greeting}{fact} What else would you like to know?"
-        ))
+        Some(&self.facts[index].0)
     }
 }
 
@@ -83,38 +150,9 @@ fn words(text: &str) -> impl Iterator<Item = &str> + '_ {
         .filter(|w| w.chars().nth(3).is_some())
 }
 
-/// Whether `word` lowercases to `lowered` (compared without allocating).
-fn same_word(word: &str, lowered: &str) -> bool {
-    if word.is_ascii() && lowered.is_ascii() {
-        return word.eq_ignore_ascii_case(lowered);
-    }
-    word.chars()
-        .flat_map(char::to_lowercase)
-        .eq(lowered.chars())
-}
-
-/// The fact sharing the most words with the question; with no overlap, a different fact
-/// each turn.
-fn best_fact<'a>(facts: &[&'a str], question: &str, turn: usize) -> Option<&'a str> {
-    if facts.is_empty() {
-        return None;
-    }
-    let asked: Vec<String> = words(question).map(str::to_lowercase).collect();
-    let scored = facts
-        .iter()
-        .enumerate()
-        .map(|(i, fact)| {
-            let score = words(fact)
-                .filter(|w| asked.iter().any(|a| same_word(w, a)))
-                .count();
-            (score, i)
-        })
-        .max_by_key(|&(score, i)| (score, std::cmp::Reverse(i)));
-    let index = match scored {
-        Some((score, i)) if score > 0 => i,
-        _ => turn.saturating_sub(1) % facts.len(),
-    };
-    Some(facts[index])
+/// A fact's word lowercased character by character.
+fn lowercase(word: &str) -> String {
+    word.chars().flat_map(char::to_lowercase).collect()
 }
 
 #[async_trait]
@@ -258,27 +296,50 @@ mod tests {
         );
     }
 
+    /// The card of a prompt built for a persona with `facts`.
+    fn card(facts: &[&str]) -> Arc<PersonaCard> {
+        let persona = Persona {
+            facts: facts.iter().map(|f| (*f).to_owned()).collect(),
+            ..Persona::new(AnimalId::new("a").unwrap(), "Ann")
+        };
+        PersonaCard::of(&crate::service::prompt::system_prompt(&persona)).unwrap()
+    }
+
     #[test]
     fn without_overlap_facts_rotate() {
-        let facts = ["one fact", "two fact"];
-        assert_eq!(best_fact(&facts, "hello", 1), Some("one fact"));
-        assert_eq!(best_fact(&facts, "hello", 2), Some("two fact"));
-        assert_eq!(best_fact(&[], "hello", 2), None);
+        let facts = card(&["one fact", "two fact"]);
+        assert_eq!(facts.best_fact("hello", 1), Some("one fact"));
+        assert_eq!(facts.best_fact("hello", 2), Some("two fact"));
+        assert_eq!(card(&[]).best_fact("hello", 2), None);
     }
 
     #[test]
     fn facts_match_whole_words_in_any_case() {
         let facts = ["Cougars sleep by day.", "Cougars EAT deer and rabbits."];
+        let cougar = card(&facts);
         assert_eq!(
-            best_fact(&facts, "what do cougars eat? DEER?", 1),
+            cougar.best_fact("what do cougars eat? DEER?", 1),
             Some(facts[1])
         );
         assert_eq!(
-            best_fact(&facts, "SLEEPING?", 1),
+            cougar.best_fact("SLEEPING?", 1),
             Some(facts[0]),
             "no shared word: rotates"
         );
         let facts = ["Ärger gibt es nie.", "Schnee überall."];
-        assert_eq!(best_fact(&facts, "ÜBERALL schnee", 1), Some(facts[1]));
+        assert_eq!(card(&facts).best_fact("ÜBERALL schnee", 1), Some(facts[1]));
+    }
+
+    #[test]
+    fn a_prompt_is_read_once_and_other_prompts_are_refused() {
+        let first = card(&["Otters hold hands."]);
+        let again = card(&["Otters hold hands."]);
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "the same prompt, the same card"
+        );
+        assert_eq!(first.name, "Ann");
+        assert!(!Arc::ptr_eq(&first, &card(&["Otters eat clams."])));
+        assert!(PersonaCard::of("Summarize this conversation").is_none());
     }
 }

@@ -320,7 +320,7 @@ impl ConversationService {
         let standing = self.count_model_call(principal).await?;
         let prepared = match self.start(principal, request, standing).await? {
             TurnStart::Replay(reply) => return Ok(*reply),
-            TurnStart::Run(prepared) => *prepared,
+            TurnStart::Run(prepared) => prepared,
         };
         // The model call and the write must not be cancelled by a caller that goes away
         // (a closed HTTP connection): that would lose the accepted message. A turn that
@@ -335,7 +335,7 @@ impl ConversationService {
             .map_err(|e| Error::internal("the turn task failed").with_source(e))?
     }
 
-    async fn run_turn(self, mut prepared: ReadyTurn) -> Result<TurnReply> {
+    async fn run_turn(self, mut prepared: Box<ReadyTurn>) -> Result<TurnReply> {
         let inner = &self.inner;
         let started = Instant::now();
         match self.moderate(&prepared).await {
@@ -375,7 +375,7 @@ impl ConversationService {
     /// way a turn that reached the model ends well.
     async fn finish(
         &self,
-        prepared: ReadyTurn,
+        prepared: Box<ReadyTurn>,
         reply: NewMessage,
         started: Instant,
     ) -> Result<TurnReply> {
@@ -399,7 +399,7 @@ impl ConversationService {
     /// the turn key completes the turn) and the error returned.
     async fn finish_failed(
         &self,
-        prepared: ReadyTurn,
+        prepared: Box<ReadyTurn>,
         error: Error,
         seen: Option<NewMessage>,
         started: Instant,
@@ -427,7 +427,7 @@ impl ConversationService {
     /// verdict in the answer.
     async fn finish_refused(
         &self,
-        prepared: ReadyTurn,
+        prepared: Box<ReadyTurn>,
         (refusal, verdict): (NewMessage, ModerationVerdict),
     ) -> Result<TurnReply> {
         let mut reply = self.persist(prepared, Some(refusal)).await?;

@@ -5,7 +5,7 @@ use super::*;
 impl ConversationService {
     /// Stores the user message alone (unless an earlier attempt already did), so a failed
     /// turn loses nothing the user said.
-    pub(super) async fn keep_user_message(&self, prepared: ReadyTurn) -> Result<()> {
+    pub(super) async fn keep_user_message(&self, prepared: Box<ReadyTurn>) -> Result<()> {
         match prepared.user {
             UserPart::Stored(_) => Ok(()),
             UserPart::New(_) => self.persist(prepared, None).await.map(drop),
@@ -16,7 +16,7 @@ impl ConversationService {
     /// reply, in one guarded append, re-reading and retrying when another writer won.
     pub(super) async fn persist(
         &self,
-        prepared: ReadyTurn,
+        prepared: Box<ReadyTurn>,
         assistant: Option<NewMessage>,
     ) -> Result<TurnReply> {
         let ReadyTurn {
@@ -29,7 +29,7 @@ impl ConversationService {
             fold,
             costs,
             ..
-        } = prepared;
+        } = *prepared;
         let (messages, key, stored_user) = match user {
             UserPart::New(user) => {
                 let mut messages = vec![user];

@@ -71,7 +71,7 @@ impl ConversationService {
         // stream, and inlined, those calls' states made it ~10 KB for each open stream.
         let end = match Box::pin(self.moderate(&prepared)).await {
             Ok(Some(refusal)) => {
-                let result = Box::pin(self.finish_refused(*prepared, refusal)).await;
+                let result = Box::pin(self.finish_refused(prepared, refusal)).await;
                 return send_outcome(&tx, result, true).await;
             }
             // Treated like a model that failed before its first chunk.
@@ -162,17 +162,17 @@ impl ConversationService {
                 if model.is_some() {
                     assistant.metadata.model = model;
                 }
-                Box::pin(self.finish(*prepared, assistant, started)).await
+                Box::pin(self.finish(prepared, assistant, started)).await
             }
             End::Interrupted => {
                 tracing::info!("stream consumer went away; storing the partial reply");
                 assistant.metadata.interrupted = true;
-                Box::pin(self.finish(*prepared, assistant, started)).await
+                Box::pin(self.finish(prepared, assistant, started)).await
             }
             // What the child saw of the reply is kept; a held reply was seen by no one.
             End::Failed(error) => {
                 let seen = (!held).then_some(assistant);
-                Box::pin(self.finish_failed(*prepared, error, seen, started)).await
+                Box::pin(self.finish_failed(prepared, error, seen, started)).await
             }
         };
         Box::pin(send_outcome(&tx, result, held)).await;
