@@ -16,6 +16,7 @@ mod serve;
 mod sessions;
 mod sse;
 mod state;
+mod wire;
 
 use std::time::Duration;
 

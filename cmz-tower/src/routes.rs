@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 
+use crate::wire::Rfc3339;
 use axum::extract::{ConnectInfo, FromRequestParts, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
@@ -272,8 +273,14 @@ pub(crate) async fn convo_turn(
         Err(error) => return Err(model_call_error(&state, &principal, error).await),
     };
     crate::metrics::turn(&reply, started.elapsed());
-    Ok(Json(TurnResponse::of(&reply, &animal)).into_response())
+    Ok(crate::wire::json_response(
+        &TurnResponse::of(&reply, &animal),
+        TURN_RESPONSE_CAPACITY,
+    ))
 }
+
+/// Room for a typical `POST /convo_turn` body (about 700 bytes), so it is written once.
+const TURN_RESPONSE_CAPACITY: usize = 1024;
 
 /// The body of `POST /convo_turn` (typed: it is built on every turn).
 #[derive(Serialize)]
@@ -284,7 +291,7 @@ struct TurnResponse<'a> {
     /// The legacy page's names: the reply's message id, its time and the animal (a
     /// `default` request names the animal it was mapped to).
     turn_id: &'a MessageId,
-    timestamp: &'a DateTime<Utc>,
+    timestamp: Rfc3339<'a>,
     animal_id: &'a AnimalId,
     turn_number: u64,
     fallback: bool,
@@ -329,7 +336,7 @@ impl<'a> RateLimitBlock<'a> {
 #[serde(rename_all = "camelCase")]
 struct TurnMeta<'a> {
     convo_turn_id: &'a MessageId,
-    timestamp: &'a DateTime<Utc>,
+    timestamp: Rfc3339<'a>,
     tokens_prompt: Option<u32>,
     tokens_completion: Option<u32>,
     latency_ms: Option<u64>,
@@ -348,7 +355,7 @@ impl<'a> TurnResponse<'a> {
             reply: &reply.reply,
             session_id: &reply.session_id,
             turn_id: &message.id,
-            timestamp: &message.created_at,
+            timestamp: Rfc3339(&message.created_at),
             animal_id,
             turn_number: reply.turn,
             fallback: reply.fallback,
@@ -356,7 +363,7 @@ impl<'a> TurnResponse<'a> {
             replayed: reply.replayed,
             turn: TurnMeta {
                 convo_turn_id: &message.id,
-                timestamp: &message.created_at,
+                timestamp: Rfc3339(&message.created_at),
                 tokens_prompt: message.metadata.tokens_prompt,
                 tokens_completion: message.metadata.tokens_completion,
                 latency_ms: message.metadata.latency_ms,

@@ -1,7 +1,8 @@
-use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use async_trait::async_trait;
+// foldhash: the key is a whole prompt (a kilobyte or two), hashed on every turn.
+use foldhash::HashMap;
 use futures::StreamExt as _;
 use futures::stream::BoxStream;
 
