@@ -1,9 +1,14 @@
 -- wrk script: POST /convo_turn, a new conversation per request (no sessionId).
 -- The bearer token comes from the environment (BENCH_TOKEN), set by run.py.
-wrk.method = "POST"
-wrk.body = '{"animalId":"cougar","message":"What do cougars eat?"}'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer " .. (os.getenv("BENCH_TOKEN") or "")
+-- With BENCH_GET set it sends plain GETs instead (the ceiling run: GET /system_health).
+if os.getenv("BENCH_GET") then
+  wrk.method = "GET"
+else
+  wrk.method = "POST"
+  wrk.body = '{"animalId":"cougar","message":"What do cougars eat?"}'
+  wrk.headers["Content-Type"] = "application/json"
+  wrk.headers["Authorization"] = "Bearer " .. (os.getenv("BENCH_TOKEN") or "")
+end
 
 -- One machine-readable line after wrk's own report (latency in microseconds).
 done = function(summary, latency, requests)

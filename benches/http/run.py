@@ -305,6 +305,9 @@ def sanity_check(server, token):
 # other, so the load generator takes nothing from the server: req/s is what one core of the
 # server does. "shared": server and wrk (two threads) on both cores, competing for them.
 LAYOUTS = ("split", "shared")
+# The row of cmz's GET /system_health: what the HTTP stack and the load generator allow on
+# this machine at all, with no turn behind the route.
+CEILING = "ceiling: cmz GET /system_health"
 SERVER_CORE, WRK_CORE = 1, 0
 
 
@@ -327,8 +330,10 @@ def pin_tree(server, cores):
                 pass
 
 
-def run_wrk(server, token, duration, connections, threads, measure=True, layout="shared"):
+def run_wrk(server, token, duration, connections, threads, measure=True, layout="shared", path="/convo_turn"):
     env = {**os.environ, "BENCH_TOKEN": token}
+    if path != "/convo_turn":
+        env["BENCH_GET"] = "1"
     if layout == "split":
         threads = 1
         pin_tree(server, {SERVER_CORE})
@@ -337,7 +342,7 @@ def run_wrk(server, token, duration, connections, threads, measure=True, layout=
         pin_tree(server, all_cores())
         wrk_cores = all_cores()
     command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency",
-               "-s", str(HERE / "post.lua"), server.base + "/convo_turn"]
+               "-s", str(HERE / "post.lua"), server.base + path]
     pids = server.pids()
     rss0 = tree_memory(pids)[0]
     cpu0, machine0, wrk0 = tree_cpu_seconds(pids), machine_cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -596,7 +601,7 @@ def print_report(names, tput, streams, args):
                   f"{'srv µs/req':>11}{'KiB/turn':>9}")
         print(header)
         print("-" * len(header))
-        for name in names:
+        for name in names + [CEILING]:
             t = results.get(name)
             if t is None:
                 continue
@@ -611,6 +616,10 @@ def print_report(names, tput, streams, args):
             if t is not None and len(t["all_rps"]) > 1:
                 print(f"   {short[name]} rounds: req/s " + ", ".join(f"{v:,.0f}" for v in t["all_rps"])
                       + "; srv µs/req " + ", ".join(f"{v:.1f}" for v in t["all_us"]))
+        if cmz in results and CEILING in results and names[1] in results:
+            top, turn, flask = results[CEILING]["rps"], results[cmz]["rps"], results[names[1]]["rps"]
+            print(f"  ceiling ({layout}): {top:,.0f} req/s with no turn at all = {top / flask:.1f}x "
+                  f"{short[names[1]]}'s turns; cmz's turn runs at {turn / top:.0%} of it")
         if cmz in results:
             a = results[cmz]
             for name in names[1:]:
@@ -778,6 +787,7 @@ def main():
         if "throughput" not in args.skip:
             for layout in layouts:
                 runs = {server.name: [] for server in servers}
+                runs[CEILING] = []
                 for server in servers:
                     wait_quiet(args.quiet_wait)
                     run_wrk(server, tokens[server.name], 2, args.connections, args.threads, measure=False,
@@ -793,6 +803,12 @@ def main():
                         log(f"{server.name}: {t['rps']:,.0f} req/s (wrk says {t['wrk_rps']}), p50 {t['p50_ms']:.2f} ms, "
                             f"p99 {t['p99_ms']:.2f} ms, non-2xx {t['non2xx']}, socket errors {t['socket_detail']}, "
                             f"server {t['server_us_per_req']:.1f} µs/req")
+                    # The ceiling: the same server, stack and wrk with no turn behind the route.
+                    wait_quiet(args.quiet_wait)
+                    t = run_wrk(servers[0], tokens[servers[0].name], args.duration, args.connections,
+                                args.threads, layout=layout, path="/system_health")
+                    runs[CEILING].append(t)
+                    log(f"{CEILING}: {t['rps']:,.0f} req/s, server {t['server_us_per_req']:.1f} µs/req")
                 tput[layout] = {name: median_run(r) for name, r in runs.items()}
         for server in servers:
             if server.process.poll() is not None:

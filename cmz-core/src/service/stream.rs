@@ -69,14 +69,20 @@ impl ConversationService {
         let model_span = span("model", "stream", &prepared.session.id);
         // Every call that is not the model loop is boxed: this future lives as long as the
         // stream, and inlined, those calls' states made it ~10 KB for each open stream.
-        let end = match Box::pin(self.moderate(&prepared)).await {
+        // The moderation verdict is settled here, so that it is not kept in this future
+        // for as long as the stream lasts (a `match` keeps its scrutinee to its end).
+        let refused = match Box::pin(self.moderate(&prepared)).await {
             Ok(Some(refusal)) => {
                 let result = Box::pin(self.finish_refused(prepared, refusal)).await;
-                return send_outcome(&tx, result, true).await;
+                return Box::pin(send_outcome(&tx, result, true)).await;
             }
             // Treated like a model that failed before its first chunk.
-            Err(error) => End::Failed(error),
-            Ok(None) => {
+            Err(error) => Some(error),
+            Ok(None) => None,
+        };
+        let end = match refused {
+            Some(error) => End::Failed(error),
+            None => {
                 let opened = tokio::select! {
                     biased;
                     () = tx.closed() => None,
