@@ -517,6 +517,28 @@ async def stream_test(server, token, streams, first_timeout, total_timeout):
     }
 
 
+async def connection_floor(server, count):
+    """KiB of server RSS per open keep-alive connection that has served one GET
+    /system_health: the part of a stream's memory that is the HTTP connection itself."""
+    pids = server.pids()
+    before = tree_memory(pids)[0]
+    connections = []
+    try:
+        for _ in range(count):
+            reader, writer = await asyncio.open_connection(HOST, server.port)
+            writer.write(f"GET /system_health HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+            connections.append((reader, writer))
+        for reader, _ in connections:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"{server.name}: GET /system_health -> {head[:40]!r}")
+        await asyncio.sleep(1.0)
+        return (tree_memory(pids)[0] - before) / count
+    finally:
+        for _, writer in connections:
+            writer.close()
+
+
 async def warm_stream(server, token):
     """One stream read to its first word, then dropped: the stream path has run once."""
     import aiohttp
@@ -653,6 +675,11 @@ def print_report(names, tput, streams, args):
         print("   from opening to the last stream's first word; KiB/stream = (peak - idle) / streams holding a word;")
         print("   SYN drops: connections the kernel dropped because the server's accept queue (listen backlog) was")
         print("   full (TcpExt ListenOverflows); each such client retries 1 s later")
+        if cmz in streams and "connection_kb" in streams[cmz]:
+            a = streams[cmz]
+            print(f"  cmz: an open keep-alive connection that served one GET /system_health holds "
+                  f"{a['connection_kb']:.1f} KiB ({args.streams} of them): the floor under each stream's "
+                  f"{a['rss_kb_per_stream']:.1f} KiB (hyper's buffers and the connection's task)")
         if cmz in streams:
             a = streams[cmz]
             for name in names[1:]:
@@ -784,6 +811,19 @@ def main():
                     f"response heads after {fmt(s['headers_p50_s'], '.2f')} s (median) / {fmt(s['headers_max_s'], '.2f')} s (last), "
                     f"first word after {fmt(s['first_p50_s'], '.2f')} s (median); "
                     f"accept-queue overflows {s['listen_overflows']}")
+        if "streams" not in args.skip:
+            # On a server of its own: one that served the streams reuses their freed memory.
+            fresh = Server("cmz (fresh)", servers[0].command, {}, free_port(), logdir)
+            fresh.env = dict(servers[0].env, CMZ_BIND=f"{HOST}:{fresh.port}")
+            fresh.start()
+            try:
+                fresh.wait_ready()
+                time.sleep(1.0)
+                floor = asyncio.run(connection_floor(fresh, args.streams))
+            finally:
+                fresh.stop()
+            streams[servers[0].name]["connection_kb"] = floor
+            log(f"{servers[0].name}: {floor:.1f} KiB per open keep-alive connection after one request")
         if "throughput" not in args.skip:
             for layout in layouts:
                 runs = {server.name: [] for server in servers}
