@@ -156,9 +156,29 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(request, state).await {
-            Ok(Json(value)) => Ok(Self(value)),
-            Err(rejection) => Err(json_rejection(rejection)),
+        // The common case, read straight: `Content-Type: application/json` and a body
+        // that parses. Anything else goes through axum's extractor, whose answers (with
+        // the path of a bad field) are the ones clients get; tracking that path on every
+        // body cost a fifth of reading one.
+        let plain_json = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"application/json"));
+        if !plain_json {
+            return match Json::<T>::from_request(request, state).await {
+                Ok(Json(value)) => Ok(Self(value)),
+                Err(rejection) => Err(json_rejection(rejection)),
+            };
+        }
+        let bytes = axum::body::Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| json_rejection(JsonRejection::from(rejection)))?;
+        match serde_json::from_slice(&bytes) {
+            Ok(value) => Ok(Self(value)),
+            Err(_) => match Json::<T>::from_bytes(&bytes) {
+                Ok(Json(value)) => Ok(Self(value)),
+                Err(rejection) => Err(json_rejection(rejection)),
+            },
         }
     }
 }
@@ -225,4 +245,83 @@ pub(crate) async fn ensure_error_body(response: Response) -> Response {
         }
     }
     fixed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    #[allow(dead_code)]
+    struct Body {
+        animal_id: String,
+        message: Option<String>,
+    }
+
+    fn request(content_type: &str, body: &str) -> Request {
+        Request::builder()
+            .method("POST")
+            .header(header::CONTENT_TYPE, content_type)
+            .body(axum::body::Body::from(body.to_owned()))
+            .unwrap()
+    }
+
+    /// What axum's own extractor answers, as an `Error` body.
+    async fn axums(content_type: &str, body: &str) -> Result<Body, (String, String)> {
+        Json::<Body>::from_request(request(content_type, body), &())
+            .await
+            .map(|Json(body)| body)
+            .map_err(|rejection| {
+                let error = json_rejection(rejection);
+                (error.code, error.message)
+            })
+    }
+
+    async fn ours(content_type: &str, body: &str) -> Result<Body, (String, String)> {
+        ApiJson::<Body>::from_request(request(content_type, body), &())
+            .await
+            .map(|ApiJson(body)| body)
+            .map_err(|error| (error.code, error.message))
+    }
+
+    #[tokio::test]
+    async fn a_json_body_is_read_as_axum_reads_it_with_the_same_errors() {
+        for content_type in [
+            "application/json",
+            "Application/JSON",
+            "application/json; charset=utf-8",
+            "application/vnd.api+json",
+            "text/plain",
+        ] {
+            for body in [
+                r#"{"animalId": "lion", "message": "hi"}"#,
+                r#"{"animalId": "lion"} "#,
+                r#"{"animalId": 5}"#,
+                r#"{"message": "hi"}"#,
+                r#"{"animalId": "lion"} trailing"#,
+                r#"{"animalId": "#,
+                "",
+                "[1, 2]",
+            ] {
+                let (ours, axums) = (
+                    ours(content_type, body).await,
+                    axums(content_type, body).await,
+                );
+                match (&ours, &axums) {
+                    (Ok(a), Ok(b)) => assert_eq!(a.animal_id, b.animal_id),
+                    (Err(a), Err(b)) => assert_eq!(a, b, "{content_type} {body:?}"),
+                    _ => panic!("{content_type} {body:?}: {ours:?} against {axums:?}"),
+                }
+            }
+        }
+        let (code, message) = ours("application/json", r#"{"animalId": 5}"#)
+            .await
+            .unwrap_err();
+        assert_eq!(code, "validation_error");
+        assert!(
+            message.contains("animalId"),
+            "the bad field is named: {message}"
+        );
+    }
 }
