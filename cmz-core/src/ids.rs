@@ -53,9 +53,12 @@ macro_rules! id_type {
     };
     ($(#[$meta:meta])* $name:ident, $kind:literal, $max:expr) => {
         $(#[$meta])*
+        ///
+        /// Shared, not copied, when cloned: an id is cloned many times in a turn (into the
+        /// session, both messages, the reply, spans and keys).
         #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
         #[serde(try_from = "String")]
-        pub struct $name(String);
+        pub struct $name(std::sync::Arc<str>);
 
         // Written as the plain string it is, without the copy `serde(into)` would make.
         impl Serialize for $name {
@@ -67,9 +70,9 @@ macro_rules! id_type {
         impl $name {
             /// Validates `value` and wraps it; a `validation_error` names the field.
             pub fn new(value: impl Into<String>) -> Result<Self> {
-                let value = value.into();
+                let value: String = value.into();
                 validate($kind, &value, $max)?;
-                Ok(Self(value))
+                Ok(Self(value.into()))
             }
 
             /// The id as a string slice.
@@ -119,7 +122,7 @@ macro_rules! id_type {
 
         impl From<$name> for String {
             fn from(id: $name) -> String {
-                id.0
+                id.0.as_ref().to_owned()
             }
         }
     };
@@ -181,7 +184,7 @@ impl MessageId {
     /// Ids only need to be unique, not unguessable (access is checked on the session), so
     /// they come from [`fast_uuid_v4`].
     pub fn generate() -> Self {
-        Self(fast_uuid_v4())
+        Self(fast_uuid_v4().into())
     }
 }
 
