@@ -15,6 +15,7 @@ use std::sync::Mutex;
 
 use tokio::sync::{Notify, watch};
 
+use super::stream::TurnSink;
 use super::*;
 use crate::error::Code;
 use crate::relay::{DynStreamMirror, MirrorEvent, MirroredStream};
@@ -299,9 +300,13 @@ impl ConversationService {
         // Unguessable: a stream id is not a credential (the owner is checked too), but it
         // must not tell anyone which streams exist.
         let stream_id = crate::random::secret_hex(12)?;
-        let turn = self.stream_turn(principal, request).await?;
+        let start = self.begin_stream(principal, request).await?;
+        let (session_id, session_created) = match &start {
+            TurnStart::Replay(reply) => (reply.session_id.clone(), false),
+            TurnStart::Run(prepared) => (prepared.session.id.clone(), prepared.created),
+        };
         let grace = self.inner.config.stream_resume_grace;
-        let (cancel, mut cancelled) = watch::channel(false);
+        let (cancel, cancelled) = watch::channel(false);
         let keep = self
             .inner
             .config
@@ -311,8 +316,8 @@ impl ConversationService {
         if let Some(copy) = &mirror {
             let info = MirroredStream {
                 owner: principal.user_id.clone(),
-                session_id: turn.session_id.clone(),
-                session_created: turn.session_created,
+                session_id: session_id.clone(),
+                session_created,
             };
             if let Err(error) = copy.open(&stream_id, &info, keep).await {
                 tracing::warn!(code = error.code().as_str(), error = %error.report(), "the stream mirror failed; this stream goes on in this process only");
@@ -323,8 +328,8 @@ impl ConversationService {
             id: stream_id.clone(),
             mirror: Mutex::new(mirror),
             owner: principal.user_id.clone(),
-            session_id: turn.session_id.clone(),
-            session_created: turn.session_created,
+            session_id: session_id.clone(),
+            session_created,
             buffer: Mutex::default(),
             changed: Notify::new(),
             cancel,
@@ -340,78 +345,38 @@ impl ConversationService {
             tokio::spawn(write_copies(live.clone(), mirror, rx, keep).in_current_span());
             tx
         });
-        // The reader is attached before the pump starts, so a fast turn is never cancelled
+        // The reader is attached before the turn starts, so a fast turn is never cancelled
         // for want of one.
         let events = read_from(live.clone(), 0, grace);
+        let mut sink = LiveSink {
+            live,
+            cancelled,
+            copies,
+            pieces: 0,
+            check_stop: tokio::time::interval(STOP_POLL),
+            stop_check: None,
+            stopped: false,
+            end: None,
+        };
+        sink.check_stop
+            .set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let streams = self.inner.streams.clone();
-        let id = stream_id.clone();
-        let (session_id, session_created) = (live.session_id.clone(), live.session_created);
+        let service = self.clone();
+        // One task runs the turn and writes its events where readers find them; it then
+        // keeps the stream for a reconnect within the grace period.
         tokio::spawn(
             async move {
-                let mut turn = turn;
-                let mut pieces: EventNumber = 0;
-                let mut check_stop = tokio::time::interval(STOP_POLL);
-                check_stop.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                let end = loop {
-                    tokio::select! {
-                        biased;
-                        changed = cancelled.changed() => {
-                            if changed.is_err() || *cancelled.borrow() {
-                                break End::Cancelled;
-                            }
-                        }
-                        _ = check_stop.tick(), if live.mirror().is_some() => {
-                            if let Some(mirror) = live.mirror() {
-                                match mirror.stop_requested(&live.id).await {
-                                    Ok(true) => break End::Cancelled,
-                                    Ok(false) => {}
-                                    Err(error) => live.mirror_failed(&error),
-                                }
-                            }
-                        }
-                        item = turn.next() => match item {
-                            Some(Ok(TurnEvent::Delta(piece))) => {
-                                {
-                                    let mut buffer = live.buffer();
-                                    buffer.text.push_str(&piece);
-                                    let end = u32::try_from(buffer.text.len()).unwrap_or(u32::MAX);
-                                    buffer.ends.push(end);
-                                }
-                                live.changed.notify_waiters();
-                                pieces += 1;
-                                if let Some(copies) = &copies {
-                                    let _ = copies.send((pieces, MirrorEvent::Piece { text: piece }));
-                                }
-                            }
-                            Some(Ok(TurnEvent::Complete(reply))) => break End::Stored(reply),
-                            Some(Err(error)) => break End::Failed(error.code(), error.to_string()),
-                            None => break End::Failed(Code::Internal, "the turn ended without a reply".into()),
-                        },
+                match start {
+                    TurnStart::Replay(reply) => {
+                        let mut writer = &mut sink;
+                        writer.send(Ok(TurnEvent::Delta(reply.reply.clone()))).await;
+                        writer.send(Ok(TurnEvent::Complete(reply))).await;
                     }
-                };
-                // Dropping the turn's stream cancels the model; the engine stores what was
-                // produced, marked interrupted.
-                drop(turn);
-                let copy = match &end {
-                    End::Stored(reply) => MirrorEvent::Stored { reply: reply.clone() },
-                    End::Failed(code, message) => MirrorEvent::Failed {
-                        code: code.as_str().to_owned(),
-                        message: message.clone(),
-                    },
-                    End::Cancelled => MirrorEvent::Cancelled,
-                };
-                {
-                    let mut buffer = live.buffer();
-                    buffer.end = Some(end);
-                    // Kept for the grace period: no spare capacity.
-                    buffer.text.shrink_to_fit();
-                    buffer.ends.shrink_to_fit();
+                    TurnStart::Run(prepared) => {
+                        Box::pin(service.drive_stream(prepared, &mut sink)).await;
+                    }
                 }
-                live.changed.notify_waiters();
-                if let Some(copies) = copies {
-                    let _ = copies.send((pieces + 1, copy));
-                }
-                // Kept for a reconnect within the grace period, then forgotten.
+                let id = sink.finish();
                 tokio::time::sleep(grace).await;
                 streams.map().remove(&id);
             }
@@ -579,6 +544,137 @@ impl ConversationService {
     /// grace period).
     pub fn kept_streams(&self) -> usize {
         self.inner.streams.len()
+    }
+}
+
+/// A resumable stream's end of a turn: the turn's own task writes the pieces into the
+/// buffer readers wait on, numbers them, copies them to the mirror, and records the end.
+struct LiveSink {
+    live: Arc<Live>,
+    cancelled: watch::Receiver<bool>,
+    copies: Option<mpsc::UnboundedSender<(EventNumber, MirrorEvent)>>,
+    pieces: EventNumber,
+    check_stop: tokio::time::Interval,
+    /// The mirror's answer to "was a stop asked elsewhere?", while it is awaited: kept
+    /// here, so a model chunk arriving meanwhile does not drop the question.
+    stop_check: Option<futures::future::BoxFuture<'static, Result<bool>>>,
+    /// Cancelled, or stopped from another server: what comes after is stored as
+    /// interrupted, and the stream ends `stopped`.
+    stopped: bool,
+    end: Option<End>,
+}
+
+impl LiveSink {
+    fn is_stopped(&mut self) -> bool {
+        self.stopped |= *self.cancelled.borrow();
+        self.stopped
+    }
+
+    /// Records how the stream ended (once), wakes its readers, sends the last copy;
+    /// returns the stream's id.
+    fn finish(&mut self) -> String {
+        let end = self.end.take().unwrap_or_else(|| {
+            if self.is_stopped() {
+                End::Cancelled
+            } else {
+                End::Failed(Code::Internal, "the turn ended without a reply".into())
+            }
+        });
+        let copy = match &end {
+            End::Stored(reply) => MirrorEvent::Stored {
+                reply: reply.clone(),
+            },
+            End::Failed(code, message) => MirrorEvent::Failed {
+                code: code.as_str().to_owned(),
+                message: message.clone(),
+            },
+            End::Cancelled => MirrorEvent::Cancelled,
+        };
+        {
+            let mut buffer = self.live.buffer();
+            buffer.end = Some(end);
+            // Kept for the grace period: no spare capacity.
+            buffer.text.shrink_to_fit();
+            buffer.ends.shrink_to_fit();
+        }
+        self.live.changed.notify_waiters();
+        if let Some(copies) = self.copies.take() {
+            let _ = copies.send((self.pieces + 1, copy));
+        }
+        self.live.id.clone()
+    }
+}
+
+impl TurnSink for &mut LiveSink {
+    async fn closed(&mut self) {
+        loop {
+            if self.is_stopped() {
+                return;
+            }
+            let this = &mut **self;
+            let mirrored = this.live.mirror().is_some();
+            let asking = this.stop_check.is_some();
+            tokio::select! {
+                biased;
+                changed = this.cancelled.changed() => {
+                    if changed.is_err() {
+                        this.stopped = true;
+                    }
+                }
+                answer = async { this.stop_check.as_mut().expect("asking").await }, if asking => {
+                    this.stop_check = None;
+                    match answer {
+                        Ok(true) => this.stopped = true,
+                        Ok(false) => {}
+                        Err(error) => this.live.mirror_failed(&error),
+                    }
+                }
+                _ = this.check_stop.tick(), if mirrored && !asking => {
+                    if let Some(mirror) = this.live.mirror() {
+                        let id = this.live.id.clone();
+                        this.stop_check = Some(Box::pin(async move { mirror.stop_requested(&id).await }));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn send(&mut self, event: Result<TurnEvent>) -> bool {
+        let stopped = self.is_stopped();
+        match event {
+            Ok(TurnEvent::Delta(piece)) => {
+                if stopped || self.end.is_some() {
+                    return false;
+                }
+                {
+                    let mut buffer = self.live.buffer();
+                    buffer.text.push_str(&piece);
+                    let end = u32::try_from(buffer.text.len()).unwrap_or(u32::MAX);
+                    buffer.ends.push(end);
+                }
+                self.live.changed.notify_waiters();
+                self.pieces += 1;
+                if let Some(copies) = &self.copies {
+                    let _ = copies.send((self.pieces, MirrorEvent::Piece { text: piece }));
+                }
+                true
+            }
+            // The engine stored what was produced, marked interrupted: the readers of a
+            // stopped stream learn that it was stopped.
+            _ if stopped => {
+                self.end.get_or_insert(End::Cancelled);
+                false
+            }
+            Ok(TurnEvent::Complete(reply)) => {
+                self.end.get_or_insert(End::Stored(reply));
+                true
+            }
+            Err(error) => {
+                self.end
+                    .get_or_insert(End::Failed(error.code(), error.to_string()));
+                true
+            }
+        }
     }
 }
 

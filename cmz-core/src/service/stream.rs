@@ -17,9 +17,7 @@ impl ConversationService {
         principal: &Principal,
         request: TurnRequest,
     ) -> Result<TurnStream> {
-        require_runtime()?;
-        let standing = self.count_model_call(principal).await?;
-        match self.start(principal, request, standing).await? {
+        match self.begin_stream(principal, request).await? {
             TurnStart::Replay(reply) => Ok(TurnStream {
                 session_id: reply.session_id.clone(),
                 session_created: false,
@@ -51,7 +49,21 @@ impl ConversationService {
         }
     }
 
-    pub(super) async fn drive_stream(self, mut prepared: Box<ReadyTurn>, tx: mpsc::Sender<Sent>) {
+    /// The checks and the preparation of a streamed turn (a replay, or a turn to run).
+    pub(super) async fn begin_stream(
+        &self,
+        principal: &Principal,
+        request: TurnRequest,
+    ) -> Result<TurnStart> {
+        require_runtime()?;
+        let standing = self.count_model_call(principal).await?;
+        self.start(principal, request, standing).await
+    }
+
+    /// Runs a prepared turn, handing its events to `tx`: the pieces as the model makes
+    /// them, then the stored reply or the error. Stores what was produced, marked
+    /// interrupted, when `tx` is closed early.
+    pub(super) async fn drive_stream<S: TurnSink>(self, mut prepared: Box<ReadyTurn>, mut tx: S) {
         enum End {
             Completed(Option<Usage>, Option<String>),
             Failed(Error),
@@ -71,7 +83,7 @@ impl ConversationService {
         let refused = match Box::pin(self.moderate(&prepared)).await {
             Ok(Some(refusal)) => {
                 let result = Box::pin(self.finish_refused(prepared, refusal)).await;
-                return Box::pin(send_outcome(&tx, result, true)).await;
+                return Box::pin(send_outcome(&mut tx, result, true)).await;
             }
             // Treated like a model that failed before its first chunk.
             Err(error) => Some(error),
@@ -133,7 +145,7 @@ impl ConversationService {
                                         tx.send(Ok(TurnEvent::Delta(delta))),
                                     )
                                     .await;
-                                    if !matches!(sent, Ok(Ok(()))) {
+                                    if !matches!(sent, Ok(true)) {
                                         break End::Interrupted;
                                     }
                                 }
@@ -178,7 +190,7 @@ impl ConversationService {
                 Box::pin(self.finish_failed(prepared, error, seen, started)).await
             }
         };
-        Box::pin(send_outcome(&tx, result, held)).await;
+        Box::pin(send_outcome(&mut tx, result, held)).await;
     }
 }
 
@@ -186,10 +198,34 @@ impl ConversationService {
 /// channel's slots (allocated 32 at a time for every open stream) takes 32 bytes, not 72.
 type Sent = std::result::Result<TurnEvent, Box<Error>>;
 
+/// Where a streamed turn's events go: a channel to one reader ([`stream_turn`]), or the
+/// buffer of a resumable stream, written by the turn's own task (no channel between).
+///
+/// [`stream_turn`]: ConversationService::stream_turn
+pub(super) trait TurnSink: Send {
+    /// Resolves once nobody wants the turn any more; it is then stored `interrupted`.
+    fn closed(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// Hands over one event; `false` when nobody takes it any more.
+    fn send(&mut self, event: Result<TurnEvent>) -> impl Future<Output = bool> + Send;
+}
+
+impl TurnSink for mpsc::Sender<Sent> {
+    async fn closed(&mut self) {
+        mpsc::Sender::closed(self).await;
+    }
+
+    async fn send(&mut self, event: Result<TurnEvent>) -> bool {
+        mpsc::Sender::send(self, event.map_err(Box::new))
+            .await
+            .is_ok()
+    }
+}
+
 /// Sends the end of a streamed turn: the reply's text when the consumer has not seen it
 /// (a fallback, a refusal, or a reply held for the strict check), then `Complete`, or the
 /// error.
-async fn send_outcome(tx: &mpsc::Sender<Sent>, result: Result<TurnReply>, held: bool) {
+async fn send_outcome<S: TurnSink>(tx: &mut S, result: Result<TurnReply>, held: bool) {
     match result {
         Ok(reply) => {
             let unseen = held || reply.fallback || reply.moderation.flagged;
@@ -200,7 +236,7 @@ async fn send_outcome(tx: &mpsc::Sender<Sent>, result: Result<TurnReply>, held: 
         }
         Err(error) => {
             tracing::error!(code = error.code().as_str(), error = %error.report(), "the streamed turn failed");
-            let _ = tx.send(Err(Box::new(error))).await;
+            let _ = tx.send(Err(error)).await;
         }
     }
 }
