@@ -129,6 +129,8 @@ struct ReadyTurn {
     _lease: SessionLease,
     session: Session,
     created: bool,
+    /// The persona's id and name only (its prompt is built; fallbacks and refusals need
+    /// the name).
     persona: Persona,
     user: UserPart,
     prompt: ChatRequest,

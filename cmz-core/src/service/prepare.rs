@@ -277,6 +277,10 @@ impl ConversationService {
             .map_or(inner.config.moderation_level, |level| {
                 level.max(inner.config.moderation_level)
             });
+        // The prompt is built: from here a turn needs only the persona's name (for an
+        // in-character fallback or refusal), and a streamed turn holds this for as long
+        // as the stream lasts, so the facts and guidelines are let go.
+        let persona = Persona::new(persona.animal_id, persona.name);
         Ok(TurnStart::Run(Box::new(ReadyTurn {
             _lease: lease,
             session,
