@@ -444,6 +444,48 @@ impl Redactor {
             }
         }
     }
+
+    /// `text` with its personal details replaced by placeholders.
+    pub fn redact<'a>(&self, text: &'a str) -> Redacted<'a> {
+        let spans = self.spans(text);
+        if spans.is_empty() {
+            return Redacted {
+                text: Cow::Borrowed(text),
+                kinds: Vec::new(),
+            };
+        }
+        let mut out = String::with_capacity(text.len());
+        let mut kinds: Vec<PiiKind> = Vec::new();
+        let mut at = 0;
+        let mut spans = spans.into_iter().peekable();
+        while let Some((start, mut end, kind)) = spans.next() {
+            // Details that overlap are replaced together: nothing of either survives.
+            let mut cluster = vec![kind];
+            while let Some(&(next_start, next_end, next_kind)) = spans.peek() {
+                if next_start >= end {
+                    break;
+                }
+                end = end.max(next_end);
+                if !cluster.contains(&next_kind) {
+                    cluster.push(next_kind);
+                }
+                spans.next();
+            }
+            out.push_str(&text[at..start]);
+            for kind in cluster {
+                out.push_str(kind.placeholder());
+                if !kinds.contains(&kind) {
+                    kinds.push(kind);
+                }
+            }
+            at = end;
+        }
+        out.push_str(&text[at..]);
+        Redacted {
+            text: Cow::Owned(out),
+            kinds,
+        }
+    }
 }
 
 /// Names after an introduction.
@@ -542,50 +584,6 @@ impl Clues {
             address_words: any(&["live", "address", "house"]),
             name_words: any(&["name", "call"]),
             school_words: any(&["school", "go", "attend"]),
-        }
-    }
-}
-
-impl Redactor {
-    /// `text` with its personal details replaced by placeholders.
-    pub fn redact<'a>(&self, text: &'a str) -> Redacted<'a> {
-        let spans = self.spans(text);
-        if spans.is_empty() {
-            return Redacted {
-                text: Cow::Borrowed(text),
-                kinds: Vec::new(),
-            };
-        }
-        let mut out = String::with_capacity(text.len());
-        let mut kinds: Vec<PiiKind> = Vec::new();
-        let mut at = 0;
-        let mut spans = spans.into_iter().peekable();
-        while let Some((start, mut end, kind)) = spans.next() {
-            // Details that overlap are replaced together: nothing of either survives.
-            let mut cluster = vec![kind];
-            while let Some(&(next_start, next_end, next_kind)) = spans.peek() {
-                if next_start >= end {
-                    break;
-                }
-                end = end.max(next_end);
-                if !cluster.contains(&next_kind) {
-                    cluster.push(next_kind);
-                }
-                spans.next();
-            }
-            out.push_str(&text[at..start]);
-            for kind in cluster {
-                out.push_str(kind.placeholder());
-                if !kinds.contains(&kind) {
-                    kinds.push(kind);
-                }
-            }
-            at = end;
-        }
-        out.push_str(&text[at..]);
-        Redacted {
-            text: Cow::Owned(out),
-            kinds,
         }
     }
 }

@@ -368,9 +368,8 @@ impl ConversationService {
             async move {
                 match start {
                     TurnStart::Replay(reply) => {
-                        let mut writer = &mut sink;
-                        writer.send(Ok(TurnEvent::Delta(reply.reply.clone()))).await;
-                        writer.send(Ok(TurnEvent::Complete(reply))).await;
+                        sink.send(Ok(TurnEvent::Delta(reply.reply.clone()))).await;
+                        sink.send(Ok(TurnEvent::Complete(reply))).await;
                     }
                     TurnStart::Run(prepared) => {
                         Box::pin(service.drive_stream(prepared, &mut sink)).await;
@@ -605,13 +604,13 @@ impl LiveSink {
     }
 }
 
-impl TurnSink for &mut LiveSink {
+impl TurnSink for LiveSink {
     async fn closed(&mut self) {
         loop {
             if self.is_stopped() {
                 return;
             }
-            let this = &mut **self;
+            let this = &mut *self;
             let mirrored = this.live.mirror().is_some();
             let asking = this.stop_check.is_some();
             tokio::select! {

@@ -210,6 +210,16 @@ pub(super) trait TurnSink: Send {
     fn send(&mut self, event: Result<TurnEvent>) -> impl Future<Output = bool> + Send;
 }
 
+impl<S: TurnSink> TurnSink for &mut S {
+    fn closed(&mut self) -> impl Future<Output = ()> + Send {
+        (**self).closed()
+    }
+
+    fn send(&mut self, event: Result<TurnEvent>) -> impl Future<Output = bool> + Send {
+        (**self).send(event)
+    }
+}
+
 impl TurnSink for mpsc::Sender<Sent> {
     async fn closed(&mut self) {
         mpsc::Sender::closed(self).await;
