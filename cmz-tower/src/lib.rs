@@ -49,7 +49,7 @@ pub use health::method_not_allowed;
 #[cfg(feature = "prometheus")]
 pub use metrics::prometheus_router;
 pub use security_headers::{API_CONTENT_SECURITY_POLICY, SecurityHeaders, SecurityHeadersLayer};
-pub use serve::{ConnectionLimits, serve_with};
+pub use serve::{ConnectionLimits, MAX_HEAD_BYTES, MAX_HEADERS, serve_with};
 pub use state::{AppState, HttpSettings};
 
 /// Request ids as UUID v4 from [`cmz_core::ids::fast_uuid_v4`]: they only need to be

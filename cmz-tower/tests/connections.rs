@@ -51,6 +51,7 @@ fn limits() -> ConnectionLimits {
         max_connections: 4,
         max_connections_per_ip: 3,
         trusted_proxies: TrustedProxies::none(),
+        ..ConnectionLimits::default()
     }
 }
 

@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 
 /// The environment of one test on DynamoDB: tables of its own on the shared DynamoDB Local
 /// (created at start), the development users and a JWT secret; `extra` adds or overrides.
@@ -29,19 +28,17 @@ pub(crate) fn dynamo_environment(extra: &[(&str, &str)]) -> HashMap<String, Stri
     env
 }
 
-/// Serves `app` on a free loopback port (with the peer address, as the demo does);
+/// Serves `app` on a free loopback port with cmz's own accept loop (as the demo does);
 /// returns its base URL.
 pub(crate) async fn serve(app: axum::Router) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await
-        .unwrap();
-    });
+    tokio::spawn(cmz_tower::serve_with(
+        listener,
+        app,
+        cmz_tower::ConnectionLimits::default(),
+        std::future::pending(),
+    ));
     format!("http://{address}")
 }
 

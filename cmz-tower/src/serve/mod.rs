@@ -12,6 +12,8 @@
 //! # }
 //! ```
 
+mod http1;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
@@ -22,16 +24,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::ConnectInfo;
 use cmz_core::{Error, Result};
 
 use crate::client_ip::TrustedProxies;
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::Instant;
-use tower::ServiceExt as _;
+
+pub use http1::{MAX_HEAD_BYTES, MAX_HEADERS};
 
 /// Limits on connections, from the legacy-style variables of
 /// [`from_lookup`](Self::from_lookup).
@@ -188,6 +188,13 @@ impl Activity {
 /// Counts a request as running until dropped.
 struct Running(Arc<Activity>);
 
+impl Running {
+    fn start(activity: &Arc<Activity>) -> Self {
+        activity.running.fetch_add(1, Ordering::AcqRel);
+        Self(activity.clone())
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         self.0.running.fetch_sub(1, Ordering::AcqRel);
@@ -195,74 +202,23 @@ impl Drop for Running {
     }
 }
 
-/// The connection's socket, noting every read and write in its [`Activity`].
-struct Watched {
-    io: TokioIo<TcpStream>,
-    activity: Arc<Activity>,
-}
-
-impl hyper::rt::Read for Watched {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        if polled.is_ready() {
-            self.activity.touch();
-        }
-        polled
-    }
-}
-
-impl hyper::rt::Write for Watched {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        polled
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        polled
-    }
-}
-
 /// Serves `app` on `listener` over HTTP/1.1 under `limits` until `shutdown` completes, then
 /// finishes the requests in flight (connections idle between requests close at once) and
-/// returns. Each request carries [`ConnectInfo<SocketAddr>`](ConnectInfo).
+/// returns. Each request carries [`ConnectInfo<SocketAddr>`](axum::extract::ConnectInfo).
 ///
 /// - a client that has not sent a whole request head within `header_read_timeout` is
 ///   disconnected (slow-header attacks);
 /// - a connection with no request running and no bytes moving for `idle_timeout` is
 ///   closed;
 /// - connections beyond `max_connections`, or beyond `max_connections_per_ip` from one
-///   address, are closed as soon as they are accepted.
+///   address, are closed as soon as they are accepted;
+/// - request heads are limited to [`MAX_HEAD_BYTES`] and [`MAX_HEADERS`] (`431`); a body
+///   framed two ways at once is refused (`400`). Bodies stream to the router, whose own
+///   layers limit their size and time.
+///
+/// Each connection holds no buffer between requests, so an open connection (an idle
+/// keep-alive one, or a Server-Sent Events stream between events) costs a few hundred
+/// bytes besides its socket.
 pub async fn serve_with(
     listener: TcpListener,
     app: Router,
@@ -271,11 +227,9 @@ pub async fn serve_with(
 ) {
     let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let per_address = Arc::new(PerAddress::default());
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .keep_alive(true);
+    let (stop, stopping) = watch::channel(false);
+    // Every connection's task holds a sender; when the last is gone, all have ended.
+    let (open, mut all_closed) = mpsc::channel::<()>(1);
     tokio::pin!(shutdown);
     loop {
         let (stream, remote) = tokio::select! {
@@ -309,35 +263,37 @@ pub async fn serve_with(
         };
         let _ = stream.set_nodelay(true);
         let activity = Activity::new();
-        let io = Watched {
-            io: TokioIo::new(stream),
-            activity: activity.clone(),
-        };
-        let service = {
-            let (app, activity) = (app.clone(), activity.clone());
-            hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-                activity.running.fetch_add(1, Ordering::AcqRel);
-                let running = Running(activity.clone());
-                request.extensions_mut().insert(ConnectInfo(remote));
-                let app = app.clone();
-                async move {
-                    let response = app.oneshot(request).await;
-                    drop(running);
-                    response
-                }
-            })
-        };
-        let connection = graceful.watch(http.serve_connection(io, service));
+        let connection = http1::serve_connection(
+            stream,
+            remote,
+            app.clone(),
+            limits.header_read_timeout,
+            activity.clone(),
+            stopping.clone(),
+        );
         tokio::spawn(RunConnection::new(
             connection,
             activity,
             limits.idle_timeout,
-            permit,
-            slot,
+            Held {
+                _permit: permit,
+                _slot: slot,
+                _open: open.clone(),
+            },
         ));
     }
     drop(listener);
-    graceful.shutdown().await;
+    let _ = stop.send(true);
+    drop(open);
+    let _ = all_closed.recv().await;
+}
+
+/// What an open connection holds until it ends: its places under the caps, and its part
+/// in the count of open connections that shutdown waits on.
+struct Held {
+    _permit: OwnedSemaphorePermit,
+    _slot: Option<AddressSlot>,
+    _open: mpsc::Sender<()>,
 }
 
 pin_project_lite::pin_project! {
@@ -352,19 +308,12 @@ pin_project_lite::pin_project! {
         check_every: Duration,
         activity: Arc<Activity>,
         idle_timeout: Duration,
-        _permit: OwnedSemaphorePermit,
-        _slot: Option<AddressSlot>,
+        _held: Held,
     }
 }
 
 impl<C> RunConnection<C> {
-    fn new(
-        connection: C,
-        activity: Arc<Activity>,
-        idle_timeout: Duration,
-        permit: OwnedSemaphorePermit,
-        slot: Option<AddressSlot>,
-    ) -> Self {
+    fn new(connection: C, activity: Arc<Activity>, idle_timeout: Duration, held: Held) -> Self {
         let check_every =
             (idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         Self {
@@ -373,21 +322,17 @@ impl<C> RunConnection<C> {
             check_every,
             activity,
             idle_timeout,
-            _permit: permit,
-            _slot: slot,
+            _held: held,
         }
     }
 }
 
-impl<C: Future<Output = hyper::Result<()>>> Future for RunConnection<C> {
+impl<C: Future<Output = ()>> Future for RunConnection<C> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
-        if let Poll::Ready(result) = this.connection.poll(cx) {
-            if let Err(error) = result {
-                tracing::debug!(%error, "connection ended with an error");
-            }
+        if this.connection.poll(cx).is_ready() {
             return Poll::Ready(());
         }
         while this.check_at.as_mut().poll(cx).is_ready() {
