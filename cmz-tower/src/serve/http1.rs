@@ -77,119 +77,15 @@ pub(crate) async fn serve_connection(
         header_read_timeout,
     };
     loop {
-        let head = match connection.read_head(&mut shutdown).await {
-            Ok(Some(head)) => head,
-            Ok(None) => return,
-            Err(refusal) => return connection.refuse(refusal).await,
-        };
-        let _running = Running::start(&connection.activity);
-        let (mut parts, framing) = head;
-        let asked = Asked::of(&parts);
-        let mut feed = match framing {
-            InFraming::Length(0) => None,
-            InFraming::Length(length) => Some(BodyReader::Length(length)),
-            InFraming::Chunked => Some(BodyReader::Chunked(Chunk::Size)),
-        };
-        let expects_continue = feed.is_some()
-            && asked.version == Version::HTTP_11
-            && parts
-                .headers
-                .get(header::EXPECT)
-                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-        if expects_continue
-            && connection.pending.is_empty()
-            && connection
-                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-                .await
-                .is_err()
-        {
+        // Two phases, each its own future, so the task keeps room for the larger of the
+        // two rather than for both: a long streamed reply keeps only what writing needs.
+        let Some((reply, running)) = connection.next_reply(&mut app, &mut shutdown, remote).await
+        else {
             return;
-        }
-        if connection.pending.is_empty() {
-            // Nothing of a body or a next request yet: hold no buffer while this request
-            // runs (its head buffer goes with the request).
-            connection.pending = BytesMut::new();
-        }
-        let (mut to_app, body) = match (&feed, framing) {
-            (None, _) => (None, Body::empty()),
-            (Some(_), framing) => {
-                let (sender, receiver) = mpsc::channel(1);
-                let left = match framing {
-                    InFraming::Length(length) => Some(length),
-                    InFraming::Chunked => None,
-                };
-                (Some(sender), Body::new(IncomingBody { receiver, left }))
-            }
         };
-        parts.extensions.insert(ConnectInfo(remote));
-        let request = Request::from_parts(parts, body);
-        let answer = async {
-            let ready = ServiceExt::<Request<Body>>::ready(&mut app).await;
-            match ready {
-                Ok(app) => app.call(request).await,
-                Err(never) => match never {},
-            }
-        };
-        tokio::pin!(answer);
-        // The app runs while its body streams in: one piece at a time, read only when the
-        // app has taken the last one.
-        let mut piece: Option<io::Result<Bytes>> = None;
-        // A body left unread by the app, or malformed: the connection cannot go on.
-        let mut body_unfinished = false;
-        let response = loop {
-            let mut need_bytes = false;
-            if piece.is_none() {
-                if let Some(reader) = &mut feed {
-                    match reader.decode(&mut connection.pending) {
-                        Decoded::Piece(bytes) => piece = Some(Ok(bytes)),
-                        Decoded::NeedMore => need_bytes = true,
-                        Decoded::Done => {
-                            feed = None;
-                            to_app = None;
-                        }
-                        Decoded::Invalid(why) => {
-                            piece = Some(Err(io::Error::new(io::ErrorKind::InvalidData, why)));
-                            feed = None;
-                            body_unfinished = true;
-                        }
-                    }
-                }
-            }
-            let waiting = piece.is_some();
-            let mut body_over = false;
-            tokio::select! {
-                response = &mut answer => break match response {
-                    Ok(response) => response,
-                    Err(never) => match never {},
-                },
-                permit = reserve(&to_app), if waiting => match permit {
-                    Some(permit) => {
-                        let sent = piece.take().unwrap_or_else(|| Ok(Bytes::new()));
-                        body_over = sent.is_err();
-                        permit.send(sent);
-                    }
-                    None => {
-                        // The app dropped the body unread.
-                        piece = None;
-                        body_over = true;
-                        body_unfinished = true;
-                    }
-                },
-                gone = connection.read_or_watch(need_bytes) => if gone {
-                    tracing::debug!("the client closed the connection while its request ran");
-                    return;
-                },
-            }
-            if body_over {
-                to_app = None;
-                feed = None;
-            }
-        };
-        // A body not read to its end leaves the connection at an unknown place.
-        let body_done = feed.is_none() && piece.is_none() && !body_unfinished;
-        drop(to_app);
-        let keep_alive = asked.keep_alive && body_done && !*shutdown.borrow();
-        if !connection.respond(response, &asked, keep_alive).await {
+        let go_on = connection.send(reply).await;
+        drop(running);
+        if !go_on {
             return;
         }
     }
@@ -376,15 +272,15 @@ enum Refusal {
     /// slowly).
     Close,
     /// The connection is answered with this error, then closed.
-    Answer(ApiError),
+    Answer(Box<ApiError>),
 }
 
 impl Refusal {
     fn answer(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
-        Self::Answer(ApiError {
+        Self::Answer(Box::new(ApiError {
             status,
             ..ApiError::new(code, message)
-        })
+        }))
     }
 
     fn bad_request(message: impl Into<String>) -> Self {
@@ -401,6 +297,13 @@ impl Refusal {
             ),
         )
     }
+}
+
+/// A request head as read.
+#[derive(Debug)]
+struct Head {
+    parts: request::Parts,
+    framing: InFraming,
 }
 
 /// How a request's body is framed.
@@ -442,6 +345,146 @@ impl Connection {
         read
     }
 
+    /// Reads the next request and runs it: its reply, what it asked (keep-alive only if
+    /// its body was read to its end) and its place among the running requests; `None` when
+    /// the connection is done.
+    async fn next_reply(
+        &mut self,
+        app: &mut Router,
+        shutdown: &mut watch::Receiver<bool>,
+        remote: SocketAddr,
+    ) -> Option<(Reply, Running)> {
+        let head = match self.read_head(shutdown).await {
+            Ok(Some(head)) => head,
+            Ok(None) => return None,
+            Err(refusal) => {
+                Box::pin(self.refuse(refusal)).await;
+                return None;
+            }
+        };
+        let running = Running::start(&self.activity);
+        let mut asked = Asked::of(&head.parts);
+        // The app's part runs boxed: it is over before the reply is written.
+        let (response, body_done) = Box::pin(self.run(app, head, &asked, remote)).await?;
+        asked.keep_alive &= body_done && !*shutdown.borrow();
+        Some((Reply::new(response, &asked), running))
+    }
+
+    /// Hands the request to `app` and streams its body in while the app runs; the reply
+    /// and whether the body was read to its end, or `None` when the client left.
+    async fn run(
+        &mut self,
+        app: &mut Router,
+        head: Box<Head>,
+        asked: &Asked,
+        remote: SocketAddr,
+    ) -> Option<(Response<Body>, bool)> {
+        let Head { mut parts, framing } = *head;
+        let mut feed = match framing {
+            InFraming::Length(0) => None,
+            InFraming::Length(length) => Some(BodyReader::Length(length)),
+            InFraming::Chunked => Some(BodyReader::Chunked(Chunk::Size)),
+        };
+        let expects_continue = feed.is_some()
+            && asked.version == Version::HTTP_11
+            && parts
+                .headers
+                .get(header::EXPECT)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if expects_continue
+            && self.pending.is_empty()
+            && self
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .is_err()
+        {
+            return None;
+        }
+        if self.pending.is_empty() {
+            // Nothing of a body or a next request yet: hold no buffer while this request
+            // runs (its head buffer goes with the request).
+            self.pending = BytesMut::new();
+        }
+        let (mut to_app, body) = match (&feed, framing) {
+            (None, _) => (None, Body::empty()),
+            (Some(_), framing) => {
+                let (sender, receiver) = mpsc::channel(1);
+                let left = match framing {
+                    InFraming::Length(length) => Some(length),
+                    InFraming::Chunked => None,
+                };
+                (Some(sender), Body::new(IncomingBody { receiver, left }))
+            }
+        };
+        parts.extensions.insert(ConnectInfo(remote));
+        let request = Request::from_parts(parts, body);
+        let answer = async {
+            let ready = ServiceExt::<Request<Body>>::ready(app).await;
+            match ready {
+                Ok(app) => app.call(request).await,
+                Err(never) => match never {},
+            }
+        };
+        tokio::pin!(answer);
+        // The app runs while its body streams in: one piece at a time, read only when the
+        // app has taken the last one.
+        let mut piece: Option<io::Result<Bytes>> = None;
+        // A body left unread by the app, or malformed: the connection cannot go on.
+        let mut body_unfinished = false;
+        let response = loop {
+            let mut need_bytes = false;
+            if piece.is_none() {
+                if let Some(reader) = &mut feed {
+                    match reader.decode(&mut self.pending) {
+                        Decoded::Piece(bytes) => piece = Some(Ok(bytes)),
+                        Decoded::NeedMore => need_bytes = true,
+                        Decoded::Done => {
+                            feed = None;
+                            to_app = None;
+                        }
+                        Decoded::Invalid(why) => {
+                            piece = Some(Err(io::Error::new(io::ErrorKind::InvalidData, why)));
+                            feed = None;
+                            body_unfinished = true;
+                        }
+                    }
+                }
+            }
+            let waiting = piece.is_some();
+            let mut body_over = false;
+            tokio::select! {
+                response = &mut answer => break match response {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                },
+                permit = reserve(&to_app), if waiting => match permit {
+                    Some(permit) => {
+                        let sent = piece.take().unwrap_or_else(|| Ok(Bytes::new()));
+                        body_over = sent.is_err();
+                        permit.send(sent);
+                    }
+                    None => {
+                        // The app dropped the body unread.
+                        piece = None;
+                        body_over = true;
+                        body_unfinished = true;
+                    }
+                },
+                gone = self.read_or_watch(need_bytes) => if gone {
+                    tracing::debug!("the client closed the connection while its request ran");
+                    return None;
+                },
+            }
+            if body_over {
+                to_app = None;
+                feed = None;
+            }
+        };
+        // A body not read to its end leaves the connection at an unknown place.
+        let body_done = feed.is_none() && piece.is_none() && !body_unfinished;
+        Some((response, body_done))
+    }
+
     /// With `need_bytes`, reads more into `pending`; without, waits for the client to
     /// close. `true` when the client has gone.
     async fn read_or_watch(&mut self, need_bytes: bool) -> bool {
@@ -458,7 +501,7 @@ impl Connection {
     async fn read_head(
         &mut self,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<Option<(request::Parts, InFraming)>, Refusal> {
+    ) -> Result<Option<Box<Head>>, Refusal> {
         let header_read_timeout = self.header_read_timeout;
         let mut deadline = None;
         loop {
@@ -477,13 +520,22 @@ impl Connection {
                     _ => return Err(Refusal::Close),
                 }
             }
-            let read = tokio::select! {
-                read = self.read_more() => read,
+            // Between requests: no buffer until the next request's first bytes are there.
+            let readable = tokio::select! {
+                readable = self.stream.readable() => readable,
                 _ = shutdown.wait_for(|stop| *stop) => return Ok(None),
             };
-            match read {
-                Ok(0) | Err(_) => return Ok(None),
-                Ok(_) => {}
+            if readable.is_err() {
+                return Ok(None);
+            }
+            self.pending.reserve(READ_ROOM);
+            match self.stream.try_read_buf(&mut self.pending) {
+                Ok(0) => return Ok(None),
+                Ok(_) => self.activity.touch(),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    self.pending = BytesMut::new();
+                }
+                Err(_) => return Ok(None),
             }
         }
     }
@@ -499,35 +551,22 @@ impl Connection {
     }
 
     /// Answers a request that could not be read, then the connection closes.
-    async fn refuse(mut self, refusal: Refusal) {
+    async fn refuse(&mut self, refusal: Refusal) {
         if let Refusal::Answer(error) = refusal {
             tracing::debug!(status = %error.status, code = %error.code, "refused a request");
-            self.respond(error.into_response(), &Asked::refused(), false)
+            self.send(Reply::new(error.into_response(), &Asked::refused()))
                 .await;
         }
     }
 
-    /// Writes `response`; `true` when the connection can serve another request.
-    async fn respond(&mut self, response: Response<Body>, asked: &Asked, keep_alive: bool) -> bool {
-        let (parts, mut body) = response.into_parts();
-        let status = parts.status;
-        let mut keep_alive = keep_alive && !has_token(&parts.headers, header::CONNECTION, "close");
-        let framing = if asked.head
-            || status.is_informational()
-            || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED
-        {
-            OutFraming::None
-        } else if let Some(length) = body.size_hint().exact() {
-            OutFraming::Length(length)
-        } else if asked.version == Version::HTTP_11 {
-            OutFraming::Chunked
-        } else {
-            keep_alive = false;
-            OutFraming::UntilClose
-        };
-        let mut out = Vec::with_capacity(256);
-        write_head(&mut out, status, &parts.headers, framing, keep_alive);
+    /// Writes a reply; `true` when the connection can serve another request.
+    async fn send(&mut self, reply: Reply) -> bool {
+        let Reply {
+            mut out,
+            mut body,
+            framing,
+            keep_alive,
+        } = reply;
         if matches!(framing, OutFraming::None | OutFraming::Length(0)) {
             return self.write_all(&out).await.is_ok() && keep_alive;
         }
@@ -535,28 +574,26 @@ impl Connection {
         // stream's head goes out before its first event is awaited.
         let first = std::future::poll_fn(|cx| {
             Poll::Ready(match Pin::new(&mut body).poll_frame(cx) {
-                Poll::Ready(frame) => Some(frame),
+                Poll::Ready(frame) => Some(Next::of(frame)),
                 Poll::Pending => None,
             })
         })
         .await;
-        let mut sent = 0u64;
         let mut next = match first {
-            Some(frame) => frame,
+            Some(next) => next,
             None => {
                 if self.write_all(&out).await.is_err() {
                     return false;
                 }
                 out = Vec::new();
-                match self.next_frame(&mut body).await {
-                    Some(frame) => frame,
-                    None => return false,
-                }
+                self.next_frame(&mut body).await
             }
         };
+        let mut sent = 0u64;
         loop {
             let data = match next {
-                None => {
+                Next::Data(data) => data,
+                Next::End => {
                     if framing == OutFraming::Chunked {
                         out.extend_from_slice(b"0\r\n\r\n");
                     }
@@ -566,17 +603,13 @@ impl Connection {
                     };
                     return self.write_all(&out).await.is_ok() && complete && keep_alive;
                 }
-                Some(Err(error)) => {
+                Next::Failed => {
                     // Nothing can say so mid-reply: the connection is cut, and the client
                     // sees an unfinished body rather than a finished wrong one.
-                    tracing::debug!(%error, "a reply body failed");
                     let _ = self.write_all(&out).await;
                     return false;
                 }
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => data,
-                    Err(_trailers) => Bytes::new(),
-                },
+                Next::Gone => return false,
             };
             let mut large = None;
             if !data.is_empty() {
@@ -601,7 +634,7 @@ impl Connection {
                 }
             }
             if body.is_end_stream() && large.is_none() {
-                next = None;
+                next = Next::End;
                 continue;
             }
             if !out.is_empty() && self.write_all(&out).await.is_err() {
@@ -616,24 +649,86 @@ impl Connection {
             }
             // Nothing kept between events.
             out = Vec::new();
-            next = match self.next_frame(&mut body).await {
-                Some(frame) => frame,
-                None => return false,
-            };
+            next = self.next_frame(&mut body).await;
         }
     }
 
-    /// The body's next frame, or `None` when the client closed the connection first.
-    async fn next_frame(
-        &mut self,
-        body: &mut Body,
-    ) -> Option<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+    /// The body's next frame, or [`Next::Gone`] when the client closed the connection
+    /// first.
+    async fn next_frame(&mut self, body: &mut Body) -> Next {
         let frame = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx));
         tokio::select! {
-            frame = frame => Some(frame),
+            frame = frame => Next::of(frame),
             () = watch_for_close(&self.stream, &mut self.pending, &self.activity) => {
                 tracing::debug!("the client closed the connection during a reply");
-                None
+                Next::Gone
+            }
+        }
+    }
+}
+
+/// A reply with its head written out, ready to send.
+#[derive(Debug)]
+struct Reply {
+    /// The head, and the first bytes of the body once they are known.
+    out: Vec<u8>,
+    body: Body,
+    framing: OutFraming,
+    /// Whether the connection serves another request after this one.
+    keep_alive: bool,
+}
+
+impl Reply {
+    /// `response` to a request that asked `asked`, its head written.
+    fn new(response: Response<Body>, asked: &Asked) -> Self {
+        let (parts, body) = response.into_parts();
+        let status = parts.status;
+        let mut keep_alive =
+            asked.keep_alive && !has_token(&parts.headers, header::CONNECTION, "close");
+        let framing = if asked.head
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            OutFraming::None
+        } else if let Some(length) = body.size_hint().exact() {
+            OutFraming::Length(length)
+        } else if asked.version == Version::HTTP_11 {
+            OutFraming::Chunked
+        } else {
+            keep_alive = false;
+            OutFraming::UntilClose
+        };
+        let mut out = Vec::with_capacity(256);
+        write_head(&mut out, status, &parts.headers, framing, keep_alive);
+        Self {
+            out,
+            body,
+            framing,
+            keep_alive,
+        }
+    }
+}
+
+/// What a reply body gave next.
+#[derive(Debug)]
+enum Next {
+    Data(Bytes),
+    End,
+    Failed,
+    /// The client closed the connection.
+    Gone,
+}
+
+impl Next {
+    fn of(frame: Option<Result<http_body::Frame<Bytes>, axum::Error>>) -> Self {
+        match frame {
+            None => Self::End,
+            // Trailers are not sent.
+            Some(Ok(frame)) => Self::Data(frame.into_data().unwrap_or_default()),
+            Some(Err(error)) => {
+                tracing::debug!(%error, "a reply body failed");
+                Self::Failed
             }
         }
     }
@@ -661,7 +756,7 @@ async fn watch_for_close(stream: &TcpStream, pending: &mut BytesMut, activity: &
 
 /// Parses the head at the start of `pending`; on success it is split off and owned by the
 /// returned parts (header values and the target are slices of it).
-fn parse_head(pending: &mut BytesMut) -> Result<Option<(request::Parts, InFraming)>, Refusal> {
+fn parse_head(pending: &mut BytesMut) -> Result<Option<Box<Head>>, Refusal> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut slots);
     let length = match parsed.parse(pending) {
@@ -711,7 +806,7 @@ fn parse_head(pending: &mut BytesMut) -> Result<Option<(request::Parts, InFramin
     parts.uri = uri;
     parts.version = version;
     parts.headers = headers;
-    Ok(Some((parts, framing)))
+    Ok(Some(Box::new(Head { parts, framing })))
 }
 
 /// How the body of a request with these headers is framed (RFC 9112, section 6), refusing
@@ -870,7 +965,7 @@ fn push_date(out: &mut Vec<u8>) {
 mod tests {
     use super::*;
 
-    fn head(text: &str) -> Result<Option<(request::Parts, InFraming)>, Refusal> {
+    fn head(text: &str) -> Result<Option<Box<Head>>, Refusal> {
         parse_head(&mut BytesMut::from(text.as_bytes()))
     }
 
@@ -886,7 +981,7 @@ mod tests {
         let mut pending = BytesMut::from(
             &b"POST /convo_turn?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nX-A: 1\r\nx-a: 2\r\n\r\n{}GET"[..],
         );
-        let (parts, framing) = parse_head(&mut pending).unwrap().unwrap();
+        let Head { parts, framing } = *parse_head(&mut pending).unwrap().unwrap();
         assert_eq!(parts.method, Method::POST);
         assert_eq!(parts.uri.path(), "/convo_turn");
         assert_eq!(parts.uri.query(), Some("x=1"));
@@ -920,9 +1015,9 @@ mod tests {
         assert_eq!(refused(old), StatusCode::BAD_REQUEST);
         // The same length repeated is one length.
         let same = "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n";
-        assert_eq!(head(same).unwrap().unwrap().1, InFraming::Length(3));
+        assert_eq!(head(same).unwrap().unwrap().framing, InFraming::Length(3));
         let chunked = "POST / HTTP/1.1\r\ntransfer-encoding:  Chunked \r\n\r\n";
-        assert_eq!(head(chunked).unwrap().unwrap().1, InFraming::Chunked);
+        assert_eq!(head(chunked).unwrap().unwrap().framing, InFraming::Chunked);
     }
 
     #[test]
@@ -1007,5 +1102,79 @@ mod tests {
             push_hex(&mut out, value as usize);
             assert_eq!(out, format!("{value:x}").as_bytes());
         }
+    }
+}
+
+#[cfg(test)]
+mod size_probe {
+    #[tokio::test]
+    async fn probe() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(address).await.unwrap();
+        let (stream, remote) = listener.accept().await.unwrap();
+        let (_stop, stopping) = tokio::sync::watch::channel(false);
+        let future = super::serve_connection(
+            stream,
+            remote,
+            axum::Router::new(),
+            std::time::Duration::from_secs(1),
+            super::super::Activity::new(),
+            stopping,
+        );
+        eprintln!("SIZE connection future {}", std::mem::size_of_val(&future));
+        let listener2 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a2 = listener2.local_addr().unwrap();
+        let _c2 = tokio::net::TcpStream::connect(a2).await.unwrap();
+        let (stream2, _) = listener2.accept().await.unwrap();
+        let mut connection = super::Connection {
+            stream: stream2,
+            pending: bytes::BytesMut::new(),
+            activity: super::super::Activity::new(),
+            header_read_timeout: std::time::Duration::from_secs(1),
+        };
+        let (_s, mut stopping2) = tokio::sync::watch::channel(false);
+        {
+            let mut app = axum::Router::new();
+            let f = connection.next_reply(&mut app, &mut stopping2, address);
+            eprintln!("SIZE next_reply {}", std::mem::size_of_val(&f));
+        }
+        {
+            let f = connection.read_head(&mut stopping2);
+            eprintln!("SIZE read_head {}", std::mem::size_of_val(&f));
+        }
+        let asked = super::Asked::refused();
+        {
+            let f = connection.send(super::Reply::new(
+                axum::http::Response::new(axum::body::Body::empty()),
+                &asked,
+            ));
+            eprintln!("SIZE send {}", std::mem::size_of_val(&f));
+        }
+        {
+            let mut app = axum::Router::new();
+            let (parts, ()) = axum::http::Request::new(()).into_parts();
+            let f = connection.run(
+                &mut app,
+                Box::new(super::Head {
+                    parts,
+                    framing: super::InFraming::Length(0),
+                }),
+                &asked,
+                address,
+            );
+            eprintln!("SIZE run {}", std::mem::size_of_val(&f));
+        }
+
+        eprintln!(
+            "SIZE parts {} response {}",
+            std::mem::size_of::<axum::http::request::Parts>(),
+            std::mem::size_of::<axum::http::Response<axum::body::Body>>()
+        );
+        let routed = tower::Service::call(
+            &mut axum::Router::new(),
+            axum::http::Request::new(axum::body::Body::empty()),
+        );
+        eprintln!("SIZE route future {}", std::mem::size_of_val(&routed));
     }
 }
