@@ -502,6 +502,9 @@ async def stream_test(server, token, streams, first_timeout, total_timeout):
         "after_rss_kb": after[0],
         "idle_pss_kb": idle[1], "peak_pss_kb": peak_pss,
         "rss_kb_per_stream": (peak_rss - idle[0]) / held,
+        # While every stream is open and none has ended: the streams' own memory, without the
+        # conversations they store at their end (which the peak, often at the very end, holds).
+        "open_kb_per_stream": (at_all_first[0] - idle[0]) / held,
         "pss_kb_per_stream": (peak_pss - idle[1]) / held,
         "client_cpu_s": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
         "server_cpu_s": server_cpu1 - server_cpu0,
@@ -656,7 +659,7 @@ def print_report(names, tput, streams, args):
               f"each of 22 words, opened at once by one asyncio + aiohttp client")
         print("   memory = RSS summed over the server's process tree (master + workers), sampled every 100 ms")
         header = (f"{'server':<32}{'procs':>6}{'threads':>12}{'ok':>6}{'1st msg':>8}{'all 1st s':>10}"
-                  f"{'idle MiB':>9}{'peak MiB':>9}{'KiB/stream':>11}{'PSS KiB/str':>12}{'last done s':>12}"
+                  f"{'idle MiB':>9}{'peak MiB':>9}{'KiB/open':>9}{'KiB/stream':>11}{'PSS KiB/str':>12}{'last done s':>12}"
                   f"{'srv CPU s':>10}{'client CPU s':>13}{'other':>6}{'SYN drops':>10}")
         print(header)
         print("-" * len(header))
@@ -667,26 +670,30 @@ def print_report(names, tput, streams, args):
             threads = "+".join(str(t) for t in s["threads"])
             print(f"{name:<32}{s['processes']:>6}{threads:>12}{s['ok']:>6}{s['first_count']:>8}"
                   f"{fmt(s['all_first_s'], '.2f'):>10}{s['idle_rss_kb'] / 1024:>9.1f}{s['peak_rss_kb'] / 1024:>9.1f}"
-                  f"{s['rss_kb_per_stream']:>11.1f}{s['pss_kb_per_stream']:>12.1f}{fmt(s['last_done_s'], '.1f'):>12}"
+                  f"{s['open_kb_per_stream']:>9.1f}{s['rss_kb_per_stream']:>11.1f}{s['pss_kb_per_stream']:>12.1f}"
+                  f"{fmt(s['last_done_s'], '.1f'):>12}"
                   f"{s['server_cpu_s']:>10.2f}{s['client_cpu_s']:>13.2f}{s['other_cores']:>6.2f}"
                   f"{s['listen_overflows']:>10}")
         print("   ok: streams whose complete event carried the full reply and the right chunk count;")
         print("   1st msg: streams that had their first word when all did or at the 30 s timeout; all 1st s: time")
-        print("   from opening to the last stream's first word; KiB/stream = (peak - idle) / streams holding a word;")
+        print("   from opening to the last stream's first word; KiB/open = (RSS when every stream has had its first")
+        print("   word, none ended - idle) / streams: memory per open stream; KiB/stream = (peak - idle) / streams")
+        print("   holding a word: the peak is often at the end, with the conversations the streams stored;")
         print("   SYN drops: connections the kernel dropped because the server's accept queue (listen backlog) was")
         print("   full (TcpExt ListenOverflows); each such client retries 1 s later")
         if cmz in streams and "connection_kb" in streams[cmz]:
             a = streams[cmz]
             print(f"  cmz: an open keep-alive connection that served one GET /system_health holds "
-                  f"{a['connection_kb']:.1f} KiB ({args.streams} of them): the floor under each stream's "
-                  f"{a['rss_kb_per_stream']:.1f} KiB (hyper's buffers and the connection's task)")
+                  f"{a['connection_kb']:.1f} KiB ({args.streams} of them): the floor under each open stream's "
+                  f"{a['open_kb_per_stream']:.1f} KiB (the connection's task and socket)")
         if cmz in streams:
             a = streams[cmz]
             for name in names[1:]:
                 if name in streams:
                     b = streams[name]
                     print(f"  cmz / {short[name]}: "
-                          + compare("memory per stream", a["rss_kb_per_stream"], b["rss_kb_per_stream"], "KiB", 1)
+                          + compare("memory per open stream", a["open_kb_per_stream"], b["open_kb_per_stream"], "KiB", 1)
+                          + "; " + compare("at the peak", a["rss_kb_per_stream"], b["rss_kb_per_stream"], "KiB", 1)
                           + f"; streams ok {a['ok']} vs {b['ok']}")
         for name in names:
             s = streams.get(name)
@@ -806,7 +813,8 @@ def main():
                 streams[server.name] = s
                 log(f"{server.name}: {s['ok']}/{s['streams']} streams complete, {s['first_count']} had their "
                     f"first message {'after ' + format(s['all_first_s'], '.2f') + ' s' if s['all_first_s'] else 'by the timeout'}; "
-                    f"RSS idle {s['idle_rss_kb'] / 1024:.1f} MiB, peak {s['peak_rss_kb'] / 1024:.1f} MiB, "
+                    f"RSS idle {s['idle_rss_kb'] / 1024:.1f} MiB, all open {s['at_all_first_rss_kb'] / 1024:.1f} MiB, "
+                    f"peak {s['peak_rss_kb'] / 1024:.1f} MiB, "
                     f"after {s['after_rss_kb'] / 1024:.1f} MiB; threads per process at the peak {s['threads']}; "
                     f"response heads after {fmt(s['headers_p50_s'], '.2f')} s (median) / {fmt(s['headers_max_s'], '.2f')} s (last), "
                     f"first word after {fmt(s['first_p50_s'], '.2f')} s (median); "

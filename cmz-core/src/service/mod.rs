@@ -129,9 +129,8 @@ struct ReadyTurn {
     _lease: SessionLease,
     session: Session,
     created: bool,
-    /// The persona's id and name only (its prompt is built; fallbacks and refusals need
-    /// the name).
-    persona: Persona,
+    /// The persona's name (its prompt is built; fallbacks and refusals need the name).
+    persona_name: String,
     user: UserPart,
     prompt: ChatRequest,
     turn_key: Option<String>,
@@ -414,7 +413,7 @@ impl ConversationService {
                         seen.metadata.interrupted = true;
                         seen
                     }
-                    _ => self.fallback_message(&prepared.persona, started.elapsed()),
+                    _ => self.fallback_message(&prepared.persona_name, started.elapsed()),
                 };
                 self.persist(prepared, Some(reply)).await
             }
@@ -445,8 +444,10 @@ impl ConversationService {
         prepared: &ReadyTurn,
     ) -> Result<Option<(NewMessage, ModerationVerdict)>> {
         if prepared.privacy_block {
-            let mut reminder =
-                NewMessage::new(Role::Assistant, prompt::privacy_reminder(&prepared.persona));
+            let mut reminder = NewMessage::new(
+                Role::Assistant,
+                prompt::privacy_reminder_from(&prepared.persona_name),
+            );
             reminder.metadata.redacted = privacy::kind_names(&prepared.redacted);
             return Ok(Some((reminder, ModerationVerdict::default())));
         }
@@ -504,7 +505,7 @@ impl ConversationService {
         }
         let mut refusal = NewMessage::new(
             Role::Assistant,
-            prompt::moderation_refusal(&prepared.persona),
+            prompt::moderation_refusal_from(&prepared.persona_name),
         );
         refusal.metadata.moderated = true;
         Ok(Some((refusal, verdict)))
@@ -524,8 +525,9 @@ impl ConversationService {
         )
     }
 
-    fn fallback_message(&self, persona: &Persona, latency: Duration) -> NewMessage {
-        let mut message = NewMessage::new(Role::Assistant, prompt::fallback_reply(persona));
+    fn fallback_message(&self, persona_name: &str, latency: Duration) -> NewMessage {
+        let mut message =
+            NewMessage::new(Role::Assistant, prompt::fallback_reply_from(persona_name));
         message.metadata.fallback = true;
         message.metadata.latency_ms = Some(millis(latency));
         message

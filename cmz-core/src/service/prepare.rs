@@ -279,13 +279,12 @@ impl ConversationService {
             });
         // The prompt is built: from here a turn needs only the persona's name (for an
         // in-character fallback or refusal), and a streamed turn holds this for as long
-        // as the stream lasts, so the facts and guidelines are let go.
-        let persona = Persona::new(persona.animal_id, persona.name);
+        // as the stream lasts, so the rest of the persona is let go.
         Ok(TurnStart::Run(Box::new(ReadyTurn {
             _lease: lease,
             session,
             created,
-            persona,
+            persona_name: persona.name,
             user,
             prompt,
             turn_key: request.turn_key,

@@ -97,9 +97,12 @@ pub fn is_persona_prompt(prompt: &str) -> bool {
 
 /// The in-character reply used when the model fails or times out.
 pub fn fallback_reply(persona: &Persona) -> String {
+    fallback_reply_from(&persona.name)
+}
+
+pub(crate) fn fallback_reply_from(name: &str) -> String {
     format!(
-        "{} here! I'm having a little trouble hearing you right now. Could you ask me that again in a moment?",
-        persona.name
+        "{name} here! I'm having a little trouble hearing you right now. Could you ask me that again in a moment?"
     )
 }
 
@@ -224,9 +227,12 @@ fn one_line(text: &str, max: usize) -> String {
 /// The in-character reply to a message with personal details, when the deployment blocks
 /// them.
 pub fn privacy_reminder(persona: &Persona) -> String {
+    privacy_reminder_from(&persona.name)
+}
+
+pub(crate) fn privacy_reminder_from(name: &str) -> String {
     format!(
-        "{} here! Let's keep things like names, phone numbers, addresses and schools just between you and your grown-ups. I'd love to keep talking about animals, though: what would you like to know?",
-        persona.name
+        "{name} here! Let's keep things like names, phone numbers, addresses and schools just between you and your grown-ups. I'd love to keep talking about animals, though: what would you like to know?"
     )
 }
 
@@ -238,9 +244,12 @@ pub fn privacy_note() -> &'static str {
 
 /// The in-character reply to a message the moderator flagged.
 pub fn moderation_refusal(persona: &Persona) -> String {
+    moderation_refusal_from(&persona.name)
+}
+
+pub(crate) fn moderation_refusal_from(name: &str) -> String {
     format!(
-        "{} here! That's not something I can talk about. Let's talk about animals instead: what would you like to know about me?",
-        persona.name
+        "{name} here! That's not something I can talk about. Let's talk about animals instead: what would you like to know about me?"
     )
 }
 

@@ -27,7 +27,6 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
@@ -47,7 +46,6 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tower::{Service as _, ServiceExt};
 
-use super::{Activity, Running};
 use crate::error::ApiError;
 
 /// The largest request head (request line and headers) accepted.
@@ -67,25 +65,24 @@ pub(crate) async fn serve_connection(
     remote: SocketAddr,
     mut app: Router,
     header_read_timeout: Duration,
-    activity: Arc<Activity>,
+    idle_timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
+    held: impl Send + 'static,
 ) {
+    let _held = held;
     let mut connection = Connection {
         stream,
         pending: BytesMut::new(),
-        activity,
         header_read_timeout,
+        idle_timeout,
     };
     loop {
         // Two phases, each its own future, so the task keeps room for the larger of the
         // two rather than for both: a long streamed reply keeps only what writing needs.
-        let Some((reply, running)) = connection.next_reply(&mut app, &mut shutdown, remote).await
-        else {
+        let Some(reply) = connection.next_reply(&mut app, &mut shutdown, remote).await else {
             return;
         };
-        let go_on = connection.send(reply).await;
-        drop(running);
-        if !go_on {
+        if !connection.send(reply).await {
             return;
         }
     }
@@ -328,8 +325,9 @@ struct Connection {
     stream: TcpStream,
     /// Bytes read and not yet used: the start of the next request.
     pending: BytesMut,
-    activity: Arc<Activity>,
     header_read_timeout: Duration,
+    /// How long the connection may wait for a next request's first byte.
+    idle_timeout: Duration,
 }
 
 impl Connection {
@@ -338,11 +336,7 @@ impl Connection {
         if self.pending.capacity() - self.pending.len() < READ_ROOM / 4 {
             self.pending.reserve(READ_ROOM.max(self.pending.len()));
         }
-        let read = self.stream.read_buf(&mut self.pending).await;
-        if matches!(read, Ok(n) if n > 0) {
-            self.activity.touch();
-        }
-        read
+        self.stream.read_buf(&mut self.pending).await
     }
 
     /// Reads the next request and runs it: its reply, what it asked (keep-alive only if
@@ -353,7 +347,7 @@ impl Connection {
         app: &mut Router,
         shutdown: &mut watch::Receiver<bool>,
         remote: SocketAddr,
-    ) -> Option<(Reply, Running)> {
+    ) -> Option<Reply> {
         let head = match self.read_head(shutdown).await {
             Ok(Some(head)) => head,
             Ok(None) => return None,
@@ -362,12 +356,11 @@ impl Connection {
                 return None;
             }
         };
-        let running = Running::start(&self.activity);
         let mut asked = Asked::of(&head.parts);
         // The app's part runs boxed: it is over before the reply is written.
         let (response, body_done) = Box::pin(self.run(app, head, &asked, remote)).await?;
         asked.keep_alive &= body_done && !*shutdown.borrow();
-        Some((Reply::new(response, &asked), running))
+        Some(Reply::new(response, &asked))
     }
 
     /// Hands the request to `app` and streams its body in while the app runs; the reply
@@ -491,7 +484,7 @@ impl Connection {
         if need_bytes {
             matches!(self.read_more().await, Ok(0) | Err(_))
         } else {
-            watch_for_close(&self.stream, &mut self.pending, &self.activity).await;
+            watch_for_close(&self.stream, &mut self.pending).await;
             true
         }
     }
@@ -522,16 +515,21 @@ impl Connection {
             }
             // Between requests: no buffer until the next request's first bytes are there.
             let readable = tokio::select! {
-                readable = self.stream.readable() => readable,
+                readable = tokio::time::timeout(self.idle_timeout, self.stream.readable()) => readable,
                 _ = shutdown.wait_for(|stop| *stop) => return Ok(None),
             };
-            if readable.is_err() {
-                return Ok(None);
+            match readable {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Ok(None),
+                Err(_) => {
+                    tracing::debug!("closing an idle connection");
+                    return Ok(None);
+                }
             }
             self.pending.reserve(READ_ROOM);
             match self.stream.try_read_buf(&mut self.pending) {
                 Ok(0) => return Ok(None),
-                Ok(_) => self.activity.touch(),
+                Ok(_) => {}
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                     self.pending = BytesMut::new();
                 }
@@ -542,10 +540,7 @@ impl Connection {
 
     async fn write_all(&mut self, bytes: &[u8]) -> Result<(), Refusal> {
         match self.stream.write_all(bytes).await {
-            Ok(()) => {
-                self.activity.touch();
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             Err(_) => Err(Refusal::Close),
         }
     }
@@ -659,7 +654,7 @@ impl Connection {
         let frame = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx));
         tokio::select! {
             frame = frame => Next::of(frame),
-            () = watch_for_close(&self.stream, &mut self.pending, &self.activity) => {
+            () = watch_for_close(&self.stream, &mut self.pending) => {
                 tracing::debug!("the client closed the connection during a reply");
                 Next::Gone
             }
@@ -736,7 +731,7 @@ impl Next {
 
 /// Returns once the client closes its side (or the socket fails). Bytes that arrive before
 /// (the next request, pipelined) are kept in `pending`, up to a head's worth.
-async fn watch_for_close(stream: &TcpStream, pending: &mut BytesMut, activity: &Activity) {
+async fn watch_for_close(stream: &TcpStream, pending: &mut BytesMut) {
     loop {
         if pending.len() >= MAX_HEAD_BYTES || stream.readable().await.is_err() {
             return std::future::pending().await;
@@ -746,7 +741,6 @@ async fn watch_for_close(stream: &TcpStream, pending: &mut BytesMut, activity: &
             Ok(0) => return,
             Ok(n) => {
                 pending.extend_from_slice(&probe[..n]);
-                activity.touch();
             }
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
             Err(_) => return,
@@ -1119,8 +1113,9 @@ mod size_probe {
             remote,
             axum::Router::new(),
             std::time::Duration::from_secs(1),
-            super::super::Activity::new(),
+            std::time::Duration::from_secs(1),
             stopping,
+            (),
         );
         eprintln!("SIZE connection future {}", std::mem::size_of_val(&future));
         let listener2 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1130,8 +1125,8 @@ mod size_probe {
         let mut connection = super::Connection {
             stream: stream2,
             pending: bytes::BytesMut::new(),
-            activity: super::super::Activity::new(),
             header_read_timeout: std::time::Duration::from_secs(1),
+            idle_timeout: std::time::Duration::from_secs(1),
         };
         let (_s, mut stopping2) = tokio::sync::watch::channel(false);
         {

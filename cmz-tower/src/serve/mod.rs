@@ -17,10 +17,7 @@ mod http1;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -29,7 +26,6 @@ use cmz_core::{Error, Result};
 use crate::client_ip::TrustedProxies;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
-use tokio::time::Instant;
 
 pub use http1::{MAX_HEAD_BYTES, MAX_HEADERS};
 
@@ -157,51 +153,6 @@ impl Drop for AddressSlot {
     }
 }
 
-/// When a connection last moved bytes, and how many of its requests are running.
-#[derive(Debug)]
-struct Activity {
-    started: Instant,
-    last_millis: AtomicU64,
-    running: AtomicUsize,
-}
-
-impl Activity {
-    fn new() -> Arc<Self> {
-        Arc::new(Self {
-            started: Instant::now(),
-            last_millis: AtomicU64::new(0),
-            running: AtomicUsize::new(0),
-        })
-    }
-
-    fn touch(&self) {
-        let now = self.started.elapsed().as_millis() as u64;
-        self.last_millis.store(now, Ordering::Relaxed);
-    }
-
-    fn idle_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last_millis.load(Ordering::Relaxed));
-        self.started.elapsed().saturating_sub(last)
-    }
-}
-
-/// Counts a request as running until dropped.
-struct Running(Arc<Activity>);
-
-impl Running {
-    fn start(activity: &Arc<Activity>) -> Self {
-        activity.running.fetch_add(1, Ordering::AcqRel);
-        Self(activity.clone())
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.0.running.fetch_sub(1, Ordering::AcqRel);
-        self.0.touch();
-    }
-}
-
 /// Serves `app` on `listener` over HTTP/1.1 under `limits` until `shutdown` completes, then
 /// finishes the requests in flight (connections idle between requests close at once) and
 /// returns. Each request carries [`ConnectInfo<SocketAddr>`](axum::extract::ConnectInfo).
@@ -262,19 +213,13 @@ pub async fn serve_with(
             Some(slot)
         };
         let _ = stream.set_nodelay(true);
-        let activity = Activity::new();
-        let connection = http1::serve_connection(
+        tokio::spawn(http1::serve_connection(
             stream,
             remote,
             app.clone(),
             limits.header_read_timeout,
-            activity.clone(),
-            stopping.clone(),
-        );
-        tokio::spawn(RunConnection::new(
-            connection,
-            activity,
             limits.idle_timeout,
+            stopping.clone(),
             Held {
                 _permit: permit,
                 _slot: slot,
@@ -294,60 +239,6 @@ struct Held {
     _permit: OwnedSemaphorePermit,
     _slot: Option<AddressSlot>,
     _open: mpsc::Sender<()>,
-}
-
-pin_project_lite::pin_project! {
-    /// Drives one connection until it ends or sits idle too long. A struct, not an
-    /// `async fn`: an `async fn` keeps its argument and its pinned copy side by side, and
-    /// the connection (about 800 bytes) twice in every open connection's task.
-    struct RunConnection<C> {
-        #[pin]
-        connection: C,
-        #[pin]
-        check_at: tokio::time::Sleep,
-        check_every: Duration,
-        activity: Arc<Activity>,
-        idle_timeout: Duration,
-        _held: Held,
-    }
-}
-
-impl<C> RunConnection<C> {
-    fn new(connection: C, activity: Arc<Activity>, idle_timeout: Duration, held: Held) -> Self {
-        let check_every =
-            (idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
-        Self {
-            connection,
-            check_at: tokio::time::sleep(check_every),
-            check_every,
-            activity,
-            idle_timeout,
-            _held: held,
-        }
-    }
-}
-
-impl<C: Future<Output = ()>> Future for RunConnection<C> {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let mut this = self.project();
-        if this.connection.poll(cx).is_ready() {
-            return Poll::Ready(());
-        }
-        while this.check_at.as_mut().poll(cx).is_ready() {
-            if this.activity.running.load(Ordering::Acquire) == 0
-                && this.activity.idle_for() >= *this.idle_timeout
-            {
-                tracing::debug!("closing an idle connection");
-                return Poll::Ready(());
-            }
-            this.check_at
-                .as_mut()
-                .reset(Instant::now() + *this.check_every);
-        }
-        Poll::Pending
-    }
 }
 
 /// `serve`'s loop over an already bound address, returning when the shutdown signal came.
