@@ -2,11 +2,14 @@
 //! connection caps, streaming replies and graceful shutdown.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
+use axum::http::StatusCode;
 use axum::routing::get;
 use cmz_tower::{ConnectionLimits, TrustedProxies, serve_with};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -290,4 +293,373 @@ fn limits_come_from_the_legacy_style_variables() {
     .unwrap_err();
     assert_eq!(bad.code(), "validation_error");
     assert!(bad.to_string().contains("CMZ_MAX_CONNECTIONS"));
+}
+
+// ----------------------------------------------------------------------------------------
+// The HTTP/1.1 connection itself: framing, keep-alive, refusals and cancellation.
+
+/// Set when dropped: shows that a handler or a reply stream was let go.
+struct DropFlag(Arc<AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+fn protocol_app(handler_dropped: Arc<AtomicBool>, stream_dropped: Arc<AtomicBool>) -> Router {
+    Router::new()
+        .route(
+            "/",
+            get(|| async { "hello" }).post(|body: String| async move { format!("got {body}") }),
+        )
+        .route("/nothing", get(|| async { StatusCode::NO_CONTENT }))
+        .route("/big", get(|| async { "x".repeat(100_000) }))
+        .route(
+            "/big-stream",
+            get(|| async {
+                let pieces = futures::stream::iter(
+                    (0..3).map(|i| Ok::<_, std::io::Error>(format!("{i}").repeat(40_000))),
+                );
+                Body::from_stream(pieces)
+            }),
+        )
+        .route(
+            "/wait",
+            get(move || {
+                let flag = DropFlag(handler_dropped.clone());
+                async move {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    drop(flag);
+                    "late"
+                }
+            }),
+        )
+        .route(
+            "/drip",
+            get(move || {
+                let flag = DropFlag(stream_dropped.clone());
+                async move {
+                    let drops = futures::stream::unfold((0, flag), |(i, flag)| async move {
+                        if i == 10 {
+                            return None;
+                        }
+                        if i > 0 {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Some((
+                            Ok::<_, std::io::Error>(format!("drop {i}\n")),
+                            (i + 1, flag),
+                        ))
+                    });
+                    Body::from_stream(drops)
+                }
+            }),
+        )
+}
+
+async fn protocol_server() -> (SocketAddr, Arc<AtomicBool>, Arc<AtomicBool>) {
+    let (handler, stream) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(serve_with(
+        listener,
+        protocol_app(handler.clone(), stream.clone()),
+        ConnectionLimits::default(),
+        std::future::pending(),
+    ));
+    (address, handler, stream)
+}
+
+/// Reads one response (head and body, framed by its own headers) off `stream`; `buffer`
+/// keeps what was read past it.
+async fn read_response(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> (String, Vec<u8>) {
+    read_reply(stream, buffer, false).await
+}
+
+/// [`read_response`], for a `HEAD` request (`head`: a length but no body).
+async fn read_reply(stream: &mut TcpStream, buffer: &mut Vec<u8>, head: bool) -> (String, Vec<u8>) {
+    async fn more(stream: &mut TcpStream, buffer: &mut Vec<u8>) {
+        let mut chunk = [0u8; 8192];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk))
+            .await
+            .expect("a response in time")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed mid-response: {:?}",
+            String::from_utf8_lossy(buffer)
+        );
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+    let head_end = loop {
+        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        more(stream, buffer).await;
+    };
+    let head_only = head;
+    let head = String::from_utf8(buffer.drain(..head_end).collect()).unwrap();
+    let lower = head.to_ascii_lowercase();
+    let status: u16 = head[9..12].parse().unwrap();
+    let mut body = Vec::new();
+    if lower.contains("transfer-encoding: chunked") {
+        loop {
+            let line_end = loop {
+                if let Some(at) = buffer.windows(2).position(|w| w == b"\r\n") {
+                    break at;
+                }
+                more(stream, buffer).await;
+            };
+            let size = usize::from_str_radix(std::str::from_utf8(&buffer[..line_end]).unwrap(), 16)
+                .unwrap();
+            buffer.drain(..line_end + 2);
+            while buffer.len() < size + 2 {
+                more(stream, buffer).await;
+            }
+            body.extend(buffer.drain(..size));
+            assert_eq!(buffer.drain(..2).collect::<Vec<_>>(), b"\r\n");
+            if size == 0 {
+                break;
+            }
+        }
+    } else if let Some(length) = lower
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .map(|v| v.trim().parse::<usize>().unwrap())
+    {
+        if !head_only && !head.starts_with("HTTP/1.1 1") && status != 204 && status != 304 {
+            while buffer.len() < length {
+                more(stream, buffer).await;
+            }
+            body.extend(buffer.drain(..length));
+        }
+    }
+    (head, body)
+}
+
+#[tokio::test]
+async fn keep_alive_pipelining_and_connection_close_are_honoured() {
+    let (address, _, _) = protocol_server().await;
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    let mut buffer = Vec::new();
+    // Two requests one after the other, then two written at once: answered in order.
+    for _ in 0..2 {
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, body) = read_response(&mut stream, &mut buffer).await;
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(head.to_ascii_lowercase().contains("\r\ndate: "), "{head}");
+        assert_eq!(body, b"hello");
+    }
+    stream
+        .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nonePOST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\ntwo")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut stream, &mut buffer).await.1, b"got one");
+    assert_eq!(read_response(&mut stream, &mut buffer).await.1, b"got two");
+    // `Connection: close` is answered, then the connection ends.
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut stream, &mut buffer).await;
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    assert_eq!(body, b"hello");
+    let (rest, closed) = read_until_closed(&mut stream, Duration::from_secs(2)).await;
+    assert!(rest.is_empty() && closed.is_some(), "{rest:?}");
+
+    // HTTP/1.0: one request; a streamed body runs until the connection closes.
+    let mut old = TcpStream::connect(address).await.unwrap();
+    old.write_all(b"GET /drip HTTP/1.0\r\n\r\n").await.unwrap();
+    let (text, closed) = read_until_closed(&mut old, Duration::from_secs(5)).await;
+    assert!(closed.is_some());
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    let lower = text.to_ascii_lowercase();
+    assert!(
+        lower.contains("connection: close") && !lower.contains("chunked"),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("drop 0\n") || text.contains("\r\n\r\ndrop 0\n"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn bodies_arrive_chunked_split_or_after_100_continue() {
+    let (address, _, _) = protocol_server().await;
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    let mut buffer = Vec::new();
+    // Chunked, with a chunk extension and a trailer field, in pieces.
+    for piece in [
+        &b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5;note=1\r\nhel"[..],
+        b"lo\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n",
+        b"\r\n",
+    ] {
+        stream.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert_eq!(
+        read_response(&mut stream, &mut buffer).await.1,
+        b"got hello world"
+    );
+    // A Content-Length body split over writes, on the same connection.
+    stream
+        .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nab")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stream.write_all(b"cdef").await.unwrap();
+    assert_eq!(
+        read_response(&mut stream, &mut buffer).await.1,
+        b"got abcdef"
+    );
+    // `Expect: 100-continue`: the interim answer comes before the body is sent.
+    stream
+        .write_all(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let (interim, _) = read_response(&mut stream, &mut buffer).await;
+    assert!(
+        interim.starts_with("HTTP/1.1 100 Continue\r\n"),
+        "{interim}"
+    );
+    stream.write_all(b"body").await.unwrap();
+    assert_eq!(read_response(&mut stream, &mut buffer).await.1, b"got body");
+}
+
+#[tokio::test]
+async fn ambiguous_malformed_and_oversized_requests_are_refused() {
+    let (address, _, _) = protocol_server().await;
+    let refused = |request: Vec<u8>| async move {
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        stream.write_all(&request).await.unwrap();
+        let (text, closed) = read_until_closed(&mut stream, Duration::from_secs(3)).await;
+        assert!(
+            closed.is_some(),
+            "the connection is closed after a refusal: {text}"
+        );
+        text
+    };
+    // A body framed two ways (request smuggling), a bad header, a bad version.
+    for request in [
+        &b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"[..],
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabc",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\n",
+        b"GET / HTTP/3.0\r\n\r\n",
+    ] {
+        let text = refused(request.to_vec()).await;
+        assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{text}");
+        assert!(text.to_ascii_lowercase().contains("connection: close"), "{text}");
+        let body = text.split_once("\r\n\r\n").unwrap().1;
+        let error: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(error["code"], "validation_error", "{text}");
+    }
+    // A head too large for the limit.
+    let mut large = b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec();
+    large.extend(format!("X-Big: {}\r\n\r\n", "y".repeat(cmz_tower::MAX_HEAD_BYTES)).as_bytes());
+    let text = refused(large).await;
+    assert!(text.starts_with("HTTP/1.1 431 "), "{text}");
+    // A malformed chunk reaches the app as a body error; the connection does not go on.
+    let text =
+        refused(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".to_vec())
+            .await;
+    assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
+}
+
+#[tokio::test]
+async fn head_204_and_large_replies_are_framed_right() {
+    let (address, _, _) = protocol_server().await;
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    let mut buffer = Vec::new();
+    stream.write_all(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\nGET /nothing HTTP/1.1\r\nHost: x\r\n\r\nGET /big HTTP/1.1\r\nHost: x\r\n\r\nGET /big-stream HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    // HEAD: the head, with the length a GET would have, and no body (what follows on the
+    // wire is the next response).
+    let (head, _) = read_reply(&mut stream, &mut buffer, true).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("content-length: 5\r\n"),
+        "{head}"
+    );
+    assert!(
+        buffer.is_empty() || buffer.starts_with(b"HTTP/1.1 204"),
+        "{:?}",
+        String::from_utf8_lossy(&buffer)
+    );
+    let (head, body) = read_response(&mut stream, &mut buffer).await;
+    assert!(head.starts_with("HTTP/1.1 204 No Content\r\n"), "{head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(
+        !lower.contains("content-length") && !lower.contains("transfer-encoding"),
+        "{head}"
+    );
+    assert!(body.is_empty());
+    let (head, body) = read_response(&mut stream, &mut buffer).await;
+    assert!(
+        head.to_ascii_lowercase().contains("content-length: 100000"),
+        "{head}"
+    );
+    assert_eq!(body, "x".repeat(100_000).as_bytes());
+    let (head, body) = read_response(&mut stream, &mut buffer).await;
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{head}"
+    );
+    let expected: String = (0..3).map(|i| format!("{i}").repeat(40_000)).collect();
+    assert_eq!(body, expected.as_bytes());
+    assert_eq!(read_response(&mut stream, &mut buffer).await.1, b"hello");
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_cancels_its_request_and_its_reply_stream() {
+    let (address, handler_dropped, stream_dropped) = protocol_server().await;
+    // While the handler runs.
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    stream
+        .write_all(b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!handler_dropped.load(Ordering::SeqCst));
+    drop(stream);
+    let started = Instant::now();
+    while !handler_dropped.load(Ordering::SeqCst) {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the handler was not dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // While the reply streams.
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    stream
+        .write_all(b"GET /drip HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 512];
+    let n = stream.read(&mut first).await.unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).contains("200 OK"));
+    assert!(!stream_dropped.load(Ordering::SeqCst));
+    drop(stream);
+    let started = Instant::now();
+    while !stream_dropped.load(Ordering::SeqCst) {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the reply stream was not dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
