@@ -24,6 +24,7 @@
 //!
 //! The refusals carry the API's `Error` body and close the connection.
 
+use std::future::Future as _;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -400,6 +401,16 @@ impl Connection {
         }
         let (mut to_app, body) = match (&feed, framing) {
             (None, _) => (None, Body::empty()),
+            // A body already read in full (a small JSON body comes with its head) is
+            // handed over whole: no channel, and no wake-up of this task by itself.
+            (Some(_), InFraming::Length(length)) if self.pending.len() as u64 >= length => {
+                feed = None;
+                let body = self.pending.split_to(length as usize).freeze();
+                if self.pending.is_empty() {
+                    self.pending = BytesMut::new();
+                }
+                (None, Body::from(body))
+            }
             (Some(_), framing) => {
                 let (sender, receiver) = mpsc::channel(1);
                 let left = match framing {
@@ -526,14 +537,17 @@ impl Connection {
                     return Ok(None);
                 }
             }
+            // Through `AsyncRead`, which returns at once now and, unlike `try_read`, takes a
+            // short read as the socket drained: no extra read that only says "empty".
             self.pending.reserve(READ_ROOM);
-            match self.stream.try_read_buf(&mut self.pending) {
-                Ok(0) => return Ok(None),
-                Ok(_) => {}
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                    self.pending = BytesMut::new();
-                }
-                Err(_) => return Ok(None),
+            let read = {
+                let mut reading = std::pin::pin!(self.stream.read_buf(&mut self.pending));
+                std::future::poll_fn(|cx| Poll::Ready(reading.as_mut().poll(cx))).await
+            };
+            match read {
+                Poll::Ready(Ok(0) | Err(_)) => return Ok(None),
+                Poll::Ready(Ok(_)) => {}
+                Poll::Pending => self.pending = BytesMut::new(),
             }
         }
     }
@@ -694,7 +708,13 @@ impl Reply {
             keep_alive = false;
             OutFraming::UntilClose
         };
-        let mut out = Vec::with_capacity(256);
+        // Room for the head (with the security headers, about 400 bytes) and a small body
+        // sent with it, so the reply is written once, without growing the buffer.
+        let small_body = match framing {
+            OutFraming::Length(length) if length <= COPY_LIMIT as u64 => length as usize,
+            _ => 0,
+        };
+        let mut out = Vec::with_capacity(640 + small_body);
         write_head(&mut out, status, &parts.headers, framing, keep_alive);
         Self {
             out,
@@ -751,9 +771,12 @@ async fn watch_for_close(stream: &TcpStream, pending: &mut BytesMut) {
 /// Parses the head at the start of `pending`; on success it is split off and owned by the
 /// returned parts (header values and the target are slices of it).
 fn parse_head(pending: &mut BytesMut) -> Result<Option<Box<Head>>, Refusal> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Request::new(&mut slots);
-    let length = match parsed.parse(pending) {
+    // Left uninitialized: zeroing room for every header a request may have costs more
+    // than parsing the few it has.
+    let mut slots =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let length = match parsed.parse_with_uninit_headers(pending, &mut slots) {
         Ok(httparse::Status::Complete(length)) => length,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(Refusal::head_too_large()),
@@ -763,37 +786,31 @@ fn parse_head(pending: &mut BytesMut) -> Result<Option<Box<Head>>, Refusal> {
             )));
         }
     };
-    // `parsed` borrows `pending`: note where each piece is, then split the head off.
+    // The request owns a copy of its head, just its size (the target and header values
+    // are slices of it); the read buffer stays free for what follows.
+    let head = Bytes::copy_from_slice(&pending[..length]);
     let base = pending.as_ptr() as usize;
-    let at = |piece: &[u8]| {
+    let slice = |piece: &[u8]| {
         let start = piece.as_ptr() as usize - base;
-        (start, start + piece.len())
+        head.slice(start..start + piece.len())
     };
-    let method = parsed.method.unwrap_or_default();
-    let method = Method::from_bytes(method.as_bytes())
+    let method = Method::from_bytes(parsed.method.unwrap_or_default().as_bytes())
         .map_err(|_| Refusal::bad_request("an invalid method"))?;
     let version = match parsed.version {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let (target_start, target_end) = at(parsed.path.unwrap_or_default().as_bytes());
-    let count = parsed.headers.len();
-    let mut places = [((0, 0), (0, 0)); MAX_HEADERS];
-    for (place, field) in places.iter_mut().zip(parsed.headers.iter()) {
-        *place = (at(field.name.as_bytes()), at(field.value));
-    }
-    let head = pending.split_to(length).freeze();
-
-    let uri = Uri::from_maybe_shared(head.slice(target_start..target_end))
+    let uri = Uri::from_maybe_shared(slice(parsed.path.unwrap_or_default().as_bytes()))
         .map_err(|_| Refusal::bad_request("an invalid request target"))?;
-    let mut headers = HeaderMap::with_capacity(count);
-    for ((name_start, name_end), (value_start, value_end)) in places.into_iter().take(count) {
-        let name = HeaderName::from_bytes(&head[name_start..name_end])
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    for field in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(field.name.as_bytes())
             .map_err(|_| Refusal::bad_request("an invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
+        let value = HeaderValue::from_maybe_shared(slice(field.value))
             .map_err(|_| Refusal::bad_request("an invalid header value"))?;
         headers.append(name, value);
     }
+    pending.advance(length);
     let framing = framing_of(version, &headers)?;
     let (mut parts, ()) = Request::new(()).into_parts();
     parts.method = method;
