@@ -107,23 +107,28 @@ where
         let policy = self.content_security_policy.clone();
         Box::pin(async move {
             let mut response = future.await?;
-            let headers = response.headers_mut();
-            let defaults: [(HeaderName, HeaderValue); 4] = [
-                (header::CONTENT_SECURITY_POLICY, policy),
-                (
-                    header::X_CONTENT_TYPE_OPTIONS,
-                    HeaderValue::from_static("nosniff"),
-                ),
-                (
-                    header::REFERRER_POLICY,
-                    HeaderValue::from_static("no-referrer"),
-                ),
-                (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
-            ];
-            for (name, value) in defaults {
-                headers.entry(name).or_insert(value);
-            }
+            add_security_headers(response.headers_mut(), policy);
             Ok(response)
         })
+    }
+}
+
+/// Adds the security headers `headers` does not set already, with `policy` as the
+/// `Content-Security-Policy`.
+pub(crate) fn add_security_headers(headers: &mut axum::http::HeaderMap, policy: HeaderValue) {
+    let defaults: [(HeaderName, HeaderValue); 4] = [
+        (header::CONTENT_SECURITY_POLICY, policy),
+        (
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ),
+        (
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        ),
+        (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
+    ];
+    for (name, value) in defaults {
+        headers.entry(name).or_insert(value);
     }
 }

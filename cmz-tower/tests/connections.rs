@@ -54,7 +54,6 @@ fn limits() -> ConnectionLimits {
         max_connections: 4,
         max_connections_per_ip: 3,
         trusted_proxies: TrustedProxies::none(),
-        ..ConnectionLimits::default()
     }
 }
 
@@ -562,7 +561,16 @@ async fn ambiguous_malformed_and_oversized_requests_are_refused() {
     ] {
         let text = refused(request.to_vec()).await;
         assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{text}");
-        assert!(text.to_ascii_lowercase().contains("connection: close"), "{text}");
+        let lower = text.to_ascii_lowercase();
+        assert!(lower.contains("connection: close"), "{text}");
+        assert!(lower.contains("\r\nx-content-type-options: nosniff\r\n"), "{text}");
+        assert!(
+            lower.contains(&format!(
+                "\r\ncontent-security-policy: {}\r\n",
+                cmz_tower::API_CONTENT_SECURITY_POLICY
+            )),
+            "{text}"
+        );
         let body = text.split_once("\r\n\r\n").unwrap().1;
         let error: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(error["code"], "validation_error", "{text}");

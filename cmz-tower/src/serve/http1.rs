@@ -563,8 +563,13 @@ impl Connection {
     async fn refuse(&mut self, refusal: Refusal) {
         if let Refusal::Answer(error) = refusal {
             tracing::debug!(status = %error.status, code = %error.code, "refused a request");
-            self.send(Reply::new(error.into_response(), &Asked::refused()))
-                .await;
+            // With the API's security headers, as the router's own errors have them.
+            let mut response = error.into_response();
+            crate::security_headers::add_security_headers(
+                response.headers_mut(),
+                HeaderValue::from_static(crate::API_CONTENT_SECURITY_POLICY),
+            );
+            self.send(Reply::new(response, &Asked::refused())).await;
         }
     }
 
