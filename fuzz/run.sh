@@ -16,7 +16,7 @@ seconds=${1:-30}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(tokens cursors_memory cursors_dynamo sse router ids dynamo_items redactor)
+    targets=(tokens cursors_memory cursors_dynamo sse router ids dynamo_items redactor http1)
 fi
 target_dir=${FUZZ_TARGET_DIR:-$PWD/fuzz/target}
 

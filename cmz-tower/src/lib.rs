@@ -49,6 +49,9 @@ pub use health::method_not_allowed;
 #[cfg(feature = "prometheus")]
 pub use metrics::prometheus_router;
 pub use security_headers::{API_CONTENT_SECURITY_POLICY, SecurityHeaders, SecurityHeadersLayer};
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub use serve::check_request;
 pub use serve::{ConnectionLimits, MAX_HEAD_BYTES, MAX_HEADERS, serve_with};
 pub use state::{AppState, HttpSettings};
 

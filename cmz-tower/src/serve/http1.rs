@@ -55,6 +55,8 @@ pub const MAX_HEAD_BYTES: usize = 32 * 1024;
 pub const MAX_HEADERS: usize = 100;
 /// How much room a read asks for at least: a typical request head fits at once.
 const READ_ROOM: usize = 2048;
+/// The longest chunk-size line (size and extensions) read.
+const MAX_CHUNK_LINE: usize = 1024;
 /// Bodies sent in one write with the frame around them up to this size; larger ones are
 /// written on their own, not copied.
 const COPY_LIMIT: usize = 16 * 1024;
@@ -137,7 +139,7 @@ impl http_body::Body for IncomingBody {
 }
 
 /// Where a request body's reading stands.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum BodyReader {
     /// `Content-Length`: this many bytes still to come.
     Length(u64),
@@ -145,7 +147,7 @@ enum BodyReader {
 }
 
 /// Where a chunked body's reading stands.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Chunk {
     /// A chunk-size line next.
     Size,
@@ -185,22 +187,32 @@ impl BodyReader {
                     }
                     return Decoded::Piece(bytes);
                 }
-                Self::Chunked(state @ Chunk::Size) => match httparse::parse_chunk_size(pending) {
-                    Ok(httparse::Status::Complete((used, size))) => {
-                        pending.advance(used);
-                        *state = if size == 0 {
-                            Chunk::Trailers(0)
-                        } else {
-                            Chunk::Data(size)
-                        };
+                Self::Chunked(state @ Chunk::Size) => {
+                    // Judged only once the line's CRLF is in, so that where the network
+                    // cut it cannot change the verdict.
+                    let line_end = pending
+                        .windows(2)
+                        .take(MAX_CHUNK_LINE)
+                        .position(|w| w == b"\r\n");
+                    match line_end {
+                        None if pending.len() < MAX_CHUNK_LINE => return Decoded::NeedMore,
+                        None => return Decoded::Invalid("a chunk size line too long"),
+                        Some(_) => {}
                     }
-                    Ok(httparse::Status::Partial) if pending.len() < 1024 => {
-                        return Decoded::NeedMore;
+                    match httparse::parse_chunk_size(pending) {
+                        Ok(httparse::Status::Complete((used, size))) => {
+                            pending.advance(used);
+                            *state = if size == 0 {
+                                Chunk::Trailers(0)
+                            } else {
+                                Chunk::Data(size)
+                            };
+                        }
+                        Ok(httparse::Status::Partial) | Err(_) => {
+                            return Decoded::Invalid("a malformed chunk size line");
+                        }
                     }
-                    Ok(httparse::Status::Partial) | Err(_) => {
-                        return Decoded::Invalid("a malformed chunk size line");
-                    }
-                },
+                }
                 Self::Chunked(state @ Chunk::DataEnd) => {
                     if pending.len() < 2 {
                         return Decoded::NeedMore;
@@ -980,6 +992,56 @@ fn push_date(out: &mut Vec<u8>) {
     });
 }
 
+/// For the `http1` fuzz target: parses `data` as a request head and reads its body from
+/// what follows, all at once and fed `step` bytes at a time; panics when the two readings
+/// differ (in the body, where it ends, what is left for the next request, or the error).
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn check_request(data: &[u8], step: usize) {
+    let mut pending = BytesMut::from(data);
+    let head = match parse_head(&mut pending) {
+        Ok(Some(head)) => head,
+        Ok(None) | Err(_) => return,
+    };
+    assert!(head.parts.headers.len() <= MAX_HEADERS);
+    assert!(pending.len() < data.len(), "a head is never empty");
+    let reader = match head.framing {
+        InFraming::Length(0) => return,
+        InFraming::Length(length) => BodyReader::Length(length),
+        InFraming::Chunked => BodyReader::Chunked(Chunk::Size),
+    };
+    let whole = read_body(reader.clone(), &pending, usize::MAX);
+    let fed = read_body(reader, &pending, step.max(1));
+    assert_eq!(whole, fed, "the body read depends on how the bytes arrived");
+}
+
+/// The body, how its reading ended, and what was left after it.
+#[cfg(any(test, feature = "fuzzing"))]
+fn read_body(mut reader: BodyReader, rest: &[u8], step: usize) -> (Vec<u8>, String, Vec<u8>) {
+    let mut pending = BytesMut::new();
+    let mut at = 0;
+    let mut body = Vec::new();
+    loop {
+        match reader.decode(&mut pending) {
+            Decoded::Piece(bytes) => {
+                assert!(!bytes.is_empty(), "an empty piece");
+                body.extend_from_slice(&bytes);
+            }
+            Decoded::NeedMore if at < rest.len() => {
+                let end = at.saturating_add(step).min(rest.len());
+                pending.extend_from_slice(&rest[at..end]);
+                at = end;
+            }
+            Decoded::NeedMore => return (body, "incomplete".into(), Vec::new()),
+            Decoded::Done => {
+                let mut left = pending.to_vec();
+                left.extend_from_slice(&rest[at..]);
+                return (body, "done".into(), left);
+            }
+            Decoded::Invalid(why) => return (body, why.into(), Vec::new()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1109,6 +1171,26 @@ mod tests {
             text.contains("transfer-encoding: chunked\r\nconnection: close\r\n\r\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_body_reads_the_same_however_it_arrives() {
+        let requests: [&[u8]; 5] = [
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;a=b\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\nGET / HTTP/1.1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloGET /",
+            // Found by the fuzz target: an extension with obs-text and a bare LF.
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nd0;a\xff\xff\xff\xff\xff\xff\xffJ)sfer-\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        ];
+        for request in requests {
+            for step in 1..=9 {
+                check_request(request, step);
+            }
+        }
+        let mut pending = BytesMut::from(&b"3\r\nabc\r\n0\r\n\r\nnext"[..]);
+        let read = read_body(BodyReader::Chunked(Chunk::Size), &pending.split(), 2);
+        assert_eq!(read, (b"abc".to_vec(), "done".into(), b"next".to_vec()));
     }
 
     #[test]

@@ -27,6 +27,8 @@ use crate::client_ip::TrustedProxies;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
+#[cfg(feature = "fuzzing")]
+pub use http1::check_request;
 pub use http1::{MAX_HEAD_BYTES, MAX_HEADERS};
 
 /// Limits on connections, from the legacy-style variables of
