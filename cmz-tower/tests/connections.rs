@@ -631,6 +631,15 @@ async fn head_204_and_large_replies_are_framed_right() {
     assert_eq!(read_response(&mut stream, &mut buffer).await.1, b"hello");
 }
 
+/// Waits up to 3 s for `flag`, failing with `what`.
+async fn wait_until_set(flag: &AtomicBool, what: &str) {
+    let started = Instant::now();
+    while !flag.load(Ordering::SeqCst) {
+        assert!(started.elapsed() < Duration::from_secs(3), "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_client_that_leaves_cancels_its_request_and_its_reply_stream() {
     let (address, handler_dropped, stream_dropped) = protocol_server().await;
@@ -643,14 +652,7 @@ async fn a_client_that_leaves_cancels_its_request_and_its_reply_stream() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!handler_dropped.load(Ordering::SeqCst));
     drop(stream);
-    let started = Instant::now();
-    while !handler_dropped.load(Ordering::SeqCst) {
-        assert!(
-            started.elapsed() < Duration::from_secs(3),
-            "the handler was not dropped"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_set(&handler_dropped, "the handler was not dropped").await;
     // While the reply streams.
     let mut stream = TcpStream::connect(address).await.unwrap();
     stream
@@ -662,12 +664,5 @@ async fn a_client_that_leaves_cancels_its_request_and_its_reply_stream() {
     assert!(String::from_utf8_lossy(&first[..n]).contains("200 OK"));
     assert!(!stream_dropped.load(Ordering::SeqCst));
     drop(stream);
-    let started = Instant::now();
-    while !stream_dropped.load(Ordering::SeqCst) {
-        assert!(
-            started.elapsed() < Duration::from_secs(3),
-            "the reply stream was not dropped"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_set(&stream_dropped, "the reply stream was not dropped").await;
 }
