@@ -3,9 +3,9 @@
 //! Why not hyper's connection: hyper gives every connection an 8 KiB write buffer and an
 //! 8 KiB read buffer that cannot be made smaller on a server, so an open Server-Sent
 //! Events stream held about 12 KiB before it sent anything. Here a connection keeps no
-//! buffer between requests: a request head is read into a buffer the request itself then
-//! owns (its header values are slices of it, no copies), and each write is built, sent
-//! and freed.
+//! buffer between requests: a request head is read into a buffer only once its first bytes
+//! are there, copied out at its size for the request to own (its header values are slices
+//! of that copy), and each write is built, sent and freed.
 //!
 //! What it accepts and answers:
 //! - requests parsed by `httparse` (the parser hyper uses): heads up to
@@ -785,8 +785,8 @@ async fn watch_for_close(stream: &TcpStream, pending: &mut BytesMut) {
     }
 }
 
-/// Parses the head at the start of `pending`; on success it is split off and owned by the
-/// returned parts (header values and the target are slices of it).
+/// Parses the head at the start of `pending`; on success it is taken off `pending`, and the
+/// returned parts own a copy of it (header values and the target are slices of the copy).
 fn parse_head(pending: &mut BytesMut) -> Result<Option<Box<Head>>, Refusal> {
     // Left uninitialized: zeroing room for every header a request may have costs more
     // than parsing the few it has.
