@@ -35,6 +35,13 @@ fn validate(kind: &'static str, value: &str, max: usize) -> Result<()> {
             format!("{kind} is longer than {max} characters"),
         ));
     }
+    // Ids are ASCII: a byte scan settles the common case, chars only name the culprit.
+    if value
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'/' && b != b'\\')
+    {
+        return Ok(());
+    }
     if let Some(bad) = value.chars().find(|c| !is_id_char(*c)) {
         return Err(Error::validation(
             kind,
@@ -69,9 +76,9 @@ macro_rules! id_type {
 
         impl $name {
             /// Validates `value` and wraps it; a `validation_error` names the field.
-            pub fn new(value: impl Into<String>) -> Result<Self> {
-                let value: String = value.into();
-                validate($kind, &value, $max)?;
+            pub fn new(value: impl AsRef<str>) -> Result<Self> {
+                let value = value.as_ref();
+                validate($kind, value, $max)?;
                 Ok(Self(value.into()))
             }
 
@@ -165,18 +172,38 @@ impl SessionId {
     /// A session id in the legacy format with a chosen 32-bit suffix (as 8 hex digits),
     /// used to derive the same id from the same idempotency key.
     pub fn with_suffix(animal: &AnimalId, user: &UserId, suffix: u32) -> Result<Self> {
-        Self::new(format!("conv_{animal}_{user}_{suffix:08x}"))
+        let mut id = String::with_capacity(14 + animal.0.len() + user.0.len());
+        id.push_str("conv_");
+        id.push_str(&animal.0);
+        id.push('_');
+        id.push_str(&user.0);
+        id.push('_');
+        for shift in (0..8).rev() {
+            id.push(char::from(HEX[(suffix >> (shift * 4)) as usize & 0xf]));
+        }
+        Self::new(id)
     }
 }
 
 /// A random UUID v4, hyphenated, from a fast thread-local generator rather than a system
 /// call: for ids that must be unique but need not be unguessable (message ids, request ids).
 pub fn fast_uuid_v4() -> String {
-    let bytes = fastrand::u128(..).to_le_bytes();
-    uuid::Builder::from_random_bytes(bytes)
-        .into_uuid()
-        .to_string()
+    fast_uuid_v4_with(str::to_owned)
 }
+
+/// A fast random UUID v4 handed to `make` as text, without an intermediate `String`.
+fn fast_uuid_v4_with<T>(make: impl FnOnce(&str) -> T) -> T {
+    let bytes = fastrand::u128(..).to_le_bytes();
+    let mut text = uuid::Uuid::encode_buffer();
+    make(
+        uuid::Builder::from_random_bytes(bytes)
+            .into_uuid()
+            .hyphenated()
+            .encode_lower(&mut text),
+    )
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
 
 impl MessageId {
     /// A new random message id (a UUID v4, as the legacy store wrote).
@@ -184,7 +211,7 @@ impl MessageId {
     /// Ids only need to be unique, not unguessable (access is checked on the session), so
     /// they come from [`fast_uuid_v4`].
     pub fn generate() -> Self {
-        Self(fast_uuid_v4().into())
+        Self(fast_uuid_v4_with(|text| std::sync::Arc::from(text)))
     }
 }
 

@@ -563,30 +563,63 @@ impl Clues {
     };
 
     fn of(text: &str) -> Self {
+        // One pass, no copy: this runs on every message.
+        let (mut at, mut dot_or_colon, mut digit, mut words) = (false, false, false, 0u8);
         let bytes = text.as_bytes();
-        let has = |byte: u8| bytes.contains(&byte);
+        for (i, &byte) in bytes.iter().enumerate() {
+            match byte {
+                b'@' => at = true,
+                b'.' | b':' => dot_or_colon = true,
+                b'0'..=b'9' => digit = true,
+                _ if byte.is_ascii_alphabetic() && words != ALL_WORD_CLUES => {
+                    let lower = byte.to_ascii_lowercase();
+                    for &(word, clue) in &CLUE_WORDS {
+                        if word[0] == lower
+                            && bytes
+                                .get(i..i + word.len())
+                                .is_some_and(|w| w.eq_ignore_ascii_case(word))
+                        {
+                            words |= clue;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
         // Case-insensitive patterns match some letters outside ASCII too (the Kelvin sign
         // for `k`, the long s for `s`): the word clues only rule a pattern out in ASCII.
-        let (words, ascii) = if text.is_ascii() {
-            (text.to_ascii_lowercase(), true)
-        } else {
-            (String::new(), false)
-        };
-        let any = |needles: &[&str]| !ascii || needles.iter().any(|n| words.contains(n));
+        if !text.is_ascii() {
+            words = ALL_WORD_CLUES;
+            digit = text.chars().any(char::is_numeric);
+        }
         Self {
-            at: has(b'@'),
-            dot_or_colon: has(b'.') || has(b':'),
-            digit: if ascii {
-                bytes.iter().any(u8::is_ascii_digit)
-            } else {
-                text.chars().any(char::is_numeric)
-            },
-            address_words: any(&["live", "address", "house"]),
-            name_words: any(&["name", "call"]),
-            school_words: any(&["school", "go", "attend"]),
+            at,
+            dot_or_colon,
+            digit,
+            address_words: words & ADDRESS_WORDS != 0,
+            name_words: words & NAME_WORDS != 0,
+            school_words: words & SCHOOL_WORDS != 0,
         }
     }
 }
+
+const ADDRESS_WORDS: u8 = 1;
+const NAME_WORDS: u8 = 2;
+const SCHOOL_WORDS: u8 = 4;
+const ALL_WORD_CLUES: u8 = ADDRESS_WORDS | NAME_WORDS | SCHOOL_WORDS;
+
+/// The words (lowercase) without one of which a word pattern cannot match, anywhere in a
+/// text and in any case, and the clue each sets.
+static CLUE_WORDS: [(&[u8], u8); 8] = [
+    (b"live", ADDRESS_WORDS),
+    (b"address", ADDRESS_WORDS),
+    (b"house", ADDRESS_WORDS),
+    (b"name", NAME_WORDS),
+    (b"call", NAME_WORDS),
+    (b"school", SCHOOL_WORDS),
+    (b"go", SCHOOL_WORDS),
+    (b"attend", SCHOOL_WORDS),
+];
 
 #[cfg(test)]
 mod tests {
@@ -673,6 +706,11 @@ mod tests {
         }
         let skipped = Clues::of("What do cougars eat?");
         assert!(!skipped.at && !skipped.digit && !skipped.name_words && !skipped.school_words);
+        // A clue word found in any case, at either end of the text, and beside others.
+        let found = Clues::of("LiVe.. near my HOUSE; nAmE@attenD: 7 go");
+        assert!(found.at && found.dot_or_colon && found.digit);
+        assert!(found.address_words && found.name_words && found.school_words);
+        assert!(!Clues::of("liv").address_words && Clues::of("xgo").school_words);
     }
 
     #[test]

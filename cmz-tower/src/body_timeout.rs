@@ -30,7 +30,7 @@ use axum::http::{HeaderValue, Request, header};
 use axum::response::{IntoResponse, Response};
 use futures::future::BoxFuture;
 use http_body::{Frame, SizeHint};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
 use crate::error::ApiError;
@@ -95,7 +95,8 @@ where
         let request = request.map(|body| {
             Body::new(TimedBody {
                 inner: body,
-                deadline: Box::pin(tokio::time::sleep(timeout)),
+                deadline: Instant::now() + timeout,
+                timer: None,
                 expired: expired.clone(),
                 finished: false,
             })
@@ -144,7 +145,10 @@ impl std::error::Error for BodyTimedOut {}
 /// A request body with a deadline for its last byte.
 struct TimedBody {
     inner: Body,
-    deadline: Pin<Box<Sleep>>,
+    deadline: Instant,
+    /// Made the first time the body has to wait: a body that came whole with its head (a
+    /// JSON turn) never starts a timer.
+    timer: Option<Pin<Box<Sleep>>>,
     expired: Arc<AtomicBool>,
     finished: bool,
 }
@@ -170,7 +174,11 @@ impl http_body::Body for TimedBody {
             Poll::Ready(Some(frame)) => return Poll::Ready(Some(frame.map_err(Into::into))),
             Poll::Pending => {}
         }
-        match self.deadline.as_mut().poll(cx) {
+        let deadline = self.deadline;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        match timer.as_mut().poll(cx) {
             Poll::Ready(()) => {
                 self.finished = true;
                 self.expired.store(true, Ordering::Release);

@@ -180,6 +180,36 @@ async fn idle_keep_alive_connections_close_but_slow_and_streaming_replies_do_not
     assert!(streamed.contains("chunk 5"), "{streamed}");
 }
 
+/// The idle timer outlives one wait: when it fires during a later wait (one that began
+/// after it was set), the connection lives on, and closes one idle timeout after its last
+/// reply.
+#[tokio::test]
+async fn the_idle_timeout_counts_from_the_last_reply() {
+    let server = start(limits()).await;
+    let mut stream = TcpStream::connect(server.address).await.unwrap();
+    let mut buffer = Vec::new();
+    // Pauses of 300 ms under a 400 ms timeout: 1.2 s in all, three timeouts' worth.
+    for round in 0..4 {
+        if round > 0 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, body) = read_response(&mut stream, &mut buffer).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "round {round}: {head}");
+        assert_eq!(body, b"hello 127.0.0.1");
+    }
+    let (rest, closed) = read_until_closed(&mut stream, Duration::from_secs(3)).await;
+    assert!(rest.is_empty(), "{rest}");
+    let closed = closed.expect("closed once idle");
+    assert!(
+        closed >= Duration::from_millis(300) && closed < Duration::from_millis(1500),
+        "{closed:?}"
+    );
+}
+
 #[tokio::test]
 async fn connections_beyond_the_caps_are_closed_at_once() {
     let server = start(limits()).await;

@@ -267,6 +267,7 @@ impl ConversationStore for InMemoryConversationStore {
         let start = entry.messages.len();
         let mut seq = append.expected_count;
         let mut last_at = entry.session.last_activity;
+        entry.messages.reserve_first(append.messages.len());
         for message in append.messages {
             seq += 1;
             last_at = last_at.max(message.created_at);

@@ -18,6 +18,14 @@ impl MessageLog {
         self.len
     }
 
+    /// Sizes a new log's first block for the `count` messages about to be pushed: most
+    /// sessions hold one turn, and a block grown by `push` would keep room for four.
+    pub(super) fn reserve_first(&mut self, count: usize) {
+        if self.blocks.is_empty() {
+            self.blocks.push(Vec::with_capacity(count.min(BLOCK)));
+        }
+    }
+
     pub(super) fn push(&mut self, message: Message) {
         match self.blocks.last_mut() {
             Some(block) if block.len() < BLOCK => block.push(message),
@@ -72,5 +80,21 @@ mod tests {
         assert_eq!(seqs(log.range(990, 5000)), (991..=1000).collect::<Vec<_>>());
         assert!(log.range(1000, 1000).is_empty());
         assert!(log.range(2000, 3000).is_empty());
+    }
+
+    #[test]
+    fn a_first_turn_takes_the_room_it_needs() {
+        let id = SessionId::new("s").unwrap();
+        let mut log = MessageLog::default();
+        log.reserve_first(2);
+        for seq in 1..=2u64 {
+            log.push(NewMessage::new(Role::User, seq.to_string()).into_message(id.clone(), seq));
+        }
+        assert_eq!(log.blocks[0].capacity(), 2);
+        // Only a new log is sized: later turns grow the block as a Vec grows.
+        log.reserve_first(1);
+        log.push(NewMessage::new(Role::User, "3").into_message(id.clone(), 3));
+        assert_eq!((log.blocks.len(), log.len()), (1, 3));
+        assert_eq!(log.range(0, 3).len(), 3);
     }
 }

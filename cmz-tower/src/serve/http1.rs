@@ -44,7 +44,7 @@ use http_body::Body as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tower::{Service as _, ServiceExt};
 
 use crate::error::ApiError;
@@ -78,6 +78,7 @@ pub(crate) async fn serve_connection(
         pending: BytesMut::new(),
         header_read_timeout,
         idle_timeout,
+        idle_timer: None,
     };
     loop {
         // Two phases, each its own future, so the task keeps room for the larger of the
@@ -341,6 +342,9 @@ struct Connection {
     header_read_timeout: Duration,
     /// How long the connection may wait for a next request's first byte.
     idle_timeout: Duration,
+    /// The idle timer, kept from one wait to the next: it is moved on only when it fires
+    /// early, so a busy connection does not register and cancel a timer per request.
+    idle_timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl Connection {
@@ -537,17 +541,8 @@ impl Connection {
                 }
             }
             // Between requests: no buffer until the next request's first bytes are there.
-            let readable = tokio::select! {
-                readable = tokio::time::timeout(self.idle_timeout, self.stream.readable()) => readable,
-                _ = shutdown.wait_for(|stop| *stop) => return Ok(None),
-            };
-            match readable {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Ok(None),
-                Err(_) => {
-                    tracing::debug!("closing an idle connection");
-                    return Ok(None);
-                }
+            if !self.wait_for_request(shutdown).await {
+                return Ok(None);
             }
             // Through `AsyncRead`, which returns at once now and, unlike `try_read`, takes a
             // short read as the socket drained: no extra read that only says "empty".
@@ -560,6 +555,31 @@ impl Connection {
                 Poll::Ready(Ok(0) | Err(_)) => return Ok(None),
                 Poll::Ready(Ok(_)) => {}
                 Poll::Pending => self.pending = BytesMut::new(),
+            }
+        }
+    }
+
+    /// Waits until the next request's first bytes can be read: `false` when the connection
+    /// should close instead (the client went, it stayed idle too long, or `shutdown`).
+    async fn wait_for_request(&mut self, shutdown: &mut watch::Receiver<bool>) -> bool {
+        let deadline = Instant::now() + self.idle_timeout;
+        let timer = self
+            .idle_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        loop {
+            tokio::select! {
+                biased;
+                readable = self.stream.readable() => return readable.is_ok(),
+                () = timer.as_mut() => {
+                    // Set for an earlier wait: this one's deadline is later.
+                    if Instant::now() < deadline {
+                        timer.as_mut().reset(deadline);
+                        continue;
+                    }
+                    tracing::debug!("closing an idle connection");
+                    return false;
+                }
+                _ = shutdown.wait_for(|stop| *stop) => return false,
             }
         }
     }
