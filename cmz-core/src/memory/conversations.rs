@@ -221,7 +221,7 @@ impl ConversationStore for InMemoryConversationStore {
         {
             return Err(session_not_found(&append.session_id));
         }
-        if let Some(session) = &append.new_session {
+        if let Some(session) = append.new_session {
             if session.id != append.session_id
                 || append.expected_count != 0
                 || session.message_count != 0
@@ -235,7 +235,7 @@ impl ConversationStore for InMemoryConversationStore {
                 return Err(session_not_found(&session.id));
             }
             match state.sessions.get(&session.id) {
-                None => state.insert(session.clone()),
+                None => state.insert(session),
                 Some(existing) => {
                     if let Some(previous) =
                         append.turn_key.as_deref().and_then(|k| existing.turn(k))

@@ -22,6 +22,8 @@ impl MessageLog {
     /// sessions hold one turn, and a block grown by `push` would keep room for four.
     pub(super) fn reserve_first(&mut self, count: usize) {
         if self.blocks.is_empty() {
+            // One block's room (a `Vec` would take four); a long session grows it.
+            self.blocks.reserve_exact(1);
             self.blocks.push(Vec::with_capacity(count.min(BLOCK)));
         }
     }
@@ -90,7 +92,7 @@ mod tests {
         for seq in 1..=2u64 {
             log.push(NewMessage::new(Role::User, seq.to_string()).into_message(id.clone(), seq));
         }
-        assert_eq!(log.blocks[0].capacity(), 2);
+        assert_eq!((log.blocks.capacity(), log.blocks[0].capacity()), (1, 2));
         // Only a new log is sized: later turns grow the block as a Vec grows.
         log.reserve_first(1);
         log.push(NewMessage::new(Role::User, "3").into_message(id.clone(), 3));
