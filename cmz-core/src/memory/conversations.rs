@@ -70,13 +70,15 @@ fn forget_old<K>(deletes: &mut HashMap<K, DateTime<Utc>>, now: DateTime<Utc>) {
 struct Entry {
     session: Session,
     messages: MessageLog,
-    /// turn key → (index of its first message, how many messages)
-    turn_keys: HashMap<String, (usize, usize)>,
+    /// turn key → (index of its first message, how many messages); boxed and made on the
+    /// first key, so a session without keys holds one pointer (and an entry fits
+    /// allocator's 256-byte class).
+    turn_keys: Option<Box<HashMap<String, (usize, usize)>>>,
 }
 
 impl Entry {
     fn turn(&self, key: &str) -> Option<Vec<Message>> {
-        let &(start, len) = self.turn_keys.get(key)?;
+        let &(start, len) = self.turn_keys.as_ref()?.get(key)?;
         Some(self.messages.range(start, start + len))
     }
 }
@@ -154,7 +156,7 @@ impl State {
             Box::new(Entry {
                 session,
                 messages: MessageLog::default(),
-                turn_keys: HashMap::default(),
+                turn_keys: None,
             }),
         );
     }
@@ -277,7 +279,10 @@ impl ConversationStore for InMemoryConversationStore {
         }
         let stored = entry.messages.range(start, usize::MAX);
         if let Some(key) = append.turn_key {
-            entry.turn_keys.insert(key, (start, stored.len()));
+            entry
+                .turn_keys
+                .get_or_insert_default()
+                .insert(key, (start, stored.len()));
         }
         entry.session.message_count = seq;
         entry.session.last_activity = last_at;
@@ -509,5 +514,18 @@ mod tests {
             InMemoryConversationStore::new(),
         ))
         .await;
+    }
+}
+
+#[cfg(test)]
+mod entry_size {
+    /// A session's entry fits the allocator's 256-byte class: it is kept for every session.
+    #[test]
+    fn an_entry_takes_at_most_256_bytes() {
+        assert!(
+            std::mem::size_of::<super::Entry>() <= 256,
+            "{}",
+            std::mem::size_of::<super::Entry>()
+        );
     }
 }

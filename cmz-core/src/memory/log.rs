@@ -9,13 +9,16 @@ const BLOCK: usize = 256;
 /// history each time it doubles).
 #[derive(Debug, Default)]
 pub(super) struct MessageLog {
+    /// Every block but the last is full.
     blocks: Vec<Vec<Message>>,
-    len: usize,
 }
 
 impl MessageLog {
     pub(super) fn len(&self) -> usize {
-        self.len
+        match self.blocks.last() {
+            Some(last) => (self.blocks.len() - 1) * BLOCK + last.len(),
+            None => 0,
+        }
     }
 
     /// Sizes a new log's first block for the `count` messages about to be pushed: most
@@ -43,12 +46,11 @@ impl MessageLog {
                 self.blocks.push(block);
             }
         }
-        self.len += 1;
     }
 
     /// Clones of the messages at indexes `start..end` (clamped to the log).
     pub(super) fn range(&self, start: usize, end: usize) -> Vec<Message> {
-        let end = end.min(self.len);
+        let end = end.min(self.len());
         let mut out = Vec::with_capacity(end.saturating_sub(start));
         let mut index = start;
         while index < end {
