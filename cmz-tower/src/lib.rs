@@ -6,10 +6,12 @@ mod body_timeout;
 mod care;
 mod client_ip;
 mod config;
+mod cors;
 mod error;
 mod health;
 mod metrics;
 mod privacy;
+mod request_id;
 mod routes;
 mod security_headers;
 mod serve;
@@ -29,9 +31,6 @@ use axum::routing::{get, post};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::CorsLayer;
-use tower_http::request_id::{
-    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
-};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
@@ -54,20 +53,6 @@ pub use security_headers::{API_CONTENT_SECURITY_POLICY, SecurityHeaders, Securit
 pub use serve::check_request;
 pub use serve::{ConnectionLimits, MAX_HEAD_BYTES, MAX_HEADERS, serve_with};
 pub use state::{AppState, HttpSettings};
-
-/// Request ids as UUID v4 from [`cmz_core::ids::fast_uuid_v4`]: they only need to be
-/// unique enough to find a request in the logs, and tower-http's `MakeRequestUuid` makes a
-/// system call per request.
-#[derive(Debug, Clone, Copy, Default)]
-struct FastRequestId;
-
-impl MakeRequestId for FastRequestId {
-    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
-        axum::http::HeaderValue::try_from(cmz_core::ids::fast_uuid_v4())
-            .ok()
-            .map(RequestId::new)
-    }
-}
 
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     tracing::error!("a request handler panicked");
@@ -264,8 +249,7 @@ pub fn with_layers(app: Router, settings: &HttpSettings) -> Router {
     // headers.
     let outer = ServiceBuilder::new()
         .layer(SecurityHeadersLayer::new())
-        .layer(SetRequestIdLayer::x_request_id(FastRequestId))
-        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(request_id::RequestIdLayer)
         .layer(trace);
     let inner = ServiceBuilder::new()
         .layer(middleware::map_response(error::ensure_error_body))
@@ -287,5 +271,5 @@ pub fn with_layers(app: Router, settings: &HttpSettings) -> Router {
         .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
         .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
         .max_age(Duration::from_secs(600));
-    app.layer(outer.layer(cors).layer(inner))
+    app.layer(outer.layer(cors::CorsIfOriginLayer::new(cors)).layer(inner))
 }
