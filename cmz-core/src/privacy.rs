@@ -565,6 +565,7 @@ impl Clues {
     fn of(text: &str) -> Self {
         // One pass, no copy: this runs on every message.
         let (mut at, mut dot_or_colon, mut digit, mut words) = (false, false, false, 0u8);
+        let mut ascii = true;
         let bytes = text.as_bytes();
         for (i, &byte) in bytes.iter().enumerate() {
             match byte {
@@ -583,12 +584,13 @@ impl Clues {
                         }
                     }
                 }
+                _ if !byte.is_ascii() => ascii = false,
                 _ => {}
             }
         }
         // Case-insensitive patterns match some letters outside ASCII too (the Kelvin sign
         // for `k`, the long s for `s`): the word clues only rule a pattern out in ASCII.
-        if !text.is_ascii() {
+        if !ascii {
             words = ALL_WORD_CLUES;
             digit = text.chars().any(char::is_numeric);
         }

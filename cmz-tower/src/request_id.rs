@@ -3,8 +3,9 @@
 //! it) and echoed on the response unless the response set its own.
 //!
 //! It does what tower-http's `SetRequestIdLayer` and `PropagateRequestIdLayer` do together,
-//! in one layer: one lookup of the header instead of two, no extension on the response,
-//! no second future around the app's (about 1,800 instructions a request less).
+//! in one layer: one lookup of the request's header instead of two, no extension on the
+//! response, one future around the app's instead of two (about 1,100 instructions a
+//! request less, measured with `benches/http/instructions.py`).
 
 use std::task::{Context, Poll};
 

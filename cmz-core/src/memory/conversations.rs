@@ -499,6 +499,16 @@ impl ConversationStore for InMemoryConversationStore {
 mod tests {
     use super::*;
 
+    /// A session's entry fits the allocator's 256-byte class: it is kept for every session.
+    #[test]
+    fn an_entry_takes_at_most_256_bytes() {
+        assert!(
+            std::mem::size_of::<Entry>() <= 256,
+            "{}",
+            std::mem::size_of::<Entry>()
+        );
+    }
+
     #[tokio::test]
     async fn passes_the_conformance_suite() {
         crate::testing::run_conversation_store_suite(
@@ -514,18 +524,5 @@ mod tests {
             InMemoryConversationStore::new(),
         ))
         .await;
-    }
-}
-
-#[cfg(test)]
-mod entry_size {
-    /// A session's entry fits the allocator's 256-byte class: it is kept for every session.
-    #[test]
-    fn an_entry_takes_at_most_256_bytes() {
-        assert!(
-            std::mem::size_of::<super::Entry>() <= 256,
-            "{}",
-            std::mem::size_of::<super::Entry>()
-        );
     }
 }
