@@ -15,6 +15,10 @@ loopback ports with the same JWT_SECRET, then on each:
      stream lasts ~11 s), opened at once by an asyncio + aiohttp client; the server's RSS
      (summed over its process tree) before opening and at the peak.
 
+The stream test and each layout's rounds start from freshly started servers (the demo's
+in-memory store keeps every conversation, and a bigger process serves a turn more slowly);
+`--same-servers` keeps them running from one to the next instead.
+
 Prints one table with the figures and the cmz/Flask and cmz/FastAPI ratios, and stops every
 server it started, on errors too. All traffic stays on 127.0.0.1.
 """
@@ -724,6 +728,9 @@ def main():
     parser.add_argument("--chunk-delay-ms", type=int, default=500, help="pause between streamed words [500]")
     parser.add_argument("--gunicorn-threads", type=int, default=600, help="gthread threads per worker [600]")
     parser.add_argument("--skip", choices=["throughput", "streams"], action="append", default=[])
+    parser.add_argument("--same-servers", action="store_true",
+                        help="keep the servers of the stream test and of earlier layouts running into the "
+                             "next layout, instead of starting every server afresh for each")
     parser.add_argument("--uvicorn-http", choices=["auto", "httptools", "h11"], default="auto",
                         help="uvicorn's HTTP parser [auto: httptools, installed with uvicorn[standard]]")
     parser.add_argument("--quiet-wait", type=float, default=15,
@@ -833,7 +840,18 @@ def main():
             streams[servers[0].name]["connection_kb"] = floor
             log(f"{servers[0].name}: {floor:.1f} KiB per open keep-alive connection after one request")
         if "throughput" not in args.skip:
-            for layout in layouts:
+            for index, layout in enumerate(layouts):
+                if (index > 0 or "streams" not in args.skip) and not args.same_servers:
+                    # Every layout measures servers in the same state: freshly started.
+                    # The demo's in-memory store keeps every conversation, and cmz's grew by
+                    # over a million in the rounds before, Flask's by a twentieth of that;
+                    # a turn costs more as the process grows (benches/README.md).
+                    for server in servers:
+                        server.stop()
+                        server.start()
+                    for server in servers:
+                        server.wait_ready()
+                    log("servers restarted for the " + layout + " layout")
                 runs = {server.name: [] for server in servers}
                 runs[CEILING] = []
                 for server in servers:

@@ -172,7 +172,7 @@ impl SessionId {
     /// A session id in the legacy format with a chosen 32-bit suffix (as 8 hex digits),
     /// used to derive the same id from the same idempotency key.
     pub fn with_suffix(animal: &AnimalId, user: &UserId, suffix: u32) -> Result<Self> {
-        let mut id = String::with_capacity(14 + animal.0.len() + user.0.len());
+        let mut id = String::with_capacity("conv___".len() + 8 + animal.0.len() + user.0.len());
         id.push_str("conv_");
         id.push_str(&animal.0);
         id.push('_');

@@ -574,6 +574,9 @@ impl Clues {
                 b'0'..=b'9' => digit = true,
                 _ if byte.is_ascii_alphabetic() && words != ALL_WORD_CLUES => {
                     let lower = byte.to_ascii_lowercase();
+                    if CLUE_FIRST_LETTERS >> (lower - b'a') & 1 == 0 {
+                        continue;
+                    }
                     for &(word, clue) in &CLUE_WORDS {
                         if word[0] == lower
                             && bytes
@@ -609,6 +612,18 @@ const ADDRESS_WORDS: u8 = 1;
 const NAME_WORDS: u8 = 2;
 const SCHOOL_WORDS: u8 = 4;
 const ALL_WORD_CLUES: u8 = ADDRESS_WORDS | NAME_WORDS | SCHOOL_WORDS;
+
+/// Bit `n` is set when a clue word starts with the `n`th letter: most letters start none,
+/// and skip the comparisons.
+const CLUE_FIRST_LETTERS: u32 = {
+    let mut bits = 0;
+    let mut i = 0;
+    while i < CLUE_WORDS.len() {
+        bits |= 1 << (CLUE_WORDS[i].0[0] - b'a');
+        i += 1;
+    }
+    bits
+};
 
 /// The words (lowercase) without one of which a word pattern cannot match, anywhere in a
 /// text and in any case, and the clue each sets.

@@ -18,51 +18,93 @@ pub const CHILD_SAFETY_GUIDELINES: &[&str] = &[
 /// item) uses that text instead of the one built from its fields; the child-safety rules
 /// and the persona's own guidelines are appended to either.
 pub fn system_prompt(persona: &Persona) -> String {
+    // Built on every turn: sized once and written without the formatting machinery.
     if let Some(custom) = persona
         .system_prompt
         .as_deref()
         .map(str::trim)
         .filter(|p| !p.is_empty())
     {
-        let mut prompt = String::with_capacity(custom.len() + 1024);
+        let mut prompt = String::with_capacity(custom.len() + 1 + guidelines_len(persona));
         prompt.push_str(custom);
         prompt.push('\n');
         push_guidelines(&mut prompt, persona);
         return prompt;
     }
-    let mut prompt = format!(
-        "You are {name}, an animal ambassador at Cougar Mountain Zoo.\n\nPERSONALITY: {personality}\n",
-        name = persona.name,
-        personality = if persona.personality.is_empty() {
-            "warm, curious and playful"
-        } else {
-            &persona.personality
-        },
+    const INTRO: &str = "You are ";
+    const AMBASSADOR: &str = ", an animal ambassador at Cougar Mountain Zoo.\n\nPERSONALITY: ";
+    const FACTS: &str = "\nKEY FACTS you can share:\n";
+    let personality = if persona.personality.is_empty() {
+        "warm, curious and playful"
+    } else {
+        &persona.personality
+    };
+    let facts_len = if persona.facts.is_empty() {
+        0
+    } else {
+        FACTS.len()
+            + persona
+                .facts
+                .iter()
+                .map(|f| list_item_len(f))
+                .sum::<usize>()
+    };
+    let mut prompt = String::with_capacity(
+        INTRO.len()
+            + persona.name.len()
+            + AMBASSADOR.len()
+            + personality.len()
+            + 1
+            + facts_len
+            + guidelines_len(persona),
     );
+    prompt.push_str(INTRO);
+    prompt.push_str(&persona.name);
+    prompt.push_str(AMBASSADOR);
+    prompt.push_str(personality);
+    prompt.push('\n');
     if !persona.facts.is_empty() {
-        prompt.push_str("\nKEY FACTS you can share:\n");
+        prompt.push_str(FACTS);
         for fact in &persona.facts {
-            prompt.push_str("- ");
-            prompt.push_str(fact);
-            prompt.push('\n');
+            push_list_item(&mut prompt, fact);
         }
     }
     push_guidelines(&mut prompt, persona);
     prompt
 }
 
-/// Appends the child-safety rules, then the persona's own guidelines.
-fn push_guidelines(prompt: &mut String, persona: &Persona) {
-    prompt.push_str("\nGUIDELINES:\n");
-    for rule in CHILD_SAFETY_GUIDELINES
+const GUIDELINES: &str = "\nGUIDELINES:\n";
+
+/// The rules [`push_guidelines`] writes for `persona`.
+fn guidelines(persona: &Persona) -> impl Iterator<Item = &str> {
+    CHILD_SAFETY_GUIDELINES
         .iter()
         .copied()
         .chain(persona.guidelines.iter().map(String::as_str))
-    {
-        prompt.push_str("- ");
-        prompt.push_str(rule);
-        prompt.push('\n');
+}
+
+/// The length of what [`push_guidelines`] writes.
+fn guidelines_len(persona: &Persona) -> usize {
+    GUIDELINES.len() + guidelines(persona).map(list_item_len).sum::<usize>()
+}
+
+/// Appends the child-safety rules, then the persona's own guidelines.
+fn push_guidelines(prompt: &mut String, persona: &Persona) {
+    prompt.push_str(GUIDELINES);
+    for rule in guidelines(persona) {
+        push_list_item(prompt, rule);
     }
+}
+
+/// `- item` on a line of its own.
+fn push_list_item(prompt: &mut String, item: &str) {
+    prompt.push_str("- ");
+    prompt.push_str(item);
+    prompt.push('\n');
+}
+
+fn list_item_len(item: &str) -> usize {
+    item.len() + "- \n".len()
 }
 
 /// The name and facts of the persona a [`system_prompt`] was built from, read back from
@@ -286,6 +328,67 @@ pub fn fallback_summary(session: &Session, first_messages: &[Message]) -> String
 mod tests {
     use super::*;
     use crate::ids::AnimalId;
+
+    /// The prompt, written the plain way: what [`system_prompt`] must equal, to the byte
+    /// (a provider's prompt cache keys on the exact prefix), in one allocation of its size.
+    #[test]
+    fn the_prompt_is_its_parts_in_one_allocation() {
+        fn plain(persona: &Persona) -> String {
+            let rules: String = CHILD_SAFETY_GUIDELINES
+                .iter()
+                .map(|r| r.to_string())
+                .chain(persona.guidelines.iter().cloned())
+                .map(|r| format!("- {r}\n"))
+                .collect();
+            if let Some(custom) = persona
+                .system_prompt
+                .as_deref()
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+            {
+                return format!("{custom}\n\nGUIDELINES:\n{rules}");
+            }
+            let personality = if persona.personality.is_empty() {
+                "warm, curious and playful"
+            } else {
+                &persona.personality
+            };
+            let facts: String = persona.facts.iter().map(|f| format!("- {f}\n")).collect();
+            let facts = if facts.is_empty() {
+                facts
+            } else {
+                format!("\nKEY FACTS you can share:\n{facts}")
+            };
+            format!(
+                "You are {}, an animal ambassador at Cougar Mountain Zoo.\n\nPERSONALITY: {personality}\n{facts}\nGUIDELINES:\n{rules}",
+                persona.name
+            )
+        }
+        let base = Persona::new(AnimalId::new("cougar").unwrap(), "Cora \u{e9}");
+        let personas = [
+            base.clone(),
+            Persona {
+                personality: "sleepy".into(),
+                facts: vec!["One.".into(), "Two \u{1f43e}".into()],
+                guidelines: vec!["Keeper talk at 2pm.".into()],
+                ..base.clone()
+            },
+            Persona {
+                system_prompt: Some("  Be Cora.  ".into()),
+                guidelines: vec!["A rule.".into()],
+                ..base.clone()
+            },
+            Persona {
+                system_prompt: Some("   ".into()),
+                ..base
+            },
+        ];
+        for persona in &personas {
+            let prompt = system_prompt(persona);
+            assert_eq!(prompt, plain(persona));
+            assert_eq!(prompt.capacity(), prompt.len(), "{prompt}");
+        }
+    }
 
     #[test]
     fn prompt_has_persona_facts_and_safety() {
