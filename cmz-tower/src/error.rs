@@ -208,7 +208,7 @@ fn query_rejection(rejection: QueryRejection) -> ApiError {
 
 /// Turns any error response that is not already an `Error` body (a body-limit 413, a
 /// timeout 408, a panic's 500) into one, so clients always get JSON.
-pub(crate) async fn ensure_error_body(response: Response) -> Response {
+pub(crate) fn ensure_error_body(response: Response) -> Response {
     let status = response.status();
     if !(status.is_client_error() || status.is_server_error()) {
         return response;

@@ -25,7 +25,6 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, header};
-use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tower::ServiceBuilder;
@@ -237,22 +236,22 @@ pub fn with_layers(app: Router, settings: &HttpSettings) -> Router {
     let trace = TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<axum::body::Body>| {
         let id = request
             .headers()
-            .get("x-request-id")
+            .get(&request_id::X_REQUEST_ID)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
         tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id = id)
     });
-    // Each `Router::layer` call boxes every route again and costs an allocation per layer
-    // per request, so the layers are composed here and applied once. Outermost first; CORS
-    // (when configured) sits inside the request id and trace layers, so preflight answers
-    // carry an id and are traced, and outside the error-body layer, so errors carry CORS
-    // headers.
+    // Outermost first; CORS (when configured) sits inside the request id and trace layers,
+    // so preflight answers carry an id and are traced, and outside the error-body layer, so
+    // errors carry CORS headers.
     let outer = ServiceBuilder::new()
         .layer(SecurityHeadersLayer::new())
         .layer(request_id::RequestIdLayer)
         .layer(trace);
+    // tower's `map_response`, not axum's: axum's clones the services inside it and boxes
+    // its future on every request.
     let inner = ServiceBuilder::new()
-        .layer(middleware::map_response(error::ensure_error_body))
+        .map_response(error::ensure_error_body)
         .map_response(IntoResponse::into_response)
         .layer(TimeoutLayer::with_status_code(
             // 504, not 408: the server (a model, a store) was slow, not the client, and

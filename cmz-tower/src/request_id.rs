@@ -14,7 +14,7 @@ use futures::future::BoxFuture;
 use tower::{Layer, Service};
 use tower_http::request_id::RequestId;
 
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// A fresh id: a UUID v4 from [`cmz_core::ids::fast_uuid_v4`]. It only needs to be unique
 /// enough to find a request in the logs; tower-http's `MakeRequestUuid` makes a system call

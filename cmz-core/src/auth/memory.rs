@@ -221,6 +221,16 @@ impl InMemoryRateLimitStore {
     }
 }
 
+/// `map[key]`, made by `new` when absent. The key is copied only when it is new: these
+/// counters are hit on every turn, nearly always for a key they hold.
+fn slot<'m, V>(map: &'m mut HashMap<String, V>, key: &str, new: impl FnOnce() -> V) -> &'m mut V {
+    if map.contains_key(key) {
+        map.get_mut(key).expect("the key was just found")
+    } else {
+        map.entry(key.to_owned()).or_insert_with(new)
+    }
+}
+
 fn window_delta(window: Duration) -> chrono::TimeDelta {
     chrono::TimeDelta::from_std(window).unwrap_or(chrono::TimeDelta::MAX)
 }
@@ -233,7 +243,7 @@ impl RateLimitStore for InMemoryRateLimitStore {
         if counters.len() > 10_000 {
             counters.retain(|_, c| c.resets_at > now);
         }
-        let counter = counters.entry(key.to_owned()).or_insert(RateCount {
+        let counter = slot(&mut counters, key, || RateCount {
             count: 0,
             resets_at: now,
         });
@@ -277,9 +287,7 @@ impl RateLimitStore for InMemoryRateLimitStore {
         if totals.len() > 10_000 {
             totals.retain(|_, (_, resets_at)| *resets_at > now);
         }
-        let (total, resets_at) = totals
-            .entry(key.to_owned())
-            .or_insert((0, now + window_delta(window)));
+        let (total, resets_at) = slot(&mut totals, key, || (0, now + window_delta(window)));
         if *resets_at <= now {
             *total = 0;
             *resets_at = now + window_delta(window);

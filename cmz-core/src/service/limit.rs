@@ -47,7 +47,11 @@ fn key(principal: &Principal) -> String {
 
 /// The rate-limit counter of `user`'s model calls (reset when their data is erased).
 pub fn turn_limit_key(user: &UserId) -> String {
-    format!("turns:{user}")
+    const PREFIX: &str = "turns:";
+    let mut key = String::with_capacity(PREFIX.len() + user.as_str().len());
+    key.push_str(PREFIX);
+    key.push_str(user.as_str());
+    key
 }
 
 impl TurnLimit {
@@ -79,5 +83,17 @@ impl TurnLimit {
             used: count.count,
             resets_at: count.resets_at,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The key is stored (in Redis too): it must not change between releases.
+    #[test]
+    fn the_counter_key_is_turns_and_the_user_id() {
+        let user = UserId::new("user_student_ana").unwrap();
+        assert_eq!(turn_limit_key(&user), "turns:user_student_ana");
     }
 }
