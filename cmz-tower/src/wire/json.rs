@@ -159,6 +159,26 @@ fn write_integer(out: &mut Vec<u8>, value: impl itoa::Integer) {
     out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
 }
 
+/// The serializer's integer methods, each written in decimal.
+macro_rules! integers {
+    ($($method:ident: $type:ty,)*) => {
+        $(fn $method(self, v: $type) -> Result {
+            write_integer(self.out, v);
+            Ok(())
+        })*
+    };
+}
+
+/// Key serializer methods for what this writer leaves to serde_json (which quotes some of
+/// these as keys and refuses the others).
+macro_rules! unsupported {
+    ($($method:ident: $type:ty,)*) => {
+        $(fn $method(self, _v: $type) -> Result {
+            Err(Unsupported)
+        })*
+    };
+}
+
 impl<'a, 'b> ser::Serializer for &'a mut Writer<'b> {
     type Ok = ();
     type Error = Unsupported;
@@ -175,46 +195,18 @@ impl<'a, 'b> ser::Serializer for &'a mut Writer<'b> {
             .extend_from_slice(if v { b"true" } else { b"false" });
         Ok(())
     }
-    fn serialize_i8(self, v: i8) -> Result {
-        write_integer(self.out, v);
-        Ok(())
-    }
-    fn serialize_i16(self, v: i16) -> Result {
-        write_integer(self.out, v);
-        Ok(())
-    }
-    fn serialize_i32(self, v: i32) -> Result {
-        write_integer(self.out, v);
-        Ok(())
-    }
-    fn serialize_i64(self, v: i64) -> Result {
-        write_integer(self.out, v);
-        Ok(())
-    }
-    fn serialize_i128(self, v: i128) -> Result {
-        write_integer(self.out, v);
-        Ok(())
-    }
-    fn serialize_u8(self, v: u8) -> Result {
-        write_integer(self.out, v);
-        Ok(())
-    }
-    fn serialize_u16(self, v: u16) -> Result {
-        write_integer(self.out, v);
-        Ok(())
-    }
-    fn serialize_u32(self, v: u32) -> Result {
-        write_integer(self.out, v);
-        Ok(())
-    }
-    fn serialize_u64(self, v: u64) -> Result {
-        write_integer(self.out, v);
-        Ok(())
-    }
-    fn serialize_u128(self, v: u128) -> Result {
-        write_integer(self.out, v);
-        Ok(())
-    }
+    integers!(
+        serialize_i8: i8,
+        serialize_i16: i16,
+        serialize_i32: i32,
+        serialize_i64: i64,
+        serialize_i128: i128,
+        serialize_u8: u8,
+        serialize_u16: u16,
+        serialize_u32: u32,
+        serialize_u64: u64,
+        serialize_u128: u128,
+    );
     // Floats (shortest round-trip digits, `null` when not finite) and bytes are left to
     // serde_json.
     fn serialize_f32(self, _v: f32) -> Result {
@@ -355,49 +347,26 @@ impl<'a, 'b> Compound<'a, 'b> {
     }
 }
 
-impl ser::SerializeSeq for Compound<'_, '_> {
-    type Ok = ();
-    type Error = Unsupported;
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
-        self.element(value)
-    }
-    fn end(self) -> Result {
-        self.close()
-    }
+/// An array's serde trait: each element through [`Compound::element`].
+macro_rules! array {
+    ($trait:ident, $method:ident) => {
+        impl ser::$trait for Compound<'_, '_> {
+            type Ok = ();
+            type Error = Unsupported;
+            fn $method<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
+                self.element(value)
+            }
+            fn end(self) -> Result {
+                self.close()
+            }
+        }
+    };
 }
 
-impl ser::SerializeTuple for Compound<'_, '_> {
-    type Ok = ();
-    type Error = Unsupported;
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
-        self.element(value)
-    }
-    fn end(self) -> Result {
-        self.close()
-    }
-}
-
-impl ser::SerializeTupleStruct for Compound<'_, '_> {
-    type Ok = ();
-    type Error = Unsupported;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
-        self.element(value)
-    }
-    fn end(self) -> Result {
-        self.close()
-    }
-}
-
-impl ser::SerializeTupleVariant for Compound<'_, '_> {
-    type Ok = ();
-    type Error = Unsupported;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
-        self.element(value)
-    }
-    fn end(self) -> Result {
-        self.close()
-    }
-}
+array!(SerializeSeq, serialize_element);
+array!(SerializeTuple, serialize_element);
+array!(SerializeTupleStruct, serialize_field);
+array!(SerializeTupleVariant, serialize_field);
 
 impl ser::SerializeMap for Compound<'_, '_> {
     type Ok = ();
@@ -420,27 +389,28 @@ impl ser::SerializeMap for Compound<'_, '_> {
     }
 }
 
-impl ser::SerializeStruct for Compound<'_, '_> {
-    type Ok = ();
-    type Error = Unsupported;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result {
-        self.field(key, value)
-    }
-    fn end(self) -> Result {
-        self.close()
-    }
+/// An object's serde trait for named fields: each through [`Compound::field`].
+macro_rules! object {
+    ($trait:ident) => {
+        impl ser::$trait for Compound<'_, '_> {
+            type Ok = ();
+            type Error = Unsupported;
+            fn serialize_field<T: Serialize + ?Sized>(
+                &mut self,
+                key: &'static str,
+                value: &T,
+            ) -> Result {
+                self.field(key, value)
+            }
+            fn end(self) -> Result {
+                self.close()
+            }
+        }
+    };
 }
 
-impl ser::SerializeStructVariant for Compound<'_, '_> {
-    type Ok = ();
-    type Error = Unsupported;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result {
-        self.field(key, value)
-    }
-    fn end(self) -> Result {
-        self.close()
-    }
-}
+object!(SerializeStruct);
+object!(SerializeStructVariant);
 
 /// A map key: a string (or a unit variant, written as its name). serde_json also accepts
 /// numbers, booleans and chars as keys and quotes them; those are left to it.
@@ -479,45 +449,21 @@ impl ser::Serializer for KeyWriter<'_> {
     ) -> Result {
         value.serialize(self)
     }
-    fn serialize_bool(self, _v: bool) -> Result {
-        Err(Unsupported)
-    }
-    fn serialize_i8(self, _v: i8) -> Result {
-        Err(Unsupported)
-    }
-    fn serialize_i16(self, _v: i16) -> Result {
-        Err(Unsupported)
-    }
-    fn serialize_i32(self, _v: i32) -> Result {
-        Err(Unsupported)
-    }
-    fn serialize_i64(self, _v: i64) -> Result {
-        Err(Unsupported)
-    }
-    fn serialize_u8(self, _v: u8) -> Result {
-        Err(Unsupported)
-    }
-    fn serialize_u16(self, _v: u16) -> Result {
-        Err(Unsupported)
-    }
-    fn serialize_u32(self, _v: u32) -> Result {
-        Err(Unsupported)
-    }
-    fn serialize_u64(self, _v: u64) -> Result {
-        Err(Unsupported)
-    }
-    fn serialize_f32(self, _v: f32) -> Result {
-        Err(Unsupported)
-    }
-    fn serialize_f64(self, _v: f64) -> Result {
-        Err(Unsupported)
-    }
-    fn serialize_char(self, _v: char) -> Result {
-        Err(Unsupported)
-    }
-    fn serialize_bytes(self, _v: &[u8]) -> Result {
-        Err(Unsupported)
-    }
+    unsupported!(
+        serialize_bool: bool,
+        serialize_i8: i8,
+        serialize_i16: i16,
+        serialize_i32: i32,
+        serialize_i64: i64,
+        serialize_u8: u8,
+        serialize_u16: u16,
+        serialize_u32: u32,
+        serialize_u64: u64,
+        serialize_f32: f32,
+        serialize_f64: f64,
+        serialize_char: char,
+        serialize_bytes: &[u8],
+    );
     fn serialize_none(self) -> Result {
         Err(Unsupported)
     }
