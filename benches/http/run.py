@@ -220,7 +220,8 @@ class Server:
         return f"http://{HOST}:{self.port}"
 
     def start(self):
-        self.log_file = open(self.log_path, "w")
+        # Appended: a server restarted between tests keeps the log of its earlier life.
+        self.log_file = open(self.log_path, "a")
         self.process = subprocess.Popen(
             self.command, env=self.env, cwd=ROOT, stdout=self.log_file,
             stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
@@ -250,16 +251,18 @@ class Server:
             return ""
 
     def stop(self):
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None:
             return
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)  # its own group: start_new_session
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=5)
-        except ProcessLookupError:
-            pass
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)  # its own group: start_new_session
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=5)
+            except ProcessLookupError:
+                pass
+        self.log_file.close()
 
 
 def http_json(method, url, body=None, headers=None):

@@ -164,7 +164,7 @@ static PHONE_INTRO: LazyLock<Regex> = LazyLock::new(|| {
 });
 static ADDRESS: LazyLock<Regex> = LazyLock::new(|| {
     regex(
-        r"(?i)\b\d{1,6}\s+((?:[a-z][a-z'.-]*\s+){1,3})(?:street|st|avenue|ave|road|rd|lane|ln|drive|dr|boulevard|blvd|way|court|ct|place|pl|circle|cir|terrace|highway|hwy|parkway|pkwy|trail)\b\.?(?:,?\s*(?:apt|apartment|unit|suite|#)\.?\s*[a-z0-9-]+)?",
+        r"(?i)\b\d{1,6}\s+((?:[a-z][a-z'.-]*\s+){1,3})(?:street|st|avenue|ave|road|rd|lane|ln|drive|dr|boulevard|blvd|way|court|ct|place|pl|circle|cir|terrace|highway|hwy|parkway|pkwy|trail)\b\.?(?:,?[ \t]*(?:apt|apartment|unit|suite|#)\.?[ \t]*[a-z0-9-]+)?",
     )
 });
 static ADDRESS_INTRO: LazyLock<Regex> = LazyLock::new(|| {
@@ -688,6 +688,26 @@ mod tests {
             }
         }
         assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    /// An address's unit ("Apt 4", "# 2") is on the address's own line: a `#` at the end of
+    /// a line does not take the first word of the next (found by the fuzzer).
+    #[test]
+    fn an_address_unit_stops_at_the_end_of_its_line() {
+        let redactor = Redactor::default();
+        for (text, kept) in [
+            (
+                "I saw 2 lionse roadionse road# \nwrite to me",
+                "\nwrite to me",
+            ),
+            ("we live near 12 Oak Road, apt\n4 lions", "\n4 lions"),
+        ] {
+            let out = redactor.redact(text);
+            assert_eq!(out.kinds, vec![PiiKind::Address], "{text:?}");
+            assert!(out.text.ends_with(kept), "{text:?} -> {:?}", out.text);
+        }
+        let out = redactor.redact("my house: 12 Oak Road, Apt 4B, near the zoo");
+        assert_eq!(out.text, "my house: [address], near the zoo");
     }
 
     #[test]

@@ -241,9 +241,11 @@ pub fn with_layers(app: Router, settings: &HttpSettings) -> Router {
             .unwrap_or("");
         tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id = id)
     });
-    // Outermost first; CORS (when configured) sits inside the request id and trace layers,
-    // so preflight answers carry an id and are traced, and outside the error-body layer, so
-    // errors carry CORS headers.
+    // Each `Router::layer` call boxes every route again and costs an allocation per layer
+    // per request, so the layers are composed here and applied once. Outermost first; CORS
+    // (when configured) sits inside the request id and trace layers, so preflight answers
+    // carry an id and are traced, and outside the error-body layer, so errors carry CORS
+    // headers.
     let outer = ServiceBuilder::new()
         .layer(SecurityHeadersLayer::new())
         .layer(request_id::RequestIdLayer)
