@@ -146,12 +146,10 @@ fn write_escape(out: &mut Vec<u8>, byte: u8) {
     out.extend_from_slice(&[b'\\', short]);
 }
 
-/// `"key":`, preceded by a comma unless it is the first.
-fn write_key(out: &mut Vec<u8>, first: &mut bool, key: &str) {
-    if !std::mem::take(first) {
-        out.push(b',');
-    }
-    write_str(out, key);
+/// `{"variant":`, how serde_json opens an enum variant that carries data.
+fn write_variant_key(out: &mut Vec<u8>, variant: &str) {
+    out.push(b'{');
+    write_str(out, variant);
     out.push(b':');
 }
 
@@ -176,6 +174,33 @@ macro_rules! unsupported {
         $(fn $method(self, _v: $type) -> Result {
             Err(Unsupported)
         })*
+    };
+}
+
+/// What both serializers write the same way, as a value and as a map key: a string, a
+/// unit variant as its name, a newtype struct as what it wraps.
+macro_rules! text_forms {
+    () => {
+        fn serialize_str(self, v: &str) -> Result {
+            write_str(self.out, v);
+            Ok(())
+        }
+        fn serialize_unit_variant(
+            self,
+            _name: &'static str,
+            _index: u32,
+            variant: &'static str,
+        ) -> Result {
+            write_str(self.out, variant);
+            Ok(())
+        }
+        fn serialize_newtype_struct<T: Serialize + ?Sized>(
+            self,
+            _name: &'static str,
+            value: &T,
+        ) -> Result {
+            value.serialize(self)
+        }
     };
 }
 
@@ -222,10 +247,7 @@ impl<'a, 'b> ser::Serializer for &'a mut Writer<'b> {
         write_str(self.out, v.encode_utf8(&mut [0; 4]));
         Ok(())
     }
-    fn serialize_str(self, v: &str) -> Result {
-        write_str(self.out, v);
-        Ok(())
-    }
+    text_forms!();
     fn serialize_none(self) -> Result {
         self.serialize_unit()
     }
@@ -239,22 +261,6 @@ impl<'a, 'b> ser::Serializer for &'a mut Writer<'b> {
     fn serialize_unit_struct(self, _name: &'static str) -> Result {
         self.serialize_unit()
     }
-    fn serialize_unit_variant(
-        self,
-        _name: &'static str,
-        _index: u32,
-        variant: &'static str,
-    ) -> Result {
-        write_str(self.out, variant);
-        Ok(())
-    }
-    fn serialize_newtype_struct<T: Serialize + ?Sized>(
-        self,
-        _name: &'static str,
-        value: &T,
-    ) -> Result {
-        value.serialize(self)
-    }
     fn serialize_newtype_variant<T: Serialize + ?Sized>(
         self,
         _name: &'static str,
@@ -262,9 +268,7 @@ impl<'a, 'b> ser::Serializer for &'a mut Writer<'b> {
         variant: &'static str,
         value: &T,
     ) -> Result {
-        self.out.push(b'{');
-        write_str(self.out, variant);
-        self.out.push(b':');
+        write_variant_key(self.out, variant);
         value.serialize(&mut *self)?;
         self.out.push(b'}');
         Ok(())
@@ -286,9 +290,8 @@ impl<'a, 'b> ser::Serializer for &'a mut Writer<'b> {
         variant: &'static str,
         _len: usize,
     ) -> Result<Compound<'a, 'b>> {
-        self.out.push(b'{');
-        write_str(self.out, variant);
-        self.out.extend_from_slice(b":[");
+        write_variant_key(self.out, variant);
+        self.out.push(b'[');
         Ok(Compound::new(self, b"]}"))
     }
     fn serialize_map(self, _len: Option<usize>) -> Result<Compound<'a, 'b>> {
@@ -305,9 +308,8 @@ impl<'a, 'b> ser::Serializer for &'a mut Writer<'b> {
         variant: &'static str,
         _len: usize,
     ) -> Result<Compound<'a, 'b>> {
+        write_variant_key(self.out, variant);
         self.out.push(b'{');
-        write_str(self.out, variant);
-        self.out.extend_from_slice(b":{");
         Ok(Compound::new(self, b"}}"))
     }
 }
@@ -329,15 +331,23 @@ impl<'a, 'b> Compound<'a, 'b> {
         }
     }
 
-    fn element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
+    /// The comma before every element but the first.
+    fn comma(&mut self) {
         if !std::mem::take(&mut self.first) {
             self.writer.out.push(b',');
         }
+    }
+
+    fn element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result {
+        self.comma();
         value.serialize(&mut *self.writer)
     }
 
+    /// `"key":value`.
     fn field<T: Serialize + ?Sized>(&mut self, key: &str, value: &T) -> Result {
-        write_key(self.writer.out, &mut self.first, key);
+        self.comma();
+        write_str(self.writer.out, key);
+        self.writer.out.push(b':');
         value.serialize(&mut *self.writer)
     }
 
@@ -372,9 +382,7 @@ impl ser::SerializeMap for Compound<'_, '_> {
     type Ok = ();
     type Error = Unsupported;
     fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result {
-        if !std::mem::take(&mut self.first) {
-            self.writer.out.push(b',');
-        }
+        self.comma();
         key.serialize(KeyWriter {
             out: self.writer.out,
         })?;
@@ -429,26 +437,7 @@ impl ser::Serializer for KeyWriter<'_> {
     type SerializeStruct = ser::Impossible<(), Unsupported>;
     type SerializeStructVariant = ser::Impossible<(), Unsupported>;
 
-    fn serialize_str(self, v: &str) -> Result {
-        write_str(self.out, v);
-        Ok(())
-    }
-    fn serialize_unit_variant(
-        self,
-        _name: &'static str,
-        _index: u32,
-        variant: &'static str,
-    ) -> Result {
-        write_str(self.out, variant);
-        Ok(())
-    }
-    fn serialize_newtype_struct<T: Serialize + ?Sized>(
-        self,
-        _name: &'static str,
-        value: &T,
-    ) -> Result {
-        value.serialize(self)
-    }
+    text_forms!();
     unsupported!(
         serialize_bool: bool,
         serialize_i8: i8,
