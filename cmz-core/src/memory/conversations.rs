@@ -1,6 +1,7 @@
 // foldhash: several lookups per turn, keyed by ids; seeded per process like std's.
+use foldhash::HashMap;
 use foldhash::fast::RandomState;
-use foldhash::{HashMap, HashSet};
+use std::collections::BTreeSet;
 use std::hash::BuildHasher as _;
 use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -54,10 +55,34 @@ impl Default for InMemoryConversationStore {
 struct State {
     /// Boxed, so growing the map moves pointers, not whole entries.
     sessions: HashMap<SessionId, Box<Entry>>,
-    by_user: HashMap<UserId, HashSet<SessionId>>,
-    by_animal: HashMap<AnimalId, HashSet<SessionId>>,
+    by_user: HashMap<UserId, ByStart>,
+    by_animal: HashMap<AnimalId, ByStart>,
     /// Deleted sessions of this shard, and when.
     deleted: HashMap<SessionId, DateTime<Utc>>,
+}
+
+/// A listing's sessions in the order they started (ties by id). Sessions start at the
+/// time they are made, so a new one goes in at the end, along a path of the tree that
+/// the last insert left in the cache; a hash set grows into a table as large as the
+/// scope's history, where every insert lands on a cold line and growing copies it all.
+/// A session's start never changes, so the key found at insert is the key to remove.
+type ByStart = BTreeSet<(DateTime<Utc>, SessionId)>;
+
+/// Adds a session to a listing's index, making the scope's set on its first session
+/// (the key is copied only then).
+fn index<K: std::hash::Hash + Eq + Clone>(
+    index: &mut HashMap<K, ByStart>,
+    scope: &K,
+    by_start: (DateTime<Utc>, SessionId),
+) {
+    match index.get_mut(scope) {
+        Some(sessions) => {
+            sessions.insert(by_start);
+        }
+        None => {
+            index.insert(scope.clone(), ByStart::from([by_start]));
+        }
+    }
 }
 
 /// Keeps the deletes of the last [`TOMBSTONE_TTL`].
@@ -142,35 +167,33 @@ fn session_not_found(id: &SessionId) -> Error {
 }
 
 impl State {
-    fn insert(&mut self, session: Session) {
-        self.by_user
-            .entry(session.user_id.clone())
-            .or_default()
-            .insert(session.id.clone());
-        self.by_animal
-            .entry(session.animal_id.clone())
-            .or_default()
-            .insert(session.id.clone());
-        self.sessions.insert(
-            session.id.clone(),
-            Box::new(Entry {
-                session,
-                messages: MessageLog::default(),
-                turn_keys: None,
-            }),
-        );
+    /// Adds a session that is not in the shard yet, and returns its entry.
+    fn insert(&mut self, session: Session) -> &mut Entry {
+        let by_start = (session.started_at, session.id.clone());
+        index(&mut self.by_user, &session.user_id, by_start.clone());
+        index(&mut self.by_animal, &session.animal_id, by_start.clone());
+        let entry = Box::new(Entry {
+            session,
+            messages: MessageLog::default(),
+            turn_keys: None,
+        });
+        self.sessions
+            .entry(by_start.1)
+            .insert_entry(entry)
+            .into_mut()
     }
 
     fn remove(&mut self, id: &SessionId) -> Option<Box<Entry>> {
         let entry = self.sessions.remove(id)?;
+        let by_start = (entry.session.started_at, id.clone());
         if let Some(set) = self.by_user.get_mut(&entry.session.user_id) {
-            set.remove(id);
+            set.remove(&by_start);
             if set.is_empty() {
                 self.by_user.remove(&entry.session.user_id);
             }
         }
         if let Some(set) = self.by_animal.get_mut(&entry.session.animal_id) {
-            set.remove(id);
+            set.remove(&by_start);
             if set.is_empty() {
                 self.by_animal.remove(&entry.session.animal_id);
             }
@@ -223,22 +246,21 @@ impl ConversationStore for InMemoryConversationStore {
         {
             return Err(session_not_found(&append.session_id));
         }
-        if let Some(session) = append.new_session {
-            if session.id != append.session_id
-                || append.expected_count != 0
-                || session.message_count != 0
-            {
-                return Err(Error::validation(
-                    "session",
-                    "a new session starts empty, with the append's id",
-                ));
-            }
-            if self.user_deleted_since(&session.user_id, append.began_at) {
-                return Err(session_not_found(&session.id));
-            }
-            match state.sessions.get(&session.id) {
-                None => state.insert(session),
-                Some(existing) => {
+        let entry = match append.new_session {
+            Some(session) => {
+                if session.id != append.session_id
+                    || append.expected_count != 0
+                    || session.message_count != 0
+                {
+                    return Err(Error::validation(
+                        "session",
+                        "a new session starts empty, with the append's id",
+                    ));
+                }
+                if self.user_deleted_since(&session.user_id, append.began_at) {
+                    return Err(session_not_found(&session.id));
+                }
+                if let Some(existing) = state.sessions.get(&session.id) {
                     if let Some(previous) =
                         append.turn_key.as_deref().and_then(|k| existing.turn(k))
                     {
@@ -249,12 +271,13 @@ impl ConversationStore for InMemoryConversationStore {
                         session.id
                     )));
                 }
+                state.insert(session)
             }
-        }
-        let entry = state
-            .sessions
-            .get_mut(&append.session_id)
-            .ok_or_else(|| session_not_found(&append.session_id))?;
+            None => state
+                .sessions
+                .get_mut(&append.session_id)
+                .ok_or_else(|| session_not_found(&append.session_id))?,
+        };
         if let Some(key) = &append.turn_key {
             if let Some(previous) = entry.turn(key) {
                 return Ok(AppendOutcome::Duplicate(previous));
@@ -380,7 +403,7 @@ impl ConversationStore for InMemoryConversationStore {
             sessions.extend(
                 ids.into_iter()
                     .flatten()
-                    .filter_map(|id| state.sessions.get(id).map(|e| &e.session))
+                    .filter_map(|(_, id)| state.sessions.get(id).map(|e| &e.session))
                     .filter(|s| keep(s))
                     .cloned(),
             );
@@ -475,12 +498,12 @@ impl ConversationStore for InMemoryConversationStore {
                 DeleteScope::User(user) => state
                     .by_user
                     .get(user)
-                    .map(|set| set.iter().cloned().collect())
+                    .map(|set| set.iter().map(|(_, id)| id.clone()).collect())
                     .unwrap_or_default(),
                 DeleteScope::Animal(animal) => state
                     .by_animal
                     .get(animal)
-                    .map(|set| set.iter().cloned().collect())
+                    .map(|set| set.iter().map(|(_, id)| id.clone()).collect())
                     .unwrap_or_default(),
                 DeleteScope::OlderThan(cutoff) => state
                     .sessions
@@ -507,6 +530,114 @@ mod tests {
             "{}",
             std::mem::size_of::<Entry>()
         );
+    }
+
+    /// Every shard's listing indexes name exactly its sessions, under the right user and
+    /// animal and at their start: a delete that missed its index entry would not show in
+    /// any listing (they look sessions up) but would keep it forever.
+    fn assert_indexes_match(store: &InMemoryConversationStore) -> usize {
+        let mut total = 0;
+        for state in store.all_read() {
+            let mut by_user: Vec<_> = state
+                .by_user
+                .iter()
+                .flat_map(|(u, set)| {
+                    set.iter()
+                        .map(move |(at, id)| (id.clone(), u.to_string(), *at))
+                })
+                .collect();
+            let mut by_animal: Vec<_> = state
+                .by_animal
+                .iter()
+                .flat_map(|(a, set)| {
+                    set.iter()
+                        .map(move |(at, id)| (id.clone(), a.to_string(), *at))
+                })
+                .collect();
+            let sessions = |scope: fn(&Session) -> String| {
+                let mut all: Vec<_> = state
+                    .sessions
+                    .values()
+                    .map(|e| {
+                        (
+                            e.session.id.clone(),
+                            scope(&e.session),
+                            e.session.started_at,
+                        )
+                    })
+                    .collect();
+                all.sort();
+                all
+            };
+            by_user.sort();
+            by_animal.sort();
+            assert_eq!(by_user, sessions(|s| s.user_id.to_string()));
+            assert_eq!(by_animal, sessions(|s| s.animal_id.to_string()));
+            assert!(
+                state
+                    .by_user
+                    .values()
+                    .chain(state.by_animal.values())
+                    .all(|s| !s.is_empty())
+            );
+            total += state.sessions.len();
+        }
+        total
+    }
+
+    #[tokio::test]
+    async fn the_listing_indexes_follow_every_kind_of_delete() {
+        let store = InMemoryConversationStore::new();
+        let started = Utc::now() - chrono::Duration::days(10);
+        let mut made = 0;
+        for (user, animal) in [
+            ("ana", "lion"),
+            ("ana", "otter"),
+            ("ben", "lion"),
+            ("cy", "owl"),
+        ] {
+            for n in 0..40 {
+                let id = SessionId::new(format!("{user}-{animal}-{n}")).unwrap();
+                let mut session = Session::new(
+                    id,
+                    UserId::new(user).unwrap(),
+                    AnimalId::new(animal).unwrap(),
+                    animal,
+                );
+                // Ties on the start time, and old sessions for the age delete.
+                session.started_at = started + chrono::Duration::seconds(n / 4);
+                session.last_activity = if n % 2 == 0 { started } else { Utc::now() };
+                store.create_session(&session).await.unwrap();
+                made += 1;
+            }
+        }
+        assert_eq!(assert_indexes_match(&store), made);
+        let one = SessionId::new("ana-lion-7").unwrap();
+        store.delete(DeleteScope::Session(one)).await.unwrap();
+        assert_eq!(assert_indexes_match(&store), made - 1);
+        store
+            .delete(DeleteScope::OlderThan(started + chrono::Duration::days(1)))
+            .await
+            .unwrap();
+        assert_eq!(assert_indexes_match(&store), 79);
+        store
+            .delete(DeleteScope::User(UserId::new("ana").unwrap()))
+            .await
+            .unwrap();
+        assert_eq!(assert_indexes_match(&store), 40);
+        store
+            .delete(DeleteScope::Animal(AnimalId::new("lion").unwrap()))
+            .await
+            .unwrap();
+        assert_eq!(assert_indexes_match(&store), 20);
+        store
+            .delete(DeleteScope::User(UserId::new("cy").unwrap()))
+            .await
+            .unwrap();
+        assert_eq!(assert_indexes_match(&store), 0);
+        for state in store.all_read() {
+            assert!(state.by_user.is_empty() && state.by_animal.is_empty());
+        }
     }
 
     #[tokio::test]
