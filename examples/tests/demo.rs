@@ -55,21 +55,41 @@ impl Drop for Demo {
     }
 }
 
+/// Built with the `dynamo` feature (`--all-features`), the demo would start a DynamoDB
+/// Local of its own in one shared data folder, a Java start per test: it uses the tests'
+/// server instead (`CMZ_TEST_DYNAMODB_URL`, or one this test process starts), with tables of
+/// its own.
+#[cfg(feature = "dynamo")]
+fn use_the_tests_dynamodb(command: &mut Command) {
+    let endpoint = cmz_dynamo::testing::shared_endpoint();
+    let settings = cmz_dynamo::testing::isolated_settings(&endpoint);
+    command
+        .env("DYNAMODB_ENDPOINT_URL", &endpoint)
+        .env("CMZ_DYNAMODB_CREATE_TABLES", "1");
+    for (variable, table) in settings.tables.all() {
+        command.env(variable, table);
+    }
+}
+
+/// Without the `dynamo` feature the demo keeps everything in memory.
+#[cfg(not(feature = "dynamo"))]
+fn use_the_tests_dynamodb(_: &mut Command) {}
+
 fn start_demo() -> (Demo, String) {
     let address = {
         let probe = TcpListener::bind("127.0.0.1:0").unwrap();
         probe.local_addr().unwrap().to_string()
     };
-    let child = Command::new(env!("CARGO_BIN_EXE_demo"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_demo"));
+    command
         .env("CMZ_BIND", &address)
         .env_remove("DYNAMODB_ENDPOINT_URL")
         .env_remove("OPENAI_API_KEY")
         .env_remove("OPENAI_BASE_URL")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let demo = Demo(child);
+        .stderr(Stdio::null());
+    use_the_tests_dynamodb(&mut command);
+    let demo = Demo(command.spawn().unwrap());
     let deadline = Instant::now() + Duration::from_secs(30);
     while get(&address, "/system_health").is_none() {
         assert!(Instant::now() < deadline, "the demo did not start");
