@@ -169,6 +169,34 @@ pub struct TurnAppend {
     pub began_at: DateTime<Utc>,
 }
 
+impl TurnAppend {
+    /// What every store checks before it writes: at least one message, each valid, and a
+    /// new session that starts empty with the append's id (`validation_error` otherwise).
+    pub fn validate(&self) -> Result<()> {
+        if self.messages.is_empty() {
+            return Err(Error::validation(
+                "messages",
+                "an append needs at least one message",
+            ));
+        }
+        for message in &self.messages {
+            message.validate()?;
+        }
+        if let Some(session) = &self.new_session {
+            if session.id != self.session_id
+                || self.expected_count != 0
+                || session.message_count != 0
+            {
+                return Err(Error::validation(
+                    "session",
+                    "a new session starts empty, with the append's id",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What an append did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AppendOutcome {

@@ -474,31 +474,12 @@ impl ConversationStore for DynamoConversationStore {
 
     #[tracing::instrument(name = "dynamodb.append_turn", skip_all, fields(session = %append.session_id, expected = append.expected_count))]
     async fn append_turn(&self, append: TurnAppend) -> Result<AppendOutcome> {
-        if append.messages.is_empty() {
-            return Err(Error::validation(
-                "messages",
-                "an append needs at least one message",
-            ));
-        }
+        append.validate()?;
         if append.messages.len() > MAX_APPEND_MESSAGES {
             return Err(Error::validation(
                 "messages",
                 format!("an append holds at most {MAX_APPEND_MESSAGES} messages"),
             ));
-        }
-        for message in &append.messages {
-            message.validate()?;
-        }
-        if let Some(session) = &append.new_session {
-            if session.id != append.session_id
-                || append.expected_count != 0
-                || session.message_count != 0
-            {
-                return Err(Error::validation(
-                    "session",
-                    "a new session starts empty, with the append's id",
-                ));
-            }
         }
         if let Some(key) = &append.turn_key {
             if let Some(keyed) = self.keyed_item(&append.session_id, key).await? {
