@@ -46,7 +46,9 @@ pub use error::{ApiError, ApiJson, ApiQuery, HTTP_CODES, status_for, status_of};
 pub use health::method_not_allowed;
 #[cfg(feature = "prometheus")]
 pub use metrics::prometheus_router;
-pub use security_headers::{API_CONTENT_SECURITY_POLICY, SecurityHeaders, SecurityHeadersLayer};
+pub use security_headers::{
+    API_CONTENT_SECURITY_POLICY, SecurityHeaders, SecurityHeadersFuture, SecurityHeadersLayer,
+};
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub use serve::check_request;
