@@ -18,17 +18,16 @@
 //!     .layer(BodyTimeoutLayer::new(Duration::from_secs(10)));
 //! ```
 
-use std::future::Future as _;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, Request, header};
 use axum::response::{IntoResponse, Response};
-use futures::future::BoxFuture;
 use http_body::{Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
@@ -77,13 +76,12 @@ impl<S> BodyTimeout<S> {
 
 impl<S> Service<Request<Body>> for BodyTimeout<S>
 where
-    S: Service<Request<Body>> + Clone + Send + 'static,
+    S: Service<Request<Body>>,
     S::Response: IntoResponse,
-    S::Future: Send + 'static,
 {
     type Response = Response;
     type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Response, S::Error>>;
+    type Future = BodyTimeoutFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -101,33 +99,65 @@ where
                 finished: false,
             })
         });
-        let future = self.inner.call(request);
-        Box::pin(async move {
-            let response = future.await?;
-            if !expired.load(Ordering::Acquire) {
-                return Ok(response.into_response());
-            }
-            // Whatever the handler made of the failed read (a 400 from an extractor, most
-            // likely), the client was too slow: say so, and close the connection, whose
-            // unread body bytes cannot be told apart from a next request.
-            tracing::debug!(
-                timeout_ms = timeout.as_millis() as u64,
-                "a request body did not arrive in time"
-            );
-            let mut timed_out = ApiError::new(
-                "request_timeout",
-                format!(
-                    "the request body did not arrive within {} ms",
-                    timeout.as_millis()
-                ),
-            )
-            .into_response();
-            timed_out
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            Ok(timed_out)
-        })
+        BodyTimeoutFuture {
+            inner: self.inner.call(request),
+            expired,
+            timeout,
+        }
     }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`BodyTimeout`]: the inner service's response, or `408` when
+    /// the body ran out of time. A plain wrapper, not a boxed future: no allocation and no
+    /// copy of the inner future.
+    #[derive(Debug)]
+    pub struct BodyTimeoutFuture<F> {
+        #[pin]
+        inner: F,
+        expired: Arc<AtomicBool>,
+        timeout: Duration,
+    }
+}
+
+impl<F, R, E> Future for BodyTimeoutFuture<F>
+where
+    F: Future<Output = Result<R, E>>,
+    R: IntoResponse,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = ready!(this.inner.poll(cx))?;
+        if !this.expired.load(Ordering::Acquire) {
+            return Poll::Ready(Ok(response.into_response()));
+        }
+        Poll::Ready(Ok(timed_out(*this.timeout)))
+    }
+}
+
+/// What a request whose body did not arrive within `timeout` gets, whatever the handler
+/// made of the failed read (a 400 from an extractor, most likely): the client was too
+/// slow, and the connection closes, since its unread body bytes cannot be told apart from
+/// a next request.
+fn timed_out(timeout: Duration) -> Response {
+    tracing::debug!(
+        timeout_ms = timeout.as_millis() as u64,
+        "a request body did not arrive in time"
+    );
+    let mut timed_out = ApiError::new(
+        "request_timeout",
+        format!(
+            "the request body did not arrive within {} ms",
+            timeout.as_millis()
+        ),
+    )
+    .into_response();
+    timed_out
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    timed_out
 }
 
 /// The error a body read gets once the limit has passed.

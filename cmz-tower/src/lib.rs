@@ -36,7 +36,7 @@ use tower_http::trace::TraceLayer;
 #[allow(deprecated)]
 pub use auth_layer::AuthLayer;
 pub use auth_layer::{AccessToken, RequireAuth, RequireAuthLayer};
-pub use body_timeout::{BodyTimeout, BodyTimeoutLayer};
+pub use body_timeout::{BodyTimeout, BodyTimeoutFuture, BodyTimeoutLayer};
 pub use client_ip::TrustedProxies;
 pub use cmz_env::{HealthCheck, ModelHealth, Services, cached, offline_health};
 #[cfg(feature = "dev")]
