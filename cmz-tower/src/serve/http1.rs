@@ -195,8 +195,10 @@ impl BodyReader {
                         .windows(2)
                         .take(MAX_CHUNK_LINE)
                         .position(|w| w == b"\r\n");
+                    // A CRLF may start at the last place looked at: until the byte after
+                    // it is in, the line may still end there.
                     match line_end {
-                        None if pending.len() < MAX_CHUNK_LINE => return Decoded::NeedMore,
+                        None if pending.len() <= MAX_CHUNK_LINE => return Decoded::NeedMore,
                         None => return Decoded::Invalid("a chunk size line too long"),
                         Some(_) => {}
                     }
@@ -1206,6 +1208,25 @@ mod tests {
         for request in requests {
             for step in 1..=9 {
                 check_request(request, step);
+            }
+        }
+        // Found by the fuzz target: a chunk-size line whose CRLF starts at the last place
+        // the decoder looks (its CR the MAX_CHUNK_LINE-th byte); read four bytes at a time,
+        // the CR came without its LF and the line was called too long. One byte further
+        // and it is too long however it arrives.
+        for pad in [MAX_CHUNK_LINE - 3, MAX_CHUNK_LINE - 2] {
+            let mut request = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1;".to_vec();
+            request.extend(std::iter::repeat_n(b'a', pad));
+            request.extend_from_slice(b"\r\nx\r\n0\r\n\r\n");
+            for step in [1, 2, 3, 4, 5, 8, 256, usize::MAX] {
+                check_request(&request, step);
+            }
+            let body = &request[request.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
+            let (read, how, _) = read_body(BodyReader::Chunked(Chunk::Size), body, 4);
+            if pad == MAX_CHUNK_LINE - 3 {
+                assert_eq!((read, how.as_str()), (b"x".to_vec(), "done"));
+            } else {
+                assert_eq!(how, "a chunk size line too long");
             }
         }
         let mut pending = BytesMut::from(&b"3\r\nabc\r\n0\r\n\r\nnext"[..]);
