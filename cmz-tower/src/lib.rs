@@ -47,7 +47,7 @@ pub use health::method_not_allowed;
 #[cfg(feature = "prometheus")]
 pub use metrics::prometheus_router;
 pub use security_headers::{
-    API_CONTENT_SECURITY_POLICY, SecurityHeaders, SecurityHeadersFuture, SecurityHeadersLayer,
+    API_CONTENT_SECURITY_POLICY, AddHeadersFuture, SecurityHeaders, SecurityHeadersLayer,
 };
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]

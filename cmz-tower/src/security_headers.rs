@@ -30,7 +30,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use axum::http::{HeaderName, HeaderValue, Request, Response, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, Response, header};
 use tower::{Layer, Service};
 
 /// The policy of API responses (JSON, event streams): they load nothing and may not be
@@ -95,33 +95,45 @@ where
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future = SecurityHeadersFuture<S::Future>;
+    type Future = AddHeadersFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        SecurityHeadersFuture {
-            inner: self.inner.call(request),
-            policy: Some(self.content_security_policy.clone()),
-        }
+        AddHeadersFuture::new(
+            self.inner.call(request),
+            self.content_security_policy.clone(),
+            add_security_headers,
+        )
     }
 }
 
 pin_project_lite::pin_project! {
-    /// The response future of [`SecurityHeaders`]: the inner service's, with the headers
-    /// added to its response. A plain wrapper, not a boxed future: it costs no allocation
-    /// and no copy of the inner future.
+    /// The response future of the layers that add a header to the response
+    /// ([`SecurityHeaders`], and the request-id layer): the inner service's, with `add`
+    /// applied to its response's headers once. A plain wrapper, not a boxed future: it
+    /// costs no allocation and no copy of the inner future.
     #[derive(Debug)]
-    pub struct SecurityHeadersFuture<F> {
+    pub struct AddHeadersFuture<F> {
         #[pin]
         inner: F,
-        policy: Option<HeaderValue>,
+        add: Option<(HeaderValue, fn(&mut HeaderMap, HeaderValue))>,
     }
 }
 
-impl<F, ResBody, E> Future for SecurityHeadersFuture<F>
+impl<F> AddHeadersFuture<F> {
+    /// `inner`'s response, with `add(headers, value)` applied to it.
+    pub(crate) fn new(inner: F, value: HeaderValue, add: fn(&mut HeaderMap, HeaderValue)) -> Self {
+        Self {
+            inner,
+            add: Some((value, add)),
+        }
+    }
+}
+
+impl<F, ResBody, E> Future for AddHeadersFuture<F>
 where
     F: Future<Output = Result<Response<ResBody>, E>>,
 {
@@ -130,8 +142,8 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let mut response = ready!(this.inner.poll(cx))?;
-        if let Some(policy) = this.policy.take() {
-            add_security_headers(response.headers_mut(), policy);
+        if let Some((value, add)) = this.add.take() {
+            add(response.headers_mut(), value);
         }
         Poll::Ready(Ok(response))
     }
@@ -139,7 +151,7 @@ where
 
 /// Adds the security headers `headers` does not set already, with `policy` as the
 /// `Content-Security-Policy`.
-pub(crate) fn add_security_headers(headers: &mut axum::http::HeaderMap, policy: HeaderValue) {
+pub(crate) fn add_security_headers(headers: &mut HeaderMap, policy: HeaderValue) {
     let defaults: [(HeaderName, HeaderValue); 4] = [
         (header::CONTENT_SECURITY_POLICY, policy),
         (
