@@ -66,14 +66,23 @@ struct State {
 /// the last insert left in the cache; a hash set grows into a table as large as the
 /// scope's history, where every insert lands on a cold line and growing copies it all.
 /// A session's start never changes, so the key found at insert is the key to remove.
-type ByStart = BTreeSet<(DateTime<Utc>, SessionId)>;
+type ByStart = BTreeSet<(StartKey, SessionId)>;
+
+/// A start time as the indexes order it: nanoseconds since 1970, one integer to compare
+/// where a `DateTime` compares its day, second and nanosecond in turn (the descent to
+/// the tree's right edge compares a new key with every key of each node on the way).
+type StartKey = i128;
+
+fn start_key(at: &DateTime<Utc>) -> StartKey {
+    i128::from(at.timestamp()) * 1_000_000_000 + i128::from(at.timestamp_subsec_nanos())
+}
 
 /// Adds a session to a listing's index, making the scope's set on its first session
 /// (the key is copied only then).
 fn index<K: std::hash::Hash + Eq + Clone>(
     index: &mut HashMap<K, ByStart>,
     scope: &K,
-    by_start: (DateTime<Utc>, SessionId),
+    by_start: (StartKey, SessionId),
 ) {
     match index.get_mut(scope) {
         Some(sessions) => {
@@ -169,7 +178,7 @@ fn session_not_found(id: &SessionId) -> Error {
 impl State {
     /// Adds a session that is not in the shard yet, and returns its entry.
     fn insert(&mut self, session: Session) -> &mut Entry {
-        let by_start = (session.started_at, session.id.clone());
+        let by_start = (start_key(&session.started_at), session.id.clone());
         index(&mut self.by_user, &session.user_id, by_start.clone());
         index(&mut self.by_animal, &session.animal_id, by_start.clone());
         let entry = Box::new(Entry {
@@ -185,7 +194,7 @@ impl State {
 
     fn remove(&mut self, id: &SessionId) -> Option<Box<Entry>> {
         let entry = self.sessions.remove(id)?;
-        let by_start = (entry.session.started_at, id.clone());
+        let by_start = (start_key(&entry.session.started_at), id.clone());
         if let Some(set) = self.by_user.get_mut(&entry.session.user_id) {
             set.remove(&by_start);
             if set.is_empty() {
@@ -518,7 +527,7 @@ mod tests {
     /// An index's entries as (session, scope, start), sorted.
     fn index_entries<K: std::fmt::Display>(
         index: &HashMap<K, ByStart>,
-    ) -> Vec<(SessionId, String, DateTime<Utc>)> {
+    ) -> Vec<(SessionId, String, StartKey)> {
         let mut all: Vec<_> = index
             .iter()
             .flat_map(|(scope, set)| {
@@ -546,7 +555,7 @@ mod tests {
                         (
                             e.session.id.clone(),
                             scope(&e.session),
-                            e.session.started_at,
+                            start_key(&e.session.started_at),
                         )
                     })
                     .collect();

@@ -339,10 +339,15 @@ impl ConversationService {
     async fn run_turn(self, mut prepared: Box<ReadyTurn>) -> Result<TurnReply> {
         let inner = &self.inner;
         let started = Instant::now();
+        // The refused and failed endings are boxed where they are awaited: they are rare,
+        // and inline they would size this future (moved whole into its box on every
+        // turn) by their own larger state.
         match self.moderate(&prepared).await {
             Ok(None) => {}
-            Ok(Some(refusal)) => return self.finish_refused(prepared, refusal).await,
-            Err(error) => return self.finish_failed(prepared, error, None, started).await,
+            Ok(Some(refusal)) => return Box::pin(self.finish_refused(prepared, refusal)).await,
+            Err(error) => {
+                return Box::pin(self.finish_failed(prepared, error, None, started)).await;
+            }
         }
         let result = tokio::time::timeout(
             inner.config.model_timeout,
@@ -360,7 +365,9 @@ impl ConversationService {
         });
         let completion = match result {
             Ok(completion) => completion,
-            Err(error) => return self.finish_failed(prepared, error, None, started).await,
+            Err(error) => {
+                return Box::pin(self.finish_failed(prepared, error, None, started)).await;
+            }
         };
         let mut message = NewMessage::new(Role::Assistant, completion.content);
         message.metadata.interrupted = truncate_to_limit(&mut message.content);
@@ -387,9 +394,9 @@ impl ConversationService {
                 // counts in the usage counters and the budgets.
                 refusal.metadata.set_usage(reply.metadata.usage());
                 refusal.metadata.model = reply.metadata.model;
-                self.finish_refused(prepared, (refusal, verdict)).await
+                Box::pin(self.finish_refused(prepared, (refusal, verdict))).await
             }
-            Err(error) => self.finish_failed(prepared, error, None, started).await,
+            Err(error) => Box::pin(self.finish_failed(prepared, error, None, started)).await,
         }
     }
 
