@@ -661,6 +661,13 @@ def print_report(names, tput, streams, args):
                           + compare("p99", a["p99_ms"], b["p99_ms"], "ms") + "; "
                           + compare("p50", a["p50_ms"], b["p50_ms"], "ms") + "; "
                           + compare("server CPU/req", a["server_us_per_req"], b["server_us_per_req"], "µs", 0))
+                    if len(a["all_rps"]) > 1 and len(a["all_rps"]) == len(b["all_rps"]):
+                        # Each cmz round against the other server's round of the same pass (run
+                        # next to it): how far the machine's moment moves the ratio within a run.
+                        paired = [x / y for x, y in zip(a["all_rps"], b["all_rps"])]
+                        print(f"   cmz / {short[name]} round by round ({layout}): "
+                              + ", ".join(f"{r:.1f}x" for r in paired)
+                              + f" (median {sorted(paired)[(len(paired) - 1) // 2]:.1f}x)")
     if streams:
         print(f"\nB. {args.streams} concurrent SSE streams: GET /convo_turn/stream, {args.chunk_delay_ms} ms before "
               f"each of 22 words, opened at once by one asyncio + aiohttp client")
