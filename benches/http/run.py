@@ -601,13 +601,19 @@ def compare(label, cmz_value, other_value, unit, digits=2):
     return f"{label} {cmz_value:.{digits}f} vs {other_value:.{digits}f} {unit} ({verdict})"
 
 
+def lower_median(values, key=None):
+    """The middle value of `values` (the lower of the two middle ones for an even count), so
+    that the median is always a value that was measured."""
+    ordered = sorted(values, key=key)
+    return ordered[(len(ordered) - 1) // 2]
+
+
 def median_run(runs):
     """The run with the median req/s, carrying every round's req/s and server µs/req."""
-    ordered = sorted(runs, key=lambda t: t["rps"])
-    median = dict(ordered[(len(ordered) - 1) // 2])
+    median = dict(lower_median(runs, key=lambda t: t["rps"]))
     median["all_rps"] = [t["rps"] for t in runs]
     median["all_us"] = [t["server_us_per_req"] for t in runs]
-    median["server_us_per_req"] = sorted(median["all_us"])[(len(runs) - 1) // 2]
+    median["server_us_per_req"] = lower_median(median["all_us"])
     return median
 
 
@@ -667,7 +673,7 @@ def print_report(names, tput, streams, args):
                         paired = [x / y for x, y in zip(a["all_rps"], b["all_rps"])]
                         print(f"   cmz / {short[name]} round by round ({layout}): "
                               + ", ".join(f"{r:.1f}x" for r in paired)
-                              + f" (median {sorted(paired)[(len(paired) - 1) // 2]:.1f}x)")
+                              + f" (median {lower_median(paired):.1f}x)")
     if streams:
         print(f"\nB. {args.streams} concurrent SSE streams: GET /convo_turn/stream, {args.chunk_delay_ms} ms before "
               f"each of 22 words, opened at once by one asyncio + aiohttp client")

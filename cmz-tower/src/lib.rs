@@ -8,6 +8,7 @@ mod client_ip;
 mod config;
 mod cors;
 mod error;
+mod headers;
 mod health;
 mod metrics;
 mod privacy;
@@ -43,12 +44,11 @@ pub use cmz_env::{HealthCheck, ModelHealth, Services, cached, offline_health};
 pub use cmz_env::{SAMPLE_PERSONAS, sample_personas};
 pub use config::{LEGACY_FRONTEND_ORIGINS, demo_env, serve, state_from_env};
 pub use error::{ApiError, ApiJson, ApiQuery, HTTP_CODES, status_for, status_of};
+pub use headers::AddHeadersFuture;
 pub use health::method_not_allowed;
 #[cfg(feature = "prometheus")]
 pub use metrics::prometheus_router;
-pub use security_headers::{
-    API_CONTENT_SECURITY_POLICY, AddHeadersFuture, SecurityHeaders, SecurityHeadersLayer,
-};
+pub use security_headers::{API_CONTENT_SECURITY_POLICY, SecurityHeaders, SecurityHeadersLayer};
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub use serve::check_request;

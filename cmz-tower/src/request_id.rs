@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, Response, header::
 use tower::{Layer, Service};
 use tower_http::request_id::RequestId;
 
-use crate::security_headers::AddHeadersFuture;
+use crate::headers::AddHeadersFuture;
 
 pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 

@@ -26,12 +26,12 @@
 //!     ));
 //! ```
 
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, Response, header};
 use tower::{Layer, Service};
+
+use crate::headers::AddHeadersFuture;
 
 /// The policy of API responses (JSON, event streams): they load nothing and may not be
 /// framed.
@@ -107,45 +107,6 @@ where
             self.content_security_policy.clone(),
             add_security_headers,
         )
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// The response future of the layers that add a header to the response
-    /// ([`SecurityHeaders`], and the request-id layer): the inner service's, with `add`
-    /// applied to its response's headers once. A plain wrapper, not a boxed future: it
-    /// costs no allocation and no copy of the inner future.
-    #[derive(Debug)]
-    pub struct AddHeadersFuture<F> {
-        #[pin]
-        inner: F,
-        add: Option<(HeaderValue, fn(&mut HeaderMap, HeaderValue))>,
-    }
-}
-
-impl<F> AddHeadersFuture<F> {
-    /// `inner`'s response, with `add(headers, value)` applied to it.
-    pub(crate) fn new(inner: F, value: HeaderValue, add: fn(&mut HeaderMap, HeaderValue)) -> Self {
-        Self {
-            inner,
-            add: Some((value, add)),
-        }
-    }
-}
-
-impl<F, ResBody, E> Future for AddHeadersFuture<F>
-where
-    F: Future<Output = Result<Response<ResBody>, E>>,
-{
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let mut response = ready!(this.inner.poll(cx))?;
-        if let Some((value, add)) = this.add.take() {
-            add(response.headers_mut(), value);
-        }
-        Poll::Ready(Ok(response))
     }
 }
 
