@@ -101,6 +101,9 @@ impl Conversations {
     /// `context_summary` (the client's summary of earlier turns, moderated, 2,000
     /// characters at most), `moderation_level` (`permissive`, `standard`, `strict`; never
     /// below the deployment's), `priority` (`low`, `normal`, `high`) and `turn_key`.
+    /// A `session_id` nobody has used starts a session under that id; someone else's
+    /// session, or one with another animal, starts one under a new id (the reply's
+    /// `sessionId`, with `sessionCreated` true).
     #[pyo3(signature = (principal, animal_id, message, *, session_id=None, context_window=None, turn_key=None, max_tokens=None, temperature=None, context_summary=None, moderation_level=None, priority=None))]
     fn turn(
         &self,

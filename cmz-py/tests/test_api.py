@@ -155,8 +155,11 @@ def test_the_access_policy(client):
     with pytest.raises(cmz.NotFound) as unknown:
         client.conversations.history(other, "conv_cougar_nobody_00000000")
     assert str(raised.value).replace(session, "<id>") == str(unknown.value).replace("conv_cougar_nobody_00000000", "<id>")
-    with pytest.raises(cmz.NotFound):
-        client.conversations.turn(other, "cougar", "sneaky", session_id=session)
+    # A turn with someone else's session id is the caller's own new conversation.
+    theirs = client.conversations.turn(other, "cougar", "sneaky", session_id=session)
+    assert theirs["sessionId"] != session and theirs["sessionCreated"]
+    assert [m["text"] for m in client.conversations.history(other, theirs["sessionId"])["messages"]][0] == "sneaky"
+    assert len(client.conversations.history(kid, session)["messages"]) == 2
     assert client.conversations.sessions(parent, user_id=kid.user_id)["sessions"][0]["sessionId"] == session
     # A user's listing is not a session id: still Forbidden.
     with pytest.raises(cmz.Forbidden):

@@ -430,7 +430,12 @@ async fn sessions_the_caller_may_not_read_answer_exactly_like_unknown_ones() {
         .map(|r| r.bearer_auth(token))
         .collect::<Vec<_>>()
     };
-    for request in requests(&kim, &session) {
+    let (reads, turns) = {
+        let mut all = requests(&kim, &session);
+        let turns = all.split_off(4);
+        (all, turns)
+    };
+    for request in reads {
         let described = format!("{request:?}");
         let response = server.send(request).await;
         assert_error(&response, 404, "not_found");
@@ -445,6 +450,25 @@ async fn sessions_the_caller_may_not_read_answer_exactly_like_unknown_ones() {
         let response = server.send(request).await;
         assert_eq!(without_id(&response.1, unknown), expected);
     }
+    // A turn with the id (a shared browser kept it) is kim's own new conversation: it
+    // answers as any first turn does, and nothing of ana's is in it.
+    for request in turns {
+        let described = format!("{request:?}");
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200, "{described}");
+        let text = response.text().await.unwrap();
+        assert!(!text.contains("my secret"), "{described}: {text}");
+        assert!(!text.contains(&session), "{described}: {text}");
+    }
+    let kims = server
+        .get(
+            "/conversations/sessions?userId=user_student_kim",
+            Some(&kim),
+        )
+        .await;
+    let kims = kims.1["sessions"].as_array().unwrap().clone();
+    assert_eq!(kims.len(), 4, "{kims:?}");
+    assert!(kims.iter().all(|s| s["sessionId"] != session.as_str()));
     // Nothing was changed, and the denials were audited.
     let history = server
         .get(&format!("/convo_history?sessionId={session}"), Some(&ana))
@@ -467,8 +491,8 @@ async fn sessions_the_caller_may_not_read_answer_exactly_like_unknown_ones() {
         .count();
     assert!(denied >= 8, "{denied} denials audited");
 
-    // Nothing is widened: the parent and the admin still read it; they may not take a
-    // turn in it, and being able to read it they are told so.
+    // Nothing is widened: the parent and the admin still read it; a turn of theirs with
+    // its id is a conversation of their own.
     for reader in [&parent, &admin] {
         let read = server
             .get(&format!("/conversations/sessions/{session}"), Some(reader))
@@ -481,8 +505,14 @@ async fn sessions_the_caller_may_not_read_answer_exactly_like_unknown_ones() {
                 json!({"animalId": "cougar", "message": "hijack", "sessionId": session}),
             )
             .await;
-        assert_error(&turn, 403, "forbidden");
+        assert_eq!(turn.0, 200, "{turn:?}");
+        assert_ne!(turn.1["sessionId"], session.as_str());
+        assert_eq!(turn.1["turnNumber"], 1);
     }
+    let history = server
+        .get(&format!("/convo_history?sessionId={session}"), Some(&ana))
+        .await;
+    assert_eq!(history.1["turns"].as_array().unwrap().len(), 2);
     let delete = server
         .send(
             server

@@ -441,14 +441,44 @@ async fn replay(base: String) {
     assert_eq!(info["animalName"], chat["animalName"]);
     assert!(date(&info["createdAt"]) <= date(&info["updatedAt"]));
 
-    // Another family's child cannot continue the chat (the session answers like an
-    // unknown one), and the page can read the error.
+    // The next child at the same browser: logging out leaves the chat's session id in
+    // the page's storage, and her first message goes out with it. She gets a
+    // conversation of her own under a new id, which the page adopts; ana's is neither
+    // shown to her nor changed.
     let page_of_kim = Page::new(page.base.clone());
     let (kim, _) = page_of_kim.login("other@cmz.org", "other123").await;
-    let denied = send_message(&page_of_kim, &kim, "Hi!", &animal, &session).await;
-    assert_eq!(denied.status, 404, "{denied:?}");
-    assert_eq!(denied.body["code"], "not_found", "{denied:?}");
-    assert!(denied.body["message"].is_string());
+    let kims = send_message(&page_of_kim, &kim, "Hi!", &animal, &session).await;
+    assert_eq!(kims.status, 200, "{kims:?}");
+    let kims_session = kims.body["sessionId"].as_str().unwrap().to_owned();
+    assert_ne!(kims_session, session);
+    assert!(!kims.body.to_string().contains("Hello! What do you eat?"));
+    let next = send_message(&page_of_kim, &kim, "Do you sleep?", &animal, &kims_session).await;
+    read_reply(&next, &kims_session);
+    assert_eq!(next.body["turnNumber"], 2);
+    let kim_auth = format!("Bearer {kim}");
+    let kims_listing = page_of_kim
+        .fetch(
+            "GET",
+            "/conversations/sessions?",
+            &[("Authorization", &kim_auth)],
+            None,
+        )
+        .await;
+    let kims_sessions = kims_listing.body["sessions"].as_array().unwrap();
+    assert_eq!(kims_sessions.len(), 1, "{kims_listing:?}");
+    check_listed(&kims_sessions[0]);
+    assert_eq!(kims_sessions[0]["sessionId"], kims_session.as_str());
+    assert_eq!(kims_sessions[0]["messageCount"], 4);
+    let peek = page_of_kim
+        .fetch(
+            "GET",
+            &format!("/conversations/sessions/{session}"),
+            &[("Authorization", &kim_auth)],
+            None,
+        )
+        .await;
+    assert_eq!(peek.status, 404, "{peek:?}");
+    assert_eq!(peek.body["code"], "not_found");
 
     // The parent's family view.
     let (parent, parent_claims) = page.login("parent@cmz.org", "parent123").await;

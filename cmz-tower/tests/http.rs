@@ -359,21 +359,22 @@ async fn parents_read_their_students_and_nobody_else_does() {
         404,
         "not_found",
     );
-    // Nobody speaks for a child, not even the admin (who may read it: 403).
-    assert_error(
-        &server
-            .turn(&admin, "cougar", "hijack", Some(&session))
-            .await,
-        403,
-        "forbidden",
-    );
-    assert_error(
-        &server
-            .turn(&parent, "cougar", "hijack", Some(&session))
-            .await,
-        403,
-        "forbidden",
-    );
+    // Nobody speaks for a child, not even the admin or the parent (who may read it): a
+    // turn of theirs with its id is a conversation of their own.
+    for (token, owner) in [(&admin, "user_admin"), (&parent, "user_parent_rivera")] {
+        let turn = server.turn(token, "cougar", "hijack", Some(&session)).await;
+        assert_eq!(turn.0, 200, "{turn:?}");
+        let theirs = turn.1["sessionId"].as_str().unwrap();
+        assert_ne!(theirs, session);
+        let detail = server
+            .get(&format!("/conversations/sessions/{theirs}"), Some(token))
+            .await;
+        assert_eq!(detail.1["userId"], owner, "{detail:?}");
+    }
+    let detail = server
+        .get(&format!("/conversations/sessions/{session}"), Some(&parent))
+        .await;
+    assert_eq!(detail.1["turns"].as_array().unwrap().len(), 2);
     // Families: a parent sees their own, the admin all.
     assert_eq!(
         server
@@ -1030,16 +1031,19 @@ async fn a_client_chosen_session_id_starts_a_session_that_continues() {
     assert_eq!(detail.1["messages"].as_array().unwrap().len(), 4);
 
     // A taken id is never a way into someone else's conversation, not even the admin's
-    // (who may read it, so is told no; anyone else is told there is no such session).
-    for (token, status, code) in [(&kim, 404, "not_found"), (&admin, 403, "forbidden")] {
-        assert_error(
-            &server
-                .turn(token, "cougar", "let me in", Some("session_1730000000000"))
-                .await,
-            status,
-            code,
-        );
+    // (who may read it): the turn is the caller's own, under a new id the page adopts.
+    for token in [&kim, &admin] {
+        let turn = server
+            .turn(token, "cougar", "let me in", Some("session_1730000000000"))
+            .await;
+        assert_eq!(turn.0, 200, "{turn:?}");
+        assert_ne!(turn.1["sessionId"], "session_1730000000000");
+        assert_eq!(turn.1["turnNumber"], 1);
     }
+    let detail = server
+        .get("/conversations/sessions/session_1730000000000", Some(&ana))
+        .await;
+    assert_eq!(detail.1["messages"].as_array().unwrap().len(), 4);
     // A body userId naming someone else is ignored: the turn is the caller's own.
     let spoofed = server
         .post_json(
@@ -1086,15 +1090,25 @@ async fn a_client_chosen_session_id_starts_a_session_that_continues() {
     assert_eq!(events[0].0, "session");
     assert_eq!(events[0].1["sessionId"], "session_1730000000001");
     assert_eq!(events.last().unwrap().0, "complete");
-    let stolen = server
-        .get(
-            &format!(
-                "/convo_turn/stream?animalId=cougar&message=hi&sessionId=session_1730000000001&token={kim}"
-            ),
-            None,
-        )
+    // Another child's stream with that id is a new conversation of her own.
+    let response = server
+        .client
+        .get(server.url(&format!(
+            "/convo_turn/stream?animalId=cougar&message=hi&sessionId=session_1730000000001&token={kim}"
+        )))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    let events = sse_events(response).await;
+    assert_eq!(events[0].0, "session");
+    let kims = events[0].1["sessionId"].as_str().unwrap().to_owned();
+    assert_ne!(kims, "session_1730000000001");
+    assert_eq!(events.last().unwrap().0, "complete");
+    let owner = server
+        .get(&format!("/conversations/sessions/{kims}"), Some(&kim))
         .await;
-    assert_error(&stolen, 404, "not_found");
+    assert_eq!(owner.1["userId"], "user_student_kim", "{owner:?}");
     // And the stream with its request in a JSON body.
     let response = server
         .client
@@ -1110,7 +1124,7 @@ async fn a_client_chosen_session_id_starts_a_session_that_continues() {
     assert_eq!(events[0].0, "session");
     assert_eq!(events[0].1["sessionId"], "session_1730000000002");
     assert_eq!(events.last().unwrap().0, "complete");
-    let stolen = server
+    let response = server
         .client
         .post(server.url("/convo_turn/stream"))
         .bearer_auth(&kim)
@@ -1120,7 +1134,19 @@ async fn a_client_chosen_session_id_starts_a_session_that_continues() {
         .send()
         .await
         .unwrap();
-    assert_eq!(stolen.status(), 404);
+    let events = sse_events(response).await;
+    assert_ne!(events[0].1["sessionId"], "session_1730000000002");
+    assert_eq!(events.last().unwrap().0, "complete");
+    for (id, turns) in [("session_1730000000001", 2), ("session_1730000000002", 2)] {
+        let detail = server
+            .get(&format!("/conversations/sessions/{id}"), Some(&ana))
+            .await;
+        assert_eq!(
+            detail.1["messages"].as_array().unwrap().len(),
+            turns,
+            "{id} is ana's alone: {detail:?}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -308,13 +308,17 @@ impl ConversationService {
     /// Runs one turn: authorize, load or create the session, build the prompt from the
     /// persona and the last turns, call the model, store both messages atomically.
     ///
+    /// The session is `request.session_id`'s when the caller owns it and it is with the
+    /// same animal; an id nobody has used starts a session under that id (the legacy
+    /// frontend makes them up); someone else's session, or the caller's own with another
+    /// animal, starts a new session under a new id and leaves that one unread and
+    /// unchanged. The reply's `session_id` and `session_created` say which happened.
+    ///
     /// Errors: `validation_error` (empty or oversized message, bad turn key, window out of
-    /// range, session of another animal), `not_found` (unknown animal, or a session that
-    /// is unknown or that the caller may not read: the two answer alike), `forbidden` (a
-    /// session the caller may read but not write, such as an administrator in a child's
-    /// conversation), `unavailable` (store down: nothing is
-    /// half-written), and the model's own error when the config says
-    /// [`ModelFailurePolicy::Error`] (the user message is then kept).
+    /// range), `not_found` (unknown animal), `forbidden` (a caller who may not start
+    /// conversations), `unavailable` (store down: nothing is half-written), and the
+    /// model's own error when the config says [`ModelFailurePolicy::Error`] (the user
+    /// message is then kept).
     #[tracing::instrument(name = "cmz.turn", skip_all, fields(user = %principal.user_id, animal = %request.animal_id))]
     pub async fn turn(&self, principal: &Principal, request: TurnRequest) -> Result<TurnReply> {
         require_runtime()?;

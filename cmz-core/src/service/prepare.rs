@@ -2,6 +2,7 @@
 //! policy, and building the prompt from the persona and the context window.
 
 use super::*;
+use crate::error::Code;
 use crate::privacy::RedactionMode;
 
 impl ConversationService {
@@ -82,13 +83,7 @@ impl ConversationService {
         let requested = request.session_id.is_some();
         let mut id = match (&request.session_id, &request.turn_key) {
             (Some(id), _) => id.clone(),
-            // The same key finds the same session again, so a retried first turn does not
-            // start a second session.
-            (None, Some(key)) => SessionId::with_suffix(
-                animal,
-                &principal.user_id,
-                stable_hash(&[principal.user_id.as_str(), animal.as_str(), key]),
-            )?,
+            (None, Some(key)) => keyed_session_id(principal, animal, key)?,
             (None, None) => SessionId::generate(animal, &principal.user_id)?,
         };
         let mut attempts = 0;
@@ -97,14 +92,35 @@ impl ConversationService {
             let lease = self.lock_session(&id).await?;
             match self.get_session(&id).await? {
                 Some(session) if requested || request.turn_key.is_some() => {
-                    self.authorize_session(principal, &session, Action::Write)
-                        .await?;
-                    if &session.animal_id != animal {
-                        // The legacy page keeps one session id while the child moves to
-                        // another animal: that is a new conversation with this animal, under
-                        // a new id (the reply's `sessionId`, which the page adopts).
+                    let own = match self
+                        .authorize_session(principal, &session, Action::Write)
+                        .await
+                    {
+                        Ok(()) => true,
+                        // Someone else's conversation: a browser a family shares keeps the
+                        // last child's session id after a logout, and the legacy page sends
+                        // it with the next user's first message. That user gets a
+                        // conversation of their own; the other one is neither read nor
+                        // changed, and the reply says no more than any first reply does.
+                        Err(error) if matches!(error.code(), Code::NotFound | Code::Forbidden) => {
+                            false
+                        }
+                        Err(error) => return Err(error),
+                    };
+                    if !own || &session.animal_id != animal {
+                        // The legacy page also keeps one session id while the child moves
+                        // to another animal: a new conversation with this animal. Either
+                        // way under a new id (the reply's `sessionId`, which the page
+                        // adopts), drawn from the turn key when there is one, so a retried
+                        // request finds the same new session.
                         drop(lease);
-                        id = SessionId::generate(animal, &principal.user_id)?;
+                        if attempts >= 4 {
+                            return Err(Error::internal("could not draw an unused session id"));
+                        }
+                        id = match (&request.turn_key, attempts) {
+                            (Some(key), 1) => keyed_session_id(principal, animal, key)?,
+                            _ => SessionId::generate(animal, &principal.user_id)?,
+                        };
                         continue;
                     }
                     break (lease, session, false);
@@ -314,4 +330,14 @@ fn check_length(field: &'static str, text: &str, limit: usize) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The id of the session a first turn with the turn key `key` starts: the same key finds
+/// the same session again, so a retried first turn does not start a second session.
+fn keyed_session_id(principal: &Principal, animal: &AnimalId, key: &str) -> Result<SessionId> {
+    SessionId::with_suffix(
+        animal,
+        &principal.user_id,
+        stable_hash(&[principal.user_id.as_str(), animal.as_str(), key]),
+    )
 }

@@ -16,7 +16,9 @@ pub struct TurnRequest {
     pub animal_id: AnimalId,
     /// What the user said.
     pub message: String,
-    /// The session to continue; `None` starts a new one.
+    /// The session to continue; `None` starts a new one. An id nobody has used starts one
+    /// under that id; someone else's session, or one with another animal, starts one
+    /// under a new id (see [`ConversationService::turn`]).
     pub session_id: Option<SessionId>,
     /// A client-chosen idempotency key: a retried request with the same key returns the
     /// stored reply without calling the model again or storing anything twice.

@@ -244,15 +244,50 @@ async fn bad_input_gets_the_right_error_code() {
         .await
         .unwrap();
     let other = kid("k2");
-    let err = f
+    // Someone else's session id (a shared browser keeps the last child's) starts the
+    // caller's own conversation under a new id; the other one is neither read nor changed.
+    let calls_before = f.model.calls();
+    let theirs = f
         .service
         .turn(
             &other,
             TurnRequest::new(lion(), "hijack").in_session(mine.session_id.clone()),
         )
         .await
-        .unwrap_err();
-    assert_eq!(err.code(), "not_found");
+        .unwrap();
+    assert_ne!(theirs.session_id, mine.session_id);
+    assert!(theirs.session_created);
+    assert_eq!(theirs.turn, 1);
+    assert_eq!(f.model.calls(), calls_before + 1);
+    let prompt = f.model.last_request().unwrap();
+    let seen: Vec<_> = prompt.messages[1..]
+        .iter()
+        .map(|m| (m.role, m.content.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [(Role::User, "hijack")],
+        "the model sees nothing of the other conversation"
+    );
+    let new_session = f
+        .store
+        .get_session(&theirs.session_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(new_session.user_id, other.user_id);
+    assert_eq!(new_session.animal_id, lion());
+    let untouched = all_messages(&f, &mine.session_id).await;
+    assert_eq!(
+        untouched.len(),
+        2,
+        "the first conversation is untouched: {untouched:?}"
+    );
+    assert_eq!(untouched[0].content, "hi");
+    assert_eq!(
+        all_messages(&f, &theirs.session_id).await[0].content,
+        "hijack"
+    );
     assert_eq!(
         f.service
             .history(&other, &mine.session_id, PageRequest::first(10))
@@ -316,17 +351,32 @@ async fn bad_input_gets_the_right_error_code() {
         2,
         "the lion conversation is untouched"
     );
-    // Someone else's session id with another animal is still refused.
-    let err = f
+    // Someone else's session id with another animal: a new conversation of the caller's
+    // with that animal too.
+    let stranger = kid("k9");
+    let elsewhere = f
         .service
         .turn(
-            &kid("k9"),
+            &stranger,
             TurnRequest::new(AnimalId::new("tiger").unwrap(), "hi")
                 .in_session(mine.session_id.clone()),
         )
         .await
-        .unwrap_err();
-    assert_eq!(err.code(), "not_found");
+        .unwrap();
+    assert!(elsewhere.session_created);
+    assert_ne!(elsewhere.session_id, mine.session_id);
+    assert_ne!(elsewhere.session_id, moved.session_id);
+    let elsewhere = f
+        .store
+        .get_session(&elsewhere.session_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (elsewhere.user_id, elsewhere.animal_id.as_str()),
+        (stranger.user_id.clone(), "tiger")
+    );
+    assert_eq!(all_messages(&f, &mine.session_id).await.len(), 2);
     let err = f
         .service
         .history(
@@ -464,6 +514,27 @@ async fn a_retried_turn_key_does_not_call_the_model_twice() {
     let theirs = f.service.turn(&kid("k2"), request).await.unwrap();
     assert_ne!(theirs.session_id, first.session_id);
     assert!(!theirs.replayed);
+    // Someone else's session id (or one's own with another animal) moves the turn to a
+    // new session: a retry with the same key finds that same new session and replays.
+    for (who, animal) in [
+        (kid("k3"), lion()),
+        (me.clone(), AnimalId::new("tiger").unwrap()),
+    ] {
+        let moved = TurnRequest::new(animal, "Moved")
+            .in_session(first.session_id.clone())
+            .with_turn_key("req-125");
+        let calls = f.model.calls();
+        let a = f.service.turn(&who, moved.clone()).await.unwrap();
+        let b = f.service.turn(&who, moved).await.unwrap();
+        assert_ne!(a.session_id, first.session_id);
+        assert!(a.session_created && !a.replayed);
+        assert_eq!(b.session_id, a.session_id);
+        assert!(b.replayed);
+        assert_eq!(b.assistant_message, a.assistant_message);
+        assert_eq!(f.model.calls(), calls + 1);
+        assert_eq!(all_messages(&f, &a.session_id).await.len(), 2);
+    }
+    assert_eq!(all_messages(&f, &first.session_id).await.len(), 4);
 }
 
 async fn assert_ordered_pairs(f: &Fixture, id: &SessionId, turns: usize) {
@@ -896,16 +967,31 @@ async fn reads_listing_and_deletes_follow_the_policy() {
         .await
         .unwrap();
     assert_eq!(all_lions.items.len(), 2);
-    // Admins may not speak for a child.
-    let err = f
+    // Admins may read a child's conversation but not speak in it: their turn with its id
+    // is a conversation of their own.
+    let own = f
         .service
         .turn(
             &admin(),
             TurnRequest::new(lion(), "x").in_session(sa.clone()),
         )
         .await
-        .unwrap_err();
-    assert_eq!(err.code(), "forbidden");
+        .unwrap();
+    assert_ne!(own.session_id, sa);
+    assert_eq!(
+        f.store
+            .get_session(&own.session_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .user_id,
+        admin().user_id
+    );
+    assert_eq!(all_messages(&f, &sa).await.len(), 2);
+    f.service
+        .delete(&admin(), DeleteScope::Session(own.session_id))
+        .await
+        .unwrap();
 
     // Deletes.
     assert_eq!(
@@ -1396,31 +1482,64 @@ async fn an_unknown_client_chosen_session_id_starts_a_conversation_under_it() {
     // The model saw the first turn as history on the second.
     assert_eq!(f.model.last_request().unwrap().messages.len(), 4);
 
-    // Another child's turn under the same id is refused and changes nothing.
-    let err = f
+    // Another child's turn under the same id (a browser their family shares kept it) is
+    // a conversation of their own under a new id, and changes nothing here.
+    let sibling = kid("k2");
+    let theirs = f
         .service
         .turn(
-            &kid("k2"),
+            &sibling,
             TurnRequest::new(lion(), "mine now").in_session(id.clone()),
         )
         .await
-        .unwrap_err();
-    assert_eq!(err.code(), "not_found");
+        .unwrap();
+    assert_ne!(theirs.session_id, id);
+    assert!(theirs.session_created);
     assert_eq!(all_messages(&f, &id).await.len(), 4);
+    assert_eq!(
+        f.model.last_request().unwrap().messages.len(),
+        2,
+        "the persona and the sibling's message only"
+    );
     // So is a streamed one.
-    let err = match f
+    let mut streamed = f
         .service
         .stream_turn(
-            &kid("k2"),
+            &sibling,
             TurnRequest::new(lion(), "mine").in_session(id.clone()),
         )
         .await
-    {
-        Ok(_) => panic!("a stream into another child's session started"),
-        Err(e) => e,
-    };
-    assert_eq!(err.code(), "not_found");
+        .unwrap();
+    assert!(streamed.session_created);
+    let mut complete = None;
+    while let Some(event) = streamed.next().await {
+        if let TurnEvent::Complete(reply) = event.unwrap() {
+            complete = Some(reply);
+        }
+    }
+    let complete = complete.expect("the stream ends with the stored turn");
+    assert_eq!(complete.session_id, streamed.session_id);
+    assert_ne!(streamed.session_id, id);
+    assert_ne!(streamed.session_id, theirs.session_id);
     assert_eq!(all_messages(&f, &id).await.len(), 4);
+    let session = f
+        .store
+        .get_session(&streamed.session_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(session.user_id, sibling.user_id);
+    // Neither reads the other's conversation.
+    for (who, whose) in [(&sibling, &id), (&me, &theirs.session_id)] {
+        assert_eq!(
+            f.service
+                .history(who, whose, PageRequest::first(10))
+                .await
+                .unwrap_err()
+                .code(),
+            "not_found"
+        );
+    }
 }
 
 #[tokio::test]
@@ -1434,12 +1553,28 @@ async fn two_children_racing_for_one_new_session_id_never_share_it() {
         f.service
             .turn(&k2, TurnRequest::new(lion(), "two").in_session(id.clone())),
     );
-    assert!(a.is_ok() != b.is_ok(), "exactly one wins: {a:?} {b:?}");
+    // One engine queues turns per session id: the first takes the id, the second finds it
+    // taken and gets a conversation of its own under a new id.
+    let (a, b) = (a.unwrap(), b.unwrap());
     let owner = f.store.get_session(&id).await.unwrap().unwrap().user_id;
     let messages = all_messages(&f, &id).await;
     assert_eq!(messages.len(), 2);
-    let winner_text = if owner.as_str() == "k1" { "one" } else { "two" };
+    let (winner_text, moved, mover) = if owner.as_str() == "k1" {
+        ("one", b, k2)
+    } else {
+        ("two", a, k1)
+    };
     assert_eq!(messages[0].content, winner_text);
+    assert_ne!(moved.session_id, id);
+    assert!(moved.session_created);
+    let theirs = f
+        .store
+        .get_session(&moved.session_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(theirs.user_id, mover.user_id);
+    assert_eq!(all_messages(&f, &moved.session_id).await.len(), 2);
 }
 
 #[tokio::test]
