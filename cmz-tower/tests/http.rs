@@ -1076,67 +1076,50 @@ async fn a_client_chosen_session_id_starts_a_session_that_continues() {
         "validation_error",
     );
 
-    // The stream does the same: a `session` event names the client's id.
-    let response = server
-        .client
-        .get(server.url(&format!(
-            "/convo_turn/stream?animalId=cougar&message=hello&sessionId=session_1730000000001&token={ana}"
-        )))
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .unwrap();
-    let events = sse_events(response).await;
-    assert_eq!(events[0].0, "session");
-    assert_eq!(events[0].1["sessionId"], "session_1730000000001");
-    assert_eq!(events.last().unwrap().0, "complete");
-    // Another child's stream with that id is a new conversation of her own.
-    let response = server
-        .client
-        .get(server.url(&format!(
-            "/convo_turn/stream?animalId=cougar&message=hi&sessionId=session_1730000000001&token={kim}"
-        )))
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .unwrap();
-    let events = sse_events(response).await;
-    assert_eq!(events[0].0, "session");
-    let kims = events[0].1["sessionId"].as_str().unwrap().to_owned();
-    assert_ne!(kims, "session_1730000000001");
-    assert_eq!(events.last().unwrap().0, "complete");
-    let owner = server
-        .get(&format!("/conversations/sessions/{kims}"), Some(&kim))
-        .await;
-    assert_eq!(owner.1["userId"], "user_student_kim", "{owner:?}");
-    // And the stream with its request in a JSON body.
-    let response = server
-        .client
-        .post(server.url("/convo_turn/stream"))
-        .bearer_auth(&ana)
-        .header("accept", "text/event-stream")
-        .header("content-type", "application/json")
-        .body(r#"{"animalId":"cougar","message":"hello","sessionId":"session_1730000000002"}"#)
-        .send()
-        .await
-        .unwrap();
-    let events = sse_events(response).await;
-    assert_eq!(events[0].0, "session");
-    assert_eq!(events[0].1["sessionId"], "session_1730000000002");
-    assert_eq!(events.last().unwrap().0, "complete");
-    let response = server
-        .client
-        .post(server.url("/convo_turn/stream"))
-        .bearer_auth(&kim)
-        .header("accept", "text/event-stream")
-        .header("content-type", "application/json")
-        .body(r#"{"animalId":"cougar","message":"hi","sessionId":"session_1730000000002"}"#)
-        .send()
-        .await
-        .unwrap();
-    let events = sse_events(response).await;
-    assert_ne!(events[0].1["sessionId"], "session_1730000000002");
-    assert_eq!(events.last().unwrap().0, "complete");
+    // The stream does the same: a `session` event names the client's id. Opened by an
+    // EventSource (`GET`, the token in the query) and with its request in a JSON body.
+    let by_query = |token: &str, message: &str, session: &str| {
+        server
+            .client
+            .get(server.url(&format!(
+                "/convo_turn/stream?animalId=cougar&message={message}&sessionId={session}&token={token}"
+            )))
+            .header("accept", "text/event-stream")
+    };
+    let by_body = |token: &str, message: &str, session: &str| {
+        server
+            .client
+            .post(server.url("/convo_turn/stream"))
+            .bearer_auth(token)
+            .header("accept", "text/event-stream")
+            .header("content-type", "application/json")
+            .body(
+                json!({"animalId": "cougar", "message": message, "sessionId": session}).to_string(),
+            )
+    };
+    // The session the `session` event names, checking the stream ends with `complete`.
+    let streamed = |request: reqwest::RequestBuilder| async move {
+        let events = sse_events(request.send().await.unwrap()).await;
+        assert_eq!(events[0].0, "session");
+        assert_eq!(events.last().unwrap().0, "complete");
+        events[0].1["sessionId"].as_str().unwrap().to_owned()
+    };
+    for (id, open) in [
+        (
+            "session_1730000000001",
+            &by_query as &dyn Fn(&str, &str, &str) -> reqwest::RequestBuilder,
+        ),
+        ("session_1730000000002", &by_body),
+    ] {
+        assert_eq!(streamed(open(&ana, "hello", id)).await, id);
+        // Another child's stream with that id is a new conversation of her own.
+        let kims = streamed(open(&kim, "hi", id)).await;
+        assert_ne!(kims, id);
+        let owner = server
+            .get(&format!("/conversations/sessions/{kims}"), Some(&kim))
+            .await;
+        assert_eq!(owner.1["userId"], "user_student_kim", "{owner:?}");
+    }
     for (id, turns) in [("session_1730000000001", 2), ("session_1730000000002", 2)] {
         let detail = server
             .get(&format!("/conversations/sessions/{id}"), Some(&ana))
