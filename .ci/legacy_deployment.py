@@ -345,8 +345,18 @@ def exercise(http, client, tables, conversation_id, legacy_messages, legacy_item
     check([(m["role"], m["content"]) for m in seen["messages"]] == expected, f"the admin's view: {seen['messages']}")
     stranger = http.login(*STRANGER)["token"]
     http.call("GET", f"/conversations/sessions/{conversation_id}", stranger, expect=404)
-    http.call("POST", "/convo_turn", stranger, {**body, "message": "Can I join?"}, expect=404)
-    print(f"{ADMIN[0]} reads it; {STRANGER[0]} (owns nothing) gets 404 reading or continuing it")
+    # A turn with its id (a shared browser keeps it) is the stranger's own new conversation.
+    joined = http.call("POST", "/convo_turn", stranger, {**body, "message": "Can I join?"})
+    check(joined["sessionId"] != conversation_id and joined["turnNumber"] == 1,
+          f"POST /convo_turn with someone else's session id did not start a new one: {joined}")
+    theirs = http.call("GET", "/conversations/sessions/" + urllib.parse.quote(joined["sessionId"]), stranger)
+    check([(m["role"], m["content"]) for m in theirs["messages"]] == [("user", "Can I join?"), ("assistant", joined["reply"])],
+          f"the stranger's new conversation: {theirs['messages']}")
+    unchanged = http.call("GET", f"/conversations/sessions/{conversation_id}", token)
+    check([(m["role"], m["content"]) for m in unchanged["messages"]] == expected,
+          f"the legacy conversation after the stranger's turn: {unchanged['messages']}")
+    print(f"{ADMIN[0]} reads it; {STRANGER[0]} (owns nothing) gets 404 reading it, and a turn with its id "
+          f"is a new conversation of their own ({joined['sessionId']})")
 
     # In place: the legacy item is never written; the new turn is in cmz's messages table.
     now = client.get_item(TableName=conversations, Key={"conversationId": {"S": conversation_id}},
@@ -358,6 +368,8 @@ def exercise(http, client, tables, conversation_id, legacy_messages, legacy_item
     )["Items"]
     seqs = sorted(int(item["seq"]["N"]) for item in stored)
     check(seqs and seqs[0] == len(legacy_messages) + 1, f"the new turn's items in {messages}: seq {seqs}")
+    check(seqs[-1] <= len(legacy_messages) + 2,
+          f"more than the owner's one turn stored under {conversation_id}: seq {seqs}")
     print(f"the legacy item is unchanged; the new turn is in {messages} from seq {seqs[0]}")
 
 
