@@ -67,6 +67,11 @@ fn admin() -> Principal {
     Principal::new(UserId::new("admin1").unwrap(), UserRole::Admin)
 }
 
+/// The stored session `id`, which must exist.
+async fn stored_session(f: &Fixture, id: &SessionId) -> Session {
+    f.store.get_session(id).await.unwrap().unwrap()
+}
+
 async fn all_messages(f: &Fixture, id: &SessionId) -> Vec<Message> {
     f.store
         .history(id, PageRequest::first(1000))
@@ -269,12 +274,7 @@ async fn bad_input_gets_the_right_error_code() {
         [(Role::User, "hijack")],
         "the model sees nothing of the other conversation"
     );
-    let new_session = f
-        .store
-        .get_session(&theirs.session_id)
-        .await
-        .unwrap()
-        .unwrap();
+    let new_session = stored_session(&f, &theirs.session_id).await;
     assert_eq!(new_session.user_id, other.user_id);
     assert_eq!(new_session.animal_id, lion());
     let untouched = all_messages(&f, &mine.session_id).await;
@@ -338,12 +338,7 @@ async fn bad_input_gets_the_right_error_code() {
         .unwrap();
     assert_ne!(moved.session_id, mine.session_id);
     assert!(moved.session_created);
-    let tiger_session = f
-        .store
-        .get_session(&moved.session_id)
-        .await
-        .unwrap()
-        .unwrap();
+    let tiger_session = stored_session(&f, &moved.session_id).await;
     assert_eq!(tiger_session.animal_id.as_str(), "tiger");
     assert_eq!(tiger_session.user_id, me.user_id);
     assert_eq!(
@@ -366,12 +361,7 @@ async fn bad_input_gets_the_right_error_code() {
     assert!(elsewhere.session_created);
     assert_ne!(elsewhere.session_id, mine.session_id);
     assert_ne!(elsewhere.session_id, moved.session_id);
-    let elsewhere = f
-        .store
-        .get_session(&elsewhere.session_id)
-        .await
-        .unwrap()
-        .unwrap();
+    let elsewhere = stored_session(&f, &elsewhere.session_id).await;
     assert_eq!(
         (elsewhere.user_id, elsewhere.animal_id.as_str()),
         (stranger.user_id.clone(), "tiger")
@@ -979,12 +969,7 @@ async fn reads_listing_and_deletes_follow_the_policy() {
         .unwrap();
     assert_ne!(own.session_id, sa);
     assert_eq!(
-        f.store
-            .get_session(&own.session_id)
-            .await
-            .unwrap()
-            .unwrap()
-            .user_id,
+        stored_session(&f, &own.session_id).await.user_id,
         admin().user_id
     );
     assert_eq!(all_messages(&f, &sa).await.len(), 2);
@@ -1476,7 +1461,7 @@ async fn an_unknown_client_chosen_session_id_starts_a_conversation_under_it() {
         .await
         .unwrap();
     assert_eq!(second.session_id, id);
-    let session = f.store.get_session(&id).await.unwrap().unwrap();
+    let session = stored_session(&f, &id).await;
     assert_eq!(session.user_id.as_str(), "k1");
     assert_eq!(session.message_count, 4);
     // The model saw the first turn as history on the second.
@@ -1522,12 +1507,7 @@ async fn an_unknown_client_chosen_session_id_starts_a_conversation_under_it() {
     assert_ne!(streamed.session_id, id);
     assert_ne!(streamed.session_id, theirs.session_id);
     assert_eq!(all_messages(&f, &id).await.len(), 4);
-    let session = f
-        .store
-        .get_session(&streamed.session_id)
-        .await
-        .unwrap()
-        .unwrap();
+    let session = stored_session(&f, &streamed.session_id).await;
     assert_eq!(session.user_id, sibling.user_id);
     // Neither reads the other's conversation.
     for (who, whose) in [(&sibling, &id), (&me, &theirs.session_id)] {
@@ -1556,7 +1536,7 @@ async fn two_children_racing_for_one_new_session_id_never_share_it() {
     // One engine queues turns per session id: the first takes the id, the second finds it
     // taken and gets a conversation of its own under a new id.
     let (a, b) = (a.unwrap(), b.unwrap());
-    let owner = f.store.get_session(&id).await.unwrap().unwrap().user_id;
+    let owner = stored_session(&f, &id).await.user_id;
     let messages = all_messages(&f, &id).await;
     assert_eq!(messages.len(), 2);
     let (winner_text, moved, mover) = if owner.as_str() == "k1" {
@@ -1567,12 +1547,7 @@ async fn two_children_racing_for_one_new_session_id_never_share_it() {
     assert_eq!(messages[0].content, winner_text);
     assert_ne!(moved.session_id, id);
     assert!(moved.session_created);
-    let theirs = f
-        .store
-        .get_session(&moved.session_id)
-        .await
-        .unwrap()
-        .unwrap();
+    let theirs = stored_session(&f, &moved.session_id).await;
     assert_eq!(theirs.user_id, mover.user_id);
     assert_eq!(all_messages(&f, &moved.session_id).await.len(), 2);
 }
@@ -1729,12 +1704,7 @@ async fn turns_made_elsewhere_are_stored_through_the_policy() {
         Some(&metadata)
     );
     assert_eq!(first.assistant_message.metadata.tokens_prompt, Some(7));
-    let session = f
-        .store
-        .get_session(&first.session_id)
-        .await
-        .unwrap()
-        .unwrap();
+    let session = stored_session(&f, &first.session_id).await;
     assert_eq!(
         (session.user_id.as_str(), session.animal_name.as_str()),
         ("k1", "Leo")
